@@ -43,3 +43,14 @@ def merge_states(o, lse) -> tuple[torch.Tensor, torch.Tensor]:
     if not _has_kernel("merge_states", o.device):
         return reference.merge_states(o, lse)
     return torch.ops.twotower.merge_states(o, lse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# block_attention (kernels: see issue 8; until registered, the reference runs)
+
+
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+    """Denoiser attention over [context KV cache | block KV] (see `reference.block_attention`)."""
+    if not hasattr(torch.ops.twotower, "block_attention") or not _has_kernel("block_attention", q.device):
+        return reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+    return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)

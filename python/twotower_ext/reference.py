@@ -29,3 +29,31 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     lse_out = torch.where(wsum > 0, m_safe + torch.log(torch.where(wsum > 0, wsum, torch.ones_like(wsum))),
                           torch.full_like(wsum, float("-inf")))
     return out.to(o.dtype), lse_out
+
+
+# ----------------------------------------------------------------------------------------------------
+# block_attention
+
+
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+    """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
+    ctx_lens[b] context keys of their row followed by the S block keys (SPEC.md section 2.1). GQA:
+    query head h uses KV head h // (Hq // Hkv).
+
+    q [B,S,Hq,D]; k_blk, v_blk [B,S,Hkv,D]; k_ctx, v_ctx [B,Lmax,Hkv,D]; ctx_lens int [B].
+    Returns (out [B,S,Hq,D] in q's dtype, lse [B,Hq,S] fp32, natural log). Computed in fp32.
+    """
+    B, S, Hq, D = q.shape
+    group = Hq // k_blk.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    for b in range(B):
+        n = int(ctx_lens[b])
+        k = torch.cat([k_ctx[b, :n], k_blk[b]], dim=0).float().repeat_interleave(group, dim=1)  # [n+S,Hq,D]
+        v = torch.cat([v_ctx[b, :n], v_blk[b]], dim=0).float().repeat_interleave(group, dim=1)
+        s = torch.einsum("shd,khd->hsk", q[b].float(), k) * scale                             # [Hq,S,n+S]
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        outs.append(torch.einsum("hsk,khd->shd", p, v))
+        lses.append(lse)
+    return torch.stack(outs).to(q.dtype), torch.stack(lses)
