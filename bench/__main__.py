@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-BENCHES = {"merge_states": "bench_merge_states"}
+BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
+           "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask"}
 
 
 def main(argv=None) -> int:

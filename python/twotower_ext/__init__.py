@@ -12,9 +12,21 @@ from . import _loader
 _loader.load()
 
 from . import ops, reference  # noqa: E402  (ops need the library loaded)
-from .ops import merge_states  # noqa: E402
+from .ops import block_attention, mamba_block_scan, merge_states, threshold_unmask  # noqa: E402
+
+from .api import TwoTowerLM, load  # noqa: E402
+from .engine import GenerationResult  # noqa: E402
+from .hf import patch  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def default_model_path() -> str | None:
+    """The small model shipped inside the package (None when this installation has none)."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "data", "default_model")
+    return path if os.path.exists(os.path.join(path, "config.json")) else None
 
 
 def build_info() -> dict:
@@ -37,4 +49,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "merge_states", "ops", "reference", "__version__"]
+__all__ = ["GenerationResult", "TwoTowerLM", "block_attention", "build_info", "default_model_path", "load", "patch", "mamba_block_scan", "merge_states", "ops", "reference", "threshold_unmask", "__version__"]

@@ -2,11 +2,13 @@
 CUDA-graph capture, and the fallback to `reference` on devices the build has no kernel for."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
 
-OP_NAMES = ["merge_states"]
+OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention"]
 
 
 def kernel_devices(name: str) -> list[str]:
@@ -46,11 +48,103 @@ def merge_states(o, lse) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# block_attention (kernels: see issue 8; until registered, the reference runs)
+# block_attention
 
 
-def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
-    """Denoiser attention over [context KV cache | block KV] (see `reference.block_attention`)."""
-    if not hasattr(torch.ops.twotower, "block_attention") or not _has_kernel("block_attention", q.device):
+@torch.library.register_fake("twotower::block_attention")
+def _block_attention_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+    torch._check(q.dim() == 4, lambda: "q must be [batch, block_len, q_heads, head_dim]")
+    B, S, Hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
+    ctx_lens[b] keys of their row's context cache followed by the S block keys (see `reference.block_attention`).
+
+    q [B,S,Hq,D]; k_blk, v_blk [B,S,Hkv,D]; k_ctx, v_ctx [B,Lmax,Hkv,D] (last dim contiguous, other strides
+    free: a slice of a bigger cache is read in place); ctx_lens int32 [B] on q's device, values in [0, Lmax]
+    (checked on CPU; clamped on CUDA, where checking would need a host sync). Hq % Hkv == 0; fp32/bf16/fp16;
+    scale defaults to 1/sqrt(D). Returns (out [B,S,Hq,D] in q's dtype, lse [B,Hq,S] fp32, natural log).
+    """
+    if not _has_kernel("block_attention", q.device):
         return reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
     return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mamba_block_scan
+
+
+@torch.library.register_fake("twotower::mamba_block_scan")
+def _mamba_block_scan_fake(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, seq_lens,
+                           dt_min, dt_max, conv_state_out, ssm_state_out):
+    torch._check(xBC.dim() == 3 and ssm_state.dim() == 4, lambda: "xBC must be 3-D and ssm_state 4-D")
+    return xBC.new_empty((xBC.shape[0], xBC.shape[1], ssm_state.shape[1] * ssm_state.shape[2]))
+
+
+def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, seq_lens=None,
+                     dt_min: float = 0.0, dt_max: float = math.inf, conv_state_out=None, ssm_state_out=None):
+    """Seeded Mamba-2 scan of a block of tokens (see `reference.mamba_block_scan` and
+    csrc/mamba_scan/mamba_scan.h). Returns y [B, L, H*P] in xBC's dtype; writes the final conv / SSM
+    states into conv_state_out / ssm_state_out when given (pass the seed tensors for an in-place update).
+    conv_weight may be NVIDIA's [C, 1, K] conv1d weight or [C, K]."""
+    if conv_weight.dim() == 3:
+        conv_weight = conv_weight.squeeze(1)
+    if not _has_kernel("mamba_block_scan", xBC.device):
+        return reference.mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+                                          seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out)
+    return torch.ops.twotower.mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias,
+                                               A_log, D, seq_lens, float(dt_min), float(dt_max), conv_state_out,
+                                               ssm_state_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# threshold_unmask
+
+
+@torch.library.register_fake("twotower::threshold_unmask")
+def _threshold_unmask_fake(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, offset, counts, done):
+    torch._check(logits.dim() == 3, lambda: "logits must be [batch, seq, vocab]")
+    return None  # x, counts and done are written in place
+
+
+def _device_int64(v, device: torch.device) -> torch.Tensor:
+    """v (a Python int or a one-element integer tensor) as an int64 tensor on `device`. A Python int becomes
+    a device-side fill, never a host-to-device copy, so no synchronisation."""
+    if isinstance(v, torch.Tensor):
+        return v if (v.device == device and v.dtype == torch.int64) else v.to(device=device, dtype=torch.int64)
+    return torch.full((1,), int(v), dtype=torch.int64, device=device)
+
+
+def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_block: int, temperature: float = 0.0,
+                     seed=0, offset=0, out_counts=None, out_done=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask-diffusion commit step between two denoiser passes, updating x in place.
+
+    logits [B, S, V] fp32/bf16 (vocab contiguous, S <= 64); x [B, S] int64 block tokens. For every masked
+    position (x == mask_id; the mask id is never predicted): pred = argmax of the logits (temperature 0) or a
+    Gumbel-max sample of logits / temperature from a Philox stream keyed by (seed, offset, row, position, vocab
+    id); conf = softmax(logits)[pred] at temperature 1. Per row the k most confident masked positions are
+    committed, k per SPEC.md section 3 (strict conf > gamma, at least 1, at least ceil(n / (steps_per_block -
+    step)), everything on the last step; ties: lower position first). Rows with nothing masked are untouched.
+
+    step, seed, offset: Python ints or one-element int64 tensors on the logits' device (tensors keep a captured
+    CUDA graph replayable for other values; the op never synchronises with the host). Returns (counts int32
+    [B], done bool [B]) on the device, written into out_counts / out_done when given. NaN logits at masked
+    positions raise on CPU; on CUDA they count as -inf unless TWOTOWER_UNMASK_DEBUG=1 (synchronises, raises),
+    and a step tensor out of range leaves x untouched with counts = -1. Exact definition, RNG and numerics:
+    `reference.threshold_unmask` and csrc/threshold_unmask/threshold_unmask.h.
+    """
+    device = logits.device
+    if not isinstance(step, torch.Tensor) and not 0 <= int(step) < steps_per_block:
+        raise ValueError(f"twotower: step must be in [0, steps_per_block = {steps_per_block}), got {step}")
+    batch = logits.shape[0] if logits.dim() > 0 else 0
+    counts = out_counts if out_counts is not None else torch.empty(batch, dtype=torch.int32, device=device)
+    done = out_done if out_done is not None else torch.empty(batch, dtype=torch.bool, device=device)
+    if not _has_kernel("threshold_unmask", device):
+        return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed,
+                                          offset, counts, done)
+    torch.ops.twotower.threshold_unmask(logits, x, int(mask_id), float(gamma), _device_int64(step, device),
+                                        int(steps_per_block), float(temperature), _device_int64(seed, device),
+                                        _device_int64(offset, device), counts, done)
+    return counts, done

@@ -1,0 +1,44 @@
+"""NVIDIA's Nemotron-TwoTower (NemotronH hybrid backbones) as a model the decode engine drives.
+
+Loading
+    model = TwoTowerModel.from_pretrained(ckpt_dir, dtype=torch.bfloat16, device="cuda:0",
+                                          denoiser_device=None)   # or "cuda:1": denoiser elsewhere
+  reads config.json (`NemotronHConfig.from_json`, validated) and model.safetensors or the sharded
+  model-*.safetensors + model.safetensors.index.json by NVIDIA's names, memory-mapped, each tensor
+  allocated once on its device in its dtype (A_log, D, dt_bias, router weight and correction bias fp32).
+  A checkpoint that does not match the config raises CheckpointError listing the names.
+
+State
+    cache = model.new_cache(batch, capacity, snapshot=False)
+  preallocates, per row: KV [capacity] per attention layer, conv + SSM state per Mamba layer, and the
+  length (`cache.lens`, int32 on the device; `cache.lens_host` on the host). `snapshot=True` adds the
+  "before the last extension" Mamba states mock-AR needs. Rows are independent: any call takes `rows`
+  (None = all, a slice, or indices) and touches only those rows; in fp32 a row's result does not depend
+  on the other rows of the batch (up to matmul blocking).
+
+Context tower (causal; writes the cache in place)
+    logits = model.prefill(prompts, cache, rows)        # ragged prompts -> [n, V] last-token logits
+    model.extend(block [n, S], cache, rows)             # committed tokens: KV appended, states advanced
+    logits = model.decode(tokens [n], cache, rows)      # AR step: extend by 1, context_lm_head logits
+  `snapshot=True` on prefill / extend / decode keeps the Mamba states before the (last) new token.
+
+Denoiser tower (reads the cache, never writes it)
+    logits = model.denoise(x [B, S], cache, t, rows)    # [B, S, V] fp32; t: [B] (or a float) per row
+    logits = model.mock_ar(last_tokens [B], cache, rows)  # [B, V]: no time conditioning, KV[:-1], snapshot
+  NVIDIA-compat mode passes the batch-mean t broadcast to every row. CUDA-graph capture: call denoise /
+  mock_ar with contiguous rows (a slice) and dense_moe=True: then no host sync and no data-dependent
+  shape remains (the default grouped MoE reads per-expert token counts on the host; it is the faster
+  eager path). Attention goes through `twotower_ext.ops.block_attention` (its reference fallback syncs).
+
+Numerics follow NVIDIA's reference code (modeling_nemotron_h.py / modeling_nemotron_twotower.py); see
+layers.py. Prefill and extension use the same seeded scan op as the denoiser (`ops.mamba_block_scan`),
+an fp32 token-by-token recurrence, with per-row lengths for ragged prompts.
+"""
+from .cache import ContextCache
+from .config import ConfigError, NemotronHConfig
+from .safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from .towers import TwoTowerModel
+from .weights import CheckpointError, TwoTowerWeights, expected_tensors, load_weights
+
+__all__ = ["CheckpointError", "ConfigError", "ContextCache", "NemotronHConfig", "SafetensorsError",
+           "SafetensorsFile", "TwoTowerModel", "TwoTowerWeights", "expected_tensors", "load_weights", "save_file"]

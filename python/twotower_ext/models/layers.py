@@ -1,0 +1,133 @@
+"""NemotronH layer math, written to round like NVIDIA's reference code (modeling_nemotron_h.py and
+modeling_nemotron_twotower.py): RMSNorm in fp32 then cast, Mamba-2 through the seeded block-scan op with
+the grouped z-gated RMSNorm, relu^2 MLPs, the fp64 sigmoid router, adaLN-single time conditioning.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .config import NemotronHConfig
+from .weights import T_FREQ_DIM, MambaWeights, MLPWeights, MoEWeights, TimeWeights
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """NemotronHRMSNorm: normalise in fp32, cast back, then scale (in the weight's dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor, group: int, eps: float) -> torch.Tensor:
+    """Mamba-2 output norm: RMSNorm over groups of `group` channels of y * silu(z), in fp32, times w."""
+    g = y.float() * F.silu(z.float())
+    shape = g.shape
+    g = g.view(*shape[:-1], shape[-1] // group, group)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.view(shape) * w.float()).to(y.dtype)
+
+
+def relu2_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(torch.square(F.relu(F.linear(x, up))), down)
+
+
+def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+    return relu2_mlp(x, w.up, w.down)
+
+
+def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_state: torch.Tensor,
+                ssm_state: torch.Tensor, seq_lens: torch.Tensor | None = None, write_state: bool = False):
+    """Mamba-2 mixer over h [B, L, hidden] seeded from conv_state [B, K-1, conv_dim] and ssm_state
+    [B, H, P, N] (fp32); with write_state the final states are written back into those tensors."""
+    z, xbc, dt = F.linear(h, w.in_proj).split([cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads], dim=-1)
+    lo, hi = cfg.time_step_limit
+    outs = (conv_state, ssm_state) if write_state else (None, None)
+    y = ops.mamba_block_scan(xbc, dt, conv_state, ssm_state, w.conv_w, w.conv_b, w.dt_bias, w.A_log, w.D,
+                             seq_lens, lo, hi, *outs)
+    y = gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon)
+    return F.linear(y, w.out_proj)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MoE
+
+
+def route(x: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router of NVIDIA's reference: logits in fp64, sigmoid scores, top-k by score + correction bias
+    (torch.topk ties), weights = chosen raw scores renormalised, times routed_scaling_factor.
+    x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp64)."""
+    scores = F.linear(x.double(), w.router.double()).sigmoid()
+    choice = scores + w.bias.double()
+    if cfg.n_group > 1:
+        E = cfg.n_routed_experts
+        per = choice.view(-1, cfg.n_group, E // cfg.n_group)
+        group_scores = per.topk(2, dim=-1)[0].sum(dim=-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1], 1.0)
+        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // cfg.n_group, dim=1), 0.0)
+    idx = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * cfg.routed_scaling_factor
+
+
+def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, dense: bool = False) -> torch.Tensor:
+    """Routed experts + shared expert. `dense=False`: tokens grouped by expert, one matmul per active
+    expert (reads the per-expert token counts on the host). `dense=True`: every expert over every token,
+    unselected ones weighted 0: no host sync and no data-dependent shapes (CUDA-graph capturable), only
+    sensible for a few tokens. Routed outputs are accumulated in fp32 in expert order."""
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])
+    idx, weights = route(x, w, cfg)
+    if dense:
+        gates = torch.zeros(x.shape[0], cfg.n_routed_experts, dtype=torch.float32, device=x.device)
+        gates.scatter_(1, idx, weights.float())
+        hid = torch.square(F.relu(torch.matmul(x, w.up.transpose(1, 2))))        # [E, T, I]
+        outs = torch.matmul(hid, w.down.transpose(1, 2)).float()                 # [E, T, hidden]
+        routed = torch.einsum("te,eth->th", gates, outs)
+    else:
+        k = cfg.num_experts_per_tok
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
+        tok = order // k
+        wts = weights.reshape(-1)[order].float()
+        xs = x[tok]
+        routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                out = relu2_mlp(xs[sl], w.up[e], w.down[e])
+                routed.index_add_(0, tok[sl], out.float() * wts[sl, None])
+                start += c
+    return (routed.to(h.dtype) + mlp(x, w.shared)).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# adaLN-single time conditioning
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = T_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] of t * exp(-ln(max_period) * k / (dim/2)), computed in fp32, returned in t's dtype."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
+
+
+def time_modulation(t: torch.Tensor, w: TimeWeights, dtype: torch.dtype) -> torch.Tensor:
+    """t [B] (fraction of the block still masked) -> t_block(t_embedder(t)) viewed [B, 3, hidden]: the
+    per-row (shift, scale, gate) offsets added to each layer's scale_shift_table. t is cast to the model
+    dtype first and scaled by 1000 in it, like the reference."""
+    t = t.to(dtype) * 1000
+    e = F.linear(timestep_embedding(t), w.emb0_w, w.emb0_b)
+    e = F.linear(F.silu(e), w.emb2_w, w.emb2_b)
+    return F.linear(F.silu(e), w.block_w, w.block_b).view(t.shape[0], 3, -1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1.0 + scale.unsqueeze(1)) + shift.unsqueeze(1)

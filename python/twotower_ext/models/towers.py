@@ -1,0 +1,242 @@
+"""TwoTowerModel: the context tower (prefill / extend / decode into a ContextCache) and the denoiser tower
+(one pass over a block given the cache, with or without time conditioning). See the package docstring."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .cache import ContextCache, Rows
+from .config import NemotronHConfig
+from .layers import mamba_mixer, mlp, modulate, moe, rms_norm, time_modulation
+from .weights import TwoTowerWeights, load_weights
+
+
+def _as_token_rows(tokens, device) -> list[torch.Tensor]:
+    """A 2-D tensor or a sequence of 1-D token sequences -> list of 1-D int64 tensors on device."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 2:
+            raise ValueError(f"prompts must be [rows, tokens] or a list of token sequences, got shape {tuple(tokens.shape)}")
+        return [t.to(device=device, dtype=torch.long) for t in tokens]
+    return [torch.as_tensor(t, dtype=torch.long).reshape(-1).to(device) for t in tokens]
+
+
+def _pad(seqs: list[torch.Tensor], pad: int) -> torch.Tensor:
+    L = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), L), pad, dtype=torch.long, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+class TwoTowerModel:
+    def __init__(self, config: NemotronHConfig, weights: TwoTowerWeights, dtype: torch.dtype, ctx_device,
+                 den_device):
+        self.config, self.weights, self.dtype = config, weights, dtype
+        self.ctx_device, self.den_device = torch.device(ctx_device), torch.device(den_device)
+        self.res_dtype = torch.float32 if config.residual_in_fp32 else dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                        denoiser_device=None) -> "TwoTowerModel":
+        """Load NVIDIA's checkpoint directory (config.json + model.safetensors or sharded + index). The
+        context tower and context_lm_head go to `device`, the denoiser (and lm_head, time conditioning)
+        to `denoiser_device` (default: the same)."""
+        cfg_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        config = NemotronHConfig.from_json(cfg_dir)
+        den = device if denoiser_device is None else denoiser_device
+        return cls(config, load_weights(path, config, dtype, device, den), dtype, device, den)
+
+    def new_cache(self, batch: int, capacity: int, snapshot: bool = False, mirror: bool | None = None) -> ContextCache:
+        """A zeroed ContextCache for `batch` rows of up to `capacity` tokens; `snapshot=True` keeps the
+        pre-extension Mamba states mock-AR needs."""
+        return ContextCache(self.config, batch, capacity, self.dtype, self.ctx_device, self.den_device,
+                            snapshot=snapshot, mirror=mirror)
+
+    # ------------------------------------------------------------------------------------------------
+    # context tower
+
+    @torch.no_grad()
+    def prefill(self, prompts, cache: ContextCache, rows=None, logits: bool = True, snapshot: bool = False):
+        """Run the context tower over fresh prompts (ragged: a list of token sequences, or [n, L]) into
+        the cache rows `rows` (previous content of those rows is discarded). Returns context_lm_head
+        logits [n, V] fp32 of each prompt's last token (None with logits=False). With snapshot=True the
+        prompt is run as prompt[:-1] + one extension by its last token, so the cache also holds the Mamba
+        states before the last token (the state mock-AR's first step reads)."""
+        r = cache.rows(rows)
+        seqs = _as_token_rows(prompts, self.ctx_device)
+        if len(seqs) != len(r):
+            raise ValueError(f"prefill: {len(seqs)} prompts for {len(r)} cache rows")
+        if min(len(s) for s in seqs) < 1:
+            raise ValueError("prefill: every prompt needs at least one token")
+        if max(len(s) for s in seqs) > cache.capacity:
+            raise ValueError(f"prefill: a prompt of {max(len(s) for s in seqs)} tokens exceeds the cache "
+                             f"capacity {cache.capacity}")
+        cache.reset(r)
+        if snapshot:
+            heads = [s[:-1] for s in seqs]
+            if max(len(h) for h in heads) > 0:
+                self._context_pass(_pad(heads, self.config.pad_token_id), [len(h) for h in heads], cache, r,
+                                   fresh=True)
+            cache.snapshot(r)
+            return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
+        lens = [len(s) for s in seqs]
+        x = self._context_pass(_pad(seqs, self.config.pad_token_id), lens, cache, r, fresh=True)
+        if not logits:
+            return None
+        last = torch.tensor(lens, device=self.ctx_device) - 1
+        return self._context_logits(x[torch.arange(len(r), device=self.ctx_device), last])
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,
+               snapshot: bool = False):
+        """Append committed tokens [n, S] to the rows (causal over them, KV appended, Mamba states
+        advanced). snapshot=True first keeps the current Mamba states (see ContextCache.snapshot).
+        Returns context_lm_head logits [n, V] of the last token with logits=True, else None."""
+        r = cache.rows(rows)
+        tokens = torch.as_tensor(tokens).to(device=self.ctx_device, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[0] != len(r) or tokens.shape[1] < 1:
+            raise ValueError(f"extend: tokens must be [{len(r)}, S >= 1] for the {len(r)} selected rows, "
+                             f"got shape {tuple(tokens.shape)}")
+        full = [b for b in r.host if cache.lens_host[b] + tokens.shape[1] > cache.capacity]
+        if full:
+            raise ValueError(f"extend: rows {full} would exceed the cache capacity {cache.capacity}")
+        if snapshot:
+            cache.snapshot(r)
+        x = self._context_pass(tokens, [tokens.shape[1]] * len(r), cache, r, fresh=False)
+        return self._context_logits(x[:, -1]) if logits else None
+
+    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False) -> torch.Tensor:
+        """AR step: append one token per row ([n]) and return context_lm_head logits [n, V] fp32."""
+        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot)
+
+    def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights.context
+        return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
+
+    def _context_pass(self, ids: torch.Tensor, new_lens: list[int], cache: ContextCache, r: Rows, fresh: bool):
+        """Context tower over ids [n, L] (row b: its first new_lens[b] tokens are real) appended at each
+        row's current length; updates the cache in place and returns the final hidden states [n, L, H]."""
+        cfg, w, st = self.config, self.weights.context, cache.ctx
+        n, L = ids.shape
+        dev = self.ctx_device
+        idx = r.index(dev)
+        before = [cache.lens_host[b] for b in r.host]
+        start = torch.tensor(before, dtype=torch.long, device=dev)
+        pos = start[:, None] + torch.arange(L, device=dev)                                   # [n, L]
+        seq_lens = None if min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        k_len = max(b + L for b in before)
+        eps = cfg.layer_norm_epsilon
+        x = F.embedding(ids, w.embeddings)
+        for i, layer in enumerate(w.layers):
+            res = x.to(self.res_dtype)
+            h = rms_norm(x.to(layer.norm.dtype), layer.norm, eps)
+            if layer.kind == "mamba":
+                conv, ssm = r.take(st.conv[i]), r.take(st.ssm[i])
+                out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True)
+                r.put(st.conv[i], conv)
+                r.put(st.ssm[i], ssm)
+            elif layer.kind == "attention":
+                a = layer.mixer
+                q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
+                k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                st.k[i][idx[:, None], pos] = k
+                st.v[i][idx[:, None], pos] = v
+                if fresh:  # rows start empty: plain causal attention over the block (pads sit after it)
+                    kk, vv, mask = k, v, None
+                else:
+                    kk, vv = r.take(st.k[i])[:, :k_len], r.take(st.v[i])[:, :k_len]
+                    mask = (torch.arange(k_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                                   attn_mask=mask, is_causal=fresh, scale=cfg.head_dim ** -0.5,
+                                                   enable_gqa=True)
+                out = F.linear(o.transpose(1, 2).reshape(n, L, -1), a.o)
+            elif layer.kind == "moe":
+                out = moe(h, layer.mixer, cfg)
+            else:
+                out = mlp(h, layer.mixer)
+            x = res + out
+        added = torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        r.put(st.lens, r.take(st.lens) + added)
+        for b, m in zip(r.host, new_lens):
+            cache.lens_host[b] += m
+        cache.sync_mirror(r, min(before), k_len)
+        return x
+
+    # ------------------------------------------------------------------------------------------------
+    # denoiser tower
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, dense_moe: bool = False) -> torch.Tensor:
+        """One denoiser pass over blocks x [B, S] (token ids; mask id for masked positions) of the cache
+        rows `rows`, with per-row time t ([B] tensor or a float: fraction of the block still masked).
+        Attention: one softmax over [the row's context KV | the block], no mask. Mamba: seeded from the
+        row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
+        The cache is not modified. With contiguous rows and dense_moe=True the pass has no host syncs and
+        no data-dependent shapes (CUDA-graph capturable once the attention kernel is registered)."""
+        r = cache.rows(rows)
+        x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
+        self._check_block(x, r)
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.den_device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"denoise: t must be a float or [{x.shape[0]}], got shape {tuple(t.shape)}")
+        st = cache.den
+        mod = time_modulation(t, self.weights.time, self.dtype)
+        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, dense_moe)
+
+    @torch.no_grad()
+    def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None, dense_moe: bool = False) -> torch.Tensor:
+        """Mock-AR step: the denoiser without time conditioning over each row's last committed token
+        ([B]; it sits at position len-1) with context KV[:len-1] and the Mamba states from before that
+        token (the cache's snapshot). Returns logits [B, V] fp32 for the next token."""
+        r = cache.rows(rows)
+        if not cache.snapshots:
+            raise ValueError("mock_ar needs a cache created with snapshot=True")
+        x = torch.as_tensor(tokens).to(device=self.den_device, dtype=torch.long).reshape(-1, 1)
+        self._check_block(x, r)
+        st = cache.den
+        ctx_lens = r.take(st.lens) - 1
+        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st, dense_moe)[:, 0]
+
+    def _check_block(self, x: torch.Tensor, r: Rows) -> None:
+        if x.dim() != 2 or x.shape[0] != len(r):
+            raise ValueError(f"denoiser input must be [{len(r)}, S] for the {len(r)} selected rows, "
+                             f"got shape {tuple(x.shape)}")
+
+    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, dense_moe):
+        cfg, w = self.config, self.weights.denoiser
+        B, S = ids.shape
+        eps = cfg.layer_norm_epsilon
+        tables = self.weights.time.tables
+        x = F.embedding(ids, w.embeddings)
+        for i, layer in enumerate(w.layers):
+            res = x.to(self.res_dtype)
+            if mod is not None:
+                shift, scale, gate = (tables[i][None] + mod).unbind(1)
+            if layer.kind in ("mamba", "attention"):  # modulate, then norm
+                h = modulate(x, shift, scale) if mod is not None else x
+                h = rms_norm(h.to(layer.norm.dtype), layer.norm, eps)
+            else:                                      # norm, then modulate
+                h = rms_norm(x.to(layer.norm.dtype), layer.norm, eps)
+                h = modulate(h, shift, scale) if mod is not None else h
+            if layer.kind == "mamba":
+                out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))
+            elif layer.kind == "attention":
+                a = layer.mixer
+                q = F.linear(h, a.q).view(B, S, cfg.num_attention_heads, cfg.head_dim)
+                k = F.linear(h, a.k).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
+                v = F.linear(h, a.v).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
+                o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), ctx_lens, cfg.head_dim ** -0.5)
+                out = F.linear(o.reshape(B, S, -1), a.o)
+            elif layer.kind == "moe":
+                out = moe(h, layer.mixer, cfg, dense=dense_moe)
+            else:
+                out = mlp(h, layer.mixer)
+            if mod is not None:
+                out = gate.unsqueeze(1) * out
+            x = res + out
+        return F.linear(rms_norm(x, w.norm_f, eps).to(self.dtype), w.lm_head).float()

@@ -1,0 +1,215 @@
+"""The two-tower model on the parity checkpoint against NVIDIA's reference outputs (golden.json), in fp32 on
+CPU with TF32 off: context / mock-AR / denoiser logits to 1e-4 relative, greedy AR and mock-AR token
+streams, and the engine-facing contract (ragged batches, row independence, cache rows, mirrors)."""
+import json
+import os
+
+import pytest
+import torch
+
+from twotower_ext.models import TwoTowerModel
+
+HERE = os.path.dirname(__file__)
+CKPT = os.path.join(HERE, "data", "parity", "checkpoint")
+MASK = 3
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with open(os.path.join(HERE, "data", "parity", "golden.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return TwoTowerModel.from_pretrained(CKPT, dtype=torch.float32)
+
+
+def assert_logits(got, want, rel=1e-4):
+    """Within `rel` of the reference, relative to the logits' scale."""
+    want = torch.as_tensor(want, dtype=torch.float32)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want, rtol=rel, atol=rel * want.abs().max().item())
+
+
+def assert_same(got, want, rel=1e-5):
+    """The same computation batched differently: equal up to matmul blocking (relative to the scale)."""
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * want.abs().max().item())
+
+
+def prompts(golden):
+    return {p["id"]: p["ids"] for p in golden["prompts"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# golden logits
+
+
+def test_context_last_logits(model, golden):
+    num = golden["numeric"]
+    cache = model.new_cache(1, 64)
+    assert_logits(model.prefill([num["prompt_ids"]], cache)[0], num["context_last_logits"])
+    assert cache.lens_host == [len(num["prompt_ids"])] and cache.lens.tolist() == cache.lens_host
+
+
+def test_mock_ar_first_logits(model, golden):
+    num = golden["numeric"]
+    ids = num["prompt_ids"]
+    cache = model.new_cache(1, 64, snapshot=True)
+    ctx_logits = model.prefill([ids], cache, snapshot=True)  # prompt[:-1], snapshot, then the last token
+    assert_logits(ctx_logits[0], num["context_last_logits"])
+    assert_logits(model.mock_ar(torch.tensor([ids[-1]]), cache)[0], num["mock_ar_first_logits"])
+
+
+@pytest.mark.parametrize("step", range(3))
+def test_denoiser_steps(model, golden, step):
+    num = golden["numeric"]
+    s = num["denoiser_steps"][step]
+    cache = model.new_cache(1, 128)
+    model.prefill([num["prompt_ids"]], cache, logits=False)
+    new = num["denoiser_run_new_ids"]
+    for b in range(s["block"]):  # committed blocks before this one
+        model.extend(torch.tensor([new[16 * b:16 * b + 16]]), cache)
+    x = torch.tensor([s["xt_in"]])
+    assert_logits(model.denoise(x, cache, s["t"])[0], s["logits"])
+    assert_logits(model.denoise(x, cache, torch.tensor([s["t"]]), dense_moe=True)[0], s["logits"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# greedy AR and mock-AR token streams, all prompts batched (ragged) in one cache
+
+
+def _runs(golden, mode):
+    runs = [r for r in golden["runs"] if r["mode"] == mode]
+    assert runs
+    return runs
+
+
+def test_greedy_ar_runs_batched(model, golden):
+    runs, ps = _runs(golden, "ar"), prompts(golden)
+    cache = model.new_cache(len(runs) + 1, 128)
+    rows = list(range(1, len(runs) + 1))  # leave row 0 alone: rows address the cache
+    logits = model.prefill([ps[r["prompt"]] for r in runs], cache, rows=rows)
+    out = []
+    for _ in range(max(len(r["new_ids"]) for r in runs)):
+        tok = logits.argmax(-1)
+        out.append(tok)
+        logits = model.decode(tok, cache, rows=rows)
+    got = torch.stack(out, 1)
+    for i, r in enumerate(runs):
+        assert got[i, :len(r["new_ids"])].tolist() == r["new_ids"], f"AR run on {r['prompt']}"
+    assert cache.lens_host[0] == 0
+
+
+def test_greedy_mock_ar_runs_batched(model, golden):
+    runs, ps = _runs(golden, "mock_ar"), prompts(golden)
+    cache = model.new_cache(len(runs), 128, snapshot=True)
+    model.prefill([ps[r["prompt"]] for r in runs], cache, logits=False, snapshot=True)
+    last = torch.tensor([ps[r["prompt"]][-1] for r in runs])
+    out = []
+    for _ in range(max(len(r["new_ids"]) for r in runs)):
+        tok = model.mock_ar(last, cache).argmax(-1)
+        out.append(tok)
+        model.extend(tok[:, None], cache, snapshot=True)
+        last = tok
+    got = torch.stack(out, 1)
+    for i, r in enumerate(runs):
+        assert got[i, :len(r["new_ids"])].tolist() == r["new_ids"], f"mock-AR run on {r['prompt']}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# engine contract
+
+
+def test_rows_are_independent(model, golden):
+    """A ragged batch gives each row what it gets alone, for prefill, extension and the denoiser, and
+    calls on some rows leave the others untouched."""
+    ps = list(prompts(golden).values())
+    order = [2, 0, 1]
+    cache = model.new_cache(4, 96)
+    rows = [3, 0, 2]
+    batch_logits = model.prefill([ps[i] for i in order], cache, rows=rows)
+    blocks = torch.randint(4, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    model.extend(blocks, cache, rows=rows)
+    x = blocks.clone()
+    x[:, ::3] = MASK
+    t = torch.tensor([0.25, 0.5, 1.0])
+    batch_den = model.denoise(x, cache, t, rows=rows)
+    for j, i in enumerate(order):
+        single = model.new_cache(1, 96)
+        assert_same(model.prefill([ps[i]], single)[0], batch_logits[j])
+        model.extend(blocks[j:j + 1], single)
+        assert_same(model.denoise(x[j:j + 1], single, t[j:j + 1])[0], batch_den[j])
+    assert cache.lens_host == [len(ps[0]) + 16, 0, len(ps[1]) + 16, len(ps[2]) + 16]
+    # contiguous rows (views) and index rows agree
+    sel = [2, 0]  # cache rows 2, 3
+    assert_same(model.denoise(x[sel], cache, t[sel], rows=slice(2, 4)), batch_den[sel])
+
+
+def test_extension_equals_longer_prefill_and_decode_equals_extend(model, golden):
+    ids = prompts(golden)["p2"]
+    a = model.new_cache(1, 64)
+    want = model.prefill([ids], a)
+    b = model.new_cache(1, 64)
+    model.prefill([ids[:11]], b, logits=False)
+    model.extend(torch.tensor([ids[11:27]]), b)
+    got = model.extend(torch.tensor([ids[27:-1]]), b, logits=True)
+    got = model.decode(torch.tensor(ids[-1:]), b)
+    assert_same(got, want)
+    x = torch.full((1, 16), MASK)
+    assert_same(model.denoise(x, b, 1.0), model.denoise(x, a, 1.0))
+
+
+def test_denoiser_reads_but_never_writes_the_cache(model, golden):
+    cache = model.new_cache(2, 64, snapshot=True)
+    model.prefill([prompts(golden)["p0"], prompts(golden)["p1"]], cache, snapshot=True, logits=False)
+    before = [t.clone() for t in cache.ctx.conv + cache.ctx.ssm + cache.ctx.k + cache.ctx.prev_ssm if t is not None]
+    model.denoise(torch.full((2, 16), MASK), cache, torch.tensor([1.0, 0.5]))
+    model.mock_ar(torch.tensor([5, 6]), cache)
+    after = [t for t in cache.ctx.conv + cache.ctx.ssm + cache.ctx.k + cache.ctx.prev_ssm if t is not None]
+    assert all(torch.equal(u, v) for u, v in zip(before, after))
+
+
+def test_mirrored_denoiser_store_matches(model, golden):
+    """A separate denoiser-side copy of the cache (what a second device gets) stays in step."""
+    ps = prompts(golden)
+    plain, mirrored = model.new_cache(3, 96, snapshot=True), model.new_cache(3, 96, snapshot=True, mirror=True)
+    assert mirrored.den is not mirrored.ctx
+    blk = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    for c in (plain, mirrored):
+        model.prefill([ps["p1"], ps["p0"]], c, rows=[2, 0], logits=False, snapshot=True)
+        model.extend(blk, c, rows=[0, 2], snapshot=True)
+    x = torch.full((2, 16), MASK)
+    assert torch.equal(model.denoise(x, mirrored, 0.5, rows=[2, 0]), model.denoise(x, plain, 0.5, rows=[2, 0]))
+    assert torch.equal(model.mock_ar(blk[:, -1], mirrored, rows=[0, 2]), model.mock_ar(blk[:, -1], plain, rows=[0, 2]))
+
+
+def test_bfloat16_model_tracks_fp32(model, golden):
+    num = golden["numeric"]
+    m16 = TwoTowerModel.from_pretrained(CKPT, dtype=torch.bfloat16)
+    cache = m16.new_cache(1, 64)
+    logits = m16.prefill([num["prompt_ids"]], cache)
+    assert logits.dtype == torch.float32
+    assert_logits(logits[0], num["context_last_logits"], rel=5e-2)
+    s = num["denoiser_steps"][0]
+    assert_logits(m16.denoise(torch.tensor([s["xt_in"]]), cache, s["t"])[0], s["logits"], rel=5e-2)
+    assert cache.ctx.ssm[0].dtype == torch.float32 and cache.ctx.conv[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda m, c: m.extend(torch.ones(1, 60, dtype=torch.long), c), "capacity"),
+    (lambda m, c: m.prefill([list(range(5, 70))], c), "capacity"),
+    (lambda m, c: m.prefill([[5, 6], [7]], c, rows=[0]), "2 prompts for 1 cache rows"),
+    (lambda m, c: m.prefill([[]], c), "at least one token"),
+    (lambda m, c: m.mock_ar(torch.tensor([5]), c), "snapshot=True"),
+    (lambda m, c: m.denoise(torch.full((2, 16), MASK), c, 1.0), r"\[1, S\]"),
+    (lambda m, c: m.denoise(torch.full((1, 16), MASK), c, torch.ones(3)), "t must be"),
+    (lambda m, c: m.extend(torch.ones(1, 2, dtype=torch.long), c, rows=[4]), "outside the cache"),
+])
+def test_bad_calls_are_refused(model, call, words):
+    cache = model.new_cache(1, 64)
+    model.prefill([[5, 6, 7, 8, 9, 10]], cache, logits=False)
+    with pytest.raises(ValueError, match=words):
+        call(model, cache)
