@@ -78,7 +78,7 @@ def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, dense: bool = Fals
     """Routed experts + shared expert. `dense=False`: tokens grouped by expert, one matmul per active
     expert (reads the per-expert token counts on the host). `dense=True`: every expert over every token,
     unselected ones weighted 0: no host sync and no data-dependent shapes (CUDA-graph capturable), only
-    sensible for a few tokens. Routed outputs are accumulated in fp32 in expert order."""
+    sensible for a few tokens. Grouped: each token's k routed outputs are summed in fp64; dense: in fp32."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     idx, weights = route(x, w, cfg)
@@ -93,17 +93,17 @@ def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, dense: bool = Fals
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
-        tok = order // k
-        wts = weights.reshape(-1)[order].float()
-        xs = x[tok]
-        routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        xs = x[order // k]
+        sorted_out = torch.empty(flat.shape[0], shape[-1], dtype=h.dtype, device=x.device)
         start = 0
         for e, c in enumerate(counts):
             if c:
-                sl = slice(start, start + c)
-                out = relu2_mlp(xs[sl], w.up[e], w.down[e])
-                routed.index_add_(0, tok[sl], out.float() * wts[sl, None])
+                sorted_out[start:start + c] = relu2_mlp(xs[start:start + c], w.up[e], w.down[e])
                 start += c
+        # Back to [T, k] order, then each token's k weighted expert outputs summed in fp64 (as the
+        # reference accumulates): no scatter, whose CPU kernel is slow for these shapes.
+        per_choice = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out).view(-1, k, shape[-1])
+        routed = (per_choice.double() * weights.unsqueeze(-1)).sum(1).float()
     return (routed.to(h.dtype) + mlp(x, w.shared)).view(shape)
 
 

@@ -1,0 +1,293 @@
+// CPU block attention: per task (b, kv head, key chunk) an online softmax over K/V tiles of kTileKeys keys,
+// with all M = S*G query rows of the KV head in one GEMM per tile (the matrix work goes through the
+// params' GEMM callback: the binding's matrix library). The softmax is vectorised with GCC vector
+// extensions (8 lanes; AVX2 here, generic code elsewhere), no intrinsics.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "block_attention/block_attention.h"
+#include "common/half_cpu.h"
+
+namespace tt {
+namespace {
+
+constexpr int64_t kTileKeys = 256;  // keys per GEMM: 256x128 @ 128x256 keeps Q, K^T, V, S, O in L2
+constexpr int kLanes = 8;
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f32x8 splat(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+inline f32x8 load8(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for the softmax terms (x <= 0 up to rounding): Cephes-style range reduction + degree-6 polynomial,
+// ~2 ulp; exactly 0 below -87 (also for -inf), where expf is subnormal or 0 anyway.
+inline f32x8 exp8(f32x8 x) {
+  const i32x8 under = x < splat(-87.f);
+  x = under ? splat(-87.f) : x;
+  x = x > splat(88.f) ? splat(88.f) : x;
+  const f32x8 shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const f32x8 t = x * splat(1.44269504088896341f) + shifter;
+  const f32x8 n = t - shifter;
+  f32x8 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  f32x8 y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * (r * r) + r + splat(1.f);
+  const i32x8 ni = __builtin_bit_cast(i32x8, t) - __builtin_bit_cast(i32x8, shifter);
+  const f32x8 pow2 = __builtin_bit_cast(f32x8, (ni + 127) << 23);
+  const f32x8 e = y * pow2;
+  return under ? splat(0.f) : e;
+}
+
+inline float hmax(f32x8 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hmin(f32x8 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::min(m, v[i]);
+  return m;
+}
+inline float hsum(f32x8 v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Storage type of the tiles handed to the GEMM: T itself when the provider multiplies T natively.
+template <typename T, bool kNative> struct Compute { using type = float; };
+template <typename T> struct Compute<T, true> { using type = T; };
+
+template <typename C, typename T> inline C convert(T x) {
+  if constexpr (std::is_same_v<C, T>) return x; else return to_float(x);
+}
+
+// Per-thread scratch, reused across tasks (sized for the largest task seen).
+struct Scratch {
+  std::vector<float> s, o, m, l;
+  std::vector<unsigned char> q, kt, v, p;
+  template <typename E> static E* get(std::vector<unsigned char>& buf, int64_t n) {
+    if (buf.size() < size_t(n) * sizeof(E)) buf.resize(size_t(n) * sizeof(E));
+    return reinterpret_cast<E*>(buf.data());
+  }
+};
+
+template <typename T, bool kNative>
+void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int64_t slot) {
+  using C = typename Compute<T, kNative>::type;
+  constexpr DType kGemmDtype = std::is_same_v<C, float> ? DType::kFloat32 : std::is_same_v<C, bf16_t> ? DType::kBFloat16
+                                                                                                     : DType::kFloat16;
+  thread_local Scratch sc;
+  const int64_t G = ba_group(p), M = ba_rows(p), D = p.head_dim, Lt = kTileKeys, b = task.b, h = task.h;
+  const int64_t ctx = p.ctx_lens[b];
+  if (sc.s.size() < size_t(M * Lt)) sc.s.resize(M * Lt);
+  if (sc.o.size() < size_t(M * D)) sc.o.resize(M * D);
+  if (sc.m.size() < size_t(M)) { sc.m.resize(M); sc.l.resize(M); }
+  C* qc = Scratch::get<C>(sc.q, M * D);
+  C* kt = Scratch::get<C>(sc.kt, D * Lt);
+  C* vt = std::is_same_v<C, T> ? nullptr : Scratch::get<C>(sc.v, Lt * D);
+  C* pc = kNative ? Scratch::get<C>(sc.p, M * Lt) : nullptr;
+  float *s = sc.s.data(), *o = sc.o.data(), *mrow = sc.m.data(), *lrow = sc.l.data();
+
+  // Pack the M = S*G query rows of this KV head (row m = s*G + g).
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * G * p.q_stride_h;
+  for (int64_t si = 0; si < p.block_len; ++si)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = q + si * p.q_stride_s + g * p.q_stride_h;
+      C* dst = qc + (si * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = convert<C>(src[d]);
+    }
+  std::fill(o, o + M * D, 0.f);
+  std::fill(mrow, mrow + M, -INFINITY);
+  std::fill(lrow, lrow + M, 0.f);
+
+  // Row b's keys: context 0..ctx, then the block's S keys.
+  const T* kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
+  const T* vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
+  const T* kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
+  const T* vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+  const f32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const float c = p.scale;
+  for (int64_t t0 = task.key_begin, n; t0 < task.key_end; t0 += n) {
+    // A tile never straddles the context / block boundary, so its rows are evenly strided in one tensor.
+    n = std::min(Lt, task.key_end - t0);
+    if (t0 < ctx) n = std::min(n, ctx - t0);
+    const int64_t n8 = round_up(n, kLanes);
+    const bool in_ctx = t0 < ctx;
+    const T* kt0 = in_ctx ? kc + t0 * p.kc_stride_l : kb + (t0 - ctx) * p.kb_stride_s;
+    const T* vt0 = in_ctx ? vc + t0 * p.vc_stride_l : vb + (t0 - ctx) * p.vb_stride_s;
+    const int64_t kld = in_ctx ? p.kc_stride_l : p.kb_stride_s, vld = in_ctx ? p.vc_stride_l : p.vb_stride_s;
+    // K operand: fp32 reads the cache in place as B^T; widened bf16/fp16 rows are converted into [n, D];
+    // native low precision gets K^T [D, n] (brgemm takes no transposed B), 8 keys per run of stores.
+    const C* kop = kt;
+    int64_t kop_ld = D;
+    bool trans = true;
+    if constexpr (std::is_same_v<C, T>) {
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t j = 0; j < n; ++j) std::memcpy(kt + j * D, kt0 + j * kld, D * sizeof(float));
+      } else {
+        for (int64_t j = 0; j < n; j += kLanes) {
+          const int64_t jn = std::min<int64_t>(kLanes, n - j);
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t jj = 0; jj < jn; ++jj) kt[d * Lt + j + jj] = kt0[(j + jj) * kld + d];
+        }
+        kop_ld = Lt;
+        trans = false;
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[j * D + d] = convert<C>(kt0[j * kld + d]);
+    }
+    // V operand [n, D]: in place unless it has to be widened.
+    const C* vop = vt;
+    int64_t vop_ld = D;
+    if constexpr (std::is_same_v<C, T>) {
+      vop = vt0;
+      vop_ld = vld;
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) vt[j * D + d] = convert<C>(vt0[j * vld + d]);
+    }
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, n, D, qc, D, kop, kop_ld, trans, s, Lt, false);  // S = Q K^T (unscaled)
+
+    // Online softmax per row. Pass 1 reads only (max and min of the raw scores, so any sign of scale
+    // works); pass 2 writes the probabilities. Lanes past n count as -inf, i.e. exp = 0.
+    for (int64_t r = 0; r < M; ++r) {
+      float* row = s + r * Lt;
+      f32x8 vmax = splat(-INFINITY), vmin = splat(INFINITY);
+      for (int64_t j = 0; j < n8; j += kLanes) {
+        const f32x8 x = load8(row + j);
+        const i32x8 live = lane + splat(float(j)) < splat(float(n));
+        vmax = (live & (x > vmax)) ? x : vmax;
+        vmin = (live & (x < vmin)) ? x : vmin;
+      }
+      const float m_new = std::max(mrow[r], c >= 0.f ? c * hmax(vmax) : c * hmin(vmin));
+      const f32x8 vm = splat(m_new), vc8 = splat(c);
+      f32x8 vsum = splat(0.f);
+      for (int64_t j = 0; j < n8; j += kLanes) {
+        f32x8 x = load8(row + j) * vc8 - vm;
+        if (j + kLanes > n) x = (lane + splat(float(j)) < splat(float(n))) ? x : splat(-INFINITY);
+        const f32x8 e = exp8(x);
+        vsum += e;
+        if constexpr (kNative) {
+          for (int i = 0; i < kLanes; ++i) pc[r * Lt + j + i] = from_float<C>(e[i]);
+        } else {
+          store8(row + j, e);
+        }
+      }
+      const float alpha = exp8(splat(mrow[r] - m_new))[0];  // 0 on the first tile (m = -inf)
+      lrow[r] = lrow[r] * alpha + hsum(vsum);
+      mrow[r] = m_new;
+      if (alpha != 1.f) {
+        float* orow = o + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
+      }
+    }
+    const C* pa;
+    if constexpr (kNative) pa = pc; else pa = s;
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, D, n, pa, Lt, vop, vop_ld, false, o, D, true);  // O += P V
+  }
+
+  float* po = p.part_o + slot * M * D;
+  float* pl = p.part_lse + slot * M;
+  for (int64_t r = 0; r < M; ++r) {
+    const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) po[r * D + d] = o[r * D + d] * inv;
+    pl[r] = lrow[r] > 0.f ? mrow[r] + std::log(lrow[r]) : -INFINITY;
+  }
+}
+
+template <typename T>
+void merge_pairs(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan, int64_t bh_begin, int64_t bh_end) {
+  const int64_t G = ba_group(p), M = ba_rows(p), D = p.head_dim;
+  std::vector<float> acc(D);
+  for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+    const int64_t b = bh / p.num_kv_heads, h = bh % p.num_kv_heads;
+    const int64_t first = plan.part_begin[bh], parts = plan.part_begin[bh + 1] - first;
+    for (int64_t r = 0; r < M; ++r) {
+      const float* lse = p.part_lse + first * M + r;
+      const float m = merge_max_lse(lse, parts, M);
+      float wsum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < parts && m != -INFINITY; ++i) {
+        const float w = merge_weight(lse[i * M], m);
+        if (w == 0.f) continue;
+        wsum += w;
+        const float* src = p.part_o + ((first + i) * M + r) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
+      }
+      const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+      const int64_t si = r / G, qh = h * G + r % G;
+      T* dst = static_cast<T*>(p.out) + b * p.o_stride_b + si * p.o_stride_s + qh * p.o_stride_h;
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[d] * inv);
+      p.lse[b * p.lse_stride_b + qh * p.lse_stride_h + si] = merge_final_lse(m, wsum);
+    }
+  }
+}
+
+}  // namespace
+
+BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p, int64_t num_threads) {
+  BlockAttentionCpuPlan plan;
+  plan.tile_keys = kTileKeys;
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) total += (int64_t(p.ctx_lens[b]) + p.block_len) * p.num_kv_heads;
+  const int64_t target = (total + 4 * num_threads - 1) / std::max<int64_t>(1, 4 * num_threads);
+  const int64_t chunk = std::max(4 * kTileKeys, round_up(std::max<int64_t>(target, 1), kTileKeys));
+  plan.part_begin.push_back(0);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t n = int64_t(p.ctx_lens[b]) + p.block_len;
+    for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+      for (int64_t k0 = 0; k0 < n; k0 += chunk) plan.tasks.push_back({b, h, k0, std::min(n, k0 + chunk)});
+      plan.part_begin.push_back(int64_t(plan.tasks.size()));
+    }
+  }
+  plan.order.resize(plan.tasks.size());
+  for (size_t i = 0; i < plan.order.size(); ++i) plan.order[i] = int64_t(i);
+  std::stable_sort(plan.order.begin(), plan.order.end(), [&](int64_t a, int64_t c) {
+    const auto &x = plan.tasks[a], &y = plan.tasks[c];
+    return x.key_end - x.key_begin > y.key_end - y.key_begin;
+  });
+  return plan;
+}
+
+Status block_attention_cpu_run_task(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan, int64_t task) {
+  if (p.gemm.fn == nullptr) return Status::kUnsupportedShape;
+  const auto& t = plan.tasks[task];
+  const bool native = p.gemm.native_lowp;
+  switch (p.dtype) {
+    case DType::kFloat32: run_task<float, false>(p, t, task); break;
+    case DType::kBFloat16:
+      native ? run_task<bf16_t, true>(p, t, task) : run_task<bf16_t, false>(p, t, task);
+      break;
+    case DType::kFloat16:
+      native ? run_task<fp16_t, true>(p, t, task) : run_task<fp16_t, false>(p, t, task);
+      break;
+    default: return Status::kUnsupportedDType;
+  }
+  return Status::kOk;
+}
+
+Status block_attention_cpu_merge(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan, int64_t bh_begin,
+                                 int64_t bh_end) {
+  switch (p.dtype) {
+    case DType::kFloat32: merge_pairs<float>(p, plan, bh_begin, bh_end); break;
+    case DType::kBFloat16: merge_pairs<bf16_t>(p, plan, bh_begin, bh_end); break;
+    case DType::kFloat16: merge_pairs<fp16_t>(p, plan, bh_begin, bh_end); break;
+    default: return Status::kUnsupportedDType;
+  }
+  return Status::kOk;
+}
+
+}  // namespace tt

@@ -1,0 +1,212 @@
+// CUDA block attention, flash-decoding style: grid (split, kv head x row block, batch). A CTA owns
+// kRowsPerCta of the M = S*G packed query rows of one KV head (GQA packing: all those rows share each K/V
+// tile in shared memory) and one split of the row's key sequence [context | block]; it writes a
+// normalised partial state, and a second kernel merges the splits with the merge_states math.
+// This is the simple SIMT path (fp32 math, every dtype, head dims 64/128); the tensor-core paths (sm_80
+// mma, sm_90a wgmma) are not written yet.
+#include <cuda_runtime.h>
+
+#include "block_attention/block_attention.h"
+#include "common/half_cuda.cuh"
+
+namespace tt {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kRowsPerCta = kWarps * kRowsPerWarp;
+constexpr int kTile = 32;  // keys per step: one per lane for the scores
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+// Row b's context length as the kernels use it: clamped to [0, Lmax] (checking would need a host sync).
+__device__ __forceinline__ int64_t clamped_ctx(const BlockAttentionParams& p, int64_t b) {
+  const int64_t c = p.ctx_lens[b];
+  return c < 0 ? 0 : (c > p.ctx_capacity ? p.ctx_capacity : c);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) split_kernel(BlockAttentionParams p, int64_t split_keys) {
+  constexpr int kPerLane = D / 32;
+  __shared__ float qs[kRowsPerCta][D];
+  __shared__ float ks[kTile][D + 1];  // +1: lane j reads row j, conflict-free
+  __shared__ float vs[kTile][D];
+  const int64_t G = p.num_q_heads / p.num_kv_heads, M = p.block_len * G;
+  const int64_t row_blocks = (M + kRowsPerCta - 1) / kRowsPerCta;
+  const int64_t b = blockIdx.z, h = blockIdx.y / row_blocks, row0 = (blockIdx.y % row_blocks) * kRowsPerCta;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t ctx = clamped_ctx(p, b), n = ctx + p.block_len;
+  const int64_t k0 = int64_t(blockIdx.x) * split_keys, k1 = min(n, k0 + split_keys);
+  const int64_t slot = (b * p.num_kv_heads + h) * gridDim.x + blockIdx.x;
+
+  if (k0 >= n) {  // a split past this row's length (the plan is shape-only): empty part
+    for (int i = threadIdx.x; i < kRowsPerCta; i += blockDim.x)
+      if (row0 + i < M) p.part_lse[slot * M + row0 + i] = -INFINITY;
+    return;
+  }
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kRowsPerCta * D; i += blockDim.x) {
+    const int rr = i / D, d = i % D;
+    const int64_t r = row0 + rr;
+    float x = 0.f;
+    if (r < M) x = to_float(q[b * p.q_stride_b + (r / G) * p.q_stride_s + (h * G + r % G) * p.q_stride_h + d]);
+    qs[rr][d] = x;
+  }
+  const T* kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
+  const T* vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
+  const T* kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
+  const T* vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+
+  float acc[kRowsPerWarp][kPerLane];
+  float m[kRowsPerWarp], l[kRowsPerWarp];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[rr][i] = 0.f;
+  }
+
+  for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
+    const int nt = k1 - t0 < kTile ? int(k1 - t0) : kTile;
+    __syncthreads();  // the previous tile is consumed (and q is loaded, on the first step)
+    for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
+      const int j = i / D, d = i % D;
+      const int64_t key = t0 + j;
+      float kx = 0.f, vx = 0.f;
+      if (j < nt) {
+        kx = to_float(key < ctx ? kc[key * p.kc_stride_l + d] : kb[(key - ctx) * p.kb_stride_s + d]);
+        vx = to_float(key < ctx ? vc[key * p.vc_stride_l + d] : vb[(key - ctx) * p.vb_stride_s + d]);
+      }
+      ks[j][d] = kx;
+      vs[j][d] = vx;
+    }
+    __syncthreads();
+
+    float pj[kRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const float* qrow = qs[warp * kRowsPerWarp + rr];
+      float s = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) s += qrow[d] * ks[lane][d];
+      s = lane < nt ? s * p.scale : -INFINITY;
+      const float m_new = fmaxf(m[rr], warp_max(s));
+      pj[rr] = lane < nt ? __expf(s - m_new) : 0.f;
+      const float alpha = m[rr] == -INFINITY ? 0.f : __expf(m[rr] - m_new);
+      l[rr] = l[rr] * alpha + warp_sum(pj[rr]);
+      m[rr] = m_new;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[rr][i] *= alpha;
+    }
+    for (int j = 0; j < nt; ++j) {
+      float v[kPerLane];
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) v[i] = vs[j][lane + 32 * i];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        const float w = __shfl_sync(kFull, pj[rr], j);
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[rr][i] += w * v[i];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t r = row0 + warp * kRowsPerWarp + rr;
+    if (r >= M) continue;
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    float* dst = p.part_o + (slot * M + r) * D;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[lane + 32 * i] = acc[rr][i] * inv;
+    if (lane == 0) p.part_lse[slot * M + r] = l[rr] > 0.f ? m[rr] + logf(l[rr]) : -INFINITY;
+  }
+}
+
+// One warp per (b, kv head, packed row): merge the splits' partial states into out / lse.
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) merge_kernel(BlockAttentionParams p, int64_t splits) {
+  const int64_t G = p.num_q_heads / p.num_kv_heads, M = p.block_len * G, D = p.head_dim;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= p.batch * p.num_kv_heads * M) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t bh = row / M, r = row % M, b = bh / p.num_kv_heads, h = bh % p.num_kv_heads;
+  const float* lse = p.part_lse + bh * splits * M + r;
+  const float m = merge_max_lse(lse, splits, M);
+  float wsum = 0.f;
+  if (m != -INFINITY)
+    for (int64_t i = 0; i < splits; ++i) wsum += merge_weight(lse[i * M], m);
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const int64_t s = r / G, qh = h * G + r % G;
+  T* dst = static_cast<T*>(p.out) + b * p.o_stride_b + s * p.o_stride_s + qh * p.o_stride_h;
+  for (int64_t d = lane; d < D; d += 32) {
+    float a = 0.f;
+    if (m != -INFINITY) {
+      for (int64_t i = 0; i < splits; ++i) {
+        const float w = merge_weight(lse[i * M], m);
+        if (w != 0.f) a += w * p.part_o[((bh * splits + i) * M + r) * D + d];
+      }
+    }
+    dst[d] = from_float<T>(a * inv);
+  }
+  if (lane == 0) p.lse[b * p.lse_stride_b + qh * p.lse_stride_h + s] = merge_final_lse(m, wsum);
+}
+
+template <typename T, int D>
+Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  const int64_t M = ba_rows(p), row_blocks = (M + kRowsPerCta - 1) / kRowsPerCta;
+  if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
+    return Status::kUnsupportedShape;
+  const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
+  split_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(p, plan.split_keys);
+  const int64_t rows = p.batch * p.num_kv_heads * M;
+  merge_kernel<T><<<unsigned((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(p, plan.num_splits);
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
+}
+
+template <typename T>
+Status dispatch_dim(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, plan, stream);
+    case 128: return launch<T, 128>(p, plan, stream);
+    default: return Status::kUnsupportedShape;
+  }
+}
+
+}  // namespace
+
+int64_t block_attention_cuda_tile_keys(DType, int64_t) { return kTile; }
+
+int block_attention_cuda_num_sms(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return 1;
+  if (cached[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+Status block_attention_cuda(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, void* stream) {
+  if (p.batch == 0) return Status::kOk;
+  if (!block_attention_cuda_supports(p.head_dim)) return Status::kUnsupportedShape;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat32: return dispatch_dim<float>(p, plan, s);
+    case DType::kBFloat16: return dispatch_dim<__nv_bfloat16>(p, plan, s);
+    case DType::kFloat16: return dispatch_dim<__half>(p, plan, s);
+    default: return Status::kUnsupportedDType;
+  }
+}
+
+}  // namespace tt

@@ -1,0 +1,230 @@
+"""block_attention against an fp64 oracle, FA3 style: the kernel's error must be within 2x of PyTorch's own
+same-dtype error (SDPA over the concatenated [context | block] K/V, one call per row) plus a small floor.
+Ragged batches, ctx_len 0, GQA, non-contiguous cache slices, every dtype, bad input, opcheck, CUDA graphs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import twotower_ext as tt
+from twotower_ext import reference
+
+from conftest import devices, tolerance
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(gen, B, S, Hq, Hkv, D, lens, dtype, device="cpu", extra_cap=3):
+    """Random inputs; the context is a [B, Lcap, Hkv, D] cache sliced to Lmax = max(lens) + extra_cap, so its
+    strides are not those of a dense [B, Lmax, Hkv, D] tensor."""
+    Lmax = max(lens) + extra_cap
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).to(device)  # noqa: E731
+    q, k_blk, v_blk = rnd(B, S, Hq, D), rnd(B, S, Hkv, D), rnd(B, S, Hkv, D)
+    cache = rnd(2, B, Lmax + 5, Hkv, D)
+    k_ctx, v_ctx = cache[0, :, :Lmax], cache[1, :, :Lmax]
+    ctx_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens
+
+
+def torch_same_dtype(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+    """The straightforward PyTorch version in the inputs' dtype: SDPA over [context | block] per row."""
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(ctx_lens[b])
+        k = torch.cat([k_ctx[b, :n], k_blk[b]]).transpose(0, 1)[None]
+        v = torch.cat([v_ctx[b, :n], v_blk[b]]).transpose(0, 1)[None]
+        outs.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k, v, scale=scale,
+                                                   enable_gqa=True).transpose(1, 2))
+    return torch.cat(outs)
+
+
+def check_against_oracle(args, out, lse, scale=None):
+    """|kernel - fp64| <= 2 |torch same dtype - fp64| + floor; lse to fp32 accuracy."""
+    cpu = [a.cpu() for a in args]
+    want_o, want_lse = reference.block_attention(*[a.double() if a.is_floating_point() else a for a in cpu],
+                                                 scale=scale)
+    dtype = args[0].dtype
+    assert out.dtype == dtype and out.shape == args[0].shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (args[0].shape[0], args[0].shape[2], args[0].shape[1])
+    err = (out.cpu().double() - want_o).abs().max().item()
+    torch_err = (torch_same_dtype(*cpu, scale=scale).double() - want_o).abs().max().item()
+    floor = tolerance(dtype) / 4
+    assert err <= 2 * torch_err + floor, f"kernel error {err:.3g} vs torch's own {torch_err:.3g} (+ {floor:.1g})"
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 128), (8, 2, 64), (32, 2, 128)])
+@pytest.mark.parametrize("S", [1, 16])
+@pytest.mark.parametrize("ctx", [0, 1, 15, 16, 17, 799])
+def test_matches_fp64_oracle(device, dtype, Hq, Hkv, D, S, ctx, gen):
+    # Three rows of different lengths, one of them empty (B = 1 runs in test_long_context).
+    B, lens = 3, [ctx, 0, (ctx * 3) // 4 + 1]
+    args = make_inputs(gen, B, S, Hq, Hkv, D, lens, dtype, device)
+    out, lse = tt.block_attention(*args)
+    check_against_oracle(args, out, lse)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("ctx,S,Hq,Hkv,D,B,dtype", [
+    *[(4096, 16, 32, 2, 128, 1, dt) for dt in DTYPES],          # the model's shapes
+    *[(20000, 3, 4, 4, 64, 2, dt) for dt in DTYPES],
+    (4096, 1, 8, 2, 64, 3, torch.float16),
+    (20000, 16, 8, 2, 128, 1, torch.bfloat16),
+])
+def test_long_context(device, ctx, S, Hq, Hkv, D, B, dtype, gen):
+    lens = [ctx, ctx // 3 + 7][:B] + [ctx - 1] * (B - 2)
+    args = make_inputs(gen, B, S, Hq, Hkv, D, lens, dtype, device)
+    out, lse = tt.block_attention(*args)
+    check_against_oracle(args, out, lse)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_strided_layouts(device, gen):
+    """Head-major cache seen through a transpose, q sliced out of a fused qkv projection, custom scale."""
+    B, S, Hq, Hkv, D, L = 2, 16, 8, 2, 64, 300
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, generator=gen).to(device)
+    q, k_blk, v_blk = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
+    cache = torch.randn(2, B, Hkv, L + 10, D, generator=gen).to(device)   # [B, Hkv, Lcap, D]
+    k_ctx, v_ctx = cache[0].transpose(1, 2)[:, :L], cache[1].transpose(1, 2)[:, :L]
+    assert not q.is_contiguous() and not k_ctx.is_contiguous() and k_ctx.stride(1) == D
+    ctx_lens = torch.tensor([L, 123], dtype=torch.int32, device=device)
+    args = (q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens)
+    for scale in (None, 0.3, -0.2):
+        out, lse = tt.block_attention(*args, scale=scale)
+        check_against_oracle(args, out, lse, scale=scale)
+
+
+@pytest.mark.parametrize("mode", ["native", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_gemm_paths(mode, dtype, gen, monkeypatch):
+    """Both CPU GEMM routes for 16-bit inputs: native low-precision brgemm (AMX where present) and widening
+    to fp32 sgemm; odd tile sizes and an odd head dim reach the padding branches."""
+    monkeypatch.setenv("TWOTOWER_CPU_LOWP_GEMM", mode)
+    for D, lens in [(128, [1300, 5]), (33, [259, 0])]:
+        args = make_inputs(gen, 2, 16, 8, 2, D, lens, dtype)
+        out, lse = tt.block_attention(*args)
+        check_against_oracle(args, out, lse)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_only_first_ctx_len_positions_are_read(device, gen):
+    """Positions past ctx_lens[b] (and all of an empty row's cache) must not influence the result."""
+    args = list(make_inputs(gen, 2, 4, 4, 2, 64, [10, 0], torch.float32, device, extra_cap=20))
+    out, lse = tt.block_attention(*args)
+    args[3][0, 10:] = float("nan")
+    args[4][0, 10:] = float("nan")
+    args[3][1] = float("nan")
+    args[4][1] = float("nan")
+    out2, lse2 = tt.block_attention(*args)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_empty_batch():
+    args = make_inputs(torch.Generator(), 1, 4, 4, 2, 64, [5], torch.float32)
+    args = [a[:0] for a in args]
+    out, lse = tt.block_attention(*args)
+    assert out.shape == (0, 4, 4, 64) and lse.shape == (0, 4, 4)
+
+
+def _bad(**over):
+    g = torch.Generator().manual_seed(0)
+    args = dict(zip(["q", "k_blk", "v_blk", "k_ctx", "v_ctx", "ctx_lens"],
+                    make_inputs(g, 2, 4, 8, 2, 64, [5, 7], torch.float32)))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,exc,words",
+    [
+        (dict(q=torch.randn(2, 4, 8, 64, dtype=torch.float64)), TypeError, "q must be float32"),
+        (dict(k_blk=torch.randn(2, 4, 2, 64).bfloat16()), TypeError, "k_blk must be Float"),
+        (dict(v_ctx=torch.randn(2, 10, 2, 64).half()), TypeError, "v_ctx must be Float"),
+        (dict(ctx_lens=torch.tensor([5, 7])), TypeError, "ctx_lens must be Int"),
+        (dict(q=torch.randn(2, 4, 8)), RuntimeError, "q must be \\[batch, block_len, q_heads, head_dim\\]"),
+        (dict(q=torch.randn(2, 4, 7, 64)), RuntimeError, "q_heads \\(7\\) must be a multiple of kv_heads \\(2"),
+        (dict(v_blk=torch.randn(2, 5, 2, 64)), RuntimeError, "v_blk must be \\[batch, block_len, kv_heads"),
+        (dict(k_ctx=torch.randn(2, 10, 2, 32)), RuntimeError, "k_ctx must be \\[batch, ctx_capacity"),
+        (dict(v_ctx=torch.randn(3, 10, 2, 64)), RuntimeError, "v_ctx must be \\[batch, ctx_capacity"),
+        (dict(ctx_lens=torch.tensor([5, 7, 1], dtype=torch.int32)), RuntimeError, "ctx_lens must be \\[batch\\]"),
+        (dict(ctx_lens=torch.tensor([5, 11], dtype=torch.int32)), ValueError, "ctx_lens must be in \\[0, 10\\]"),
+        (dict(ctx_lens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, "ctx_lens must be in \\[0, 10\\]"),
+        (dict(k_ctx=torch.randn(2, 10, 64, 2).transpose(2, 3)), RuntimeError, "k_ctx must have a contiguous last"),
+        (dict(q=torch.randn(2, 0, 8, 64), k_blk=torch.randn(2, 0, 2, 64), v_blk=torch.randn(2, 0, 2, 64)),
+         RuntimeError, "block_len, q_heads and head_dim >= 1"),
+    ],
+)
+def test_bad_input_names_the_argument(over, exc, words):
+    with pytest.raises(exc, match=words):
+        torch.ops.twotower.block_attention(**_bad(**over))
+
+
+def test_bad_scale():
+    with pytest.raises(ValueError, match="scale must be finite"):
+        torch.ops.twotower.block_attention(**_bad(), scale=math.inf)
+
+
+@pytest.mark.cuda
+def test_cuda_device_mix_and_head_dim_are_refused():
+    args = {k: v.cuda() for k, v in _bad().items()}
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        torch.ops.twotower.block_attention(**{**args, "k_ctx": args["k_ctx"].cpu()})
+    g = torch.Generator().manual_seed(0)
+    odd = make_inputs(g, 1, 2, 4, 2, 96, [3], torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128 on CUDA"):
+        torch.ops.twotower.block_attention(*odd)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_with_new_ctx_lens(gen):
+    """Captured once, replayed with different ctx_lens on the device: the split plan does not depend on them."""
+    args = make_inputs(gen, 3, 16, 32, 2, 128, [3000, 20, 0], torch.bfloat16, "cuda", extra_cap=1000)
+    ctx_lens = args[5]
+    tt.block_attention(*args)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = tt.block_attention(*args)
+    for lens in ([3000, 20, 0], [0, 3999, 1], [4000, 4000, 4000]):
+        ctx_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_oracle(args, out, lse)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_range_ctx_lens_are_clamped(gen):
+    args = list(make_inputs(gen, 2, 4, 8, 2, 64, [10, 0], torch.float16, "cuda", extra_cap=0))
+    args[5] = torch.tensor([99, -5], dtype=torch.int32, device="cuda")
+    out, lse = tt.block_attention(*args)
+    args[5] = torch.tensor([10, 0], dtype=torch.int32, device="cuda")
+    want_o, want_lse = tt.block_attention(*args)
+    torch.testing.assert_close(out, want_o)
+    torch.testing.assert_close(lse, want_lse)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = make_inputs(g, 2, 4, 8, 2, 64, [9, 0], dtype, device)
+        torch.library.opcheck(torch.ops.twotower.block_attention.default, args)
+        torch.library.opcheck(torch.ops.twotower.block_attention.default, args, {"scale": 0.5})
+
+
+def test_compiles_under_torch_compile():
+    g = torch.Generator().manual_seed(0)
+    args = make_inputs(g, 2, 4, 8, 2, 64, [9, 3], torch.float32)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(*a):
+        out, lse = torch.ops.twotower.block_attention(*a)
+        return out * 2, lse
+
+    out, lse = f(*args)
+    want, want_lse = reference.block_attention(*args)
+    torch.testing.assert_close(out, want * 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
