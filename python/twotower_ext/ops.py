@@ -17,8 +17,19 @@ def kernel_devices(name: str) -> list[str]:
     return [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qual, k)]
 
 
+_FORCE_REFERENCE = False
+
+
+def use_reference(flag: bool = True) -> bool:
+    """Route every op to its plain-PyTorch reference (True) or to the kernels (False); returns the old
+    setting. For baselines and debugging: the reference does the same math the obvious way."""
+    global _FORCE_REFERENCE
+    old, _FORCE_REFERENCE = _FORCE_REFERENCE, bool(flag)
+    return old
+
+
 def _has_kernel(name: str, device: torch.device) -> bool:
-    return device.type.upper() in kernel_devices(name)
+    return not _FORCE_REFERENCE and device.type.upper() in kernel_devices(name)
 
 
 # ----------------------------------------------------------------------------------------------------
