@@ -44,7 +44,7 @@ def build_info() -> dict:
         "cutlass": cfg.CUTLASS_VERSION or None,
         "cxx": cfg.CXX_COMPILER,
         "build_type": cfg.BUILD_TYPE,
-        "ops": {name: ops.kernel_devices(name) for name in ops.OP_NAMES},
+        "ops": {name: list(ops.kernel_devices(name)) for name in ops.OP_NAMES},
         "cuda_available": torch.cuda.is_available(),
     }
 

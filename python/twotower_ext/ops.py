@@ -2,6 +2,7 @@
 CUDA-graph capture, and the fallback to `reference` on devices the build has no kernel for."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,10 +12,12 @@ from . import reference
 OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention"]
 
 
-def kernel_devices(name: str) -> list[str]:
-    """Dispatch keys ("CPU", "CUDA") that have a compiled kernel for op `twotower::name`."""
+@functools.lru_cache(maxsize=None)
+def kernel_devices(name: str) -> tuple[str, ...]:
+    """Dispatch keys ("CPU", "CUDA") that have a compiled kernel for op `twotower::name` (fixed once the
+    library is loaded, so cached: this sits on every op call's path)."""
     qual = f"twotower::{name}"
-    return [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qual, k)]
+    return tuple(k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qual, k))
 
 
 _FORCE_REFERENCE = False
