@@ -10,13 +10,16 @@ share of the bf16 dense tensor peak and flash-attn's flash_attn_with_kvcache whe
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
 from . import harness
 
 COLUMNS = ["device", "dtype", "B", "ctx_lens", "median_us", "p10-p90_us", "MB", "GFLOP", "GFLOP/s", "%mm",
-           "%best_mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa"]
+           "%best_mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa", "simt_us", "vs_simt"]
 
 S, HQ, HKV, D = 16, 32, 2, 128
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peak (spec sheet)
@@ -45,6 +48,20 @@ def _flash_attn():
         return flash_attn_with_kvcache
     except ImportError:
         return None
+
+
+@contextlib.contextmanager
+def _forced_path(path):
+    """TWOTOWER_ATTN_PATH=path inside the block (the CUDA binding reads it on every call), restored after."""
+    old = os.environ.get("TWOTOWER_ATTN_PATH")
+    os.environ["TWOTOWER_ATTN_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TWOTOWER_ATTN_PATH")
+        else:
+            os.environ["TWOTOWER_ATTN_PATH"] = old
 
 
 def _peak_tflops(device):
@@ -96,6 +113,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                     return lambda: fa(q, cache_k, cache_v, k=kb, v=vb, cache_seqlens=cl, causal=False)
                 tf = harness.time_fn(fa_call, device, n_buffers=n_buf)
                 row.update({"fa_us": tf.median_s * 1e6, "vs_fa": tf.median_s / t.median_s})
+            if device == "cuda":  # the SIMT baseline kernel next to the default (tensor-core) path
+                with _forced_path("simt"):
+                    tb = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device, n_buffers=n_buf)
+                row.update({"simt_us": tb.median_s * 1e6, "vs_simt": tb.median_s / t.median_s})
             rows.append(row)
     harness.print_table(f"block_attention on {device} (32q/2kv heads, D {D}, S {S}; %mm = of the same-dtype "
                         f"[256x128]@[128x{mm_ctx}] matmul measured next to each row)", rows, COLUMNS)

@@ -446,6 +446,20 @@ std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_
 }
 
 #ifdef TWOTOWER_WITH_CUDA
+// The CUDA kernel path: the fastest one these inputs allow, or the one TWOTOWER_ATTN_PATH=simt|mma forces
+// (tests use it to cover each path; a forced path that cannot run the inputs is an error, not a fallback).
+tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int device) {
+  const char* env = std::getenv("TWOTOWER_ATTN_PATH");
+  if (env == nullptr || *env == '\0') return tt::block_attention_cuda_default_path(p, device);
+  const std::string name(env);
+  TORCH_CHECK_VALUE(name == "simt" || name == "mma", "twotower: TWOTOWER_ATTN_PATH must be simt or mma, got '",
+                    name, "'");
+  const auto path = name == "simt" ? tt::BlockAttentionCudaPath::kSimt : tt::BlockAttentionCudaPath::kMma;
+  TORCH_CHECK(tt::block_attention_cuda_path_supported(p, path, device), "twotower: TWOTOWER_ATTN_PATH=", name,
+              " cannot run these inputs: ", tt::block_attention_cuda_path_requirements(path));
+  return path;
+}
+
 std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
                                                 const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
                                                 std::optional<double> scale) {
@@ -458,8 +472,10 @@ std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k
   // The split plan uses only shapes (never ctx_lens values: they stay on the device and may change between
   // graph replays); ctx_lens outside [0, Lmax] are clamped by the kernel rather than checked (no host sync).
   const int num_sms = tt::block_attention_cuda_num_sms(q.device().index());
-  const auto cplan = tt::block_attention_cuda_plan(p.batch, p.num_kv_heads, p.ctx_capacity + p.block_len, num_sms,
-                                                   tt::block_attention_cuda_tile_keys(p.dtype, p.head_dim));
+  const auto path = attn_cuda_path(p, q.device().index());
+  auto cplan = tt::block_attention_cuda_plan(p.batch, p.num_kv_heads, p.ctx_capacity + p.block_len, num_sms,
+                                             tt::block_attention_cuda_tile_keys(path, p.head_dim));
+  cplan.path = path;
   const int64_t slots = p.batch * p.num_kv_heads * cplan.num_splits, M = tt::ba_rows(p);
   auto part_o = at::empty({slots, M, p.head_dim}, q.options().dtype(at::kFloat));
   auto part_lse = at::empty({slots, M}, q.options().dtype(at::kFloat));

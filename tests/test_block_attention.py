@@ -178,9 +178,86 @@ def test_cuda_device_mix_and_head_dim_are_refused():
         torch.ops.twotower.block_attention(*odd)
 
 
+# CUDA kernel paths, forced through TWOTOWER_ATTN_PATH: the SIMT baseline and the sm_80+ tensor-core kernel
+# (mma.sync; bf16/fp16 only, the default for them on sm_80+).
+CUDA_PATHS = ["simt", "mma"]
+LOWP = [torch.bfloat16, torch.float16]
+
+
 @pytest.mark.cuda
-def test_cuda_graph_replay_with_new_ctx_lens(gen):
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (32, 2)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("S", [1, 16])
+def test_cuda_path_matches_fp64_oracle(path, dtype, Hq, Hkv, D, S, gen, monkeypatch):
+    """Every path on a ragged batch: ctx_len 0, 1, 17 (a partial first tile), 799 and odd tails; packed rows
+    M = S * Hq / Hkv from 1 to 256 (one or several row blocks, idle warps in the tensor-core kernel)."""
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    args = make_inputs(gen, 6, S, Hq, Hkv, D, [0, 1, 17, 799, 63, 130], dtype, "cuda")
+    out, lse = tt.block_attention(*args)
+    check_against_oracle(args, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("S,Hq,Hkv,D,lens", [
+    (16, 32, 2, 128, [20000, 4096, 0]),    # the model's shapes, splits past the short rows' ends
+    (1, 4, 4, 64, [19999, 20000]),
+    (16, 8, 2, 64, [20000, 4097]),
+    (40, 4, 2, 128, [2001, 15]),           # S > 16: block keys straddle tiles, M = 80 (partial second row block)
+])
+def test_cuda_path_long_context(path, dtype, S, Hq, Hkv, D, lens, gen, monkeypatch):
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    args = make_inputs(gen, len(lens), S, Hq, Hkv, D, lens, dtype, "cuda")
+    out, lse = tt.block_attention(*args)
+    check_against_oracle(args, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_path_ignores_nan_past_ctx_len(path, gen, monkeypatch):
+    """Keys past a row's ctx_len come from the block tensor (or are zero-filled past the split's end), so cache
+    rows there (NaN here) never reach the result."""
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    args = list(make_inputs(gen, 3, 16, 8, 2, 128, [70, 0, 129], torch.bfloat16, "cuda", extra_cap=100))
+    out, lse = tt.block_attention(*args)
+    for b, n in enumerate([70, 0, 129]):
+        args[3][b, n:] = float("nan")
+        args[4][b, n:] = float("nan")
+    out2, lse2 = tt.block_attention(*args)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    check_against_oracle(args, out2, lse2)  # the oracle reads only the first ctx_lens[b] positions
+
+
+@pytest.mark.cuda
+def test_cuda_path_choice_and_refusals(gen, monkeypatch):
+    """Misaligned K/V (a 2-byte offset) still run, on the SIMT path; forcing mma on inputs it cannot take, or
+    an unknown path name, is a clear error."""
+    B, S, Hq, Hkv, D, L = 2, 16, 8, 2, 64, 300
+    q, k_blk, v_blk, _, _, ctx_lens = make_inputs(gen, B, S, Hq, Hkv, D, [L, 57], torch.bfloat16, "cuda", extra_cap=0)
+    wide = torch.randn(2, B, L, Hkv, D + 1, generator=gen).to(torch.bfloat16).cuda()
+    k_ctx, v_ctx = wide[0, ..., 1:], wide[1, ..., 1:]  # last dim contiguous, rows 2 bytes off 16-byte alignment
+    args = (q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens)
+    out, lse = tt.block_attention(*args)
+    check_against_oracle(args, out, lse)
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", "mma")
+    with pytest.raises(RuntimeError, match="TWOTOWER_ATTN_PATH=mma cannot run these inputs: mma needs"):
+        tt.block_attention(*args)
+    fp32 = make_inputs(gen, 1, 4, 4, 2, 64, [9], torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="TWOTOWER_ATTN_PATH=mma cannot run these inputs"):
+        tt.block_attention(*fp32)
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", "tensorcore")
+    with pytest.raises(ValueError, match="TWOTOWER_ATTN_PATH must be simt or mma"):
+        tt.block_attention(*fp32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_graph_replay_with_new_ctx_lens(path, gen, monkeypatch):
     """Captured once, replayed with different ctx_lens on the device: the split plan does not depend on them."""
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
     args = make_inputs(gen, 3, 16, 32, 2, 128, [3000, 20, 0], torch.bfloat16, "cuda", extra_cap=1000)
     ctx_lens = args[5]
     tt.block_attention(*args)  # warm-up outside capture
@@ -188,7 +265,7 @@ def test_cuda_graph_replay_with_new_ctx_lens(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = tt.block_attention(*args)
-    for lens in ([3000, 20, 0], [0, 3999, 1], [4000, 4000, 4000]):
+    for lens in ([3000, 20, 0], [0, 3999, 1], [4000, 4000, 4000], [17, 799, 2001]):
         ctx_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         torch.cuda.synchronize()

@@ -86,9 +86,14 @@ Status block_attention_cpu_merge(const BlockAttentionParams& p, const BlockAtten
 
 TT_HOST_DEVICE int64_t ba_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Kernel paths for the split pass: the SIMT baseline (every dtype) and the sm_80+ tensor-core path
+// (mma.sync, bf16/fp16; also what sm_90 runs until an sm_90a TMA + wgmma path exists). The merge is shared.
+enum class BlockAttentionCudaPath : int32_t { kSimt = 0, kMma = 1 };
+
 struct BlockAttentionCudaPlan {
   int64_t num_splits;   // per (b, kv head)
   int64_t split_keys;   // keys per split (multiple of the kernel's tile)
+  BlockAttentionCudaPath path = BlockAttentionCudaPath::kSimt;
 };
 
 // Pure function of plan-time quantities: enough CTAs for ~2 waves, splits of at least `min_split_keys`.
@@ -107,8 +112,18 @@ inline BlockAttentionCudaPlan block_attention_cuda_plan(int64_t batch, int64_t n
 // Head dims the CUDA kernels are built for.
 inline bool block_attention_cuda_supports(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
-// Tile (keys per step) of the CUDA kernel for a dtype; the binding plans splits with it.
-int64_t block_attention_cuda_tile_keys(DType dtype, int64_t head_dim);
+// Tile (keys per step) of a path's kernel; the binding plans splits with it.
+int64_t block_attention_cuda_tile_keys(BlockAttentionCudaPath path, int64_t head_dim);
+
+// Whether `path` can run these inputs on CUDA device `device`: dtype, head dim, pointer/stride alignment of
+// its vector loads and the device's compute capability. Host only, no sync (pointers and shapes only).
+bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAttentionCudaPath path, int device);
+
+// What `path` needs, for error messages.
+const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path);
+
+// The fastest supported path (mma, else the SIMT kernel, which takes everything).
+BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device);
 
 // Multiprocessor count of a CUDA device (cached), for the plan.
 int block_attention_cuda_num_sms(int device);

@@ -2,11 +2,16 @@
 // kRowsPerCta of the M = S*G packed query rows of one KV head (GQA packing: all those rows share each K/V
 // tile in shared memory) and one split of the row's key sequence [context | block]; it writes a
 // normalised partial state, and a second kernel merges the splits with the merge_states math.
-// This is the simple SIMT path (fp32 math, every dtype, head dims 64/128); the tensor-core paths (sm_80
-// mma, sm_90a wgmma) are not written yet.
+// This file holds the SIMT split kernel (fp32 math, every dtype, head dims 64/128: the fallback), the merge
+// kernel every path shares, and the path choice; the tensor-core split kernel (mma.sync, sm_80+, bf16/fp16)
+// is in block_attention_mma_sm80.cu.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "block_attention/block_attention.h"
+#include "block_attention/block_attention_cuda.cuh"
 #include "common/half_cuda.cuh"
 
 namespace tt {
@@ -27,31 +32,20 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Row b's context length as the kernels use it: clamped to [0, Lmax] (checking would need a host sync).
-__device__ __forceinline__ int64_t clamped_ctx(const BlockAttentionParams& p, int64_t b) {
-  const int64_t c = p.ctx_lens[b];
-  return c < 0 ? 0 : (c > p.ctx_capacity ? p.ctx_capacity : c);
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) split_kernel(BlockAttentionParams p, int64_t split_keys) {
   constexpr int kPerLane = D / 32;
   __shared__ float qs[kRowsPerCta][D];
   __shared__ float ks[kTile][D + 1];  // +1: lane j reads row j, conflict-free
   __shared__ float vs[kTile][D];
-  const int64_t G = p.num_q_heads / p.num_kv_heads, M = p.block_len * G;
-  const int64_t row_blocks = (M + kRowsPerCta - 1) / kRowsPerCta;
-  const int64_t b = blockIdx.z, h = blockIdx.y / row_blocks, row0 = (blockIdx.y % row_blocks) * kRowsPerCta;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t ctx = clamped_ctx(p, b), n = ctx + p.block_len;
-  const int64_t k0 = int64_t(blockIdx.x) * split_keys, k1 = min(n, k0 + split_keys);
-  const int64_t slot = (b * p.num_kv_heads + h) * gridDim.x + blockIdx.x;
-
-  if (k0 >= n) {  // a split past this row's length (the plan is shape-only): empty part
-    for (int i = threadIdx.x; i < kRowsPerCta; i += blockDim.x)
-      if (row0 + i < M) p.part_lse[slot * M + row0 + i] = -INFINITY;
+  const int64_t G = ba_group(p), M = ba_rows(p);
+  const BaSplitWork w = ba_split_work(p, kRowsPerCta, split_keys);
+  if (w.k0 >= w.k1) {
+    ba_write_empty_split(p, w, kRowsPerCta);
     return;
   }
+  const int64_t b = w.b, h = w.h, row0 = w.row0, ctx = w.ctx, k0 = w.k0, k1 = w.k1, slot = w.slot;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* q = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < kRowsPerCta * D; i += blockDim.x) {
     const int rr = i / D, d = i % D;
@@ -162,39 +156,104 @@ __global__ void __launch_bounds__(kWarps * 32) merge_kernel(BlockAttentionParams
 }
 
 template <typename T, int D>
-Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+Status launch_simt(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
   const int64_t M = ba_rows(p), row_blocks = (M + kRowsPerCta - 1) / kRowsPerCta;
   if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
     return Status::kUnsupportedShape;
   const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
   split_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(p, plan.split_keys);
-  const int64_t rows = p.batch * p.num_kv_heads * M;
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
+}
+
+// The chosen path's split pass, then the shared merge.
+template <typename T>
+Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  Status st = Status::kUnsupportedShape;
+  switch (plan.path) {
+    case BlockAttentionCudaPath::kSimt:
+      st = p.head_dim == 64    ? launch_simt<T, 64>(p, plan, stream)
+           : p.head_dim == 128 ? launch_simt<T, 128>(p, plan, stream)
+                               : Status::kUnsupportedShape;
+      break;
+    case BlockAttentionCudaPath::kMma: st = block_attention_mma_split(p, plan, stream); break;
+  }
+  if (st != Status::kOk) return st;
+  const int64_t rows = p.batch * p.num_kv_heads * ba_rows(p);
   merge_kernel<T><<<unsigned((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(p, plan.num_splits);
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
 }
 
-template <typename T>
-Status dispatch_dim(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, plan, stream);
-    case 128: return launch<T, 128>(p, plan, stream);
-    default: return Status::kUnsupportedShape;
+// Cached per-device attribute (plan-time queries must stay cheap: the binding asks on every call).
+int device_attribute(int device, cudaDeviceAttr attr, int (&cache)[64]) {
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, attr, device) != cudaSuccess || v <= 0) v = -1;
+    cache[device] = v;
   }
+  return cache[device] > 0 ? cache[device] : 0;
+}
+
+int compute_capability(int device) {
+  static int major[64] = {}, minor[64] = {};
+  return 10 * device_attribute(device, cudaDevAttrComputeCapabilityMajor, major) +
+         device_attribute(device, cudaDevAttrComputeCapabilityMinor, minor);
+}
+
+// Pointer and every stride (elements of `elem_bytes`) multiples of `align` bytes.
+bool aligned(const void* ptr, int64_t elem_bytes, int64_t align, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % uintptr_t(align) != 0) return false;
+  for (const int64_t s : strides)
+    if ((s * elem_bytes) % align != 0) return false;
+  return true;
+}
+
+// The tensor-core path loads K/V rows with 16-byte copies (cp.async) and Q with 4-byte loads; head dims
+// 64/128 keep every row a whole number of 16-byte chunks.
+bool tensor_core_inputs(const BlockAttentionParams& p) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  return aligned(p.q, 2, 4, {p.q_stride_b, p.q_stride_s, p.q_stride_h}) &&
+         aligned(p.k_blk, 2, 16, {p.kb_stride_b, p.kb_stride_s, p.kb_stride_h}) &&
+         aligned(p.v_blk, 2, 16, {p.vb_stride_b, p.vb_stride_s, p.vb_stride_h}) &&
+         aligned(p.k_ctx, 2, 16, {p.kc_stride_b, p.kc_stride_l, p.kc_stride_h}) &&
+         aligned(p.v_ctx, 2, 16, {p.vc_stride_b, p.vc_stride_l, p.vc_stride_h});
 }
 
 }  // namespace
 
-int64_t block_attention_cuda_tile_keys(DType, int64_t) { return kTile; }
+int64_t block_attention_cuda_tile_keys(BlockAttentionCudaPath path, int64_t) {
+  return path == BlockAttentionCudaPath::kSimt ? kTile : 64;
+}
+
+bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAttentionCudaPath path, int device) {
+  if (!block_attention_cuda_supports(p.head_dim)) return false;
+  switch (path) {
+    case BlockAttentionCudaPath::kSimt: return true;
+    case BlockAttentionCudaPath::kMma: return tensor_core_inputs(p) && compute_capability(device) >= 80;
+  }
+  return false;
+}
+
+const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path) {
+  switch (path) {
+    case BlockAttentionCudaPath::kSimt: return "simt takes float32/bfloat16/float16 with head_dim 64 or 128";
+    case BlockAttentionCudaPath::kMma:
+      return "mma needs bfloat16/float16 inputs, head_dim 64 or 128, 16-byte aligned k/v pointers and strides "
+             "(4-byte for q) and an sm_80+ device";
+  }
+  return "unknown path";
+}
+
+BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device) {
+  return block_attention_cuda_path_supported(p, BlockAttentionCudaPath::kMma, device) ? BlockAttentionCudaPath::kMma
+                                                                                      : BlockAttentionCudaPath::kSimt;
+}
 
 int block_attention_cuda_num_sms(int device) {
   static int cached[64] = {};
-  if (device < 0 || device >= 64) return 1;
-  if (cached[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cached[device] = n;
-  }
-  return cached[device];
+  const int n = device_attribute(device, cudaDevAttrMultiProcessorCount, cached);
+  return n > 0 ? n : 1;
 }
 
 Status block_attention_cuda(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, void* stream) {
@@ -202,9 +261,9 @@ Status block_attention_cuda(const BlockAttentionParams& p, const BlockAttentionC
   if (!block_attention_cuda_supports(p.head_dim)) return Status::kUnsupportedShape;
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case DType::kFloat32: return dispatch_dim<float>(p, plan, s);
-    case DType::kBFloat16: return dispatch_dim<__nv_bfloat16>(p, plan, s);
-    case DType::kFloat16: return dispatch_dim<__half>(p, plan, s);
+    case DType::kFloat32: return launch<float>(p, plan, s);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, plan, s);
+    case DType::kFloat16: return launch<__half>(p, plan, s);
     default: return Status::kUnsupportedDType;
   }
 }

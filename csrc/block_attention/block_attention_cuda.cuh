@@ -1,0 +1,52 @@
+// Internal to the CUDA block attention files (torch-free, device code): what every split kernel shares, and
+// the tensor-core split launcher that block_attention_cuda.cu dispatches to before its merge kernel.
+// Every split kernel writes, for its (b, kv head, split) slot = (b * Hkv + h) * num_splits + split, the
+// normalised partial output part_o[slot][row][D] and part_lse[slot][row] (natural log) of the packed rows
+// row = s * G + g it owns; a split that holds no key of its row writes lse = -inf only.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "block_attention/block_attention.h"
+
+namespace tt {
+
+// Row b's context length as the kernels use it: clamped to [0, Lmax] (checking would need a host sync).
+__device__ __forceinline__ int64_t ba_clamped_ctx(const BlockAttentionParams& p, int64_t b) {
+  const int64_t c = p.ctx_lens[b];
+  return c < 0 ? 0 : (c > p.ctx_capacity ? p.ctx_capacity : c);
+}
+
+// The work of one split-kernel CTA, grid (split, kv head x row block, batch): packed rows
+// [row0, row0 + rows_per_cta) of KV head h of batch row b, over keys [k0, k1) of the row's virtual sequence
+// [context 0..ctx | block]. k0 >= k1 for a split past the row's length (the plan is shape-only).
+struct BaSplitWork {
+  int64_t b, h, row0, ctx, k0, k1, slot;
+};
+
+__device__ __forceinline__ BaSplitWork ba_split_work(const BlockAttentionParams& p, int64_t rows_per_cta,
+                                                     int64_t split_keys) {
+  const int64_t row_blocks = (ba_rows(p) + rows_per_cta - 1) / rows_per_cta;
+  BaSplitWork w;
+  w.b = blockIdx.z;
+  w.h = blockIdx.y / row_blocks;
+  w.row0 = (blockIdx.y % row_blocks) * rows_per_cta;
+  w.ctx = ba_clamped_ctx(p, w.b);
+  w.k0 = int64_t(blockIdx.x) * split_keys;
+  w.k1 = min(w.ctx + p.block_len, w.k0 + split_keys);
+  w.slot = (w.b * p.num_kv_heads + w.h) * gridDim.x + blockIdx.x;
+  return w;
+}
+
+// An empty split: mark its rows empty (lse = -inf) so the merge gives it weight 0.
+__device__ __forceinline__ void ba_write_empty_split(const BlockAttentionParams& p, const BaSplitWork& w,
+                                                     int64_t rows_per_cta) {
+  const int64_t M = ba_rows(p);
+  for (int64_t i = threadIdx.x; i < rows_per_cta; i += blockDim.x)
+    if (w.row0 + i < M) p.part_lse[w.slot * M + w.row0 + i] = -INFINITY;
+}
+
+// Split pass of the tensor-core path (grid, plan and workspace as the SIMT kernel's).
+Status block_attention_mma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
+                                 cudaStream_t stream);
+
+}  // namespace tt

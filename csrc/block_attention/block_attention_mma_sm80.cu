@@ -1,0 +1,352 @@
+// Tensor-core split pass of block attention for bf16/fp16 (sm_80 and later; the same SASS path runs on
+// sm_90a), FlashAttention-2 style with raw PTX: mma.sync m16n8k16 (fp32 accumulators), ldmatrix, cp.async.
+//
+// CTA = (split, kv head x row block, batch) as in the SIMT kernel. GQA packing: the CTA's kRows = 16 * kWarps
+// packed query rows (row m = s * G + g) all use every K/V tile; warp w owns rows [16w, 16w + 16) and keeps
+// their Q as mma A fragments in registers for the whole split. K/V tiles of kTileN keys are copied with
+// cp.async into a two-stage shared-memory ring, so the copy of tile i+1 overlaps the math of tile i.
+// A tile is kTileN consecutive keys of the row's virtual sequence [context | block]: each key picks its
+// source tensor (k_ctx/v_ctx or k_blk/v_blk), so the block's S keys are simply the last keys of the same
+// loop. Keys past the split's end are zero-filled (no NaN from stale memory can reach P V) and masked.
+// Softmax: online, fp32, in log2 units (exp2 of score * scale * log2 e); P is rounded to the input dtype
+// for the P V product, as FlashAttention does.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "block_attention/block_attention.h"
+#include "block_attention/block_attention_cuda.cuh"
+
+namespace tt {
+namespace {
+
+constexpr int kTileN = 64;  // keys per tile
+// Shared-memory rows are padded by 16 bytes so the 8 rows one ldmatrix phase reads start in 8 different
+// 4-bank groups (row pitch = 16 mod 128 bytes): conflict-free without a swizzle.
+constexpr int kPad = 8;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; with valid == false nothing is read and the destination is zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c[16x8] += a[16x16] (row) * b[16x8] (col), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of the 16-bit type, `lo` in the low half (the lower column of a fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <int D>
+constexpr int smem_bytes() {
+  return 2 /*stages*/ * 2 /*K, V*/ * kTileN * (D + kPad) * 2 /*bytes*/;
+}
+
+// Fragment conventions (PTX ISA, mma.m16n8k16; lane = 4 * grp + tig):
+//   A (16x16): a0 (row grp, cols 2tig..+1), a1 (row grp+8, same cols), a2 (row grp, cols 8+2tig..+1),
+//              a3 (row grp+8, cols 8+2tig..+1)
+//   B (16x8):  b0 (k rows 2tig..+1, col grp), b1 (k rows 8+2tig..+1, col grp)
+//   C (16x8):  c0,c1 (row grp, cols 2tig..+1), c2,c3 (row grp+8, same cols)
+// In this kernel a thread's C element e of any 8-column block belongs to row grp + 8 * (e >> 1).
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionParams p, int64_t split_keys) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kRows = 16 * kWarps;             // packed query rows per CTA
+  constexpr int kPitch = D + kPad;               // shared-memory row pitch (elements)
+  constexpr int kTileElems = kTileN * kPitch;    // one K or V tile
+  constexpr int kRowChunks = D / 8;              // 16-byte chunks per K/V row
+  constexpr int kRowStep = kThreads / kRowChunks;  // K/V rows one pass of the CTA copies
+  constexpr int kLoadIters = kTileN / kRowStep;
+  constexpr int kNB = kTileN / 8;                // 8-key column blocks of the score tile
+  constexpr int kDB = D / 8;                     // 8-wide column blocks of the output
+  constexpr int kDK = D / 16;                    // k-steps of Q K^T
+  static_assert(kThreads % kRowChunks == 0 && kTileN % kRowStep == 0, "tile copy must divide evenly");
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K, V][kTileN][kPitch]
+
+  const int64_t G = ba_group(p), M = ba_rows(p);
+  const BaSplitWork w = ba_split_work(p, kRows, split_keys);
+  if (w.k0 >= w.k1) {
+    ba_write_empty_split(p, w, kRows);
+    return;
+  }
+  const int64_t b = w.b, h = w.h, row0 = w.row0, ctx = w.ctx, k0 = w.k0, k1 = w.k1, slot = w.slot;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane >> 2, tig = lane & 3;
+
+  const T* const kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
+  const T* const vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
+  const T* const kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
+  const T* const vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+
+  // Copy keys [t0, t0 + kTileN) of the virtual sequence into `stage`; keys at or past k1 are zero-filled.
+  // Thread tid copies chunk d of rows j0, j0 + kRowStep, ... (consecutive threads: consecutive 16 bytes).
+  const int j0 = tid / kRowChunks, d = (tid % kRowChunks) * 8;
+  auto load_tile = [&](int stage, int64_t t0) {
+    T* const ks = smem + stage * 2 * kTileElems;
+    T* const vs = ks + kTileElems;
+#pragma unroll
+    for (int i = 0; i < kLoadIters; ++i) {
+      const int j = j0 + i * kRowStep;
+      const int64_t key = t0 + j;
+      const bool valid = key < k1;
+      const T* ksrc = kb;  // any mapped address when !valid: nothing is read
+      const T* vsrc = vb;
+      if (valid && key < ctx) {
+        ksrc = kc + key * p.kc_stride_l + d;
+        vsrc = vc + key * p.vc_stride_l + d;
+      } else if (valid) {
+        ksrc = kb + (key - ctx) * p.kb_stride_s + d;
+        vsrc = vb + (key - ctx) * p.vb_stride_s + d;
+      }
+      cp_async_16(smem_addr(ks + j * kPitch + d), ksrc, valid);
+      cp_async_16(smem_addr(vs + j * kPitch + d), vsrc, valid);
+    }
+  };
+
+  load_tile(0, k0);
+  cp_async_commit();
+
+  // This warp's Q rows as A fragments, straight from global memory (read once per split; 4-byte loads).
+  // Rows past M are zero: their scores are 0 and they are never written.
+  const bool warp_active = row0 + warp * 16 < M;  // warps whose 16 rows are all padding skip the math
+  uint32_t qa[kDK][4];
+  {
+    const T* qrow[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t r = row0 + warp * 16 + grp + 8 * i;
+      qrow[i] = r < M ? static_cast<const T*>(p.q) + b * p.q_stride_b + (r / G) * p.q_stride_s +
+                            (h * G + r % G) * p.q_stride_h
+                      : nullptr;
+    }
+#pragma unroll
+    for (int kd = 0; kd < kDK; ++kd)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          qa[kd][i + 2 * half] =
+              qrow[i] ? *reinterpret_cast<const uint32_t*>(qrow[i] + kd * 16 + half * 8 + 2 * tig) : 0u;
+  }
+
+  float o[kDB][4];
+#pragma unroll
+  for (int nb = 0; nb < kDB; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max of rows grp, grp + 8 (log2 units)
+  float l[2] = {0.f, 0.f};              // this thread's share of the running sums (quad-reduced at the end)
+  const float scale_log2 = p.scale * kLog2e;
+
+  // ldmatrix lane offsets inside a 16x16 sub-tile. K (non-transposed): matrices (keys 0-7, d 0-7),
+  // (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15) -> B fragments of two 8-key column blocks.
+  // V (transposed): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15) -> B
+  // fragments of two 8-wide output column blocks.
+  const int k_ld_row = (lane & 7) + ((lane >> 4) << 3), k_ld_col = ((lane >> 3) & 1) * 8;
+  const int v_ld_row = (lane & 7) + (((lane >> 3) & 1) << 3), v_ld_col = (lane >> 4) * 8;
+
+  const int64_t tiles = (k1 - k0 + kTileN - 1) / kTileN;
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int64_t t0 = k0 + it * kTileN;
+    if (it + 1 < tiles) load_tile(int((it + 1) & 1), t0 + kTileN);
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile `it`
+    cp_async_wait<1>();
+    __syncthreads();  // tile `it` is visible to every warp
+
+    if (warp_active) {
+      const T* const ks = smem + int(it & 1) * 2 * kTileElems;
+      const T* const vs = ks + kTileElems;
+
+      float s[kNB][4];
+#pragma unroll
+      for (int j = 0; j < kNB; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+      for (int kd = 0; kd < kDK; ++kd) {
+#pragma unroll
+        for (int jj = 0; jj < kNB / 2; ++jj) {
+          uint32_t kf[4];
+          ldmatrix_x4(kf, smem_addr(ks + (jj * 16 + k_ld_row) * kPitch + kd * 16 + k_ld_col));
+          mma_16816<T>(s[2 * jj], qa[kd], kf[0], kf[1]);
+          mma_16816<T>(s[2 * jj + 1], qa[kd], kf[2], kf[3]);
+        }
+      }
+
+      // Scale to log2 units; mask keys past the split's end (only the last tile can have them). Key 0 of
+      // the tile is always valid, so every row's new max is finite.
+      const int64_t valid = k1 - t0;
+      float mx[2] = {m[0], m[1]};
+#pragma unroll
+      for (int j = 0; j < kNB; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + 2 * tig + (e & 1);
+          s[j][e] = col < valid ? s[j][e] * scale_log2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {  // the 4 lanes of a quad hold one row's columns
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        alpha[i] = exp2f(m[i] - mx[i]);  // 0 on the first tile (m = -inf)
+        m[i] = mx[i];
+        l[i] *= alpha[i];
+      }
+#pragma unroll
+      for (int j = 0; j < kNB; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(s[j][e] - mx[e >> 1]);  // masked: exp2(-inf) = 0
+          l[e >> 1] += s[j][e];
+        }
+#pragma unroll
+      for (int nb = 0; nb < kDB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+
+      // O += P V: the C fragments of score blocks 2kk, 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
+#pragma unroll
+      for (int kk = 0; kk < kNB / 2; ++kk) {
+        const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < kDB / 2; ++dd) {
+          uint32_t vf[4];
+          ldmatrix_x4_trans(vf, smem_addr(vs + (kk * 16 + v_ld_row) * kPitch + dd * 16 + v_ld_col));
+          mma_16816<T>(o[2 * dd], pa, vf[0], vf[1]);
+          mma_16816<T>(o[2 * dd + 1], pa, vf[2], vf[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  if (!warp_active) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = row0 + warp * 16 + grp + 8 * i;
+    if (r >= M) continue;
+    const float inv = 1.f / l[i];  // l >= 1: the row max contributes exp2(0)
+    float* const dst = p.part_o + (slot * M + r) * D;
+#pragma unroll
+    for (int nb = 0; nb < kDB; ++nb)
+      *reinterpret_cast<float2*>(dst + nb * 8 + 2 * tig) = make_float2(o[nb][2 * i] * inv, o[nb][2 * i + 1] * inv);
+    if (tig == 0) p.part_lse[slot * M + r] = (m[i] + log2f(l[i])) * kLn2;
+  }
+#endif
+}
+
+template <typename T, int D, int kWarps>
+Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  constexpr int kRows = 16 * kWarps;
+  constexpr int kSmem = smem_bytes<D>();
+  const int64_t M = ba_rows(p), row_blocks = (M + kRows - 1) / kRows;
+  if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
+    return Status::kUnsupportedShape;
+  auto kernel = mma_split_kernel<T, D, kWarps>;
+  // Over 48 KiB of dynamic shared memory needs an opt-in, once per device (so normally before any graph
+  // capture: the first call on a device is an eager one).
+  if constexpr (kSmem > 48 * 1024) {
+    static bool opted_in[64] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return Status::kLaunchFailed;
+    if (!opted_in[device]) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
+        return Status::kLaunchFailed;
+      opted_in[device] = true;
+    }
+  }
+  const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
+  kernel<<<grid, kWarps * 32, kSmem, stream>>>(p, plan.split_keys);
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
+}
+
+// 128 rows per CTA (8 warps) when there are that many, so a K/V tile in shared memory feeds as many rows as
+// possible; 64 rows (4 warps) otherwise, so small groups waste less of the MMA's M.
+template <typename T, int D>
+Status launch_rows(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  return ba_rows(p) > 64 ? launch<T, D, 8>(p, plan, stream) : launch<T, D, 4>(p, plan, stream);
+}
+
+template <typename T>
+Status launch_dim(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_rows<T, 64>(p, plan, stream);
+    case 128: return launch_rows<T, 128>(p, plan, stream);
+    default: return Status::kUnsupportedShape;
+  }
+}
+
+}  // namespace
+
+Status block_attention_mma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
+                                 cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_dim<__nv_bfloat16>(p, plan, stream);
+    case DType::kFloat16: return launch_dim<__half>(p, plan, stream);
+    default: return Status::kUnsupportedDType;
+  }
+}
+
+}  // namespace tt
