@@ -220,3 +220,16 @@ def test_patch_runs_reference_methods_here_sharing_weights():
         assert out.tolist() == [run["output_ids"]]
     with pytest.raises(TypeError, match="unsupported arguments"):
         hf.generate_ar(torch.tensor([PROMPTS["p0"]]), beams=4)
+
+
+def test_random_checkpoint_of_the_real_pattern_loads_and_decodes(tmp_path):
+    from twotower_ext.models.random_init import REAL_PATTERN, random_checkpoint, scaled_config
+
+    cfg = scaled_config(width=1 / 16, layers=7, vocab=300)
+    assert cfg["hybrid_override_pattern"] == REAL_PATTERN[:7] and cfg["num_hidden_layers"] == 7
+    lm = tt.load(random_checkpoint(str(tmp_path / "ckpt"), cfg, seed=3), dtype=torch.float32)
+    assert lm.config.hidden_size == 192 and lm.config.n_routed_experts == 8
+    for mode in ("diffusion", "ar", "mock_ar"):
+        res = lm.generate([[1, 17, 42], [1, 5]], mode=mode, max_new_tokens=20, eos_token_id=None)
+        assert [len(t) for t in res.new_tokens] == [20, 20]
+        assert all(0 <= v < 300 for t in res.new_tokens for v in t)
