@@ -14,7 +14,7 @@ case "$kind" in
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-"${pip[@]}" "$torch_req" numpy pytest "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
+"${pip[@]}" "$torch_req" numpy pytest tokenizers "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
 if [ "$kind" = cuda ]; then
   # Headers only; its declared dependencies would pull ~350 MB and downgrade torch's cuda-bindings.
   "${pip[@]}" --no-deps nvidia-cutlass==4.2.0.0

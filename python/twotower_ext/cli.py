@@ -25,6 +25,12 @@ def _cmd_generate(a) -> int:
     from .api import load
 
     lm = load(a.model or _default_model(), device=a.device, dtype=a.dtype)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    elif a.device == "cpu" and lm.config.hidden_size < 1024:
+        # Small models: each op is microseconds, so thread hand-offs cost more than they save (and on a
+        # busy machine a waiting OpenMP thread can stall every op by a scheduler tick).
+        torch.set_num_threads(1)
     if a.prompt_ids is not None:
         try:
             prompt = [int(v) for v in a.prompt_ids.split(",") if v.strip()]
@@ -115,6 +121,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default: 1 for small models, else torch's default)")
     g.add_argument("--reference-compat", action="store_true", help="NVIDIA reference semantics")
     g.set_defaults(fn=_cmd_generate)
     i = sub.add_parser("info", help="print a checkpoint's config, parameter counts and cache sizes")
