@@ -79,23 +79,13 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
     """
     B, L, C = xBC.shape
     H, P, N = ssm_state.shape[1:]
-    K = conv_weight.shape[-1]
     G = (C - H * P) // (2 * N)
-    w = conv_weight.reshape(C, K).float()
     raw = torch.cat([conv_state, xBC], dim=1)                                  # [B, K-1+L, C]
-    cat = raw.float()
-    conv = sum(cat[:, k:k + L] * w[:, k] for k in range(K))
-    if conv_bias is not None:
-        conv = conv + conv_bias.float()
-    act = torch.nn.functional.silu(conv).to(xBC.dtype).float()
-    x, Bm, Cm = act.split([H * P, G * N, G * N], dim=-1)
-    x = x.reshape(B, L, H, P)
-    Bm = Bm.reshape(B, L, G, N).repeat_interleave(H // G, dim=2)              # [B, L, H, N]
-    Cm = Cm.reshape(B, L, G, N).repeat_interleave(H // G, dim=2)
-    dt = torch.nn.functional.softplus(dt.float() + dt_bias.float()).clamp(dt_min, dt_max)   # [B, L, H]
-    A = -torch.exp(A_log.float())
+    x, Bm, Cm, dt, A = mamba_scan_inputs(raw, dt, conv_weight, conv_bias, dt_bias, A_log, H, P, N, dt_min, dt_max)
     lens = (torch.full((B,), L, dtype=torch.long, device=xBC.device) if seq_lens is None
             else seq_lens.long().clamp(0, L))
+    Bm = Bm.repeat_interleave(H // G, dim=2)                                   # [B, L, H, N]
+    Cm = Cm.repeat_interleave(H // G, dim=2)
     S = ssm_state.float().clone()
     ys = []
     for t in range(L):
@@ -106,13 +96,45 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
         y = (S * Cm[:, t, :, None, :]).sum(-1) + D.float()[:, None] * x[:, t]   # [B, H, P]
         ys.append(torch.where(live[..., 0], y, torch.zeros_like(y)))
     y = (torch.stack(ys, dim=1) if ys else x.new_zeros(B, 0, H, P)).reshape(B, L, H * P).to(xBC.dtype)
-    idx = lens.view(B, 1) + torch.arange(K - 1, device=xBC.device)              # [B, K-1]
-    new_conv = torch.gather(raw, 1, idx[..., None].expand(B, K - 1, C))
     if conv_state_out is not None:
-        conv_state_out.copy_(new_conv)
+        conv_state_out.copy_(mamba_final_conv_state(conv_state, xBC, lens))
     if ssm_state_out is not None:
         ssm_state_out.copy_(S)
     return y
+
+
+def mamba_scan_inputs(raw, dt, conv_weight, conv_bias, dt_bias, A_log, H, P, N, dt_min=0.0, dt_max=float("inf")):
+    """The scan's work before the recurrence, shared by the token loop above and the chunked (SSD) prefill
+    (models/ssd.py). raw = [conv_state | xBC] [B,K-1+L,C]: depthwise conv + bias, SiLU, rounded to raw's
+    dtype, split into x [B,L,H,P] and B, C [B,L,G,N] (fp32); dt = clamp(softplus(dt + dt_bias), dt_min,
+    dt_max) [B,L,H] and A = -exp(A_log) [H] in fp32. The conv accumulates in place into its output."""
+    C, K = raw.shape[2], conv_weight.shape[-1]
+    B, L = raw.shape[0], raw.shape[1] - (K - 1)
+    G = (C - H * P) // (2 * N)
+    w = conv_weight.reshape(C, K).float().t().contiguous()                     # [K, C]: each tap a dense row
+    cat = raw.float()
+    conv = cat[:, :L] * w[0]
+    for k in range(1, K):
+        conv.addcmul_(cat[:, k:k + L], w[k])
+    if conv_bias is not None:
+        conv += conv_bias.float()
+    act = torch.nn.functional.silu(conv, inplace=True).to(raw.dtype).float()
+    x, Bm, Cm = act.split([H * P, G * N, G * N], dim=-1)
+    dt = torch.nn.functional.softplus(dt.float() + dt_bias.float()).clamp(dt_min, dt_max)   # [B, L, H]
+    return x.reshape(B, L, H, P), Bm.reshape(B, L, G, N), Cm.reshape(B, L, G, N), dt, -torch.exp(A_log.float())
+
+
+def mamba_final_conv_state(conv_state, xBC, lens):
+    """The conv state after each row's lens[b] tokens: the last K-1 rows of [conv_state | xBC[b, :lens[b]]],
+    gathered from the two parts (no concatenation of the whole block)."""
+    B, hist, C = conv_state.shape
+    L = xBC.shape[1]
+    pos = lens.view(B, 1) + torch.arange(hist, device=xBC.device)               # [B, K-1] in [conv_state | xBC]
+    from_state = torch.gather(conv_state, 1, pos.clamp(max=hist - 1)[..., None].expand(B, hist, C))
+    if L == 0:
+        return from_state
+    from_x = torch.gather(xBC, 1, (pos - hist).clamp(0, L - 1)[..., None].expand(B, hist, C))
+    return torch.where((pos < hist)[..., None], from_state, from_x)
 
 
 # ----------------------------------------------------------------------------------------------------

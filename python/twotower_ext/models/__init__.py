@@ -32,7 +32,9 @@ Denoiser tower (reads the cache, never writes it)
 
 Numerics follow NVIDIA's reference code (modeling_nemotron_h.py / modeling_nemotron_twotower.py); see
 layers.py. Prefill and extension use the same seeded scan op as the denoiser (`ops.mamba_block_scan`),
-an fp32 token-by-token recurrence, with per-row lengths for ragged prompts.
+an fp32 token-by-token recurrence, with per-row lengths for ragged prompts; a pass of at least
+`model.prefill_chunked_min_len` tokens (long prompts) runs the same recurrence in chunked SSD form instead
+(ssd.py: batched matmuls, fp32 state, equal up to fp32 rounding).
 """
 from .cache import ContextCache
 from .config import ConfigError, NemotronHConfig

@@ -5,12 +5,14 @@ the grouped z-gated RMSNorm, relu^2 MLPs, the fp64 sigmoid router, adaLN-single 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from .config import NemotronHConfig
+from .ssd import mamba_chunked_scan
 from .weights import T_FREQ_DIM, MambaWeights, MLPWeights, MoEWeights, TimeWeights
 
 
@@ -39,14 +41,17 @@ def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
 
 
 def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_state: torch.Tensor,
-                ssm_state: torch.Tensor, seq_lens: torch.Tensor | None = None, write_state: bool = False):
+                ssm_state: torch.Tensor, seq_lens: torch.Tensor | None = None, write_state: bool = False,
+                chunk_size: int | None = None):
     """Mamba-2 mixer over h [B, L, hidden] seeded from conv_state [B, K-1, conv_dim] and ssm_state
-    [B, H, P, N] (fp32); with write_state the final states are written back into those tensors."""
+    [B, H, P, N] (fp32); with write_state the final states are written back into those tensors. The scan
+    is the seeded op (token by token), or with chunk_size the chunked SSD form (ssd.py: batched matmuls,
+    faster for long passes; equal up to fp32 rounding)."""
     z, xbc, dt = F.linear(h, w.in_proj).split([cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads], dim=-1)
     lo, hi = cfg.time_step_limit
     outs = (conv_state, ssm_state) if write_state else (None, None)
-    y = ops.mamba_block_scan(xbc, dt, conv_state, ssm_state, w.conv_w, w.conv_b, w.dt_bias, w.A_log, w.D,
-                             seq_lens, lo, hi, *outs)
+    scan = ops.mamba_block_scan if chunk_size is None else partial(mamba_chunked_scan, chunk_size=chunk_size)
+    y = scan(xbc, dt, conv_state, ssm_state, w.conv_w, w.conv_b, w.dt_bias, w.A_log, w.D, seq_lens, lo, hi, *outs)
     y = gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon)
     return F.linear(y, w.out_proj)
 

@@ -13,6 +13,14 @@ from .config import NemotronHConfig
 from .layers import mamba_mixer, mlp, modulate, moe, rms_norm, time_modulation
 from .weights import TwoTowerWeights, load_weights
 
+# Default of TwoTowerModel.prefill_chunked_min_len. At the real Mamba shapes on one CPU thread the chunked
+# scan already beats the token loop from ~64 tokens (about 2x at 256, 2-3x at 2048; `python -m bench
+# prefill`), but it runs ~50 smaller ops per pass where the op runs one, so with several threads on a busy
+# machine the barriers can eat that margin on short passes; 256 keeps short prompts, blocks and AR steps on
+# the exact op and sends the long prompts, where the loop's cost grows, to the chunked form. It is above
+# every parity prompt (<= 40 tokens), so the golden tests keep the exact sequential path.
+PREFILL_CHUNKED_MIN_LEN = 256
+
 
 def _as_token_rows(tokens, device) -> list[torch.Tensor]:
     """A 2-D tensor or a sequence of 1-D token sequences -> list of 1-D int64 tensors on device."""
@@ -37,6 +45,11 @@ class TwoTowerModel:
         self.config, self.weights, self.dtype = config, weights, dtype
         self.ctx_device, self.den_device = torch.device(ctx_device), torch.device(den_device)
         self.res_dtype = torch.float32 if config.residual_in_fp32 else dtype
+        # Context passes of at least this many tokens (long prompts) run the Mamba recurrence in chunked
+        # SSD form (ssd.py: batched matmuls over chunks of prefill_chunk_size tokens); shorter ones (the
+        # parity prompts, 16-token blocks, AR steps) the exact token-by-token scan op. See PREFILL_CHUNKED_MIN_LEN.
+        self.prefill_chunked_min_len = PREFILL_CHUNKED_MIN_LEN
+        self.prefill_chunk_size = config.chunk_size
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
@@ -129,13 +142,14 @@ class TwoTowerModel:
         seq_lens = None if min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
         k_len = max(b + L for b in before)
         eps = cfg.layer_norm_epsilon
+        chunk = self.prefill_chunk_size if L >= self.prefill_chunked_min_len else None
         x = F.embedding(ids, w.embeddings)
         for i, layer in enumerate(w.layers):
             res = x.to(self.res_dtype)
             h = rms_norm(x.to(layer.norm.dtype), layer.norm, eps)
             if layer.kind == "mamba":
                 conv, ssm = r.take(st.conv[i]), r.take(st.ssm[i])
-                out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True)
+                out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True, chunk_size=chunk)
                 r.put(st.conv[i], conv)
                 r.put(st.ssm[i], ssm)
             elif layer.kind == "attention":
