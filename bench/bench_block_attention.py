@@ -75,8 +75,13 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
 
     gen = torch.Generator().manual_seed(0)
-    cases = [[4096], [32768], [4096] * 4, [32768, 4096, 1024, 0]] if not quick else [[4096]]
-    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16, torch.float16)
+    if quick:
+        cases = [[4096]]
+    elif device == "cuda":  # the sweep that matters on a GPU: B {1,4,16} x ctx {1K,4K,32K,128K}, plus ragged
+        cases = [[n] * b for b in (1, 4, 16) for n in (1024, 4096, 32768, 131072)] + [[32768, 4096, 1024, 0]]
+    else:
+        cases = [[4096], [32768], [4096] * 4, [32768, 4096, 1024, 0]]
+    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
     n_buf = 4 if device == "cuda" else 1  # rotate inputs on the GPU so L2 is cold
     fa = _flash_attn() if device == "cuda" else None
     peak = _peak_tflops(device)
