@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import harness
-from .bench_mamba_scan import G, H, K, N, P, make
+from .bench_mamba_scan import G, H, N, P, make
 
 COLUMNS = ["device", "dtype", "B", "L", "chunk", "threads", "chunked_ms", "p10-p90_us", "GFLOP", "GFLOP/s",
            "%fp32_mm", "op_ms", "speedup"]

@@ -82,13 +82,17 @@ def random_weights(cfg: NemotronHConfig, seed: int = 0, dtype=torch.float32) -> 
     return out
 
 
-def write_checkpoint(path: str, config: dict, tensors: dict[str, torch.Tensor]) -> str:
-    """Write config.json (NVIDIA's keys; `Infinity` as NVIDIA writes it) and model.safetensors."""
+def write_checkpoint(path: str, config: dict, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
+    """Write model.safetensors (atomically: a crash never leaves a half file) and config.json (NVIDIA's
+    keys; `Infinity` as NVIDIA writes it) into the directory `path`."""
     os.makedirs(path, exist_ok=True)
     NemotronHConfig.from_dict(config)  # validate before writing
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(tensors, tmp, {"format": "pt", **(metadata or {})})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)  # json writes math.inf as Infinity, like NVIDIA's file
-    save_file(tensors, os.path.join(path, "model.safetensors"), {"format": "pt"})
+        f.write("\n")
     return path
 
 

@@ -15,7 +15,6 @@ with non-differentiable ops or sequentially is written here:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import fields, is_dataclass
@@ -25,8 +24,9 @@ import torch.nn.functional as F
 
 from ..models.config import NemotronHConfig
 from ..models.layers import gated_rms_norm, mlp, modulate, moe, rms_norm, route, time_modulation
-from ..models.safetensors_io import SafetensorsFile, save_file
-from ..models.weights import (AttentionWeights, MambaWeights, MLPWeights, MoEWeights, TwoTowerWeights,
+from ..models.random_init import write_checkpoint
+from ..models.safetensors_io import SafetensorsFile
+from ..models.weights import (AttentionWeights, MambaWeights, MoEWeights, TwoTowerWeights,
                               build_weights, checkpoint_index, check_checkpoint, expected_tensors)
 
 # config.json keys NVIDIA's checkpoints carry beyond NemotronHConfig's fields (values as theirs)
@@ -196,18 +196,12 @@ class TrainModel:
              tokenizer: str | None = None) -> None:
         """Write config.json + model.safetensors (NVIDIA's names) [+ tokenizer.json] into out_dir.
         Mamba A_log / D / dt_bias and the router stay fp32 whatever `dtype` (as NVIDIA ships them)."""
-        os.makedirs(out_dir, exist_ok=True)
         keep32 = (".A_log", ".D", ".dt_bias", ".gate.weight", ".gate.e_score_correction_bias")
         tensors = {k: (v if k.endswith(keep32) else v.to(dtype)).contiguous().clone()
                    for k, v in self.named_tensors().items()}
         cfg = config_dict(self.cfg)
         cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-        tmp = os.path.join(out_dir, "model.safetensors.tmp")
-        save_file(tensors, tmp, {"format": "pt", **(metadata or {})})
-        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)   # json writes inf as Infinity, as NVIDIA's file has it
-            f.write("\n")
+        write_checkpoint(out_dir, cfg, tensors, metadata)
         if tokenizer is not None:
             with open(tokenizer) as src, open(os.path.join(out_dir, "tokenizer.json"), "w") as dst:
                 dst.write(src.read())
