@@ -474,7 +474,7 @@ std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k
   const int num_sms = tt::block_attention_cuda_num_sms(q.device().index());
   const auto path = attn_cuda_path(p, q.device().index());
   auto cplan = tt::block_attention_cuda_plan(p.batch, p.num_kv_heads, p.ctx_capacity + p.block_len, num_sms,
-                                             tt::block_attention_cuda_tile_keys(path, p.head_dim));
+                                             tt::block_attention_cuda_tile_keys(path, p.head_dim), tt::ba_rows(p));
   cplan.path = path;
   const int64_t slots = p.batch * p.num_kv_heads * cplan.num_splits, M = tt::ba_rows(p);
   auto part_o = at::empty({slots, M, p.head_dim}, q.options().dtype(at::kFloat));

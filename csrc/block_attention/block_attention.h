@@ -97,9 +97,12 @@ struct BlockAttentionCudaPlan {
 };
 
 // Pure function of plan-time quantities: enough CTAs for ~2 waves, splits of at least `min_split_keys`.
+// Each split writes a partial [rows, D] fp32 state while reading split_keys x D of K and V: splits of at
+// least 4 * rows keys keep that write traffic under ~1/4 of the K/V read (rows = S x GQA group, 256 at the
+// model's shapes, where short splits would write about as much as they read).
 inline BlockAttentionCudaPlan block_attention_cuda_plan(int64_t batch, int64_t num_kv_heads, int64_t max_keys,
-                                                        int64_t num_sms, int64_t tile_keys) {
-  const int64_t min_split_keys = 4 * tile_keys;
+                                                        int64_t num_sms, int64_t tile_keys, int64_t rows) {
+  const int64_t min_split_keys = ba_ceil_div(4 * (rows > tile_keys ? rows : tile_keys), tile_keys) * tile_keys;
   const int64_t ctas = batch * num_kv_heads > 0 ? batch * num_kv_heads : 1;
   int64_t splits = ba_ceil_div(2 * (num_sms > 0 ? num_sms : 1), ctas);
   const int64_t max_splits = ba_ceil_div(max_keys > 0 ? max_keys : 1, min_split_keys);
