@@ -65,6 +65,7 @@ def _cmd_generate(a) -> int:
 
 def _cmd_info(a) -> int:
     from .models import NemotronHConfig
+    from .models.cache import cache_row_bytes
 
     path = a.model or _default_model()
     cfg = NemotronHConfig.from_json(path)
@@ -79,9 +80,7 @@ def _cmd_info(a) -> int:
     params = _param_counts(path)
     rows += [(f"parameters: {k}", f"{v / 1e6:.2f} M") for k, v in params.items()]
     for dtype, elt in (("bf16", 2), ("fp32", 4)):
-        kv = kinds.count("attention") * 2 * cfg.num_key_value_heads * cfg.head_dim * elt
-        mamba = kinds.count("mamba") * ((cfg.conv_kernel - 1) * cfg.conv_dim * elt
-                                        + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4)
+        kv, mamba = cache_row_bytes(cfg, elt)
         rows.append((f"cache per row ({dtype})", f"{kv / 1024:.2f} KiB/token KV + {mamba / 2**20:.2f} MiB Mamba state"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

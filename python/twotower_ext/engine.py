@@ -178,12 +178,10 @@ class Engine:
 
     def cache_bytes(self, rows: int, capacity: int, snapshot: bool = False) -> int:
         """Bytes of a context cache: KV of every attention layer, conv + fp32 SSM state of every Mamba layer."""
-        c, elt = self.cfg, torch.finfo(self.model.dtype).bits // 8
-        kinds = c.layer_kinds
-        kv = kinds.count("attention") * 2 * capacity * c.num_key_value_heads * c.head_dim * elt
-        mamba = kinds.count("mamba") * ((c.conv_kernel - 1) * c.conv_dim * elt
-                                        + c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size * 4)
-        return rows * (kv + mamba * (2 if snapshot else 1))
+        from .models.cache import cache_row_bytes
+
+        kv, state = cache_row_bytes(self.cfg, torch.finfo(self.model.dtype).bits // 8)
+        return rows * (kv * capacity + state * (2 if snapshot else 1))
 
     def _new_cache(self, rows: int, capacity: int, snapshot: bool = False):
         """The context cache, allocated whole up front so a request that cannot fit fails before any work.

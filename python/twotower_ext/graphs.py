@@ -67,12 +67,12 @@ class GraphStepper:
             return None
 
     def _get(self, cache, n: int, unrolled: bool) -> _Captured | None:
-        key = (n, unrolled, id(cache))
+        # One stepper serves one cache: the engine makes a new stepper whenever it allocates a new cache.
+        key = (n, unrolled)
         if key not in self.graphs and not self.failed:
             captured = self._capture(cache, n, unrolled)
             if captured is None:
                 return None
-            self.graphs = {k: v for k, v in self.graphs.items() if k[2] == id(cache)}  # drop old caches' graphs
             self.graphs[key] = captured
         return self.graphs.get(key)
 

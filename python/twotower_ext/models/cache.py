@@ -18,6 +18,16 @@ import torch
 from .config import NemotronHConfig
 
 
+def cache_row_bytes(cfg: NemotronHConfig, elt: int) -> tuple[int, int]:
+    """(KV bytes per token, Mamba conv + fp32 SSM state bytes) of one cache row whose K/V and conv state are
+    stored with `elt` bytes per element; the layout of CacheStore below."""
+    kinds = cfg.layer_kinds
+    kv = kinds.count("attention") * 2 * cfg.num_key_value_heads * cfg.head_dim * elt
+    state = kinds.count("mamba") * ((cfg.conv_kernel - 1) * cfg.conv_dim * elt
+                                    + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4)
+    return kv, state
+
+
 class Rows:
     """A normalised selection of cache rows: `sl` (a slice, when contiguous) or an index on demand."""
 
