@@ -446,15 +446,17 @@ std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_
 }
 
 #ifdef TWOTOWER_WITH_CUDA
-// The CUDA kernel path: the fastest one these inputs allow, or the one TWOTOWER_ATTN_PATH=simt|mma forces
-// (tests use it to cover each path; a forced path that cannot run the inputs is an error, not a fallback).
+// The CUDA kernel path: the fastest one these inputs allow, or the one TWOTOWER_ATTN_PATH=simt|mma|wgmma
+// forces (tests use it to cover each path; a forced path that cannot run the inputs is an error, not a fallback).
 tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int device) {
   const char* env = std::getenv("TWOTOWER_ATTN_PATH");
   if (env == nullptr || *env == '\0') return tt::block_attention_cuda_default_path(p, device);
   const std::string name(env);
-  TORCH_CHECK_VALUE(name == "simt" || name == "mma", "twotower: TWOTOWER_ATTN_PATH must be simt or mma, got '",
-                    name, "'");
-  const auto path = name == "simt" ? tt::BlockAttentionCudaPath::kSimt : tt::BlockAttentionCudaPath::kMma;
+  TORCH_CHECK_VALUE(name == "simt" || name == "mma" || name == "wgmma",
+                    "twotower: TWOTOWER_ATTN_PATH must be simt, mma or wgmma, got '", name, "'");
+  const auto path = name == "simt"  ? tt::BlockAttentionCudaPath::kSimt
+                    : name == "mma" ? tt::BlockAttentionCudaPath::kMma
+                                    : tt::BlockAttentionCudaPath::kWgmma;
   TORCH_CHECK(tt::block_attention_cuda_path_supported(p, path, device), "twotower: TWOTOWER_ATTN_PATH=", name,
               " cannot run these inputs: ", tt::block_attention_cuda_path_requirements(path));
   return path;

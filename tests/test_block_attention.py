@@ -178,10 +178,19 @@ def test_cuda_device_mix_and_head_dim_are_refused():
         torch.ops.twotower.block_attention(*odd)
 
 
-# CUDA kernel paths, forced through TWOTOWER_ATTN_PATH: the SIMT baseline and the sm_80+ tensor-core kernel
-# (mma.sync; bf16/fp16 only, the default for them on sm_80+).
-CUDA_PATHS = ["simt", "mma"]
+# CUDA kernel paths, forced through TWOTOWER_ATTN_PATH: the SIMT baseline, the sm_80+ tensor-core kernel
+# (mma.sync; bf16/fp16) and the sm_90a TMA + wgmma kernel (bf16/fp16, head_dim 128, Hopper only; the default
+# there, mma the default on other sm_80+ devices).
+CUDA_PATHS = ["simt", "mma", "wgmma"]
 LOWP = [torch.bfloat16, torch.float16]
+
+
+def force_path(monkeypatch, path, D):
+    """TWOTOWER_ATTN_PATH=path for the test; the wgmma path is skipped where it cannot run (head_dim != 128 or
+    not an sm_90 device: forcing it there is the refusal test_cuda_path_choice_and_refusals checks)."""
+    if path == "wgmma" and (D != 128 or torch.cuda.get_device_capability() != (9, 0)):
+        pytest.skip("the wgmma path runs head_dim 128 on sm_90 devices only")
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
 
 
 @pytest.mark.cuda
@@ -193,7 +202,7 @@ LOWP = [torch.bfloat16, torch.float16]
 def test_cuda_path_matches_fp64_oracle(path, dtype, Hq, Hkv, D, S, gen, monkeypatch):
     """Every path on a ragged batch: ctx_len 0, 1, 17 (a partial first tile), 799 and odd tails; packed rows
     M = S * Hq / Hkv from 1 to 256 (one or several row blocks, idle warps in the tensor-core kernel)."""
-    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    force_path(monkeypatch, path, D)
     args = make_inputs(gen, 6, S, Hq, Hkv, D, [0, 1, 17, 799, 63, 130], dtype, "cuda")
     out, lse = tt.block_attention(*args)
     check_against_oracle(args, out, lse)
@@ -209,7 +218,7 @@ def test_cuda_path_matches_fp64_oracle(path, dtype, Hq, Hkv, D, S, gen, monkeypa
     (40, 4, 2, 128, [2001, 15]),           # S > 16: block keys straddle tiles, M = 80 (partial second row block)
 ])
 def test_cuda_path_long_context(path, dtype, S, Hq, Hkv, D, lens, gen, monkeypatch):
-    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    force_path(monkeypatch, path, D)
     args = make_inputs(gen, len(lens), S, Hq, Hkv, D, lens, dtype, "cuda")
     out, lse = tt.block_attention(*args)
     check_against_oracle(args, out, lse)
@@ -220,7 +229,7 @@ def test_cuda_path_long_context(path, dtype, S, Hq, Hkv, D, lens, gen, monkeypat
 def test_cuda_path_ignores_nan_past_ctx_len(path, gen, monkeypatch):
     """Keys past a row's ctx_len come from the block tensor (or are zero-filled past the split's end), so cache
     rows there (NaN here) never reach the result."""
-    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    force_path(monkeypatch, path, 128)
     args = list(make_inputs(gen, 3, 16, 8, 2, 128, [70, 0, 129], torch.bfloat16, "cuda", extra_cap=100))
     out, lse = tt.block_attention(*args)
     for b, n in enumerate([70, 0, 129]):
@@ -248,8 +257,12 @@ def test_cuda_path_choice_and_refusals(gen, monkeypatch):
     fp32 = make_inputs(gen, 1, 4, 4, 2, 64, [9], torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="TWOTOWER_ATTN_PATH=mma cannot run these inputs"):
         tt.block_attention(*fp32)
+    monkeypatch.setenv("TWOTOWER_ATTN_PATH", "wgmma")  # head_dim 64: never the wgmma path, on any device
+    d64 = make_inputs(gen, 1, 4, 4, 2, 64, [9], torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="TWOTOWER_ATTN_PATH=wgmma cannot run these inputs: wgmma needs"):
+        tt.block_attention(*d64)
     monkeypatch.setenv("TWOTOWER_ATTN_PATH", "tensorcore")
-    with pytest.raises(ValueError, match="TWOTOWER_ATTN_PATH must be simt or mma"):
+    with pytest.raises(ValueError, match="TWOTOWER_ATTN_PATH must be simt, mma or wgmma"):
         tt.block_attention(*fp32)
 
 
@@ -257,7 +270,7 @@ def test_cuda_path_choice_and_refusals(gen, monkeypatch):
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_cuda_graph_replay_with_new_ctx_lens(path, gen, monkeypatch):
     """Captured once, replayed with different ctx_lens on the device: the split plan does not depend on them."""
-    monkeypatch.setenv("TWOTOWER_ATTN_PATH", path)
+    force_path(monkeypatch, path, 128)
     args = make_inputs(gen, 3, 16, 32, 2, 128, [3000, 20, 0], torch.bfloat16, "cuda", extra_cap=1000)
     ctx_lens = args[5]
     tt.block_attention(*args)  # warm-up outside capture

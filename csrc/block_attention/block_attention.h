@@ -86,9 +86,10 @@ Status block_attention_cpu_merge(const BlockAttentionParams& p, const BlockAtten
 
 TT_HOST_DEVICE int64_t ba_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Kernel paths for the split pass: the SIMT baseline (every dtype) and the sm_80+ tensor-core path
-// (mma.sync, bf16/fp16; also what sm_90 runs until an sm_90a TMA + wgmma path exists). The merge is shared.
-enum class BlockAttentionCudaPath : int32_t { kSimt = 0, kMma = 1 };
+// Kernel paths for the split pass: the SIMT baseline (every dtype), the sm_80+ tensor-core path (mma.sync,
+// bf16/fp16, head dims 64/128) and the sm_90a path (TMA + wgmma, warp-specialised, bf16/fp16, head dim 128).
+// The merge is shared.
+enum class BlockAttentionCudaPath : int32_t { kSimt = 0, kMma = 1, kWgmma = 2 };
 
 struct BlockAttentionCudaPlan {
   int64_t num_splits;   // per (b, kv head)
@@ -125,7 +126,7 @@ bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAtt
 // What `path` needs, for error messages.
 const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path);
 
-// The fastest supported path (mma, else the SIMT kernel, which takes everything).
+// The fastest supported path (wgmma, else mma, else the SIMT kernel, which takes everything).
 BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device);
 
 // Multiprocessor count of a CUDA device (cached), for the plan.

@@ -3,8 +3,8 @@
 // tile in shared memory) and one split of the row's key sequence [context | block]; it writes a
 // normalised partial state, and a second kernel merges the splits with the merge_states math.
 // This file holds the SIMT split kernel (fp32 math, every dtype, head dims 64/128: the fallback), the merge
-// kernel every path shares, and the path choice; the tensor-core split kernel (mma.sync, sm_80+, bf16/fp16)
-// is in block_attention_mma_sm80.cu.
+// kernel every path shares, and the path choice; the tensor-core split kernels are in
+// block_attention_mma_sm80.cu (mma.sync, sm_80+) and block_attention_wgmma_sm90.cu (TMA + wgmma, sm_90a).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -176,6 +176,7 @@ Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
                                : Status::kUnsupportedShape;
       break;
     case BlockAttentionCudaPath::kMma: st = block_attention_mma_split(p, plan, stream); break;
+    case BlockAttentionCudaPath::kWgmma: st = block_attention_wgmma_split(p, plan, stream); break;
   }
   if (st != Status::kOk) return st;
   const int64_t rows = p.batch * p.num_kv_heads * ba_rows(p);
@@ -208,12 +209,12 @@ bool aligned(const void* ptr, int64_t elem_bytes, int64_t align, std::initialize
   return true;
 }
 
-// The tensor-core path loads K/V rows with 16-byte copies (cp.async) and Q with 4-byte loads; head dims
-// 64/128 keep every row a whole number of 16-byte chunks.
-bool tensor_core_inputs(const BlockAttentionParams& p) {
+// The tensor-core paths load K/V rows with 16-byte copies (cp.async, TMA) and Q with 4-byte (mma) or
+// 16-byte (wgmma) loads; head dims 64/128 keep every row a whole number of 16-byte chunks.
+bool tensor_core_inputs(const BlockAttentionParams& p, int64_t q_align) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
-  return aligned(p.q, 2, 4, {p.q_stride_b, p.q_stride_s, p.q_stride_h}) &&
+  return aligned(p.q, 2, q_align, {p.q_stride_b, p.q_stride_s, p.q_stride_h}) &&
          aligned(p.k_blk, 2, 16, {p.kb_stride_b, p.kb_stride_s, p.kb_stride_h}) &&
          aligned(p.v_blk, 2, 16, {p.vb_stride_b, p.vb_stride_s, p.vb_stride_h}) &&
          aligned(p.k_ctx, 2, 16, {p.kc_stride_b, p.kc_stride_l, p.kc_stride_h}) &&
@@ -223,14 +224,22 @@ bool tensor_core_inputs(const BlockAttentionParams& p) {
 }  // namespace
 
 int64_t block_attention_cuda_tile_keys(BlockAttentionCudaPath path, int64_t) {
-  return path == BlockAttentionCudaPath::kSimt ? kTile : 64;
+  switch (path) {
+    case BlockAttentionCudaPath::kSimt: return kTile;
+    case BlockAttentionCudaPath::kMma: return 64;
+    case BlockAttentionCudaPath::kWgmma: return block_attention_wgmma_tile_keys();
+  }
+  return kTile;
 }
 
 bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAttentionCudaPath path, int device) {
   if (!block_attention_cuda_supports(p.head_dim)) return false;
   switch (path) {
     case BlockAttentionCudaPath::kSimt: return true;
-    case BlockAttentionCudaPath::kMma: return tensor_core_inputs(p) && compute_capability(device) >= 80;
+    case BlockAttentionCudaPath::kMma: return tensor_core_inputs(p, 4) && compute_capability(device) >= 80;
+    // wgmma / setmaxnreg exist only on sm_90a (compute capability 9.0 exactly).
+    case BlockAttentionCudaPath::kWgmma:
+      return p.head_dim == 128 && tensor_core_inputs(p, 16) && compute_capability(device) == 90;
   }
   return false;
 }
@@ -241,13 +250,17 @@ const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path) 
     case BlockAttentionCudaPath::kMma:
       return "mma needs bfloat16/float16 inputs, head_dim 64 or 128, 16-byte aligned k/v pointers and strides "
              "(4-byte for q) and an sm_80+ device";
+    case BlockAttentionCudaPath::kWgmma:
+      return "wgmma needs bfloat16/float16 inputs, head_dim 128, 16-byte aligned q/k/v pointers and strides and "
+             "an sm_90 (Hopper) device";
   }
   return "unknown path";
 }
 
 BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device) {
-  return block_attention_cuda_path_supported(p, BlockAttentionCudaPath::kMma, device) ? BlockAttentionCudaPath::kMma
-                                                                                      : BlockAttentionCudaPath::kSimt;
+  for (const auto path : {BlockAttentionCudaPath::kWgmma, BlockAttentionCudaPath::kMma})
+    if (block_attention_cuda_path_supported(p, path, device)) return path;
+  return BlockAttentionCudaPath::kSimt;
 }
 
 int block_attention_cuda_num_sms(int device) {

@@ -49,4 +49,10 @@ __device__ __forceinline__ void ba_write_empty_split(const BlockAttentionParams&
 Status block_attention_mma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
                                  cudaStream_t stream);
 
+// Split pass of the sm_90a TMA + wgmma path (head dim 128). A context cache a TMA tensor map cannot describe
+// goes to block_attention_mma_split (its plan fits: the wgmma tile is a multiple of the mma tile).
+Status block_attention_wgmma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
+                                   cudaStream_t stream);
+int64_t block_attention_wgmma_tile_keys();
+
 }  // namespace tt

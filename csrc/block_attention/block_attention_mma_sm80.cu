@@ -18,6 +18,7 @@
 
 #include "block_attention/block_attention.h"
 #include "block_attention/block_attention_cuda.cuh"
+#include "block_attention/block_attention_ptx.cuh"
 
 namespace tt {
 namespace {
@@ -26,21 +27,6 @@ constexpr int kTileN = 64;  // keys per tile
 // Shared-memory rows are padded by 16 bytes so the 8 rows one ldmatrix phase reads start in 8 different
 // 4-bank groups (row pitch = 16 mod 128 bytes): conflict-free without a swizzle.
 constexpr int kPad = 8;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; with valid == false nothing is read and the destination is zero-filled.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -71,20 +57,6 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one register of the 16-bit type, `lo` in the low half (the lower column of a fragment).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 template <int D>
@@ -304,19 +276,8 @@ Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
   const int64_t M = ba_rows(p), row_blocks = (M + kRows - 1) / kRows;
   if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
     return Status::kUnsupportedShape;
-  auto kernel = mma_split_kernel<T, D, kWarps>;
-  // Over 48 KiB of dynamic shared memory needs an opt-in, once per device (so normally before any graph
-  // capture: the first call on a device is an eager one).
-  if constexpr (kSmem > 48 * 1024) {
-    static bool opted_in[64] = {};
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return Status::kLaunchFailed;
-    if (!opted_in[device]) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
-        return Status::kLaunchFailed;
-      opted_in[device] = true;
-    }
-  }
+  constexpr auto kernel = mma_split_kernel<T, D, kWarps>;
+  if (const Status st = ensure_dynamic_smem<kernel>(kSmem); st != Status::kOk) return st;
   const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
   kernel<<<grid, kWarps * 32, kSmem, stream>>>(p, plan.split_keys);
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;

@@ -1,0 +1,391 @@
+// Tensor-core split pass of block attention for sm_90a, head_dim 128, bf16/fp16: TMA + wgmma,
+// warp-specialised in the FlashAttention-3 way. At the model's shapes (S 16 x GQA group 16 = 256 packed rows
+// per KV head) each K/V tile feeds 128 rows per CTA: the pass is tensor-core bound, and Hopper's
+// asynchronous 64-row warpgroup MMAs fed straight from shared memory are where its speed is.
+//
+// CTA = (split, kv head x row block, batch) as every split kernel (block_attention_cuda.cuh).
+// Warpgroup 0 produces: it fills a kStages ring of K/V tiles (kTileN keys x 128 dims, each stored as two
+// 64-dim halves of 128-byte rows, 128-byte swizzle) and hands most of its registers to the consumers
+// (setmaxnreg). A tile wholly inside the row's context comes by TMA (a 4-D tensor map over the strided cache
+// [B, Lmax, Hkv, D]). The tile that reaches the context's end - the last context keys, the block's S keys,
+// zeros past the split - is copied by the producer's threads with cp.async into the same swizzled layout, so
+// cache rows past ctx_lens[b] are never read and no stale NaN can reach P V.
+// Warpgroups 1..kConsumers own 64 packed query rows each: Q lives in shared memory (swizzled, loaded once);
+// per tile S = Q K^T by wgmma m64n128k16 (both operands from shared memory), the online softmax in registers
+// (fp32, log2 units, as the sm_80 kernel), P rounded to the input dtype as the register A operand, and
+// O += P V by wgmma with V read MN-major from the same tile. Full / empty mbarriers per stage order the two.
+#include <cuda.h>          // CUtensorMap and its enums
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cute/arch/config.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "block_attention/block_attention.h"
+#include "block_attention/block_attention_cuda.cuh"
+#include "block_attention/block_attention_ptx.cuh"
+
+namespace tt {
+namespace {
+
+constexpr int kD = 128;                        // head dim of this path
+constexpr int kTileN = 128;                    // keys per tile
+constexpr int kStages = 2;                     // K/V ring depth (2 x 64 KiB)
+constexpr int kRowBytes = 128;                 // one swizzle row: 64 dims of a 16-bit type
+constexpr int kHalfBytes = kTileN * kRowBytes;  // one 64-dim half of a K or V tile (16 KiB)
+constexpr int kStageBytes = 4 * kHalfBytes;     // K halves 0, 1 then V halves 0, 1
+constexpr int kQHalfBytes = 64 * kRowBytes;     // one 64-dim half of a consumer's 64 Q rows (8 KiB)
+
+template <int kConsumers>
+constexpr int smem_bytes() {
+  return 1024 /*alignment slack*/ + kStages * kStageBytes + kConsumers * 2 * kQHalfBytes + 2 * kStages * 8;
+}
+
+// Device code exists only in the sm_90a pass (the sm_80 pass of this file compiles an empty kernel).
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED) && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+#define TT_SM90A_DEVICE 1
+// Byte offset of 16-byte chunk c (0..7) of row r in a 128-byte-swizzled region: what TMA's SWIZZLE_128B
+// writes and wgmma's 128-byte swizzle mode reads (the region 1024-byte aligned).
+__device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4)); }
+
+// wgmma shared-memory descriptor, 128-byte swizzle: start address, leading / stride byte offsets (>> 4).
+// K-major operands (Q, K): SBO = 1024 (8 rows of 128 B), LBO unused. MN-major V: LBO = the distance between
+// the two 64-dim halves, SBO = 1024 (8 keys).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+template <typename T>
+struct Gmma;
+template <>
+struct Gmma<__nv_bfloat16> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__half> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+
+#define TT_ACC64(a)                                                                                              \
+  a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16],   \
+      a[17], a[18], a[19], a[20], a[21], a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29], a[30], a[31],   \
+      a[32], a[33], a[34], a[35], a[36], a[37], a[38], a[39], a[40], a[41], a[42], a[43], a[44], a[45], a[46],   \
+      a[47], a[48], a[49], a[50], a[51], a[52], a[53], a[54], a[55], a[56], a[57], a[58], a[59], a[60], a[61],   \
+      a[62], a[63]
+
+// The compiler sees a wgmma as finishing when its asm statement does; these empty volatile statements pin the
+// accumulator registers between the fence / wait instructions (as CUTLASS's warpgroup_fence_operand).
+__device__ __forceinline__ void fence_regs(float (&r)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+#endif  // TT_SM90A_DEVICE
+
+template <typename T, int kConsumers>
+__global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
+    wgmma_split_kernel(const BlockAttentionParams p, const __grid_constant__ CUtensorMap tm_k,
+                       const __grid_constant__ CUtensorMap tm_v, int64_t split_keys) {
+#ifdef TT_SM90A_DEVICE
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K registers
+  constexpr int kRows = 64 * kConsumers;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+  const int64_t G = ba_group(p), M = ba_rows(p);
+  const BaSplitWork w = ba_split_work(p, kRows, split_keys);
+  if (w.k0 >= w.k1) {
+    ba_write_empty_split(p, w, kRows);
+    return;
+  }
+  const int64_t b = w.b, h = w.h, ctx = w.ctx, k0 = w.k0, k1 = w.k1;
+  const int64_t tiles = (k1 - k0 + kTileN - 1) / kTileN;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* const q_smem = smem + kStages * kStageBytes;
+  uint64_t* const full = reinterpret_cast<uint64_t*>(q_smem + kConsumers * 2 * kQHalfBytes);
+  uint64_t* const empty = full + kStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&full[s], 1);
+      Barrier::init(&empty[s], kConsumers * 128);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128, wtid = threadIdx.x % 128;
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    if constexpr (kConsumers > 1) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (wtid == 0) {
+      cute::prefetch_tma_descriptor(&tm_k);
+      cute::prefetch_tma_descriptor(&tm_v);
+    }
+    const T* const kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
+    const T* const vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
+    const T* const kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
+    const T* const vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+    for (int64_t it = 0; it < tiles; ++it) {
+      const int stage = int(it % kStages);
+      if (it >= kStages) Barrier::wait(&empty[stage], uint32_t((it / kStages - 1) & 1));
+      unsigned char* const ks = smem + stage * kStageBytes;
+      unsigned char* const vs = ks + 2 * kHalfBytes;
+      const int64_t t0 = k0 + it * kTileN;
+      if (t0 + kTileN <= ctx) {
+        if (wtid == 0) {
+          Barrier::arrive_and_expect_tx(&full[stage], kStageBytes);
+          constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+          for (int half = 0; half < 2; ++half) {
+            cute::SM90_TMA_LOAD_4D::copy(&tm_k, &full[stage], kHint, ks + half * kHalfBytes, half * 64, int32_t(h),
+                                         int32_t(t0), int32_t(b));
+            cute::SM90_TMA_LOAD_4D::copy(&tm_v, &full[stage], kHint, vs + half * kHalfBytes, half * 64, int32_t(h),
+                                         int32_t(t0), int32_t(b));
+          }
+        }
+      } else {
+        // The tile reaching the context's end: row j holds key t0 + j of [context | block], zeros at or past k1.
+        cutlass::arch::fence_view_async_shared();  // the consumers' wgmma reads of this stage came first
+        for (int i = wtid; i < kTileN * 16; i += 128) {
+          const int j = i / 16, c = i % 16;  // key row, 16-byte chunk of the 128 dims
+          const int64_t key = t0 + j;
+          const bool valid = key < k1;
+          const T* ksrc = kb;  // any mapped address when !valid: nothing is read
+          const T* vsrc = vb;
+          if (valid && key < ctx) {
+            ksrc = kc + key * p.kc_stride_l + c * 8;
+            vsrc = vc + key * p.vc_stride_l + c * 8;
+          } else if (valid) {
+            ksrc = kb + (key - ctx) * p.kb_stride_s + c * 8;
+            vsrc = vb + (key - ctx) * p.vb_stride_s + c * 8;
+          }
+          const uint32_t off = (c / 8) * kHalfBytes + swz(j, c % 8);
+          cp_async_16(smem_addr(ks + off), ksrc, valid);
+          cp_async_16(smem_addr(vs + off), vsrc, valid);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
+        named_barrier_sync(1, 128);
+        if (wtid == 0) Barrier::arrive(&full[stage]);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  if constexpr (kConsumers > 1) cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  const int cw = wg - 1, warp = wtid / 32, lane = wtid % 32, grp = lane >> 2, tig = lane & 3;
+  const int64_t row_base = w.row0 + cw * 64;  // this warpgroup's first packed row
+  unsigned char* const qs = q_smem + cw * 2 * kQHalfBytes;
+  for (int i = wtid; i < 64 * 16; i += 128) {  // Q rows (zeros past M) into the swizzled K-major layout
+    const int r = i / 16, c = i % 16;
+    const int64_t row = row_base + r;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row < M)
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + b * p.q_stride_b + (row / G) * p.q_stride_s +
+                                          (h * G + row % G) * p.q_stride_h + c * 8);
+    *reinterpret_cast<uint4*>(qs + (c / 8) * kQHalfBytes + swz(r, c % 8)) = v;
+  }
+  cutlass::arch::fence_view_async_shared();
+  named_barrier_sync(2 + cw, 128);
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max of rows grp, grp + 8 of this warp (log2 units)
+  float l[2] = {0.f, 0.f};              // this thread's share of the running sums (quad-reduced at the end)
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t q_addr = smem_addr(qs);
+
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int stage = int(it % kStages);
+    const int64_t t0 = k0 + it * kTileN;
+    const uint32_t k_addr = smem_addr(smem + stage * kStageBytes), v_addr = k_addr + 2 * kHalfBytes;
+    Barrier::wait(&full[stage], uint32_t((it / kStages) & 1));
+
+    // S = Q K^T over the 128 dims: 8 k-steps of 16, 4 per 64-dim half (32 bytes apart inside a swizzle row).
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.f;  // overwritten (scale-out 0 on the first k-step), never read
+    fence_regs(s);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kd = 0; kd < kD / 16; ++kd) {
+      const uint32_t koff = uint32_t(kd % 4) * 32;
+      const uint64_t da = desc_sw128(q_addr + (kd / 4) * kQHalfBytes + koff, 16, 1024);
+      const uint64_t db = desc_sw128(k_addr + (kd / 4) * kHalfBytes + koff, 16, 1024);
+      Gmma<T>::SS::fma(da, db, TT_ACC64(s),
+                       kd == 0 ? cute::SM90::GMMA::ScaleOut::Zero : cute::SM90::GMMA::ScaleOut::One);
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+
+    // Online softmax. Accumulator element 4j + e is row grp + 8 (e >> 1), key 8j + 2 tig + (e & 1) of the tile;
+    // keys at or past k1 are masked (only a tile reaching the row's end has them; its key 0 is always valid).
+    const int64_t valid = k1 - t0;
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int col = (i / 4) * 8 + 2 * tig + (i & 1);
+      s[i] = col < valid ? s[i] * scale_log2 : -INFINITY;
+      mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row's columns
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
+      m[r] = mx[r];
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      s[i] = exp2f(s[i] - mx[(i >> 1) & 1]);  // masked: exp2(-inf) = 0
+      l[(i >> 1) & 1] += s[i];
+      o[i] *= alpha[(i >> 1) & 1];
+    }
+    // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
+    uint32_t pa[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+
+    // O += P V: V's 16 keys of step kk are 16 rows of 128 bytes (2048 bytes) further; its 2 halves LBO apart.
+    fence_regs(o);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      const uint64_t dv = desc_sw128(v_addr + uint32_t(kk) * 16 * kRowBytes, kHalfBytes, 1024);
+      Gmma<T>::RS::fma(pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], dv, TT_ACC64(o),
+                       cute::SM90::GMMA::ScaleOut::One);
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(o);
+    Barrier::arrive(&empty[stage]);  // this thread is done reading the stage
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row_base + warp * 16 + grp + 8 * r;
+    if (row >= M) continue;
+    const float inv = 1.f / l[r];  // l >= 1: the row max contributes exp2(0)
+    float* const dst = p.part_o + (w.slot * M + row) * kD;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      *reinterpret_cast<float2*>(dst + j * 8 + 2 * tig) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    if (tig == 0) p.part_lse[w.slot * M + row] = (m[r] + log2f(l[r])) * kLn2;
+  }
+#endif
+}
+
+#ifdef TT_SM90A_DEVICE
+#undef TT_ACC64
+#undef TT_SM90A_DEVICE
+#endif
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
+#endif
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A 4-D map over a context cache [B, L, H, 128] (element strides sb, sl, sh): boxes of 64 dims x 1 head x
+// kTileN keys x 1 row, 128-byte swizzle. Size-1 dims get a harmless stride (torch leaves theirs arbitrary).
+bool encode_kv_map(CUtensorMap& map, const void* base, DType dtype, int64_t B, int64_t L, int64_t H, int64_t sb,
+                   int64_t sl, int64_t sh) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr || L <= 0 || L > (int64_t(1) << 31) - kTileN) return false;
+  const int64_t bh = H == 1 ? 2 * kD : 2 * sh, bl = L == 1 ? bh * H : 2 * sl, bb = B == 1 ? bl * L : 2 * sb;
+  const cuuint64_t dims[4] = {cuuint64_t(kD), cuuint64_t(H), cuuint64_t(L), cuuint64_t(B)};
+  const cuuint64_t strides[3] = {cuuint64_t(bh), cuuint64_t(bl), cuuint64_t(bb)};
+  const cuuint32_t box[4] = {64, 1, kTileN, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const auto type = dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int kConsumers>
+Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  constexpr int kRows = 64 * kConsumers;
+  constexpr int kSmem = smem_bytes<kConsumers>();
+  const int64_t row_blocks = (ba_rows(p) + kRows - 1) / kRows;
+  if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
+    return Status::kUnsupportedShape;
+  // Without a context there are no TMA tiles: the maps stay zero and are never used.
+  CUtensorMap tm_k{}, tm_v{};
+  if (p.ctx_capacity > 0 &&
+      !(encode_kv_map(tm_k, p.k_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.kc_stride_b, p.kc_stride_l,
+                      p.kc_stride_h) &&
+        encode_kv_map(tm_v, p.v_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.vc_stride_b, p.vc_stride_l,
+                      p.vc_stride_h)))
+    return block_attention_mma_split(p, plan, stream);  // a cache TMA cannot describe: the sm_80 kernel takes it
+  constexpr auto kernel = wgmma_split_kernel<T, kConsumers>;
+  if (const Status st = ensure_dynamic_smem<kernel>(kSmem); st != Status::kOk) return st;
+  const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
+  kernel<<<grid, (kConsumers + 1) * 128, kSmem, stream>>>(p, tm_k, tm_v, plan.split_keys);
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
+}
+
+// Two consumer warpgroups (128 rows per K/V tile) when there are more than 64 packed rows, else one.
+template <typename T>
+Status launch_rows(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
+  return ba_rows(p) > 64 ? launch<T, 2>(p, plan, stream) : launch<T, 1>(p, plan, stream);
+}
+
+}  // namespace
+
+int64_t block_attention_wgmma_tile_keys() { return kTileN; }
+
+Status block_attention_wgmma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
+                                   cudaStream_t stream) {
+  if (p.head_dim != kD) return Status::kUnsupportedShape;
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_rows<__nv_bfloat16>(p, plan, stream);
+    case DType::kFloat16: return launch_rows<__half>(p, plan, stream);
+    default: return Status::kUnsupportedDType;
+  }
+}
+
+}  // namespace tt
