@@ -288,6 +288,8 @@ Tensor mamba_block_scan_cuda(const Tensor& xbc, const Tensor& dt, const Tensor& 
 // ---------------------------------------------------------------------------------------------------
 // block_attention(q [B,S,Hq,D], k_blk, v_blk [B,S,Hkv,D], k_ctx, v_ctx [B,Lmax,Hkv,D], ctx_lens int32 [B],
 //                 scale?) -> (out [B,S,Hq,D], lse [B,Hq,S] fp32)
+// block_attention_out(..., scale?, out) -> lse: the same, written into a caller's out (any strides, last dim
+// contiguous). Every path reads all inputs before it writes out, so out may even be q.
 
 struct BlockAttentionPlan {
   tt::BlockAttentionParams p;
@@ -299,7 +301,8 @@ void attn_check_shape(const Tensor& t, const char* name, at::IntArrayRef want, c
 }
 
 BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
-                                        const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale) {
+                                        const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                                        const Tensor* out = nullptr) {
   BlockAttentionPlan plan;
   auto& p = plan.p;
   p.dtype = kernel_dtype(q, "q");
@@ -332,7 +335,15 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
   TORCH_CHECK_VALUE(std::isfinite(sc), "twotower: scale must be finite, got ", sc);
 
   plan.ctx_lens = ctx_lens.contiguous();
-  plan.out = at::empty({B, S, Hq, D}, q.options());
+  if (out != nullptr) {
+    check_dtype(*out, q.scalar_type(), "out");
+    check_same_device(*out, "out", q, "q");
+    attn_check_shape(*out, "out", {B, S, Hq, D}, "[batch, block_len, q_heads, head_dim] (q's shape)");
+    check_last_dim_contiguous(*out, "out");
+    plan.out = *out;
+  } else {
+    plan.out = at::empty({B, S, Hq, D}, q.options());
+  }
   plan.lse = at::empty({B, Hq, S}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr();
   p.k_blk = k_blk.data_ptr();
@@ -409,16 +420,13 @@ bool attn_native_lowp(at::ScalarType st) {
   return at::native::cpublas::could_pack(st);
 }
 
-std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
-                                               const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
-                                               std::optional<double> scale) {
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
   for (int64_t b = 0; b < p.batch; ++b) {
     TORCH_CHECK_VALUE(p.ctx_lens[b] >= 0 && p.ctx_lens[b] <= p.ctx_capacity, "twotower: ctx_lens must be in [0, ",
                       p.ctx_capacity, "] (k_ctx dim 1), got ctx_lens[", b, "] = ", p.ctx_lens[b]);
   }
-  if (p.batch == 0) return {plan.out, plan.lse};
+  if (p.batch == 0) return;
   AttnGemmCtx gctx{false};
   p.gemm.native_lowp = attn_native_lowp(q.scalar_type());
   gctx.vnni = p.gemm.native_lowp && at::native::cpublas::could_pack(q.scalar_type());
@@ -442,7 +450,22 @@ std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_
   at::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t b, int64_t e) {
     check_status(tt::block_attention_cpu_merge(p, cplan, b, e), "block_attention");
   });
+}
+
+std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
+                                               const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
+                                               std::optional<double> scale) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+  run_block_attention_cpu(plan, q);
   return {plan.out, plan.lse};
+}
+
+Tensor block_attention_out_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
+                               const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                               const Tensor& out) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+  run_block_attention_cpu(plan, q);
+  return plan.lse;
 }
 
 #ifdef TWOTOWER_WITH_CUDA
@@ -462,15 +485,11 @@ tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int
   return path;
 }
 
-std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
-                                                const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
-                                                std::optional<double> scale) {
-  c10::cuda::CUDAGuard guard(q.device());
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+void run_block_attention_cuda(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
   TORCH_CHECK(tt::block_attention_cuda_supports(p.head_dim), "twotower: head_dim must be 64 or 128 on CUDA, got ",
               p.head_dim);
-  if (p.batch == 0) return {plan.out, plan.lse};
+  if (p.batch == 0) return;
   // The split plan uses only shapes (never ctx_lens values: they stay on the device and may change between
   // graph replays); ctx_lens outside [0, Lmax] are clamped by the kernel rather than checked (no host sync).
   const int num_sms = tt::block_attention_cuda_num_sms(q.device().index());
@@ -484,7 +503,24 @@ std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k
   p.part_o = part_o.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();
   check_status(tt::block_attention_cuda(p, cplan, current_stream(q)), "block_attention");
+}
+
+std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
+                                                const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
+                                                std::optional<double> scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+  run_block_attention_cuda(plan, q);
   return {plan.out, plan.lse};
+}
+
+Tensor block_attention_out_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
+                                const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                                const Tensor& out) {
+  c10::cuda::CUDAGuard guard(q.device());
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+  run_block_attention_cuda(plan, q);
+  return plan.lse;
 }
 #endif
 
@@ -616,6 +652,8 @@ void threshold_unmask_cuda(const Tensor& logits, const Tensor& x, int64_t mask_i
 TORCH_LIBRARY(twotower, m) {
   m.def("block_attention(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
         "float? scale=None) -> (Tensor, Tensor)");
+  m.def("block_attention_out(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
+        "float? scale, Tensor(a!) out) -> Tensor");
   m.def("merge_states(Tensor o, Tensor lse) -> (Tensor, Tensor)");
   m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, float gamma, Tensor step, int steps_per_block, "
         "float temperature, Tensor seed, Tensor offset, Tensor(b!) counts, Tensor(c!) done) -> ()");
@@ -626,6 +664,7 @@ TORCH_LIBRARY(twotower, m) {
 
 TORCH_LIBRARY_IMPL(twotower, CPU, m) {
   m.impl("block_attention", &block_attention_cpu);
+  m.impl("block_attention_out", &block_attention_out_cpu);
   m.impl("merge_states", &merge_states_cpu);
   m.impl("threshold_unmask", &threshold_unmask_cpu);
   m.impl("mamba_block_scan", &mamba_block_scan_cpu);
@@ -634,6 +673,7 @@ TORCH_LIBRARY_IMPL(twotower, CPU, m) {
 #ifdef TWOTOWER_WITH_CUDA
 TORCH_LIBRARY_IMPL(twotower, CUDA, m) {
   m.impl("block_attention", &block_attention_cuda);
+  m.impl("block_attention_out", &block_attention_out_cuda);
   m.impl("merge_states", &merge_states_cuda);
   m.impl("threshold_unmask", &threshold_unmask_cuda);
   m.impl("mamba_block_scan", &mamba_block_scan_cuda);

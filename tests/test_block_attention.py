@@ -2,6 +2,7 @@
 same-dtype error (SDPA over the concatenated [context | block] K/V, one call per row) plus a small floor.
 Ragged batches, ctx_len 0, GQA, non-contiguous cache slices, every dtype, bad input, opcheck, CUDA graphs."""
 import math
+import re
 
 import pytest
 import torch
@@ -318,3 +319,45 @@ def test_compiles_under_torch_compile():
     want, want_lse = reference.block_attention(*args)
     torch.testing.assert_close(out, want * 2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_argument(device, dtype, gen):
+    """out=: written in place (any strides, last dim contiguous), returned as the first result, the same values
+    as without it; out=q works (every input is read before out is written)."""
+    args = make_inputs(gen, 3, 16, 8, 2, 64, [40, 0, 300], dtype, device)
+    want, want_lse = tt.block_attention(*args)
+    buf = torch.full((3, 16, 8, 72), 7.0, dtype=dtype, device=device)
+    out = buf[..., :64]  # strided: rows 72 wide
+    got, lse = tt.block_attention(*args, out=out)
+    assert got is out
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    assert torch.all(buf[..., 64:] == 7.0)  # nothing written past the view
+    q = args[0].clone()
+    got, _ = tt.block_attention(q, *args[1:], out=q)
+    torch.testing.assert_close(q, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("over,exc,words", [
+    (dict(dtype=torch.float16), TypeError, "out must be Float"),
+    (dict(shape=(2, 4, 8, 32)), RuntimeError, "out must be [batch, block_len, q_heads, head_dim]"),
+    (dict(strided=True), RuntimeError, "out must have a contiguous last dimension"),
+])
+def test_bad_out_names_it(device, over, exc, words, gen):
+    args = make_inputs(gen, 2, 4, 8, 2, 64, [9, 0], torch.float32, device)
+    out = torch.empty(over.get("shape", (2, 4, 8, 64)), dtype=over.get("dtype", torch.float32), device=device)
+    if over.get("strided"):
+        out = torch.empty(2, 4, 8, 128, device=device)[..., ::2]
+    with pytest.raises(exc, match=re.escape(words)):
+        torch.ops.twotower.block_attention_out(*args, None, out)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_out(device):
+    g = torch.Generator().manual_seed(0)
+    args = make_inputs(g, 2, 4, 8, 2, 64, [9, 0], torch.bfloat16, device)
+    torch.library.opcheck(torch.ops.twotower.block_attention_out.default,
+                          (*args, 0.5, torch.empty_like(args[0])))

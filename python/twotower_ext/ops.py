@@ -72,7 +72,14 @@ def _block_attention_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, S), dtype=torch.float32)
 
 
-def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.register_fake("twotower::block_attention_out")
+def _block_attention_out_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out):
+    torch._check(q.dim() == 4, lambda: "q must be [batch, block_len, q_heads, head_dim]")
+    B, S, Hq, _ = q.shape
+    return q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
     ctx_lens[b] keys of their row's context cache followed by the S block keys (see `reference.block_attention`).
 
@@ -80,10 +87,27 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None) -> tupl
     free: a slice of a bigger cache is read in place); ctx_lens int32 [B] on q's device, values in [0, Lmax]
     (checked on CPU; clamped on CUDA, where checking would need a host sync). Hq % Hkv == 0; fp32/bf16/fp16;
     scale defaults to 1/sqrt(D). Returns (out [B,S,Hq,D] in q's dtype, lse [B,Hq,S] fp32, natural log).
+    out: a preallocated [B,S,Hq,D] tensor of q's dtype and device (last dim contiguous, other strides free) to
+    write the result into; it is returned as the first element.
     """
     if not _has_kernel("block_attention", q.device):
-        return reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
-    return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+        o, lse = reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+        if out is None:
+            return o, lse
+        _check_out(out, q)
+        return out.copy_(o), lse
+    if out is None:
+        return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+    return out, torch.ops.twotower.block_attention_out(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out)
+
+
+def _check_out(out, q) -> None:
+    """The reference route's check of `out` (the kernels check it in C++ with the same messages)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"twotower: out must be a tensor, got {type(out).__name__}")
+    if out.dtype != q.dtype or out.device != q.device or out.shape != q.shape:
+        raise RuntimeError(f"twotower: out must be a {q.dtype} tensor on {q.device} of q's shape {tuple(q.shape)}, "
+                           f"got {out.dtype} on {out.device} of shape {tuple(out.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------
