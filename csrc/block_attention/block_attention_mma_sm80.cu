@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
   constexpr int kDB = D / 8;                     // 8-wide column blocks of the output
   constexpr int kDK = D / 16;                    // k-steps of Q K^T
   static_assert(kThreads % kRowChunks == 0 && kTileN % kRowStep == 0, "tile copy must divide evenly");
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K, V][kTileN][kPitch]
@@ -198,38 +198,9 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
         }
       }
 
-      // Scale to log2 units; mask keys past the split's end (only the last tile can have them). Key 0 of
-      // the tile is always valid, so every row's new max is finite.
-      const int64_t valid = k1 - t0;
-      float mx[2] = {m[0], m[1]};
-#pragma unroll
-      for (int j = 0; j < kNB; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = j * 8 + 2 * tig + (e & 1);
-          s[j][e] = col < valid ? s[j][e] * scale_log2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-        }
-      float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {  // the 4 lanes of a quad hold one row's columns
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        alpha[i] = exp2f(m[i] - mx[i]);  // 0 on the first tile (m = -inf)
-        m[i] = mx[i];
-        l[i] *= alpha[i];
-      }
-#pragma unroll
-      for (int j = 0; j < kNB; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = exp2f(s[j][e] - mx[e >> 1]);  // masked: exp2(-inf) = 0
-          l[e >> 1] += s[j][e];
-        }
-#pragma unroll
-      for (int nb = 0; nb < kDB; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+      // Online softmax (keys past the split's end masked: only the last tile can have them).
+      softmax_step(reinterpret_cast<float(&)[kNB * 4]>(s), reinterpret_cast<float(&)[kDB * 4]>(o), m, l, k1 - t0,
+                   scale_log2, tig);
 
       // O += P V: the C fragments of score blocks 2kk, 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
 #pragma unroll
@@ -249,23 +220,8 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-  if (!warp_active) return;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = row0 + warp * 16 + grp + 8 * i;
-    if (r >= M) continue;
-    const float inv = 1.f / l[i];  // l >= 1: the row max contributes exp2(0)
-    float* const dst = p.part_o + (slot * M + r) * D;
-#pragma unroll
-    for (int nb = 0; nb < kDB; ++nb)
-      *reinterpret_cast<float2*>(dst + nb * 8 + 2 * tig) = make_float2(o[nb][2 * i] * inv, o[nb][2 * i + 1] * inv);
-    if (tig == 0) p.part_lse[slot * M + r] = (m[i] + log2f(l[i])) * kLn2;
-  }
+  if (warp_active)
+    write_partial(p, slot, row0 + warp * 16, reinterpret_cast<const float(&)[kDB * 4]>(o), m, l, grp, tig);
 #endif
 }
 

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K registers
   constexpr int kRows = 64 * kConsumers;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   const int64_t G = ba_group(p), M = ba_rows(p);
   const BaSplitWork w = ba_split_work(p, kRows, split_keys);
@@ -238,31 +238,8 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
     cute::warpgroup_wait<0>();
     fence_regs(s);
 
-    // Online softmax. Accumulator element 4j + e is row grp + 8 (e >> 1), key 8j + 2 tig + (e & 1) of the tile;
-    // keys at or past k1 are masked (only a tile reaching the row's end has them; its key 0 is always valid).
-    const int64_t valid = k1 - t0;
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      const int col = (i / 4) * 8 + 2 * tig + (i & 1);
-      s[i] = col < valid ? s[i] * scale_log2 : -INFINITY;
-      mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row's columns
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
-      m[r] = mx[r];
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      s[i] = exp2f(s[i] - mx[(i >> 1) & 1]);  // masked: exp2(-inf) = 0
-      l[(i >> 1) & 1] += s[i];
-      o[i] *= alpha[(i >> 1) & 1];
-    }
+    // Online softmax (keys at or past k1 masked: only a tile reaching the row's end has them).
+    softmax_step(s, o, m, l, k1 - t0, scale_log2, tig);
     // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
     uint32_t pa[8][4];
 #pragma unroll
@@ -288,22 +265,7 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
     Barrier::arrive(&empty[stage]);  // this thread is done reading the stage
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row_base + warp * 16 + grp + 8 * r;
-    if (row >= M) continue;
-    const float inv = 1.f / l[r];  // l >= 1: the row max contributes exp2(0)
-    float* const dst = p.part_o + (w.slot * M + row) * kD;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-      *reinterpret_cast<float2*>(dst + j * 8 + 2 * tig) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    if (tig == 0) p.part_lse[w.slot * M + row] = (m[r] + log2f(l[r])) * kLn2;
-  }
+  write_partial(p, w.slot, row_base + warp * 16, o, m, l, grp, tig);
 #endif
 }
 
