@@ -7,7 +7,7 @@ bytes = the K/V read once per KV head + q, out and lse.
 On a CPU without bf16 matrix units the same-dtype bf16 matmul is a slow fallback, so the table also gives
 the rate against the best matmul measured (max of the same-dtype and the fp32 rate). On a GPU it adds the
 share of the bf16 dense tensor peak, flash-attn's flash_attn_with_kvcache where that is installed, and the
-time of the other kernel paths (mma.sync, SIMT) next to the default one (TMA + wgmma on sm_90).
+time of every kernel path the GPU can run (TMA + wgmma on sm_90, mma.sync, SIMT) next to the default one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import harness
 
 COLUMNS = ["device", "dtype", "B", "ctx_lens", "median_us", "p10-p90_us", "MB", "GFLOP", "GFLOP/s", "%mm",
-           "%best_mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa", "mma_us", "vs_mma", "simt_us", "vs_simt"]
+           "%best_mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa", "wgmma_us", "vs_wgmma", "mma_us", "vs_mma", "simt_us", "vs_simt"]
 
 S, HQ, HKV, D = 16, 32, 2, 128
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peak (spec sheet)
@@ -119,9 +119,13 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                     return lambda: fa(q, cache_k, cache_v, k=kb, v=vb, cache_seqlens=cl, causal=False)
                 tf = harness.time_fn(fa_call, device, n_buffers=n_buf)
                 row.update({"fa_us": tf.median_s * 1e6, "vs_fa": tf.median_s / t.median_s})
-            if device == "cuda":  # the other kernel paths next to the default one (wgmma on sm_90, else mma)
-                for path in ("mma", "simt"):
+            if device == "cuda":  # every kernel path this GPU can run, next to the default one
+                for path in ("wgmma", "mma", "simt"):
                     with _forced_path(path):
+                        try:
+                            tt.block_attention(*bufs[0])
+                        except RuntimeError:  # e.g. wgmma off sm_90: the path cannot run these inputs here
+                            continue
                         tb = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device,
                                              n_buffers=n_buf)
                     row.update({f"{path}_us": tb.median_s * 1e6, f"vs_{path}": tb.median_s / t.median_s})

@@ -180,8 +180,7 @@ def test_cuda_device_mix_and_head_dim_are_refused():
 
 
 # CUDA kernel paths, forced through TWOTOWER_ATTN_PATH: the SIMT baseline, the sm_80+ tensor-core kernel
-# (mma.sync; bf16/fp16) and the sm_90a TMA + wgmma kernel (bf16/fp16, head_dim 128, Hopper only; the default
-# there, mma the default on other sm_80+ devices).
+# (mma.sync; bf16/fp16, the default) and the sm_90a TMA + wgmma kernel (bf16/fp16, head_dim 128, Hopper only).
 CUDA_PATHS = ["simt", "mma", "wgmma"]
 LOWP = [torch.bfloat16, torch.float16]
 

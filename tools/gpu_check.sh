@@ -50,21 +50,28 @@ if [ "$has_gpu" = 1 ]; then
   if [ "$rc" -ne 0 ] || ! grep -q "passed" <<<"$summary"; then
     echo "gpu_check: CUDA TESTS FAILED or none ran: $summary" >&2; status=1
   fi
+  # The sm_90a wgmma kernel stays opt-in until these pass on a Hopper GPU (kWgmmaByDefault in
+  # csrc/block_attention/block_attention_cuda.cu); they skip on other GPUs.
+  set +e
+  "$py" -m pytest -q -rA -m cuda -p no:cacheprovider -k wgmma tests/test_block_attention.py > /tmp/gpu_check_wgmma.log 2>&1
+  set -e
+  wgmma="$(grep -cE "^PASSED" /tmp/gpu_check_wgmma.log || true) passed, $(grep -cE "^(FAILED|ERROR)" /tmp/gpu_check_wgmma.log || true) failed, $(grep -cE "^SKIPPED" /tmp/gpu_check_wgmma.log || true) skipped"
   stamp "GPU microbenchmarks"
   "$py" -m bench --device cuda || { echo "gpu_check: GPU BENCHMARK FAILED" >&2; status=1; }
 else
-  summary="not run (no GPU)"
+  summary="not run (no GPU)"; wgmma="not run (no GPU)"
   stamp "CPU smoke benchmarks (no GPU)"
   "$py" -m bench --device cpu --quick --no-save
 fi
 
-if [ -n "${OUT:-}" ]; then cp -r bench/results "$OUT/" 2>/dev/null || true; cp /tmp/gpu_check_pytest.log "$OUT/" 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ]; then cp -r bench/results "$OUT/" 2>/dev/null || true; cp /tmp/gpu_check_pytest.log /tmp/gpu_check_wgmma.log "$OUT/" 2>/dev/null || true; fi
 echo
 echo "| check | result |"
 echo "|---|---|"
 echo "| GPU | $([ "$has_gpu" = 1 ] && "$py" -c 'import torch; print(torch.cuda.get_device_name())' || echo none) |"
 echo "| build | TWOTOWER_CUDA=$TWOTOWER_CUDA ${TWOTOWER_CUDA_ARCHS:-} ok |"
 echo "| CUDA tests | $summary |"
+echo "| wgmma path tests (sm_90a) | $wgmma |"
 echo "| benchmarks | bench/results/*-$([ "$has_gpu" = 1 ] && echo cuda || echo cpu).md |"
 echo "| wall | $(( $(date +%s) - t_start ))s |"
 exit $status

@@ -126,7 +126,8 @@ bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAtt
 // What `path` needs, for error messages.
 const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path);
 
-// The fastest supported path (wgmma, else mma, else the SIMT kernel, which takes everything).
+// The default path: mma where it can run, else the SIMT kernel (which takes everything); wgmma once verified
+// on a GPU (kWgmmaByDefault in block_attention_cuda.cu).
 BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device);
 
 // Multiprocessor count of a CUDA device (cached), for the plan.

@@ -257,9 +257,15 @@ const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path) 
   return "unknown path";
 }
 
+// The sm_90a wgmma kernel is compiled in CI but has not yet run on a Hopper GPU (none was available to this
+// project so far). An unverified kernel must not silently become what H100/H200 users get, so it runs only
+// when TWOTOWER_ATTN_PATH=wgmma asks for it; set this to true once tools/gpu_check.sh passes on an sm_90 device.
+constexpr bool kWgmmaByDefault = false;
+
 BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device) {
-  for (const auto path : {BlockAttentionCudaPath::kWgmma, BlockAttentionCudaPath::kMma})
-    if (block_attention_cuda_path_supported(p, path, device)) return path;
+  if (kWgmmaByDefault && block_attention_cuda_path_supported(p, BlockAttentionCudaPath::kWgmma, device))
+    return BlockAttentionCudaPath::kWgmma;
+  if (block_attention_cuda_path_supported(p, BlockAttentionCudaPath::kMma, device)) return BlockAttentionCudaPath::kMma;
   return BlockAttentionCudaPath::kSimt;
 }
 
