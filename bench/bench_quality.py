@@ -12,6 +12,11 @@ prompt at a time, and reports:
                exp(ll - ll_AR): the ratio of geometric-mean token probabilities (AR = 1)
   match16      exact-match accuracy of the first 16 generated tokens against the held-out text, and
                match_ratio = match16 / match16_AR
+  ar_chain     what the AR tower's own confidence allows (diffusion rows): tokens per pass if every pass
+               committed the AR model's greedy token at the first open position of the block and then each
+               following one while the AR probability of that token stays above gamma - a denoiser exactly as
+               sure as the AR model given all earlier tokens (an optimistic reference: a real pass predicts the
+               later positions without the earlier ones)
 Writes bench/results/quality.{md,json} and, when matplotlib is installed, quality.png.
 """
 from __future__ import annotations
@@ -28,7 +33,8 @@ from . import harness
 
 GAMMAS = (0.5, 0.7, 0.8, 0.9, 0.95)
 COLUMNS = ["mode", "gamma", "tokens", "nfe", "tokens_per_nfe", "tokens_per_s", "ll", "ll_ratio", "match16",
-           "match_ratio"]
+           "match_ratio", "ar_chain"]
+BLOCK = 16
 REF_TOKENS = 16
 
 
@@ -66,11 +72,26 @@ def ar_loglik(lm, prompt: list[int], cont: list[int]) -> list[float]:
     return logp.gather(1, torch.tensor(cont)[:, None]).squeeze(1).tolist()
 
 
+def chain_passes(probs: list[float], gamma: float, block: int = BLOCK) -> int:
+    """Passes a left-to-right chain decoder needs for these greedy tokens (AR probabilities `probs`): each pass
+    commits the first open token of the block, then the next ones while their probability exceeds gamma."""
+    passes = 0
+    for b0 in range(0, len(probs), block):
+        i, end = b0, min(b0 + block, len(probs))
+        while i < end:
+            passes += 1
+            i += 1
+            while i < end and probs[i] > gamma:
+                i += 1
+    return passes
+
+
 def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dict]:
     settings = [("ar", None)] + [("diffusion", g) for g in gammas]
     lm.generate(prompts[0][0], mode="ar", max_new_tokens=4)                 # warm-up
     lm.generate(prompts[0][0], mode="diffusion", max_new_tokens=16)
     rows = []
+    ar_probs = []  # per prompt: the AR model's probability of each of its own greedy tokens
     for mode, gamma in settings:
         tokens = nfe = 0
         seconds, lls, matches, samples = 0.0, [], [], []
@@ -80,14 +101,19 @@ def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dic
             tokens += res.stats["tokens"]
             nfe += res.stats["nfe"]
             seconds += res.stats["seconds"]
-            lls += ar_loglik(lm, prompt, new)
+            ll = ar_loglik(lm, prompt, new)
+            lls += ll
+            if mode == "ar":
+                ar_probs.append([math.exp(x) for x in ll])
             matches.append(sum(a == b for a, b in zip(new[:REF_TOKENS], ref)) / REF_TOKENS)
             if len(samples) < 3:
                 samples.append({"file": rel, "prompt": lm.decode(prompt), "generated": lm.decode(new),
                                 "nfe_per_block": res.nfe_per_block[0]})
         row = {"mode": mode, "gamma": "-" if gamma is None else gamma, "tokens": tokens, "nfe": nfe,
                "tokens_per_nfe": tokens / nfe, "tokens_per_s": tokens / seconds,
-               "ll": sum(lls) / len(lls), "match16": sum(matches) / len(matches), "samples": samples}
+               "ll": sum(lls) / len(lls), "match16": sum(matches) / len(matches), "samples": samples,
+               "ar_chain": "-" if gamma is None else
+               sum(map(len, ar_probs)) / sum(chain_passes(pr, gamma) for pr in ar_probs)}
         rows.append(row)
         log(f"  {mode:9s} gamma {row['gamma']!s:4s}: {row['tokens_per_nfe']:.2f} tokens/NFE, "
             f"{row['tokens_per_s']:.0f} tokens/s, ll {row['ll']:.3f}, match16 {row['match16']:.3f}")

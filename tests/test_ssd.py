@@ -193,3 +193,34 @@ def test_long_prompt_prefill_matches_sequential(model, snapshot, gen):
     for name in seq:
         assert_close_rel(chunked[name], seq[name], rel=2e-5)
     assert torch.all(chunked["ssm0"][1] == 0)  # row 1 untouched
+
+
+def test_autograd_path_matches_the_inplace_path_and_naive_gradients(gen):
+    """With autograd on (the training model) ssd_chunked_scan runs out of place: the same outputs as the
+    in-place inference path, and gradients equal to those of a naive step-by-step recurrence."""
+    b, L, H, P, N, G, Q = 2, 37, 4, 3, 5, 2, 8
+    x, B, C = torch.randn(b, L, H, P, generator=gen), torch.randn(b, L, G, N, generator=gen), torch.randn(b, L, G, N, generator=gen)
+    dt = torch.rand(b, L, H, generator=gen) * 0.5
+    A, D = -torch.rand(H, generator=gen) * 2 - 0.1, torch.randn(H, generator=gen)
+    init = torch.randn(b, H, P, N, generator=gen)
+    leaves = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C, D, init)]
+    with torch.no_grad():
+        want = ssd.ssd_chunked_scan(x, dt, A, B, C, D, init, Q, return_chunk_states=True)
+    got = ssd.ssd_chunked_scan(*leaves[:6], leaves[6], Q, return_chunk_states=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.detach(), w, rtol=1e-5, atol=1e-5)
+    wy, ws = torch.randn(b, L, H, P, generator=gen), torch.randn(b, H, P, N, generator=gen)
+    grads = torch.autograd.grad((got[0] * wy).sum() + (got[1] * ws).sum(), leaves)
+
+    naive = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C, D, init)]
+    nx, ndt, nA, nB, nC, nD, S = naive
+    group = torch.arange(H) // (H // G)
+    ys = []
+    for i in range(L):
+        Bi, Ci = nB[:, i, group], nC[:, i, group]                              # [b, H, N]
+        S = torch.exp(ndt[:, i, :, None, None] * nA[:, None, None]) * S + \
+            ndt[:, i, :, None, None] * nx[:, i, :, :, None] * Bi[:, :, None]
+        ys.append((S * Ci[:, :, None]).sum(-1) + nD[:, None] * nx[:, i])
+    want_grads = torch.autograd.grad((torch.stack(ys, 1) * wy).sum() + (S * ws).sum(), naive)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))

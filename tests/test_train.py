@@ -178,3 +178,20 @@ def test_shipped_default_model_generates_with_cli(capsys):
     out = capsys.readouterr()
     assert out.out.startswith("def ") and len(out.out.strip()) > 8
     assert "tokens/NFE" in out.err
+
+
+def test_ar_chain_reference_counts_passes():
+    """bench_quality's ar_chain reference: one forced commit per pass, then the following tokens while the AR
+    probability stays above gamma, never across a block boundary."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from bench.bench_quality import chain_passes
+
+    assert chain_passes([0.9] * 16, 0.8) == 1
+    assert chain_passes([0.1] * 16, 0.8) == 16
+    assert chain_passes([0.9] * 20, 0.8) == 2                        # the second block starts a new pass
+    assert chain_passes([0.5, 0.9, 0.9, 0.5, 0.9], 0.8) == 2          # [0.5 .9 .9] [.5 .9]
+    assert chain_passes([0.5, 0.9, 0.9, 0.5, 0.9], 0.95) == 5
+    assert chain_passes([], 0.8) == 0

@@ -69,7 +69,8 @@ def ssd_chunked_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     are identity steps, and their y is 0). Returns (y [b, L, H, P] fp32, final_state [b, H, P, N] fp32: the
     state after each row's own length); with return_chunk_states also [b, ceil(L/Q), H, P, N], the state
     before every chunk. out: a [b, L, H, P] tensor of any float dtype to write y to (then returned as y).
-    Inference only: temporaries are written in place (no autograd)."""
+    Differentiable when out is None (the training model's Mamba layers run through it); without autograd
+    the big temporaries are written in place."""
     _check(x.dim() == 4, f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
     b, L, H, P = x.shape
     _check(dt.shape == (b, L, H), f"dt must have shape {(b, L, H)}, got {tuple(dt.shape)}")
@@ -87,6 +88,8 @@ def ssd_chunked_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     _check(seq_lens is None or seq_lens.shape == (b,), f"seq_lens must have shape {(b,)} or be None")
     _check(out is None or out.shape == x.shape, f"out must have x's shape {tuple(x.shape)} or be None")
 
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                   for t in (x, dt, A, B, C, D, init_state)))
     dt = dt.float()
     live = None
     if seq_lens is not None:
@@ -103,16 +106,16 @@ def ssd_chunked_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     for s in range(0, L, per_pass):
         e = min(L, s + per_pass)
         y, state, st = _pass(x[:, s:e].float(), dt[:, s:e], dA[:, s:e], B[:, s:e].float(), C[:, s:e].float(),
-                             state, Q)
+                             state, Q, inplace)
         ys.append(y)
         starts.append(st)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 1) if ys else x.new_zeros(b, 0, H, P, dtype=torch.float32)
     if D is not None:  # the skip term, fused with the store into `out`
-        y = torch.addcmul(y, x, D.float()[:, None], out=y if out is None else out)
+        y = torch.addcmul(y, x, D.float()[:, None]) if out is None else torch.addcmul(y, x, D.float()[:, None], out=out)
     elif out is not None:
         y = out.copy_(y)
     if live is not None:
-        y.mul_(live[..., None, None])
+        y = y * live[..., None, None] if out is None else y.mul_(live[..., None, None])
     final = state.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
     if not return_chunk_states:
         return y, final
@@ -120,11 +123,12 @@ def ssd_chunked_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     return y, final, st.permute(0, 1, 2, 4, 5, 3).reshape(b, -1, H, P, N)
 
 
-def _pass(x, dt, dA, B, C, state, Q: int):
+def _pass(x, dt, dA, B, C, state, Q: int, inplace: bool):
     """One pass over l tokens (whole chunks of Q, the last one padded with identity steps). x [b, l, H, P],
     dt / dA [b, l, H], B / C [b, l, G, N] fp32; state [b, G, N, R, P] (heads h = g*R + r). Returns
-    (y [b, l, H, P], state after the pass, states before each chunk [b, c, G, N, R, P]). Temporaries are
-    updated in place (inference only)."""
+    (y [b, l, H, P], state after the pass, states before each chunk [b, c, G, N, R, P]). With inplace the big
+    temporaries are formed in place (inference: fewer allocations, each a round of page faults on a CPU);
+    without, every step is out of place so autograd can differentiate it (the training model)."""
     b, l, H, P = x.shape
     G, N = B.shape[2:]
     R = H // G
@@ -132,44 +136,47 @@ def _pass(x, dt, dA, B, C, state, Q: int):
     if pad:  # dt = 0, x = B = C = 0 steps: no decay and no input
         x, dt, dA, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, dA, B, C))
     c = (l + pad) // Q
-    f32 = dict(dtype=torch.float32, device=x.device)
-    xdt = torch.empty(b, c, G, R, Q, P, **f32)                                  # dt_j x_j, per head [Q, P]
-    torch.mul(x.view(b, c, Q, G, R, P).permute(0, 1, 3, 4, 2, 5),
-              dt.view(b, c, Q, G, R, 1).permute(0, 1, 3, 4, 2, 5), out=xdt)
-    Bc = B.view(b, c, Q, G, N).transpose(2, 3).contiguous()                     # [b, c, G, Q, N]
-    Cc = C.view(b, c, Q, G, N).transpose(2, 3).contiguous()
+    xdt = (x.view(b, c, Q, G, R, P).permute(0, 1, 3, 4, 2, 5) *                 # dt_j x_j, per head [Q, P]
+           dt.view(b, c, Q, G, R, 1).permute(0, 1, 3, 4, 2, 5))                 # [b, c, G, R, Q, P]
+    Bc = B.view(b, c, Q, G, N).transpose(2, 3)                                  # [b, c, G, Q, N]
+    Cc = C.view(b, c, Q, G, N).transpose(2, 3)
     a = dA.view(b, c, Q, G, R).permute(0, 1, 3, 4, 2).double().cumsum(4)        # [b, c, G, R, Q] fp64
     a_end = a[..., -1:]                                                         # [b, c, G, R, 1]
 
     # intra-chunk: (C_i . B_j) exp(a_i - a_j) for j <= i, per head, times dt_j x_j. The causal mask sits on
     # the group's C.B (R times smaller); the exponent is clamped to [EXP_FLOOR, 0], so the upper triangle
     # (a_i - a_j >= 0 there) cannot overflow.
-    scores = torch.empty(b, c, G, R, Q, Q, **f32)
-    torch.sub(a[..., :, None], a[..., None, :], out=scores)                    # fp64 difference, rounded once
-    scores.clamp_(EXP_FLOOR, 0.0).exp_().mul_((Cc @ Bc.transpose(-1, -2)).tril_().unsqueeze(3))
+    cb = (Cc @ Bc.transpose(-1, -2)).tril().unsqueeze(3)
+    if inplace:
+        scores = torch.empty(b, c, G, R, Q, Q, dtype=torch.float32, device=x.device)
+        torch.sub(a[..., :, None], a[..., None, :], out=scores)                # fp64 difference, rounded once
+        scores.clamp_(EXP_FLOOR, 0.0).exp_().mul_(cb)
+    else:
+        scores = (a[..., :, None] - a[..., None, :]).float().clamp(EXP_FLOOR, 0.0).exp() * cb
     y_in = scores @ xdt                                                         # [b, c, G, R, Q, P]
 
     # each chunk's own state at its end: B^T [N, Q] @ (decayed dt x) [Q, R*P], the R heads as columns
-    w = torch.empty(b, c, G, Q, R, P, **f32)
-    torch.mul(xdt.transpose(3, 4), _decay(a_end - a).transpose(3, 4)[..., None], out=w)
-    own = (Bc.transpose(-1, -2) @ w.view(b, c, G, Q, R * P)).view(b, c, G, N, R, P)
+    w = xdt.transpose(3, 4) * _decay(a_end - a).transpose(3, 4)[..., None]      # [b, c, G, Q, R, P]
+    own = (Bc.transpose(-1, -2) @ w.reshape(b, c, G, Q, R * P)).view(b, c, G, N, R, P)
 
     # inter-chunk recurrence (c elementwise steps); st[:, k] = state before chunk k, st[:, c] = after all
-    st = torch.empty(b, c + 1, G, N, R, P, **f32)
-    st[:, 0] = state
     chunk_decay = _decay(a_end).view(b, c, G, 1, R, 1)
-    for k in range(c):
-        torch.addcmul(own[:, k], st[:, k], chunk_decay[:, k], out=st[:, k + 1])
+    if inplace:
+        st = torch.empty(b, c + 1, G, N, R, P, dtype=torch.float32, device=x.device)
+        st[:, 0] = state
+        for k in range(c):
+            torch.addcmul(own[:, k], st[:, k], chunk_decay[:, k], out=st[:, k + 1])
+    else:
+        sts = [state]
+        for k in range(c):
+            sts.append(torch.addcmul(own[:, k], sts[-1], chunk_decay[:, k]))
+        st = torch.stack(sts, 1)                                                # [b, c + 1, G, N, R, P]
 
-    # state to output: C_i [Q, N] @ S_start [N, R*P], decayed to token i, plus the intra-chunk part; written
-    # straight into the [b, c, Q, G, R, P] = [b, l, H, P] layout
-    y_off = (Cc @ st[:, :c].view(b, c, G, N, R * P)).view(b, c, G, Q, R, P)
-    y = torch.empty(b, c, Q, G, R, P, **f32)
-    yv = y.transpose(2, 3)
-    torch.mul(y_off, _decay(a).transpose(3, 4)[..., None], out=yv)
-    yv.add_(y_in.transpose(3, 4))
-    y = y.view(b, c * Q, H, P)[:, :l]
-    return y, st[:, c].view(b, G, N, R, P), st[:, :c].view(b, c, G, N, R, P)
+    # state to output: C_i [Q, N] @ S_start [N, R*P], decayed to token i, plus the intra-chunk part
+    y_off = (Cc @ st[:, :c].reshape(b, c, G, N, R * P)).view(b, c, G, Q, R, P)
+    y = torch.addcmul(y_in.transpose(3, 4), y_off, _decay(a).transpose(3, 4)[..., None])  # [b, c, G, Q, R, P]
+    y = y.transpose(2, 3).reshape(b, c * Q, H, P)[:, :l]
+    return y, st[:, c], st[:, :c]
 
 
 def mamba_chunked_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, seq_lens=None,

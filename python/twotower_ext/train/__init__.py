@@ -2,6 +2,6 @@
 sources + a byte-level BPE tokenizer), a differentiable NemotronH implementation that computes the same
 function as the inference model, and the two phases of training (context tower as a causal LM, then the
 masked-diffusion denoiser with the context tower frozen). Checkpoints are written in NVIDIA's format."""
-from .model import TrainModel, context_forward, denoiser_forward, make_config, mamba_train, ssd_scan
+from .model import TrainModel, context_forward, denoiser_forward, make_config, mamba_train
 
-__all__ = ["TrainModel", "context_forward", "denoiser_forward", "make_config", "mamba_train", "ssd_scan"]
+__all__ = ["TrainModel", "context_forward", "denoiser_forward", "make_config", "mamba_train"]

@@ -7,7 +7,8 @@ map of `build_weights` keeps pointing at them, so saving writes exactly the name
 inference functions (rms_norm, gated_rms_norm, moe, time_modulation, modulate); only what inference does
 with non-differentiable ops or sequentially is written here:
 
-- Mamba-2: the chunked (SSD) form of the same recurrence, parallel inside chunks of `chunk` tokens with a
+- Mamba-2: the chunked (SSD) form of the same recurrence (models/ssd.py, the function the inference model's
+  long prefill uses, differentiable when autograd is on), parallel inside chunks of `chunk` tokens with a
   short state-passing loop between chunks. It returns the conv and SSM states at every chunk boundary:
   with chunk = block size these are exactly the states the denoiser is seeded with at each block.
 - attention: scaled_dot_product_attention, causal for the context tower; for the denoiser every block of
@@ -26,6 +27,7 @@ from ..models.config import NemotronHConfig
 from ..models.layers import gated_rms_norm, mlp, modulate, moe, rms_norm, route, time_modulation
 from ..models.random_init import write_checkpoint
 from ..models.safetensors_io import SafetensorsFile
+from ..models.ssd import ssd_chunked_scan
 from ..models.weights import (AttentionWeights, MambaWeights, MoEWeights, TwoTowerWeights,
                               build_weights, checkpoint_index, check_checkpoint, expected_tensors)
 
@@ -218,47 +220,7 @@ class TrainModel:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mamba-2, chunked
-
-
-def ssd_scan(x, dt, A, Bm, Cm, chunk: int, init=None):
-    """The Mamba-2 recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t (outer) B_t, y_t = C_t . S_t in chunked
-    (SSD) form, every step a batched matmul: inside chunks through the decay-masked C.B scores, across
-    chunks through the decay matrix over chunk boundaries. x [b, l, h, p], dt [b, l, h] (after softplus),
-    A [h], Bm/Cm [b, l, g, n] (head h reads group h // (h/g)), init [b, h, p, n] or None. Returns
-    (y [b, l, h, p], states [b, l/chunk, h, p, n] at the start of every chunk, final state [b, h, p, n])."""
-    b, l, h, p = x.shape
-    if l % chunk:   # pad with dt = 0 steps: no decay and no input, so every state stays exact
-        pad = chunk - l % chunk
-        y, states, s = ssd_scan(F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), A,
-                                F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad)), chunk, init)
-        return y[:, :l], states, s
-    g, n = Bm.shape[-2:]
-    c, q, r = l // chunk, chunk, h // g
-    # layout [b, c, g, r, q, .]: heads split into (group, head in group) so B and C broadcast over r
-    dt6 = dt.view(b, c, q, g, r).permute(0, 1, 3, 4, 2)                    # [b, c, g, r, q]
-    xdt = x.view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5) * dt6[..., None]
-    a_cum = (dt6 * A.view(g, r, 1)).cumsum(-1)                              # [b, c, g, r, q]
-    Bc = Bm.view(b, c, q, g, n).transpose(2, 3).unsqueeze(3)                # [b, c, g, 1, q, n]
-    Cc = Cm.view(b, c, q, g, n).transpose(2, 3).unsqueeze(3)
-    low = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~low, float("-inf")).exp()
-    # inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
-    y = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xdt                         # [b, c, g, r, q, p]
-    # each chunk's own contribution to the state at its end
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)                             # [b, c, g, r, q]
-    local = (xdt * to_end[..., None]).transpose(-1, -2) @ Bc                # [b, c, g, r, p, n]
-    # state at every chunk boundary z: sum over m <= z of [init, local...][m] decayed from m to z
-    s0 = x.new_zeros(b, h, p, n) if init is None else init.float()
-    allst = torch.cat([s0.view(b, 1, g, r, p, n), local], 1).permute(0, 2, 3, 1, 4, 5).reshape(b, g, r, c + 1, p * n)
-    ends = F.pad(a_cum[..., -1].permute(0, 2, 3, 1), (1, 0)).cumsum(-1)      # [b, g, r, c+1]
-    lowc = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
-    across = (ends[..., :, None] - ends[..., None, :]).masked_fill(~lowc, float("-inf")).exp()
-    bounds = (across @ allst).view(b, g, r, c + 1, p, n)
-    starts = bounds[:, :, :, :c].permute(0, 3, 1, 2, 4, 5)                  # [b, c, g, r, p, n]
-    y = y + (Cc @ starts.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, l, h, p)
-    return y, starts.reshape(b, c, h, p, n), bounds[:, :, :, c].reshape(b, h, p, n)
+# Mamba-2
 
 
 def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: int, conv_state=None,
@@ -273,16 +235,22 @@ def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: i
     if conv_state is None:
         conv_state = xbc.new_zeros(B, K - 1, C)
     raw = torch.cat([conv_state.to(xbc.dtype), xbc], dim=1)                 # [B, K-1+L, C]
-    conv = F.conv1d(raw.transpose(1, 2), w.conv_w.view(C, 1, K), w.conv_b, groups=C).transpose(1, 2)
+    # depthwise causal conv as K shifted multiply-adds: same sums as F.conv1d, ~5x cheaper backward on CPU
+    cw = w.conv_w.view(C, K)
+    conv = raw[:, :L] * cw[:, 0]
+    for k in range(1, K):
+        conv = conv + raw[:, k:k + L] * cw[:, k]
+    if w.conv_b is not None:
+        conv = conv + w.conv_b
     act = F.silu(conv)
     x, Bm, Cm = act.split([cfg.d_inner, G * N, G * N], dim=-1)
     lo, hi = cfg.time_step_limit
     dt = F.softplus(dt.float() + w.dt_bias).clamp(lo, hi)
     A = -torch.exp(w.A_log)
     x4 = x.reshape(B, L, H, P)
-    y, ssm, _ = ssd_scan(x4.float(), dt, A, Bm.reshape(B, L, G, N).float(), Cm.reshape(B, L, G, N).float(),
-                         chunk, ssm_state)
-    y = (y + w.D[:, None] * x4.float()).reshape(B, L, -1).to(h.dtype)
+    y, _, ssm = ssd_chunked_scan(x4.float(), dt, A, Bm.reshape(B, L, G, N).float(), Cm.reshape(B, L, G, N).float(),
+                                 w.D, ssm_state, chunk, return_chunk_states=True)
+    y = y.reshape(B, L, -1).to(h.dtype)
     out = F.linear(gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon), w.out_proj)
     if not states:
         return out
