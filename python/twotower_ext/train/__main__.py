@@ -22,7 +22,7 @@ import time
 import torch
 
 PRESETS = {
-    # The shipped default model: ~25 min per phase on 2 CPU cores (--threads 2, quiet machine).
+    # The shipped default model: 27-29 min per phase on 2 CPU cores with --threads 2.
     "small": {
         "vocab_size": 1024,
         "model": dict(hidden_size=160, hybrid_override_pattern="M*EMEM*E", num_attention_heads=4,
