@@ -50,7 +50,10 @@ def check_against_oracle(args, out, lse, scale=None):
     assert lse.dtype == torch.float32 and lse.shape == (args[0].shape[0], args[0].shape[2], args[0].shape[1])
     err = (out.cpu().double() - want_o).abs().max().item()
     torch_err = (torch_same_dtype(*cpu, scale=scale).double() - want_o).abs().max().item()
-    floor = tolerance(dtype) / 4
+    # The floor: the kernel accumulates in fp32 whatever the input dtype, and a D-term fp32 dot product carries
+    # ~eps32 * sqrt(D) relative error into every score, so ~10 ulp output errors are expected at D = 128 even
+    # when SDPA happens to land closer on a draw (fp32, 300 seeds: kernel error up to 2 x SDPA's + 7.6e-7).
+    floor = max(tolerance(dtype) / 4, 2 * torch.finfo(torch.float32).eps * math.sqrt(args[0].shape[-1]))
     assert err <= 2 * torch_err + floor, f"kernel error {err:.3g} vs torch's own {torch_err:.3g} (+ {floor:.1g})"
     torch.testing.assert_close(lse.cpu().double(), want_lse, atol=2e-5, rtol=2e-6)
 
