@@ -141,6 +141,12 @@ def plot(rows: list[dict], path: str) -> bool:
             for r in diff:
                 ax.annotate(f"{r['gamma']}", (r[x], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.scatter([ar[x]], [1.0], color="black", zorder=3, label="AR")
+        if x == "tokens_per_nfe":  # where a denoiser as sure as the AR tower would sit (ar_chain, AR quality)
+            ax.scatter([r["ar_chain"] for r in diff], [1.0] * len(diff), marker="x", color="gray", zorder=3,
+                       label="ar_chain: a denoiser as sure as the AR model")
+            for r in diff:
+                ax.annotate(f"{r['gamma']}", (r["ar_chain"], 1.0), textcoords="offset points", xytext=(2, -10),
+                            fontsize=7, color="gray")
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.set_xlabel({"tokens_per_nfe": "tokens per forward pass (NFE)", "tokens_per_s": "tokens/s (CPU, batch 1)"}[x])
         ax.set_ylabel("quality relative to AR")
