@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(BlockAttentionParams
     ba_write_empty_split(p, w, kRowsPerCta);
     return;
   }
-  const int64_t b = w.b, h = w.h, row0 = w.row0, ctx = w.ctx, k0 = w.k0, k1 = w.k1, slot = w.slot;
+  const int64_t b = w.b, h = w.h, row0 = w.row0, k0 = w.k0, k1 = w.k1, slot = w.slot;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* q = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < kRowsPerCta * D; i += blockDim.x) {
@@ -54,10 +54,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(BlockAttentionParams
     if (r < M) x = to_float(q[b * p.q_stride_b + (r / G) * p.q_stride_s + (h * G + r % G) * p.q_stride_h + d]);
     qs[rr][d] = x;
   }
-  const T* kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
-  const T* vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
-  const T* kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
-  const T* vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+  const BaKvRows<T> rows(p, w);
 
   float acc[kRowsPerWarp][kPerLane];
   float m[kRowsPerWarp], l[kRowsPerWarp];
@@ -77,8 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(BlockAttentionParams
       const int64_t key = t0 + j;
       float kx = 0.f, vx = 0.f;
       if (j < nt) {
-        kx = to_float(key < ctx ? kc[key * p.kc_stride_l + d] : kb[(key - ctx) * p.kb_stride_s + d]);
-        vx = to_float(key < ctx ? vc[key * p.vc_stride_l + d] : vb[(key - ctx) * p.vb_stride_s + d]);
+        kx = to_float(*rows.k(key, d));
+        vx = to_float(*rows.v(key, d));
       }
       ks[j][d] = kx;
       vs[j][d] = vx;

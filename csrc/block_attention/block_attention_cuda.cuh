@@ -37,6 +37,29 @@ __device__ __forceinline__ BaSplitWork ba_split_work(const BlockAttentionParams&
   return w;
 }
 
+// Where the K and V rows of a key of (b, h)'s virtual sequence [context 0..ctx | block 0..S) live: key < ctx in
+// the context cache, else row key - ctx of the block tensors. Every split kernel loads its tiles through this.
+template <typename T>
+struct BaKvRows {
+  const T *kc, *vc, *kb, *vb;
+  int64_t kc_l, vc_l, kb_s, vb_s, ctx;
+
+  __device__ __forceinline__ BaKvRows(const BlockAttentionParams& p, const BaSplitWork& w)
+      : kc(static_cast<const T*>(p.k_ctx) + w.b * p.kc_stride_b + w.h * p.kc_stride_h),
+        vc(static_cast<const T*>(p.v_ctx) + w.b * p.vc_stride_b + w.h * p.vc_stride_h),
+        kb(static_cast<const T*>(p.k_blk) + w.b * p.kb_stride_b + w.h * p.kb_stride_h),
+        vb(static_cast<const T*>(p.v_blk) + w.b * p.vb_stride_b + w.h * p.vb_stride_h),
+        kc_l(p.kc_stride_l), vc_l(p.vc_stride_l), kb_s(p.kb_stride_s), vb_s(p.vb_stride_s), ctx(w.ctx) {}
+
+  // Element d of the key's K and V rows (key < ctx + S).
+  __device__ __forceinline__ const T* k(int64_t key, int d) const {
+    return key < ctx ? kc + key * kc_l + d : kb + (key - ctx) * kb_s + d;
+  }
+  __device__ __forceinline__ const T* v(int64_t key, int d) const {
+    return key < ctx ? vc + key * vc_l + d : vb + (key - ctx) * vb_s + d;
+  }
+};
+
 // An empty split: mark its rows empty (lse = -inf) so the merge gives it weight 0.
 __device__ __forceinline__ void ba_write_empty_split(const BlockAttentionParams& p, const BaSplitWork& w,
                                                      int64_t rows_per_cta) {

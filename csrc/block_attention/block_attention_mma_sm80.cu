@@ -95,13 +95,10 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
     ba_write_empty_split(p, w, kRows);
     return;
   }
-  const int64_t b = w.b, h = w.h, row0 = w.row0, ctx = w.ctx, k0 = w.k0, k1 = w.k1, slot = w.slot;
+  const int64_t b = w.b, h = w.h, row0 = w.row0, k0 = w.k0, k1 = w.k1, slot = w.slot;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane >> 2, tig = lane & 3;
 
-  const T* const kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
-  const T* const vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
-  const T* const kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
-  const T* const vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+  const BaKvRows<T> rows(p, w);
 
   // Copy keys [t0, t0 + kTileN) of the virtual sequence into `stage`; keys at or past k1 are zero-filled.
   // Thread tid copies chunk d of rows j0, j0 + kRowStep, ... (consecutive threads: consecutive 16 bytes).
@@ -113,16 +110,9 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
     for (int i = 0; i < kLoadIters; ++i) {
       const int j = j0 + i * kRowStep;
       const int64_t key = t0 + j;
-      const bool valid = key < k1;
-      const T* ksrc = kb;  // any mapped address when !valid: nothing is read
-      const T* vsrc = vb;
-      if (valid && key < ctx) {
-        ksrc = kc + key * p.kc_stride_l + d;
-        vsrc = vc + key * p.vc_stride_l + d;
-      } else if (valid) {
-        ksrc = kb + (key - ctx) * p.kb_stride_s + d;
-        vsrc = vb + (key - ctx) * p.vb_stride_s + d;
-      }
+      const bool valid = key < k1;  // past it: nothing read (key 0's rows stand in), zeros written
+      const T* const ksrc = rows.k(valid ? key : 0, d);
+      const T* const vsrc = rows.v(valid ? key : 0, d);
       cp_async_16(smem_addr(ks + j * kPitch + d), ksrc, valid);
       cp_async_16(smem_addr(vs + j * kPitch + d), vsrc, valid);
     }

@@ -138,10 +138,7 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
       cute::prefetch_tma_descriptor(&tm_k);
       cute::prefetch_tma_descriptor(&tm_v);
     }
-    const T* const kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
-    const T* const vc = static_cast<const T*>(p.v_ctx) + b * p.vc_stride_b + h * p.vc_stride_h;
-    const T* const kb = static_cast<const T*>(p.k_blk) + b * p.kb_stride_b + h * p.kb_stride_h;
-    const T* const vb = static_cast<const T*>(p.v_blk) + b * p.vb_stride_b + h * p.vb_stride_h;
+    const BaKvRows<T> rows(p, w);
     for (int64_t it = 0; it < tiles; ++it) {
       const int stage = int(it % kStages);
       if (it >= kStages) Barrier::wait(&empty[stage], uint32_t((it / kStages - 1) & 1));
@@ -165,16 +162,9 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
         for (int i = wtid; i < kTileN * 16; i += 128) {
           const int j = i / 16, c = i % 16;  // key row, 16-byte chunk of the 128 dims
           const int64_t key = t0 + j;
-          const bool valid = key < k1;
-          const T* ksrc = kb;  // any mapped address when !valid: nothing is read
-          const T* vsrc = vb;
-          if (valid && key < ctx) {
-            ksrc = kc + key * p.kc_stride_l + c * 8;
-            vsrc = vc + key * p.vc_stride_l + c * 8;
-          } else if (valid) {
-            ksrc = kb + (key - ctx) * p.kb_stride_s + c * 8;
-            vsrc = vb + (key - ctx) * p.vb_stride_s + c * 8;
-          }
+          const bool valid = key < k1;  // past it: nothing read (key 0's rows stand in), zeros written
+          const T* const ksrc = rows.k(valid ? key : 0, c * 8);
+          const T* const vsrc = rows.v(valid ? key : 0, c * 8);
           const uint32_t off = (c / 8) * kHalfBytes + swz(j, c % 8);
           cp_async_16(smem_addr(ks + off), ksrc, valid);
           cp_async_16(smem_addr(vs + off), vsrc, valid);
