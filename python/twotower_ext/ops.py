@@ -102,7 +102,8 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=Non
 
 
 def _check_out(out, q) -> None:
-    """The reference route's check of `out` (the kernels check it in C++ with the same messages)."""
+    """The reference route's check of `out` (on the kernel route the binding checks the same properties, one
+    message per failed property)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"twotower: out must be a tensor, got {type(out).__name__}")
     if out.dtype != q.dtype or out.device != q.device or out.shape != q.shape:
