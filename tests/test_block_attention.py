@@ -109,7 +109,11 @@ def test_cpu_gemm_paths(mode, dtype, gen, monkeypatch):
     monkeypatch.setenv("TWOTOWER_CPU_LOWP_GEMM", mode)
     for D, lens in [(128, [1300, 5]), (33, [259, 0])]:
         args = make_inputs(gen, 2, 16, 8, 2, D, lens, dtype)
-        out, lse = tt.block_attention(*args)
+        try:
+            out, lse = tt.block_attention(*args)
+        except RuntimeError as e:   # forced native GEMM on a CPU whose brgemm does not run: a refusal, not garbage
+            assert mode == "native" and "does not run on this CPU" in str(e), e
+            pytest.skip(f"native {dtype} brgemm unavailable here: {e}")
         check_against_oracle(args, out, lse)
 
 

@@ -1,0 +1,214 @@
+// Torch-side adapter of block_attention / block_attention_out: argument checks (messages name the argument), the plan that fills the
+// kernel's params struct, the CPU / CUDA entry points and their registrations. The schema is in csrc/registry.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "block_attention/block_attention.h"
+#include "common/cpu_gemm_torch.h"
+#include "common/torch_checks.h"
+
+namespace {
+
+using at::Tensor;
+using namespace tt::torch_glue;
+
+// ---------------------------------------------------------------------------------------------------
+// block_attention(q [B,S,Hq,D], k_blk, v_blk [B,S,Hkv,D], k_ctx, v_ctx [B,Lmax,Hkv,D], ctx_lens int32 [B],
+//                 scale?) -> (out [B,S,Hq,D], lse [B,Hq,S] fp32)
+// block_attention_out(..., scale?, out) -> lse: the same, written into a caller's out (any strides, last dim
+// contiguous). Every path reads all inputs before it writes out, so out may even be q.
+
+struct BlockAttentionPlan {
+  tt::BlockAttentionParams p;
+  Tensor ctx_lens, out, lse;  // keep-alive
+};
+
+void attn_check_shape(const Tensor& t, const char* name, at::IntArrayRef want, const char* layout) {
+  TORCH_CHECK(t.sizes() == want, "twotower: ", name, " must be ", layout, " = ", want, ", got ", t.sizes());
+}
+
+BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
+                                        const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                                        const Tensor* out = nullptr) {
+  BlockAttentionPlan plan;
+  auto& p = plan.p;
+  p.dtype = kernel_dtype(q, "q");
+  const std::pair<const Tensor*, const char*> kv[] = {{&k_blk, "k_blk"}, {&v_blk, "v_blk"}, {&k_ctx, "k_ctx"},
+                                                      {&v_ctx, "v_ctx"}};
+  for (const auto& [t, name] : kv) {
+    check_dtype(*t, q.scalar_type(), name);
+    check_same_device(*t, name, q, "q");
+  }
+  check_dtype(ctx_lens, at::kInt, "ctx_lens");
+  check_same_device(ctx_lens, "ctx_lens", q, "q");
+  TORCH_CHECK(q.dim() == 4, "twotower: q must be [batch, block_len, q_heads, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k_blk.dim() == 4, "twotower: k_blk must be [batch, block_len, kv_heads, head_dim], got shape ",
+              k_blk.sizes());
+  TORCH_CHECK(k_ctx.dim() == 4, "twotower: k_ctx must be [batch, ctx_capacity, kv_heads, head_dim], got shape ",
+              k_ctx.sizes());
+  const int64_t B = q.size(0), S = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_blk.size(2), L = k_ctx.size(1);
+  TORCH_CHECK(S >= 1 && Hq >= 1 && D >= 1, "twotower: q must have block_len, q_heads and head_dim >= 1, got shape ",
+              q.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "twotower: q_heads (", Hq, ") must be a multiple of kv_heads (", Hkv,
+              ", k_blk dim 2)");
+  attn_check_shape(k_blk, "k_blk", {B, S, Hkv, D}, "[batch, block_len, kv_heads, head_dim]");
+  attn_check_shape(v_blk, "v_blk", {B, S, Hkv, D}, "[batch, block_len, kv_heads, head_dim]");
+  attn_check_shape(k_ctx, "k_ctx", {B, L, Hkv, D}, "[batch, ctx_capacity, kv_heads, head_dim]");
+  attn_check_shape(v_ctx, "v_ctx", {B, L, Hkv, D}, "[batch, ctx_capacity, kv_heads, head_dim]");
+  attn_check_shape(ctx_lens, "ctx_lens", {B}, "[batch]");
+  for (const auto& [t, name] : kv) check_last_dim_contiguous(*t, name);
+  check_last_dim_contiguous(q, "q");
+  const double sc = scale.value_or(1.0 / std::sqrt(double(D)));
+  TORCH_CHECK_VALUE(std::isfinite(sc), "twotower: scale must be finite, got ", sc);
+
+  plan.ctx_lens = ctx_lens.contiguous();
+  if (out != nullptr) {
+    check_dtype(*out, q.scalar_type(), "out");
+    check_same_device(*out, "out", q, "q");
+    attn_check_shape(*out, "out", {B, S, Hq, D}, "[batch, block_len, q_heads, head_dim] (q's shape)");
+    check_last_dim_contiguous(*out, "out");
+    plan.out = *out;
+  } else {
+    plan.out = at::empty({B, S, Hq, D}, q.options());
+  }
+  plan.lse = at::empty({B, Hq, S}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr();
+  p.k_blk = k_blk.data_ptr();
+  p.v_blk = v_blk.data_ptr();
+  p.k_ctx = k_ctx.data_ptr();
+  p.v_ctx = v_ctx.data_ptr();
+  p.ctx_lens = plan.ctx_lens.data_ptr<int32_t>();
+  p.out = plan.out.data_ptr();
+  p.lse = plan.lse.data_ptr<float>();
+  p.batch = B; p.block_len = S; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.ctx_capacity = L;
+  p.q_stride_b = q.stride(0); p.q_stride_s = q.stride(1); p.q_stride_h = q.stride(2);
+  p.kb_stride_b = k_blk.stride(0); p.kb_stride_s = k_blk.stride(1); p.kb_stride_h = k_blk.stride(2);
+  p.vb_stride_b = v_blk.stride(0); p.vb_stride_s = v_blk.stride(1); p.vb_stride_h = v_blk.stride(2);
+  p.kc_stride_b = k_ctx.stride(0); p.kc_stride_l = k_ctx.stride(1); p.kc_stride_h = k_ctx.stride(2);
+  p.vc_stride_b = v_ctx.stride(0); p.vc_stride_l = v_ctx.stride(1); p.vc_stride_h = v_ctx.stride(2);
+  p.o_stride_b = plan.out.stride(0); p.o_stride_s = plan.out.stride(1); p.o_stride_h = plan.out.stride(2);
+  p.lse_stride_b = plan.lse.stride(0); p.lse_stride_h = plan.lse.stride(1);
+  p.scale = float(sc);
+  return plan;
+}
+
+void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
+  auto& p = plan.p;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    TORCH_CHECK_VALUE(p.ctx_lens[b] >= 0 && p.ctx_lens[b] <= p.ctx_capacity, "twotower: ctx_lens must be in [0, ",
+                      p.ctx_capacity, "] (k_ctx dim 1), got ctx_lens[", b, "] = ", p.ctx_lens[b]);
+  }
+  if (p.batch == 0) return;
+  CpuGemmCtx gctx;
+  p.gemm = make_cpu_gemm(q.scalar_type(), gctx);
+
+  const int64_t threads = at::get_num_threads();
+  const auto cplan = tt::block_attention_cpu_plan(p, threads);
+  const int64_t ntasks = int64_t(cplan.tasks.size()), M = tt::ba_rows(p);
+  auto part_o = at::empty({ntasks, M, p.head_dim}, q.options().dtype(at::kFloat));
+  auto part_lse = at::empty({ntasks, M}, q.options().dtype(at::kFloat));
+  p.part_o = part_o.data_ptr<float>();
+  p.part_lse = part_lse.data_ptr<float>();
+  // Dynamic scheduling, largest tasks first: a ragged batch's chunks differ in size.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, ntasks), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1)) < ntasks;)
+      check_status(tt::block_attention_cpu_run_task(p, cplan, cplan.order[i]), "block_attention");
+    cpu_gemm_release(gctx);
+  });
+  at::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t b, int64_t e) {
+    check_status(tt::block_attention_cpu_merge(p, cplan, b, e), "block_attention");
+  });
+}
+
+std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
+                                               const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
+                                               std::optional<double> scale) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+  run_block_attention_cpu(plan, q);
+  return {plan.out, plan.lse};
+}
+
+Tensor block_attention_out_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
+                               const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                               const Tensor& out) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+  run_block_attention_cpu(plan, q);
+  return plan.lse;
+}
+
+#ifdef TWOTOWER_WITH_CUDA
+// The CUDA kernel path: the fastest one these inputs allow, or the one TWOTOWER_ATTN_PATH=simt|mma|wgmma
+// forces (tests use it to cover each path; a forced path that cannot run the inputs is an error, not a fallback).
+tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int device) {
+  const char* env = std::getenv("TWOTOWER_ATTN_PATH");
+  if (env == nullptr || *env == '\0') return tt::block_attention_cuda_default_path(p, device);
+  const std::string name(env);
+  TORCH_CHECK_VALUE(name == "simt" || name == "mma" || name == "wgmma",
+                    "twotower: TWOTOWER_ATTN_PATH must be simt, mma or wgmma, got '", name, "'");
+  const auto path = name == "simt"  ? tt::BlockAttentionCudaPath::kSimt
+                    : name == "mma" ? tt::BlockAttentionCudaPath::kMma
+                                    : tt::BlockAttentionCudaPath::kWgmma;
+  TORCH_CHECK(tt::block_attention_cuda_path_supported(p, path, device), "twotower: TWOTOWER_ATTN_PATH=", name,
+              " cannot run these inputs: ", tt::block_attention_cuda_path_requirements(path));
+  return path;
+}
+
+void run_block_attention_cuda(BlockAttentionPlan& plan, const Tensor& q) {
+  auto& p = plan.p;
+  TORCH_CHECK(tt::block_attention_cuda_supports(p.head_dim), "twotower: head_dim must be 64 or 128 on CUDA, got ",
+              p.head_dim);
+  if (p.batch == 0) return;
+  // The split plan uses only shapes (never ctx_lens values: they stay on the device and may change between
+  // graph replays); ctx_lens outside [0, Lmax] are clamped by the kernel rather than checked (no host sync).
+  const int num_sms = tt::block_attention_cuda_num_sms(q.device().index());
+  const auto path = attn_cuda_path(p, q.device().index());
+  auto cplan = tt::block_attention_cuda_plan(p.batch, p.num_kv_heads, p.ctx_capacity + p.block_len, num_sms,
+                                             tt::block_attention_cuda_tile_keys(path, p.head_dim), tt::ba_rows(p));
+  cplan.path = path;
+  const int64_t slots = p.batch * p.num_kv_heads * cplan.num_splits, M = tt::ba_rows(p);
+  auto part_o = at::empty({slots, M, p.head_dim}, q.options().dtype(at::kFloat));
+  auto part_lse = at::empty({slots, M}, q.options().dtype(at::kFloat));
+  p.part_o = part_o.data_ptr<float>();
+  p.part_lse = part_lse.data_ptr<float>();
+  check_status(tt::block_attention_cuda(p, cplan, current_stream(q)), "block_attention");
+}
+
+std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
+                                                const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
+                                                std::optional<double> scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+  run_block_attention_cuda(plan, q);
+  return {plan.out, plan.lse};
+}
+
+Tensor block_attention_out_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
+                                const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
+                                const Tensor& out) {
+  c10::cuda::CUDAGuard guard(q.device());
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+  run_block_attention_cuda(plan, q);
+  return plan.lse;
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(twotower, CPU, m) {
+  m.impl("block_attention", &block_attention_cpu);
+  m.impl("block_attention_out", &block_attention_out_cpu);
+}
+#ifdef TWOTOWER_WITH_CUDA
+TORCH_LIBRARY_IMPL(twotower, CUDA, m) {
+  m.impl("block_attention", &block_attention_cuda);
+  m.impl("block_attention_out", &block_attention_out_cuda);
+}
+#endif

@@ -1,0 +1,28 @@
+// The op schemas, all in one place (each op's checks, plan and CPU / CUDA registrations sit next to its
+// kernel in csrc/<op>/<op>_torch.cpp; kernel code below csrc/<op>/ is torch-free), and the Python module.
+#include <Python.h>
+#include <torch/library.h>
+
+// ---------------------------------------------------------------------------------------------------
+// Registry: schemas first, then one registration block per dispatch key.
+
+TORCH_LIBRARY(twotower, m) {
+  m.def("block_attention(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
+        "float? scale=None) -> (Tensor, Tensor)");
+  m.def("block_attention_out(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
+        "float? scale, Tensor(a!) out) -> Tensor");
+  m.def("merge_states(Tensor o, Tensor lse) -> (Tensor, Tensor)");
+  m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, float gamma, Tensor step, int steps_per_block, "
+        "float temperature, Tensor seed, Tensor offset, Tensor(b!) counts, Tensor(c!) done) -> ()");
+  m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "
+        "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? seq_lens, float dt_min, float dt_max, "
+        "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");
+}
+
+// A plain module: the ops register themselves with the dispatcher when the library is loaded, so this
+// needs no libtorch_python and builds against the stable ABI (one _C.abi3.so for every CPython >= 3.9).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "twotower_ext kernels (ops live in torch.ops.twotower)",
+                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
