@@ -8,9 +8,9 @@
 
 TORCH_LIBRARY(twotower, m) {
   m.def("block_attention(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
-        "float? scale=None) -> (Tensor, Tensor)");
+        "float? scale=None, bool causal=False) -> (Tensor, Tensor)");
   m.def("block_attention_out(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
-        "float? scale, Tensor(a!) out) -> Tensor");
+        "float? scale, Tensor(a!) out, bool causal=False) -> Tensor");
   m.def("merge_states(Tensor o, Tensor lse) -> (Tensor, Tensor)");
   m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, float gamma, Tensor step, int steps_per_block, "
         "float temperature, Tensor seed, Tensor offset, Tensor(b!) counts, Tensor(c!) done) -> ()");

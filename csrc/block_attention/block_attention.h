@@ -41,6 +41,7 @@ struct BlockAttentionParams {
   int64_t o_stride_b, o_stride_s, o_stride_h;
   int64_t lse_stride_b, lse_stride_h;  // lse stride over s is 1
   float scale;                         // softmax scale, resolved (default 1/sqrt(D))
+  bool causal = false;                 // block query j sees context + block keys 0..j (else all S block keys)
   DType dtype;
   // Split-KV partial states, one slot per (task or split): o [slots, M, D] fp32 normalised, lse [slots, M].
   float* part_o = nullptr;

@@ -21,8 +21,9 @@ using namespace tt::torch_glue;
 
 // ---------------------------------------------------------------------------------------------------
 // block_attention(q [B,S,Hq,D], k_blk, v_blk [B,S,Hkv,D], k_ctx, v_ctx [B,Lmax,Hkv,D], ctx_lens int32 [B],
-//                 scale?) -> (out [B,S,Hq,D], lse [B,Hq,S] fp32)
-// block_attention_out(..., scale?, out) -> lse: the same, written into a caller's out (any strides, last dim
+//                 scale?, causal=False) -> (out [B,S,Hq,D], lse [B,Hq,S] fp32)
+// causal: block query j sees the row's context and block keys 0..j (the context tower's extension / AR step).
+// block_attention_out(..., scale?, out, causal=False) -> lse: the same, written into a caller's out (any strides, last dim
 // contiguous). Every path reads all inputs before it writes out, so out may even be q.
 
 struct BlockAttentionPlan {
@@ -36,7 +37,7 @@ void attn_check_shape(const Tensor& t, const char* name, at::IntArrayRef want, c
 
 BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
                                         const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
-                                        const Tensor* out = nullptr) {
+                                        bool causal, const Tensor* out = nullptr) {
   BlockAttentionPlan plan;
   auto& p = plan.p;
   p.dtype = kernel_dtype(q, "q");
@@ -96,11 +97,13 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
   p.o_stride_b = plan.out.stride(0); p.o_stride_s = plan.out.stride(1); p.o_stride_h = plan.out.stride(2);
   p.lse_stride_b = plan.lse.stride(0); p.lse_stride_h = plan.lse.stride(1);
   p.scale = float(sc);
+  p.causal = causal;
   return plan;
 }
 
 void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
+  TORCH_CHECK(!p.causal, "twotower: block_attention(causal=True) has no CPU kernel yet");
   for (int64_t b = 0; b < p.batch; ++b) {
     TORCH_CHECK_VALUE(p.ctx_lens[b] >= 0 && p.ctx_lens[b] <= p.ctx_capacity, "twotower: ctx_lens must be in [0, ",
                       p.ctx_capacity, "] (k_ctx dim 1), got ctx_lens[", b, "] = ", p.ctx_lens[b]);
@@ -130,16 +133,16 @@ void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
 
 std::tuple<Tensor, Tensor> block_attention_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
                                                const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
-                                               std::optional<double> scale) {
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+                                               std::optional<double> scale, bool causal) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal);
   run_block_attention_cpu(plan, q);
   return {plan.out, plan.lse};
 }
 
 Tensor block_attention_out_cpu(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
                                const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
-                               const Tensor& out) {
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+                               const Tensor& out, bool causal) {
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal, &out);
   run_block_attention_cpu(plan, q);
   return plan.lse;
 }
@@ -163,6 +166,7 @@ tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int
 
 void run_block_attention_cuda(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
+  TORCH_CHECK(!p.causal, "twotower: block_attention(causal=True) has no CUDA kernel yet");
   TORCH_CHECK(tt::block_attention_cuda_supports(p.head_dim), "twotower: head_dim must be 64 or 128 on CUDA, got ",
               p.head_dim);
   if (p.batch == 0) return;
@@ -183,18 +187,18 @@ void run_block_attention_cuda(BlockAttentionPlan& plan, const Tensor& q) {
 
 std::tuple<Tensor, Tensor> block_attention_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk,
                                                 const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& ctx_lens,
-                                                std::optional<double> scale) {
+                                                std::optional<double> scale, bool causal) {
   c10::cuda::CUDAGuard guard(q.device());
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale);
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal);
   run_block_attention_cuda(plan, q);
   return {plan.out, plan.lse};
 }
 
 Tensor block_attention_out_cuda(const Tensor& q, const Tensor& k_blk, const Tensor& v_blk, const Tensor& k_ctx,
                                 const Tensor& v_ctx, const Tensor& ctx_lens, std::optional<double> scale,
-                                const Tensor& out) {
+                                const Tensor& out, bool causal) {
   c10::cuda::CUDAGuard guard(q.device());
-  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, &out);
+  auto plan = plan_block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal, &out);
   run_block_attention_cuda(plan, q);
   return plan.lse;
 }

@@ -66,20 +66,21 @@ def merge_states(o, lse) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.register_fake("twotower::block_attention")
-def _block_attention_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+def _block_attention_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, causal=False):
     torch._check(q.dim() == 4, lambda: "q must be [batch, block_len, q_heads, head_dim]")
     B, S, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, S), dtype=torch.float32)
 
 
 @torch.library.register_fake("twotower::block_attention_out")
-def _block_attention_out_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out):
+def _block_attention_out_fake(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out, causal=False):
     torch._check(q.dim() == 4, lambda: "q must be [batch, block_len, q_heads, head_dim]")
     B, S, Hq, _ = q.shape
     return q.new_empty((B, Hq, S), dtype=torch.float32)
 
 
-def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=None,
+                    causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
     ctx_lens[b] keys of their row's context cache followed by the S block keys (see `reference.block_attention`).
 
@@ -88,17 +89,18 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=Non
     (checked on CPU; clamped on CUDA, where checking would need a host sync). Hq % Hkv == 0; fp32/bf16/fp16;
     scale defaults to 1/sqrt(D). Returns (out [B,S,Hq,D] in q's dtype, lse [B,Hq,S] fp32, natural log).
     out: a preallocated [B,S,Hq,D] tensor of q's dtype and device (last dim contiguous, other strides free) to
-    write the result into; it is returned as the first element.
+    write the result into; it is returned as the first element. causal=True: block query j sees the context and
+    block keys 0..j only (the context tower's extension; S = 1 is an AR step).
     """
     if not _has_kernel("block_attention", q.device):
-        o, lse = reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
+        o, lse = reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal)
         if out is None:
             return o, lse
         _check_out(out, q)
         return out.copy_(o), lse
     if out is None:
-        return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale)
-    return out, torch.ops.twotower.block_attention_out(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out)
+        return torch.ops.twotower.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal)
+    return out, torch.ops.twotower.block_attention_out(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, out, causal)
 
 
 def _check_out(out, q) -> None:

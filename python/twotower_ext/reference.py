@@ -35,10 +35,11 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
 # block_attention
 
 
-def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
+def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, causal=False):
     """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
     ctx_lens[b] context keys of their row followed by the S block keys (SPEC.md section 2.1). GQA:
-    query head h uses KV head h // (Hq // Hkv).
+    query head h uses KV head h // (Hq // Hkv). causal=True: block query j sees the context and block keys
+    0..j only (the context tower's extension by S tokens; S = 1 is an AR step).
 
     q [B,S,Hq,D]; k_blk, v_blk [B,S,Hkv,D]; k_ctx, v_ctx [B,Lmax,Hkv,D]; ctx_lens int [B].
     Returns (out [B,S,Hq,D] in q's dtype, lse [B,Hq,S] fp32, natural log). Computed in fp32 (in fp64 for
@@ -54,6 +55,9 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None):
         k = torch.cat([k_ctx[b, :n], k_blk[b]], dim=0).to(acc).repeat_interleave(group, dim=1)  # [n+S,Hq,D]
         v = torch.cat([v_ctx[b, :n], v_blk[b]], dim=0).to(acc).repeat_interleave(group, dim=1)
         s = torch.einsum("shd,khd->hsk", q[b].to(acc), k) * scale                             # [Hq,S,n+S]
+        if causal:   # block key j' is key n + j' of the row: query j sees it iff j' <= j
+            later = torch.arange(S, device=q.device)[None, :] > torch.arange(S, device=q.device)[:, None]
+            s = s.masked_fill(torch.cat([torch.zeros(S, n, dtype=torch.bool, device=q.device), later], 1), float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1))
         outs.append(torch.einsum("hsk,khd->shd", p, v))
