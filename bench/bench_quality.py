@@ -12,6 +12,9 @@ prompt at a time, and reports:
                exp(ll - ll_AR): the ratio of geometric-mean token probabilities (AR = 1)
   match16      exact-match accuracy of the first 16 generated tokens against the held-out text, and
                match_ratio = match16 / match16_AR
+  agree16, agree_all  agreement with AR greedy decoding: the share of positions equal to the AR model's own
+               greedy continuation over the first 16 generated tokens and over the whole continuation
+  speed_vs_ar  tokens/s relative to AR's on the same prompts
   ar_chain     what the AR tower's own confidence allows (diffusion rows): tokens per pass if every pass
                committed the AR model's greedy token at the first open position of the block and then each
                following one while the AR probability of that token stays above gamma - a denoiser exactly as
@@ -32,8 +35,8 @@ import torch
 from . import harness
 
 GAMMAS = (0.5, 0.7, 0.8, 0.9, 0.95)
-COLUMNS = ["mode", "gamma", "tokens", "nfe", "tokens_per_nfe", "tokens_per_s", "ll", "ll_ratio", "match16",
-           "match_ratio", "ar_chain"]
+COLUMNS = ["mode", "gamma", "tokens", "nfe", "tokens_per_nfe", "tokens_per_s", "speed_vs_ar", "ll", "ll_ratio",
+           "match16", "match_ratio", "agree16", "agree_all", "ar_chain"]
 BLOCK = 16
 REF_TOKENS = 16
 
@@ -92,10 +95,11 @@ def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dic
     lm.generate(prompts[0][0], mode="diffusion", max_new_tokens=16)
     rows = []
     ar_probs = []  # per prompt: the AR model's probability of each of its own greedy tokens
+    ar_new = []    # per prompt: the AR model's greedy continuation
     for mode, gamma in settings:
         tokens = nfe = 0
-        seconds, lls, matches, samples = 0.0, [], [], []
-        for prompt, ref, rel in prompts:
+        seconds, lls, matches, samples, agree16, agree_all = 0.0, [], [], [], [], []
+        for i, (prompt, ref, rel) in enumerate(prompts):
             res = lm.generate(prompt, mode=mode, max_new_tokens=new_tokens, threshold=gamma or 0.8)
             new = res.new_tokens[0]
             tokens += res.stats["tokens"]
@@ -105,6 +109,10 @@ def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dic
             lls += ll
             if mode == "ar":
                 ar_probs.append([math.exp(x) for x in ll])
+                ar_new.append(new)
+            greedy = ar_new[i]
+            agree16.append(sum(a == b for a, b in zip(new[:REF_TOKENS], greedy)) / max(1, min(REF_TOKENS, len(greedy))))
+            agree_all.append(sum(a == b for a, b in zip(new, greedy)) / max(1, len(greedy)))
             matches.append(sum(a == b for a, b in zip(new[:REF_TOKENS], ref)) / REF_TOKENS)
             if len(samples) < 3:
                 samples.append({"file": rel, "prompt": lm.decode(prompt), "generated": lm.decode(new),
@@ -112,15 +120,18 @@ def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dic
         row = {"mode": mode, "gamma": "-" if gamma is None else gamma, "tokens": tokens, "nfe": nfe,
                "tokens_per_nfe": tokens / nfe, "tokens_per_s": tokens / seconds,
                "ll": sum(lls) / len(lls), "match16": sum(matches) / len(matches), "samples": samples,
+               "agree16": sum(agree16) / len(agree16), "agree_all": sum(agree_all) / len(agree_all),
                "ar_chain": "-" if gamma is None else
                sum(map(len, ar_probs)) / sum(chain_passes(pr, gamma) for pr in ar_probs)}
         rows.append(row)
         log(f"  {mode:9s} gamma {row['gamma']!s:4s}: {row['tokens_per_nfe']:.2f} tokens/NFE, "
-            f"{row['tokens_per_s']:.0f} tokens/s, ll {row['ll']:.3f}, match16 {row['match16']:.3f}")
+            f"{row['tokens_per_s']:.0f} tokens/s, ll {row['ll']:.3f}, match16 {row['match16']:.3f}, "
+            f"agree16 {row['agree16']:.3f}")
     ar = rows[0]
     for r in rows:
         r["ll_ratio"] = math.exp(r["ll"] - ar["ll"])
         r["match_ratio"] = r["match16"] / ar["match16"] if ar["match16"] else float("nan")
+        r["speed_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"]
     return rows
 
 

@@ -4,7 +4,11 @@
   phase1  train the context tower as a causal LM            -> DIR/phase1/model (NVIDIA format)
   phase2  train the denoiser, context tower frozen          -> DIR/phase2/model
   all     data + phase1 + phase2
-  ship    write DIR/phase2/model (bf16) as the package's default model
+  distill self-distil a trained denoiser: generate the context tower's greedy continuations of training
+          prompts with the engine (AR mode, batched), then train the denoiser (context tower frozen) to fill
+          blocks of them                                -> DIR/distill/model
+          (--from MODEL: start from a trained two-tower checkpoint, default the shipped model)
+  ship    write DIR/phase2/model (or --stage distill: DIR/distill/model) as the package's default model
 
 Every command is resumable: run it again after an interruption (or a --max-minutes stop) and it
 continues from the last checkpoint. The preset (model size, steps, batch, learning rate) is fixed in
@@ -32,6 +36,10 @@ PRESETS = {
                       routed_scaling_factor=2.5),
         "phase1": dict(steps=2200, batch=12, seq_len=256, lr=3e-3, warmup=100),
         "phase2": dict(steps=1800, batch=12, seq_len=256, lr=3e-3, warmup=50),
+        # Self-distillation of the trained denoiser (continues from its weights): 32-token prompts + 224
+        # greedy tokens of the context tower per row.
+        "distill": dict(sequences=3072, prompt_len=32, gen_len=224, mix=0.0, steps=1200, batch=12, lr=1e-3,
+                        warmup=20),
     },
     # Smoke tests: a few seconds.
     "tiny": {
@@ -43,6 +51,8 @@ PRESETS = {
                       routed_scaling_factor=2.5),
         "phase1": dict(steps=20, batch=2, seq_len=64, lr=3e-3, warmup=5, ckpt_every=10, eval_every=10),
         "phase2": dict(steps=20, batch=2, seq_len=64, lr=3e-3, warmup=5, ckpt_every=10, eval_every=10),
+        "distill": dict(sequences=4, prompt_len=16, gen_len=32, mix=0.25, steps=6, batch=4, lr=1e-3, warmup=2,
+                        ckpt_every=3, eval_every=3),
     },
 }
 HELDOUT_CROPS = 32
@@ -110,13 +120,59 @@ def _phase(a, rc, phase: int) -> dict:
     return s
 
 
+def _distill(a, rc) -> dict:
+    """Self-distillation: sequences of [prompt | the context tower's greedy continuation] from the source model
+    (--from, default the shipped one, else this run's phase 2), then phase-2 training of its denoiser on them
+    with the loss on the continuation positions (plus `mix` of data rows)."""
+    from .distill import batch_fn, generate_sequences
+    from .model import TrainModel
+    from .trainer import PhaseArgs, heldout_batches, run_phase
+    from ..models.config import NemotronHConfig
+
+    src = a.source or os.path.join(a.run, "phase2", "model")
+    if a.source is None and not os.path.exists(os.path.join(src, "config.json")):
+        from .. import default_model_path
+
+        src = default_model_path()
+    if src is None or not os.path.exists(os.path.join(src, "config.json")):
+        raise SystemExit("train: distill needs a trained two-tower model: --from DIR, this run's phase 2, or the "
+                         "shipped model")
+    tok = os.path.join(src, "tokenizer.json")
+    data_dir = os.path.join(a.run, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(tok) and not os.path.exists(os.path.join(data_dir, "tokenizer.json")):
+        shutil.copy(tok, os.path.join(data_dir, "tokenizer.json"))   # tokenize the data with the model's own BPE
+    data = _data(a, rc)
+    d = dict(rc["distill"])
+    if a.steps is not None:
+        d["steps"] = a.steps
+    ddir = os.path.join(a.run, "distill")
+    os.makedirs(ddir, exist_ok=True)
+    seqs = generate_sequences(src, data["train"], os.path.join(ddir, "sequences.pt"), d.pop("sequences"),
+                              d["prompt_len"], d["gen_len"], seed=rc["seed"])
+    prompt_len, mix = d.pop("prompt_len"), d.pop("mix")
+    seq_len = prompt_len + d.pop("gen_len")
+    args = PhaseArgs(seed=rc["seed"], max_minutes=a.max_minutes, seq_len=seq_len, **d)
+    model = TrainModel(NemotronHConfig.from_json(src))
+    model.load(src)
+    held = heldout_batches(data["heldout"], HELDOUT_CROPS, seq_len + 1)
+    at = batch_fn(seqs, data["train"], args.batch, rc["seed"], mix)
+    t0 = time.perf_counter()
+    s = run_phase(2, model, data["train"], held, args, a.run, tokenizer=os.path.join(data_dir, "tokenizer.json"),
+                  name="distill", batches=lambda step: at(step, prompt_len))
+    print(f"distill: {s['steps_done']}/{s['steps']} steps, last loss {s['last_loss']:.4f}, held-out loss "
+          f"{s['heldout_loss']}, {time.perf_counter() - t0:.0f} s this run", file=sys.stderr)
+    return s
+
+
 def _ship(a, rc) -> None:
-    """Re-save phase 2's checkpoint in bf16 into the package (config.json, model.safetensors, tokenizer)."""
+    """Re-save phase 2's (or the distill stage's) checkpoint in bf16 into the package (config.json,
+    model.safetensors, tokenizer)."""
     from .model import TrainModel
 
-    src = os.path.join(a.run, "phase2", "model")
+    src = os.path.join(a.run, a.stage, "model")
     if not os.path.exists(os.path.join(src, "config.json")):
-        raise SystemExit(f"train: nothing to ship at {src}; run phase2 first")
+        raise SystemExit(f"train: nothing to ship at {src}; run {a.stage} first")
     from ..models.config import NemotronHConfig
 
     model = TrainModel(NemotronHConfig.from_json(src))
@@ -135,7 +191,7 @@ def _ship(a, rc) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twotower_ext.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["data", "phase1", "phase2", "all", "ship"])
+    ap.add_argument("command", choices=["data", "phase1", "phase2", "all", "distill", "ship"])
     ap.add_argument("--run", required=True, help="run directory (data, checkpoints, logs)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model + schedule preset (default small)")
     ap.add_argument("--seed", type=int, default=0)
@@ -146,6 +202,9 @@ def main(argv=None) -> int:
                     help="stop a phase after this long (checkpointed; rerun to resume)")
     ap.add_argument("--dest", help="ship: destination directory (default: the package's data/default_model)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="ship: weight dtype")
+    ap.add_argument("--stage", default="phase2", choices=["phase2", "distill"], help="ship: which model")
+    ap.add_argument("--from", dest="source", help="distill: the trained model to start from (default: this run's "
+                                                     "phase 2, else the shipped model)")
     a = ap.parse_args(argv)
     rc = _run_config(a)
     if rc.get("threads"):
@@ -154,6 +213,9 @@ def main(argv=None) -> int:
         _data(a, rc)
     elif a.command == "ship":
         _ship(a, rc)
+    elif a.command == "distill":
+        if not _distill(a, rc)["finished"]:
+            return 3
     else:
         for phase in ((1, 2) if a.command == "all" else (int(a.command[-1]),)):
             if not _phase(a, rc, phase)["finished"]:

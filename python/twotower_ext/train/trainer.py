@@ -168,11 +168,15 @@ def mask_blocks(ids: torch.Tensor, block: int, g: torch.Generator) -> tuple[torc
 
 
 def diffusion_loss(model: TrainModel, ids: torch.Tensor, block: int, g: torch.Generator,
-                   loads: dict | None = None) -> torch.Tensor:
+                   loads: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked-diffusion loss over every block of ids; with `keep` [B, L] bool only the masked positions it marks
+    count (the distilled continuation of a [prompt | continuation] row)."""
     with torch.no_grad():
         _, kv, mstates = context_forward(model.w, model.cfg, ids, block, collect=True)
     noisy, mask, t = mask_blocks(ids, block, g)
     logits = denoiser_forward(model.w, model.cfg, noisy, t, kv, mstates, block, loads=loads)
+    if keep is not None:
+        mask = mask & keep
     logits = logits[mask]
     logits = logits.index_fill(-1, torch.tensor([MASK]), float("-inf"))   # never predicted at inference
     return F.cross_entropy(logits, ids[mask])
@@ -183,11 +187,14 @@ def diffusion_loss(model: TrainModel, ids: torch.Tensor, block: int, g: torch.Ge
 
 
 def run_phase(phase: int, model: TrainModel, stream: torch.Tensor, heldout: torch.Tensor | None, a: PhaseArgs,
-              run_dir: str, tokenizer: str | None = None) -> dict:
-    """Train phase 1 (context tower) or 2 (denoiser), resuming from run_dir/phaseN/state.pt when it is
-    there. Returns a summary (steps done, seconds, last losses, finished or stopped by the time limit)."""
+              run_dir: str, tokenizer: str | None = None, name: str | None = None, batches=None) -> dict:
+    """Train phase 1 (context tower) or 2 (denoiser), resuming from run_dir/NAME/state.pt when it is there
+    (NAME: phaseN unless given). `batches(step) -> (ids, keep)` replaces the random crops of `stream` (phase 2:
+    the loss counts only masked positions where keep is set; the self-distillation stage uses it). Returns a
+    summary (steps done, seconds, last losses, finished or stopped by the time limit)."""
     torch.manual_seed(a.seed)
-    pdir = os.path.join(run_dir, f"phase{phase}")
+    name = name or f"phase{phase}"
+    pdir = os.path.join(run_dir, name)
     os.makedirs(pdir, exist_ok=True)
     if phase == 1:
         params, frozen, tower = model.context_params(), model.denoiser_params(), model.w.context
@@ -208,7 +215,7 @@ def run_phase(phase: int, model: TrainModel, stream: torch.Tensor, heldout: torc
     if start:
         print(f"phase {phase}: resuming at step {start} from {state_path}", file=sys.stderr)
     seq = a.seq_len + (1 if phase == 1 else 0)
-    prog = _Progress(f"phase{phase}", a, start, a.batch * a.seq_len, os.path.join(pdir, "loss.tsv"))
+    prog = _Progress(name, a, start, a.batch * a.seq_len, os.path.join(pdir, "loss.tsv"))
     with open(os.path.join(pdir, "args.json"), "w") as f:
         json.dump(asdict(a), f, indent=1)
     step, last, held = start, float("nan"), None
@@ -220,13 +227,17 @@ def run_phase(phase: int, model: TrainModel, stream: torch.Tensor, heldout: torc
         lr = lr_at(step, a)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids = batch_at(stream, step + (phase - 1) * 10_000_000, a.batch, seq, a.seed)
+        keep = None
+        if batches is not None:
+            ids, keep = batches(step)
+        else:
+            ids = batch_at(stream, step + (phase - 1) * 10_000_000, a.batch, seq, a.seed)
         loads = {}
         if phase == 1:
             loss = lm_loss(model, ids, a.block, loads)
         else:
             g = torch.Generator().manual_seed(a.seed * 7919 + step)
-            loss = diffusion_loss(model, ids, a.block, g, loads)
+            loss = diffusion_loss(model, ids, a.block, g, loads, keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, a.clip)
@@ -253,7 +264,7 @@ def run_phase(phase: int, model: TrainModel, stream: torch.Tensor, heldout: torc
     with open(os.path.join(pdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if stopped:
-        print(f"phase {phase}: stopped by the time limit at step {step}/{a.steps}; run the same command "
+        print(f"{name}: stopped by the time limit at step {step}/{a.steps}; run the same command "
               f"again to resume", file=sys.stderr)
     return summary
 
