@@ -8,7 +8,9 @@ pass's bytes at the machine's bandwidth (or its FLOPs at the matmul rate, whiche
 experts a pass touched are counted on the device (`costmodel.distinct_experts`, around the router) and
 shown next to the uniform-routing expectation: a block's first pass (every position the mask token, and
 no positional encoding) routes its 16 tokens alike, so it touches fewer experts than uniform routing
-predicts; a half-committed block is closer to a typical later pass.
+predicts; a half-committed block is closer to a typical later pass. The last column puts the break-even
+tokens per pass of the measured times (AR step, the mean of the two passes, extension) next to the
+predicted one.
 
 Models: the parity checkpoint, the shipped model and a random-weight model of the real 52-layer pattern at
 width 1/8 (vocab 8192), fp32 on CPU (bf16 on CUDA). The passes run the engine's MoE path of the device:
@@ -26,7 +28,7 @@ import torch
 from . import harness
 
 COLUMNS = ["model", "batch", "pass", "MB", "MFLOP", "measured ms", "predicted ms", "measured/predicted", "bound",
-           "experts/layer", "expected experts"]
+           "experts/layer", "expected experts", "break-even tok/pass (measured/predicted)"]
 CTX = 256
 BLOCK = 16
 PARITY = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity", "checkpoint")
@@ -104,17 +106,23 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                       "nfe, half committed": lambda: model.denoise(half, cache, 0.5, dense_moe=dense),
                       "extension": lambda: (model.extend(block, cache), reset())}
             est = costmodel.estimate(cfg, batch, CTX, BLOCK, wbytes, bw, mm)
+            ms = {}
             for label, fn in passes.items():
                 key = label.split(",")[0]
                 t = time_it(fn)
                 with _expert_tally(cfg.n_routed_experts) as counts:
                     fn()
                 touched = torch.stack(counts).double().mean().item() if counts else float("nan")
-                ms = t.median_s * 1e3
+                ms[label] = t.median_s * 1e3
                 rows.append({"model": name, "batch": batch, "pass": label, "MB": est[f"{key}_bytes"] / 1e6,
-                             "MFLOP": est[f"{key}_flops"] / 1e6, "measured ms": ms, "predicted ms": est[f"{key}_ms"],
-                             "measured/predicted": ms / est[f"{key}_ms"], "bound": est[f"{key}_bound"],
-                             "experts/layer": touched, "expected experts": est[f"distinct_experts_{key}"]})
+                             "MFLOP": est[f"{key}_flops"] / 1e6, "measured ms": ms[label],
+                             "predicted ms": est[f"{key}_ms"], "measured/predicted": ms[label] / est[f"{key}_ms"],
+                             "bound": est[f"{key}_bound"], "experts/layer": touched,
+                             "expected experts": est[f"distinct_experts_{key}"]})
+            # a block's passes: its first all-masked, the rest partly committed: their mean stands for a pass
+            nfe_ms = (ms["nfe"] + ms["nfe, half committed"]) / 2
+            measured = costmodel.break_even(ms["ar_step"], nfe_ms, ms["extension"], BLOCK)
+            rows[-1]["break-even tok/pass (measured/predicted)"] = f"{measured:.3g} / {est['break_even_tokens_per_nfe']:.3g}"
     harness.print_table(f"each pass measured vs its roofline on {device} ({dtype}, context {CTX}, block {BLOCK}; "
                         f"copy {bw / 1e9:.1f} GB/s, matmul {mm / 1e9:.1f} GFLOP/s measured in this run)",
                         rows, COLUMNS)

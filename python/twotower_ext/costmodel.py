@@ -8,7 +8,7 @@ compute at the least:
 
 Bytes (each read once per pass, as an ideal engine would):
 - weights: every dense weight of the tower (Mamba, attention, shared experts, routers, norms) plus the
-  routed experts actually chosen; with T tokens in the pass (all rows together) and uniform top-k routing
+  routed experts the tokens choose; with T tokens in the pass (all rows together) and uniform top-k routing
   a MoE layer touches E(1-(1-k/E)^T) distinct experts in expectation;
 - embeddings: one row per token; the LM head: the whole [vocab, hidden] matrix when the pass has logits;
 - KV: the context K/V of every attention layer (ctx_len per row), plus the new tokens' K/V written;
@@ -45,7 +45,7 @@ class Device:
 
 
 # Datasheet numbers, not measurements: times derived from them are predictions. Dense (not 2:4 sparse)
-# bf16 tensor-core peak; HBM bandwidth as NVIDIA states it (real streams reach ~80-90 % of it).
+# bf16 tensor-core peak; HBM bandwidth as NVIDIA states it (a real copy reaches less).
 PRESETS = {
     "h100": Device("H100 SXM", 3.35e12, 989e12, "datasheet (HBM3 3.35 TB/s, bf16 dense 989 TFLOP/s): predicted"),
     "h200": Device("H200 SXM", 4.8e12, 989e12, "datasheet (HBM3e 4.8 TB/s, bf16 dense 989 TFLOP/s): predicted"),
@@ -217,9 +217,9 @@ def pass_cost(cfg, batch: int, new: int, ctx_len: int, weight_bytes: float, *, l
     return {"bytes": sum(b.values()), "parts": b, "flops": flops, "distinct_experts": distinct}
 
 
-def _positive_int(name: str, v, lo: int = 1) -> int:
+def _positive_int(name: str, v, lo: int = 1, where: str = "estimate: ") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"estimate: {name} must be an int >= {lo}, got {v!r}")
+        raise ValueError(f"{where}{name} must be an int >= {lo}, got {v!r}")
     return v
 
 
@@ -372,8 +372,8 @@ def print_roofline(args) -> int:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
     if args.real_config and args.model:
         raise ValueError("--real-config and --model are exclusive")
-    for name in ("ctx_len", "block_size"):
-        _positive_int("--" + name.replace("_", "-"), getattr(args, name), 0 if name == "ctx_len" else 1)
+    _positive_int("--ctx-len", args.ctx_len, 0, where="")
+    _positive_int("--block-size", args.block_size, 1, where="")
     if args.device not in DEVICE_NAMES:  # before measuring or reading anything
         raise ValueError(f"--device must be one of {', '.join(DEVICE_NAMES)}, got {args.device!r}")
     if args.real_config:
@@ -393,6 +393,6 @@ def print_roofline(args) -> int:
           f"active per AR token")
     print(f"device: {dev.name}: {dev.bandwidth / 1e9:.1f} GB/s, {dev.flops / 1e12:.3g} TFLOP/s ({dev.source})")
     print(f"{args.dtype} weights, context {args.ctx_len} tokens, block {args.block_size}; roofline = "
-          f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound")
+          f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound; bound: m = bandwidth, c = compute")
     print(format_table(roofline_rows(cfg, dev, DTYPE_BYTES[args.dtype], args.ctx_len, args.block_size)))
     return 0
