@@ -146,3 +146,23 @@ def test_bad_input(capsys):
     assert "twotower: --device must be one of h100, h200, cpu, got 'tpu'" in capsys.readouterr().err
     assert cli.main(["info", "--roofline", "--real-config", "--model", PARITY]) == 2
     assert "twotower: --real-config and --model are exclusive" in capsys.readouterr().err
+
+
+def test_cli_roofline_of_a_checkpoint(capsys):
+    assert cli.main(["info", "--roofline", "--model", PARITY, "--device", "h200", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    p = costmodel.param_counts(NemotronHConfig.from_json(PARITY))
+    assert f"{p['tower'] / 1e9:.3g}B parameters per tower" in out and "fp32 weights" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("| ")]) == 1 + len(costmodel.BATCHES)
+
+
+def test_dense_config_has_no_expert_bytes():
+    cfg = dict(REAL_CONFIG, hybrid_override_pattern="M*-", num_hidden_layers=3, intermediate_size=1024)
+    e = costmodel.estimate(cfg, batch=2, bandwidth=1e12)
+    assert e["distinct_experts_nfe"] == 0 and e["nfe_parts"]["experts"] == 0
+    assert e["params_active_per_token"] == e["params_tower"] - e["params_embeddings"]
+
+
+def test_measure_device_runs():
+    d = costmodel.measure_device("cpu", nbytes=8 << 20, reps=1)
+    assert d.bandwidth > 0 and d.flops > 0 and math.isfinite(d.bandwidth) and "measured" in d.source

@@ -186,7 +186,8 @@ def pass_cost(cfg, batch: int, new: int, ctx_len: int, weight_bytes: float, *, l
             flops += 2 * rows * o * i
         b["weights"] += sum(n * (4 if fp32 else weight_bytes) for n, fp32 in vecs)
 
-    distinct = expected_distinct_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, T) if cfg.n_routed_experts else 0.0
+    has_moe = "moe" in cfg.layer_kinds
+    distinct = expected_distinct_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, T) if has_moe else 0.0
     for kind in cfg.layer_kinds:
         read(*_mixer_weights(cfg, kind), T)
         if kind == "mamba":
