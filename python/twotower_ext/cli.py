@@ -2,7 +2,7 @@
 
   twotower generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--mode --threshold --block-size
                     --steps --temperature --max-new-tokens --seed --device --dtype --reference-compat]
-  twotower info --model DIR
+  twotower info --model DIR [--roofline [--device h100|h200|cpu]] | --roofline --real-config
 """
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_info(a) -> int:
+    if a.roofline or a.real_config:
+        from .costmodel import print_roofline
+        return print_roofline(a)
     from .models import NemotronHConfig
     from .models.cache import cache_row_bytes
 
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     g.set_defaults(fn=_cmd_generate)
     i = sub.add_parser("info", help="print a checkpoint's config, parameter counts and cache sizes")
     i.add_argument("--model", help="checkpoint directory (default: the shipped model)")
+    from .costmodel import add_info_arguments
+    add_info_arguments(i)
     i.set_defaults(fn=_cmd_info)
     a = ap.parse_args(argv)
     try:
