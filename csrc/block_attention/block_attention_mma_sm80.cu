@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
       }
 
       // Online softmax (keys past the split's end, or past the row's own block position, masked).
-      const int64_t valid[2] = {limit[0] - t0, limit[1] - t0};
+      int valid[2];
+      tile_limits<kTileN>(valid, limit, t0);
       float alpha[2];
       softmax_scores(reinterpret_cast<float(&)[kNB * 4]>(s), m, l, alpha, valid, scale_log2, tig);
       rescale_acc(reinterpret_cast<float(&)[kDB * 4]>(o), alpha);

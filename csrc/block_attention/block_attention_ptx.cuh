@@ -54,7 +54,7 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // accumulators may be in flight). A row that has seen no key yet keeps m = -inf, l = 0.
 template <int NS>
 __device__ __forceinline__ void softmax_scores(float (&s)[NS], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                               const int64_t (&valid)[2], float scale_log2, int tig) {
+                                               const int (&valid)[2], float scale_log2, int tig) {
   float mx[2] = {m[0], m[1]};
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
@@ -76,6 +76,17 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NS], float (&m)[2], fl
   for (int i = 0; i < NS; ++i) {
     s[i] = exp2f(s[i] - ref[(i >> 1) & 1]);  // masked: exp2(-inf) = 0
     l[(i >> 1) & 1] += s[i];
+  }
+}
+
+// Tile-relative limits of the thread's two rows for the tile at key t0, clamped to [0, tile] (32-bit compares
+// in the softmax).
+template <int kTile>
+__device__ __forceinline__ void tile_limits(int (&valid)[2], const int64_t (&limit)[2], int64_t t0) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t v = limit[r] - t0;
+    valid[r] = v < 0 ? 0 : v > kTile ? kTile : int(v);
   }
 }
 

@@ -256,7 +256,8 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   // own block position, masked); leaves the O rescale in alpha. Touches neither o nor pa (in flight).
   auto softmax = [&](int64_t t0) {
     fence_regs(s);
-    const int64_t valid[2] = {limit[0] - t0, limit[1] - t0};
+    int valid[2];
+    tile_limits<kTileN>(valid, limit, t0);
     softmax_scores(s, m, l, alpha, valid, scale_log2, tig);
   };
   // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
