@@ -53,8 +53,10 @@ left() { echo $(( budget - ($(date +%s) - t_start) )); }
 if [ "$has_gpu" = 1 ]; then
   stamp "attention paths (which kernel really ran: the op's own report)"
   paths=$(timeout -k 5 90 "$py" - <<'PY' 2>&1
-import os, torch, twotower_ext as tt
+import os, sys, torch, twotower_ext as tt
 g = torch.Generator().manual_seed(0)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+bad = 0
 def run(Hq, Hkv, D, dtype, causal=False):
     B, S, lens = 2, 16, [1500, 7]
     q, kb, vb = (torch.randn(B, S, h, D, generator=g).to(dtype).cuda() for h in (Hq, Hkv, Hkv))
@@ -64,22 +66,28 @@ def run(Hq, Hkv, D, dtype, causal=False):
     want, want_lse = tt.reference.block_attention(q.cpu().double(), kb.cpu().double(), vb.cpu().double(),
                                                   kc.cpu().double(), vc.cpu().double(), ctx.cpu(), causal=causal)
     err = (out.cpu().double() - want).abs().max().item()
-    return torch.ops.twotower.cuda_attention_last_launch(), err
+    return torch.ops.twotower.cuda_attention_last_launch(), err, "ok" if err <= TOL[dtype] else "WRONG"
 for model, (Hq, Hkv, D) in {"parity": (4, 2, 16), "shipped": (4, 2, 40), "real": (32, 2, 128)}.items():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
-            ran, err = run(Hq, Hkv, D, dtype)
-            print(f"| default | {model} (head_dim {D}) {str(dtype)[6:]} | {ran} | max err {err:.2g} |")
+            ran, err, verdict = run(Hq, Hkv, D, dtype)
+            bad += verdict != "ok"
+            print(f"| default | {model} (head_dim {D}) {str(dtype)[6:]} | {ran} | {verdict}, max err {err:.2g} |")
         except Exception as e:  # noqa: BLE001
+            bad += 1
             print(f"| default | {model} (head_dim {D}) {str(dtype)[6:]} | FAILED: {str(e).splitlines()[0]} | |")
+hopper = torch.cuda.get_device_capability() == (9, 0)
 for path in ("simt", "mma", "wgmma"):
     os.environ["TWOTOWER_ATTN_PATH"] = path
     for causal in (False, True):
         try:
-            ran, err = run(32, 2, 128, torch.bfloat16, causal)
-            print(f"| forced {path} | real bf16 causal={causal} | {ran} | max err {err:.2g} |")
+            ran, err, verdict = run(32, 2, 128, torch.bfloat16, causal)
+            bad += verdict != "ok"
+            print(f"| forced {path} | real bf16 causal={causal} | {ran} | {verdict}, max err {err:.2g} |")
         except Exception as e:  # noqa: BLE001
+            bad += path != "wgmma" or hopper  # only wgmma off Hopper may refuse
             print(f"| forced {path} | real bf16 causal={causal} | REFUSED/FAILED: {str(e).splitlines()[0]} | |")
+sys.exit(1 if bad else 0)
 PY
 ) || { echo "gpu_check: ATTENTION PATH REPORT FAILED or timed out" >&2; status=1; }
   echo "$paths"

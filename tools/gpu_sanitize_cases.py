@@ -28,7 +28,7 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"sanitize: block_attention {path} causal={causal}: "
                   f"{torch.ops.twotower.cuda_attention_last_launch()}", flush=True)
-    os.environ.pop("TWOTOWER_ATTN_PATH")
+    os.environ.pop("TWOTOWER_ATTN_PATH", None)
 
     o, lse = rnd(3, 5, 64).to(dev), rnd(3, 5).to(dev)
     lse[1, 2] = -math.inf

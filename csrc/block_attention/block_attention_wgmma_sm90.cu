@@ -254,11 +254,21 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   };
   // Online softmax of the finished S of the tile at key t0 (keys at or past the split's end, or past the row's
   // own block position, masked); leaves the O rescale in alpha. Touches neither o nor pa (in flight).
+  // The closing fences keep the softmax ahead of warpgroup_wait<0> in the PTX. (ptxas 13.0 still schedules the
+  // wait right after the scaling and masking, so in the SASS only those overlap the P V in flight; the max,
+  // exp and sum run after it, under the other consumer's GEMMs.)
   auto softmax = [&](int64_t t0) {
     fence_regs(s);
     int valid[2];
     tile_limits<kTileN>(valid, limit, t0);
     softmax_scores(s, m, l, alpha, valid, scale_log2, tig);
+    fence_regs(s);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      cute::warpgroup_fence_operand(m[r]);
+      cute::warpgroup_fence_operand(l[r]);
+      cute::warpgroup_fence_operand(alpha[r]);
+    }
   };
   // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
   auto pack_p = [&] {
