@@ -12,6 +12,12 @@ TORCH_LIBRARY(twotower, m) {
   m.def("block_attention_out(Tensor q, Tensor k_blk, Tensor v_blk, Tensor k_ctx, Tensor v_ctx, Tensor ctx_lens, "
         "float? scale, Tensor(a!) out, bool causal=False) -> Tensor");
   m.def("merge_states(Tensor o, Tensor lse) -> (Tensor, Tensor)");
+  // Host-side views of the CUDA attention (no tensors, no GPU needed): the plan a shape gets on a given GPU, and
+  // what the last CUDA block_attention call of this thread launched.
+  m.def("cuda_attention_plan(int batch, int block_len, int q_heads, int kv_heads, int head_dim, int ctx_capacity, "
+        "str dtype, int cc, int num_sms, str path='', int ctx_len=-1, int smem_optin=0, int smem_per_sm=0, "
+        "bool sm90a_image=True) -> int[]");
+  m.def("cuda_attention_last_launch() -> str");
   m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, float gamma, Tensor step, int steps_per_block, "
         "float temperature, Tensor seed, Tensor offset, Tensor(b!) counts, Tensor(c!) done) -> ()");
   m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "

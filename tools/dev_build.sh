@@ -10,6 +10,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bindir=$(dirname "$(command -v "$py")")
 export PATH="$bindir:$PATH"
 cmake -S "$root" -B "$build" -G Ninja -DPython_EXECUTABLE="$(command -v "$py")" -DCMAKE_BUILD_TYPE=Release \
-  -DTWOTOWER_CUDA="${TWOTOWER_CUDA:-AUTO}" -DTWOTOWER_CUDA_ARCHS="${TWOTOWER_CUDA_ARCHS:-80-real;90a-real}" >/dev/null
+  -DTWOTOWER_CUDA="${TWOTOWER_CUDA:-AUTO}" -DTWOTOWER_CUDA_ARCHS="${TWOTOWER_CUDA_ARCHS:-80-real;90a-real;80-virtual}" >/dev/null
 cmake --build "$build" -j "${JOBS:-2}"
 echo "built: $(ls "$build"/_C*.so)"

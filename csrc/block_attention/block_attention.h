@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/platform.h"
+#include "block_attention/block_attention_cuda_plan.h"
 #include "merge_state/merge_state.h"
 
 namespace tt {
@@ -80,62 +81,39 @@ Status block_attention_cpu_merge(const BlockAttentionParams& p, const BlockAtten
                                  int64_t bh_begin, int64_t bh_end);
 
 // ---------------------------------------------------------------------------------------------------
-// CUDA. Flash-decoding: grid (splits, Hkv, B); split i of row b covers keys [i*chunk, (i+1)*chunk) of the
-// virtual sequence. The plan depends only on shapes known before capture (B, Hkv, Lmax, SM count), never
-// on the ctx_lens values, so a captured graph replays with new ctx_lens: a split past a row's length
-// writes lse = -inf and the merge ignores it.
+// CUDA. The plan (path choice, grid, shared memory, per-row splits) is host-only: block_attention_cuda_plan.h.
 
-TT_HOST_DEVICE int64_t ba_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Kernel paths for the split pass: the SIMT baseline (every dtype), the sm_80+ tensor-core path (mma.sync,
-// bf16/fp16, head dims 64/128) and the sm_90a path (TMA + wgmma, warp-specialised, bf16/fp16, head dim 128).
-// The merge is shared.
-enum class BlockAttentionCudaPath : int32_t { kSimt = 0, kMma = 1, kWgmma = 2 };
-
-struct BlockAttentionCudaPlan {
-  int64_t num_splits;   // per (b, kv head)
-  int64_t split_keys;   // keys per split (multiple of the kernel's tile)
-  BlockAttentionCudaPath path = BlockAttentionCudaPath::kSimt;
-};
-
-// Pure function of plan-time quantities: enough CTAs for ~2 waves, splits of at least `min_split_keys`.
-// Each split writes a partial [rows, D] fp32 state while reading split_keys x D of K and V: splits of at
-// least 4 * rows keys keep that write traffic under ~1/4 of the K/V read (rows = S x GQA group, 256 at the
-// model's shapes, where short splits would write about as much as they read).
-inline BlockAttentionCudaPlan block_attention_cuda_plan(int64_t batch, int64_t num_kv_heads, int64_t max_keys,
-                                                        int64_t num_sms, int64_t tile_keys, int64_t rows) {
-  const int64_t min_split_keys = ba_ceil_div(4 * (rows > tile_keys ? rows : tile_keys), tile_keys) * tile_keys;
-  const int64_t ctas = batch * num_kv_heads > 0 ? batch * num_kv_heads : 1;
-  int64_t splits = ba_ceil_div(2 * (num_sms > 0 ? num_sms : 1), ctas);
-  const int64_t max_splits = ba_ceil_div(max_keys > 0 ? max_keys : 1, min_split_keys);
-  if (splits > max_splits) splits = max_splits;
-  if (splits < 1) splits = 1;
-  const int64_t split_keys = ba_ceil_div(ba_ceil_div(max_keys > 0 ? max_keys : 1, splits), tile_keys) * tile_keys;
-  return {ba_ceil_div(max_keys > 0 ? max_keys : 1, split_keys), split_keys};
+// What the tensor-core paths' vector loads need of these inputs: K/V rows by 16-byte copies (cp.async, TMA), Q
+// by 4-byte (mma) or 16-byte (wgmma) loads.
+inline BaCudaInputs ba_cuda_inputs(const BlockAttentionParams& p) {
+  BaCudaInputs in;
+  in.dtype = p.dtype;
+  in.head_dim = p.head_dim;
+  const int64_t e = p.dtype == DType::kFloat32 ? 4 : 2, B = p.batch, S = p.block_len, L = p.ctx_capacity;
+  const int64_t Hq = p.num_q_heads, Hkv = p.num_kv_heads;
+  in.kv_aligned16 = ba_aligned(p.k_blk, e, 16, {{p.kb_stride_b, B}, {p.kb_stride_s, S}, {p.kb_stride_h, Hkv}}) &&
+                    ba_aligned(p.v_blk, e, 16, {{p.vb_stride_b, B}, {p.vb_stride_s, S}, {p.vb_stride_h, Hkv}}) &&
+                    ba_aligned(p.k_ctx, e, 16, {{p.kc_stride_b, B}, {p.kc_stride_l, L}, {p.kc_stride_h, Hkv}}) &&
+                    ba_aligned(p.v_ctx, e, 16, {{p.vc_stride_b, B}, {p.vc_stride_l, L}, {p.vc_stride_h, Hkv}});
+  in.q_aligned4 = ba_aligned(p.q, e, 4, {{p.q_stride_b, B}, {p.q_stride_s, S}, {p.q_stride_h, Hq}});
+  in.q_aligned16 = ba_aligned(p.q, e, 16, {{p.q_stride_b, B}, {p.q_stride_s, S}, {p.q_stride_h, Hq}});
+  return in;
 }
 
-// Head dims the CUDA kernels are built for.
-inline bool block_attention_cuda_supports(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+// The device's plan inputs (attributes cached per device; the image flags from cudaFuncGetAttributes: whether
+// this build's code for the device holds each tensor-core kernel's body).
+BaCudaDevice block_attention_cuda_device(int device);
 
-// Tile (keys per step) of a path's kernel; the binding plans splits with it.
-int64_t block_attention_cuda_tile_keys(BlockAttentionCudaPath path, int64_t head_dim);
+// Host-side problems of launching `plan` that only the runtime can see (nullptr if none): a wgmma context cache
+// cuTensorMapEncodeTiled cannot describe, or the encoder missing from the driver.
+const char* block_attention_cuda_launch_refusal(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan);
 
-// Whether `path` can run these inputs on CUDA device `device`: dtype, head dim, pointer/stride alignment of
-// its vector loads and the device's compute capability. Host only, no sync (pointers and shapes only).
-bool block_attention_cuda_path_supported(const BlockAttentionParams& p, BlockAttentionCudaPath path, int device);
-
-// What `path` needs, for error messages.
-const char* block_attention_cuda_path_requirements(BlockAttentionCudaPath path);
-
-// The default path: mma where it can run, else the SIMT kernel (which takes everything); wgmma once verified
-// on a GPU (kWgmmaByDefault in block_attention_cuda.cu).
-BlockAttentionCudaPath block_attention_cuda_default_path(const BlockAttentionParams& p, int device);
-
-// Multiprocessor count of a CUDA device (cached), for the plan.
-int block_attention_cuda_num_sms(int device);
-
-// p.part_o / p.part_lse must hold B * Hkv * plan.num_splits slots of [M, D] / [M] floats. Asynchronous on
-// `stream` (a cudaStream_t), no host synchronisation.
+// p.part_o / p.part_lse must hold B * Hkv * plan.grid_x slots of [M, D] / [M] floats when plan.merge().
+// Asynchronous on `stream` (a cudaStream_t), no host synchronisation.
 Status block_attention_cuda(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, void* stream);
+
+// The kernels the last block_attention_cuda call on this thread launched (name, template parameters, grid),
+// for tests and tools/gpu_check.sh: which kernel really ran.
+const char* block_attention_cuda_last_launch();
 
 }  // namespace tt

@@ -1,6 +1,6 @@
 // What the tensor-core split kernels of block attention (sm_80 mma.sync and sm_90a wgmma) share: 16-byte
-// cp.async with zero-fill, fp32 pairs packed to bf16/fp16 registers, the online softmax and the partial-state
-// epilogue on accumulator fragments, and the once-per-device opt-in to over 48 KiB of dynamic shared memory.
+// cp.async with zero-fill, fp32 pairs packed to bf16/fp16 registers, the online softmax (with per-row key
+// limits for causal masking) and the split epilogue on accumulator fragments.
 //
 // Both MMAs give a warp 16 rows with the same accumulator layout: a thread (lane = 4 grp + tig) holds, for
 // each 8-column block j, elements 4j + e at row grp + 8 (e >> 1), column 8j + 2 tig + (e & 1). The helpers
@@ -47,43 +47,63 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 // One online-softmax step on a warp's score tile (NS / 4 blocks of 8 keys): scale to log2 units, mask keys at or
-// past `valid` (key 0 of a tile is always valid, so each row's new max is finite), update the running max m and
-// this thread's share l of the running sum of its two rows, turn the scores into unnormalised probabilities in
-// place and rescale the output accumulators o.
-template <int NS, int NO>
-__device__ __forceinline__ void softmax_step(float (&s)[NS], float (&o)[NO], float (&m)[2], float (&l)[2],
-                                             int64_t valid, float scale_log2, int tig) {
+// past `valid[r]` (tile-relative, one limit per row of the thread: the split's end, and the row's own block
+// position under causal masking), update the running max m and this thread's share l of the running sum of its
+// two rows, turn the scores into unnormalised probabilities in place and return the factor by which the
+// output accumulators must be rescaled (the caller applies it: the wgmma consumer does so later, while its
+// accumulators may be in flight). A row that has seen no key yet keeps m = -inf, l = 0.
+template <int NS>
+__device__ __forceinline__ void softmax_scores(float (&s)[NS], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                               const int (&valid)[2], float scale_log2, int tig) {
   float mx[2] = {m[0], m[1]};
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
-    const int col = (i / 4) * 8 + 2 * tig + (i & 1);
-    s[i] = col < valid ? s[i] * scale_log2 : -INFINITY;
-    mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+    const int col = (i / 4) * 8 + 2 * tig + (i & 1), r = (i >> 1) & 1;
+    s[i] = col < valid[r] ? s[i] * scale_log2 : -INFINITY;
+    mx[r] = fmaxf(mx[r], s[i]);
   }
-  float alpha[2];
+  float ref[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row's columns
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
+    ref[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // no key yet: exp2(-inf - 0) = 0, never NaN
+    alpha[r] = exp2f(m[r] - ref[r]);            // 0 on the row's first keys (m = -inf)
     m[r] = mx[r];
     l[r] *= alpha[r];
   }
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
-    s[i] = exp2f(s[i] - mx[(i >> 1) & 1]);  // masked: exp2(-inf) = 0
+    s[i] = exp2f(s[i] - ref[(i >> 1) & 1]);  // masked: exp2(-inf) = 0
     l[(i >> 1) & 1] += s[i];
   }
+}
+
+// Tile-relative limits of the thread's two rows for the tile at key t0, clamped to [0, tile] (32-bit compares
+// in the softmax).
+template <int kTile>
+__device__ __forceinline__ void tile_limits(int (&valid)[2], const int64_t (&limit)[2], int64_t t0) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t v = limit[r] - t0;
+    valid[r] = v < 0 ? 0 : v > kTile ? kTile : int(v);
+  }
+}
+
+template <int NO>
+__device__ __forceinline__ void rescale_acc(float (&o)[NO], const float (&alpha)[2]) {
 #pragma unroll
   for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
 }
 
 // Split epilogue of one warp whose 16 rows start at packed row `row16` (all lanes call it: l is quad-reduced
-// here): the normalised partial output (NO / 4 blocks of 8 dims) and lse (natural log) of each row below M.
-template <int NO>
-__device__ __forceinline__ void write_partial(const BlockAttentionParams& p, int64_t slot, int64_t row16,
-                                              const float (&o)[NO], const float (&m)[2], float (&l)[2], int grp,
-                                              int tig) {
+// here): the normalised output (NO / 4 blocks of 8 dims) and lse (natural log) of each row below M, into
+// out / lse for a row's only split, else into the split's partial slot. A row that saw no key (causal
+// masking can leave one in a split) gets o = 0, lse = -inf.
+template <typename T, int NO>
+__device__ __forceinline__ void write_result(const BlockAttentionParams& p, const BaSplitWork& w, int64_t row16,
+                                             const float (&o)[NO], const float (&m)[2], float (&l)[2], int grp,
+                                             int tig) {
   constexpr float kLn2 = 0.6931471805599453f;
   const int64_t M = ba_rows(p);
 #pragma unroll
@@ -95,29 +115,21 @@ __device__ __forceinline__ void write_partial(const BlockAttentionParams& p, int
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row16 + grp + 8 * r;
     if (row >= M) continue;
-    const float inv = 1.f / l[r];  // l >= 1: the row max contributes exp2(0)
-    float* const dst = p.part_o + (slot * M + row) * (2 * NO);  // NO / 4 blocks of 8 dims: D = 2 NO
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const BaRowDst<T> dst(p, w, row);
 #pragma unroll
-    for (int j = 0; j < NO / 4; ++j)
-      *reinterpret_cast<float2*>(dst + j * 8 + 2 * tig) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    if (tig == 0) p.part_lse[slot * M + row] = (m[r] + log2f(l[r])) * kLn2;
+    for (int j = 0; j < NO / 4; ++j) {
+      const int d = j * 8 + 2 * tig;
+      const float v0 = o[4 * j + 2 * r] * inv, v1 = o[4 * j + 2 * r + 1] * inv;
+      if (dst.part) {
+        *reinterpret_cast<float2*>(dst.part + d) = make_float2(v0, v1);
+      } else {
+        dst.out[d] = from_float<T>(v0);
+        dst.out[d + 1] = from_float<T>(v1);
+      }
+    }
+    if (tig == 0) *dst.lse = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
   }
-}
-
-// Over 48 KiB of dynamic shared memory needs an opt-in per kernel and device; done once (normally on the
-// first, eager call, before any graph capture).
-template <auto Kernel>
-Status ensure_dynamic_smem(int bytes) {
-  if (bytes <= 48 * 1024) return Status::kOk;
-  static bool opted_in[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return Status::kLaunchFailed;
-  if (!opted_in[device]) {
-    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-      return Status::kLaunchFailed;
-    opted_in[device] = true;
-  }
-  return Status::kOk;
 }
 
 }  // namespace tt

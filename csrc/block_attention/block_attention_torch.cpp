@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "block_attention/block_attention.h"
 #include "common/cpu_gemm_torch.h"
@@ -147,41 +148,113 @@ Tensor block_attention_out_cpu(const Tensor& q, const Tensor& k_blk, const Tenso
   return plan.lse;
 }
 
-#ifdef TWOTOWER_WITH_CUDA
-// The CUDA kernel path: the fastest one these inputs allow, or the one TWOTOWER_ATTN_PATH=simt|mma|wgmma
-// forces (tests use it to cover each path; a forced path that cannot run the inputs is an error, not a fallback).
-tt::BlockAttentionCudaPath attn_cuda_path(const tt::BlockAttentionParams& p, int device) {
-  const char* env = std::getenv("TWOTOWER_ATTN_PATH");
-  if (env == nullptr || *env == '\0') return tt::block_attention_cuda_default_path(p, device);
-  const std::string name(env);
-  TORCH_CHECK_VALUE(name == "simt" || name == "mma" || name == "wgmma",
-                    "twotower: TWOTOWER_ATTN_PATH must be simt, mma or wgmma, got '", name, "'");
-  const auto path = name == "simt"  ? tt::BlockAttentionCudaPath::kSimt
-                    : name == "mma" ? tt::BlockAttentionCudaPath::kMma
-                                    : tt::BlockAttentionCudaPath::kWgmma;
-  TORCH_CHECK(tt::block_attention_cuda_path_supported(p, path, device), "twotower: TWOTOWER_ATTN_PATH=", name,
-              " cannot run these inputs: ", tt::block_attention_cuda_path_requirements(path));
+// ---------------------------------------------------------------------------------------------------
+// CUDA: the path and plan are pure host functions (block_attention_cuda_plan.h), so the CPU build has them too:
+// cuda_attention_plan(...) shows on any machine which kernel and launch a shape would get on a given GPU.
+
+tt::BlockAttentionCudaPath attn_cuda_path_by_name(const std::string& name, const char* what) {
+  TORCH_CHECK_VALUE(name == "simt" || name == "mma" || name == "wgmma", "twotower: ", what,
+                    " must be simt, mma or wgmma, got '", name, "'");
+  return name == "simt" ? tt::BlockAttentionCudaPath::kSimt
+         : name == "mma" ? tt::BlockAttentionCudaPath::kMma
+                         : tt::BlockAttentionCudaPath::kWgmma;
+}
+
+// The CUDA kernel path: the default for these inputs, or the forced one (`forced`, from TWOTOWER_ATTN_PATH or
+// the plan op's `path`), which must be able to run them: a forced path is never swapped for another.
+tt::BlockAttentionCudaPath attn_cuda_path(const tt::BaCudaInputs& in, const tt::BaCudaDevice& dev, const char* forced,
+                                          const char* what) {
+  if (forced == nullptr || *forced == '\0') {
+    const auto path = tt::ba_cuda_default_path(in, dev);
+    const char* why = tt::ba_cuda_path_refusal(path, in, dev);
+    TORCH_CHECK(why == nullptr, "twotower: block_attention has no CUDA kernel for these inputs: ", why);
+    return path;
+  }
+  const auto path = attn_cuda_path_by_name(forced, what);
+  const char* why = tt::ba_cuda_path_refusal(path, in, dev);
+  TORCH_CHECK(why == nullptr, "twotower: ", what, "=", forced, " cannot run these inputs: ", why);
   return path;
 }
 
+tt::BlockAttentionCudaPlan attn_cuda_plan(const tt::BlockAttentionParams& p, const tt::BaCudaInputs& in,
+                                          const tt::BaCudaDevice& dev, const char* forced, const char* what) {
+  const auto path = attn_cuda_path(in, dev, forced, what);
+  tt::BlockAttentionCudaPlan plan;
+  const char* why = tt::ba_cuda_make_plan(p.batch, p.block_len, p.num_q_heads, p.num_kv_heads, p.head_dim,
+                                          p.ctx_capacity, path, dev, &plan);
+  TORCH_CHECK(why == nullptr, "twotower: block_attention on CUDA: ", why, " (batch ", p.batch, ", kv_heads ",
+              p.num_kv_heads, ", block_len x group ", tt::ba_rows(p), ")");
+  return plan;
+}
+
+tt::DType attn_dtype_by_name(const std::string& name) {
+  if (name == "float32" || name == "fp32") return tt::DType::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return tt::DType::kBFloat16;
+  TORCH_CHECK_VALUE(name == "float16" || name == "fp16", "twotower: dtype must be float32, bfloat16 or float16, got '",
+                    name, "'");
+  return tt::DType::kFloat16;
+}
+
+// cuda_attention_plan(...) -> [path (0 simt, 1 mma, 2 wgmma), grid_x, grid_y, grid_z, threads, smem_bytes,
+// tile_keys, stages, rows_per_cta, split_unit, merge, row_splits, row_chunk]: the launch block_attention would
+// make for these shapes on a GPU of compute capability `cc` with `num_sms` SMs (its shared-memory limits from
+// the known parts, or smem_optin / smem_per_sm when given), default or forced `path`, contiguous inputs; the
+// row fields for a row of ctx_len context keys. sm90a_image=False: a build without sm_90a code.
+std::vector<int64_t> cuda_attention_plan_op(int64_t batch, int64_t block_len, int64_t q_heads, int64_t kv_heads,
+                                            int64_t head_dim, int64_t ctx_capacity, std::string dtype, int64_t cc,
+                                            int64_t num_sms, std::string path, int64_t ctx_len, int64_t smem_optin,
+                                            int64_t smem_per_sm, bool sm90a_image) {
+  TORCH_CHECK_VALUE(batch >= 1 && block_len >= 1 && q_heads >= 1 && kv_heads >= 1 && q_heads % kv_heads == 0 &&
+                        head_dim >= 1 && ctx_capacity >= 0,
+                    "twotower: cuda_attention_plan needs batch, block_len, q_heads, kv_heads, head_dim >= 1, q_heads a "
+                    "multiple of kv_heads and ctx_capacity >= 0");
+  TORCH_CHECK_VALUE(ctx_len <= ctx_capacity, "twotower: ctx_len must be <= ctx_capacity (", ctx_capacity, "), got ",
+                    ctx_len);
+  auto dev = tt::ba_cuda_known_device(int(cc), int(num_sms));
+  if (smem_optin > 0) dev.smem_optin = smem_optin;
+  if (smem_per_sm > 0) dev.smem_per_sm = smem_per_sm;
+  dev.wgmma_image = dev.wgmma_image && sm90a_image;
+  tt::BlockAttentionParams p{};
+  p.batch = batch; p.block_len = block_len; p.num_q_heads = q_heads; p.num_kv_heads = kv_heads;
+  p.head_dim = head_dim; p.ctx_capacity = ctx_capacity;
+  tt::BaCudaInputs in;
+  in.dtype = attn_dtype_by_name(dtype);
+  in.head_dim = head_dim;
+  const auto pl = attn_cuda_plan(p, in, dev, path.c_str(), "path");
+  const auto rs = tt::ba_row_splits((ctx_len >= 0 ? ctx_len : ctx_capacity) + block_len, pl.grid_x, pl.split_unit,
+                                    pl.tile_keys);
+  return {int64_t(pl.path), pl.grid_x, pl.grid_y, pl.grid_z, pl.threads, pl.smem_bytes, pl.tile_keys, pl.stages,
+          pl.rows_per_cta, pl.split_unit, pl.merge() ? 1 : 0, rs.splits, rs.chunk};
+}
+
+// What the last CUDA block_attention call of this thread launched ("" in a build without CUDA kernels).
+std::string cuda_attention_last_launch_op() {
+#ifdef TWOTOWER_WITH_CUDA
+  return tt::block_attention_cuda_last_launch();
+#else
+  return "";
+#endif
+}
+
+#ifdef TWOTOWER_WITH_CUDA
 void run_block_attention_cuda(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
-  TORCH_CHECK(!p.causal, "twotower: block_attention(causal=True) has no CUDA kernel yet");
-  TORCH_CHECK(tt::block_attention_cuda_supports(p.head_dim), "twotower: head_dim must be 64 or 128 on CUDA, got ",
-              p.head_dim);
   if (p.batch == 0) return;
-  // The split plan uses only shapes (never ctx_lens values: they stay on the device and may change between
-  // graph replays); ctx_lens outside [0, Lmax] are clamped by the kernel rather than checked (no host sync).
-  const int num_sms = tt::block_attention_cuda_num_sms(q.device().index());
-  const auto path = attn_cuda_path(p, q.device().index());
-  auto cplan = tt::block_attention_cuda_plan(p.batch, p.num_kv_heads, p.ctx_capacity + p.block_len, num_sms,
-                                             tt::block_attention_cuda_tile_keys(path, p.head_dim), tt::ba_rows(p));
-  cplan.path = path;
-  const int64_t slots = p.batch * p.num_kv_heads * cplan.num_splits, M = tt::ba_rows(p);
-  auto part_o = at::empty({slots, M, p.head_dim}, q.options().dtype(at::kFloat));
-  auto part_lse = at::empty({slots, M}, q.options().dtype(at::kFloat));
-  p.part_o = part_o.data_ptr<float>();
-  p.part_lse = part_lse.data_ptr<float>();
+  // The plan uses only shapes and the device (never ctx_lens values: they stay on the device and may change
+  // between graph replays); ctx_lens outside [0, Lmax] are clamped by the kernels rather than checked.
+  const auto dev = tt::block_attention_cuda_device(q.device().index());
+  const auto cplan = attn_cuda_plan(p, tt::ba_cuda_inputs(p), dev, std::getenv("TWOTOWER_ATTN_PATH"),
+                                    "TWOTOWER_ATTN_PATH");
+  const char* why = tt::block_attention_cuda_launch_refusal(p, cplan);
+  TORCH_CHECK(why == nullptr, "twotower: block_attention's wgmma kernel cannot run these inputs: ", why);
+  Tensor part_o, part_lse;
+  if (cplan.merge()) {
+    const int64_t slots = p.batch * p.num_kv_heads * cplan.grid_x, M = tt::ba_rows(p);
+    part_o = at::empty({slots, M, p.head_dim}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({slots, M}, q.options().dtype(at::kFloat));
+    p.part_o = part_o.data_ptr<float>();
+    p.part_lse = part_lse.data_ptr<float>();
+  }
   check_status(tt::block_attention_cuda(p, cplan, current_stream(q)), "block_attention");
 }
 
@@ -209,6 +282,11 @@ Tensor block_attention_out_cuda(const Tensor& q, const Tensor& k_blk, const Tens
 TORCH_LIBRARY_IMPL(twotower, CPU, m) {
   m.impl("block_attention", &block_attention_cpu);
   m.impl("block_attention_out", &block_attention_out_cpu);
+}
+// No tensor arguments: these dispatch on no backend, so they register as CompositeExplicitAutograd (any build).
+TORCH_LIBRARY_IMPL(twotower, CompositeExplicitAutograd, m) {
+  m.impl("cuda_attention_plan", &cuda_attention_plan_op);
+  m.impl("cuda_attention_last_launch", &cuda_attention_last_launch_op);
 }
 #ifdef TWOTOWER_WITH_CUDA
 TORCH_LIBRARY_IMPL(twotower, CUDA, m) {

@@ -14,6 +14,10 @@
 // per tile S = Q K^T by wgmma m64n128k16 (both operands from shared memory), the online softmax in registers
 // (fp32, log2 units, as the sm_80 kernel), P rounded to the input dtype as the register A operand, and
 // O += P V by wgmma with V read MN-major from the same tile. Full / empty mbarriers per stage order the two.
+// FlashAttention-3's overlap: a consumer issues S(i+1) = Q K(i+1)^T before O += P(i) V(i) and runs the softmax
+// of tile i+1 while that product is in flight (intra-warpgroup), and the two consumers take turns issuing
+// their GEMMs (ping-pong on two named barriers), so one's softmax runs under the other's tensor-core work.
+// A consumer therefore holds two stages (V of tile i, K of tile i+1): the ring has three.
 #include <cuda.h>          // CUtensorMap and its enums
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -21,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <cute/arch/config.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -35,18 +40,17 @@
 namespace tt {
 namespace {
 
-constexpr int kD = 128;                        // head dim of this path
-constexpr int kTileN = 128;                    // keys per tile
-constexpr int kStages = 2;                     // K/V ring depth (2 x 64 KiB)
+constexpr int kD = ba_cuda::kWgmmaDim;         // head dim of this path
+constexpr int kTileN = ba_cuda::kWgmmaTile;    // keys per tile
+constexpr int kStages = ba_cuda::kWgmmaStages;  // K/V ring depth (3 x 64 KiB)
 constexpr int kRowBytes = 128;                 // one swizzle row: 64 dims of a 16-bit type
 constexpr int kHalfBytes = kTileN * kRowBytes;  // one 64-dim half of a K or V tile (16 KiB)
 constexpr int kStageBytes = 4 * kHalfBytes;     // K halves 0, 1 then V halves 0, 1
 constexpr int kQHalfBytes = 64 * kRowBytes;     // one 64-dim half of a consumer's 64 Q rows (8 KiB)
 
-template <int kConsumers>
-constexpr int smem_bytes() {
-  return 1024 /*alignment slack*/ + kStages * kStageBytes + kConsumers * 2 * kQHalfBytes + 2 * kStages * 8;
-}
+static_assert(ba_cuda::wgmma_smem(2, kStages) ==
+                  1024 /*alignment slack*/ + kStages * kStageBytes + 2 * 2 * kQHalfBytes + 2 * kStages * 8,
+              "the plan's shared-memory size is this kernel's layout");
 
 // Device code exists only in the sm_90a pass (the sm_80 pass of this file compiles an empty kernel).
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED) && defined(CUTE_ARCH_TMA_SM90_ENABLED)
@@ -90,16 +94,30 @@ __device__ __forceinline__ void fence_regs(float (&r)[64]) {
   for (int i = 0; i < 64; ++i) cute::warpgroup_fence_operand(r[i]);
 }
 
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cute::warpgroup_fence_operand(r[i][j]);
+}
+
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Named barriers: 0 is __syncthreads, 1 the producer's copies, 2..3 the consumers' Q loads, 4..5 the
+// consumers' turns to issue GEMMs (ping-pong).
+constexpr int kSchedBarrier = 4;
 
 #endif  // TT_SM90A_DEVICE
 
 template <typename T, int kConsumers>
 __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
     wgmma_split_kernel(const BlockAttentionParams p, const __grid_constant__ CUtensorMap tm_k,
-                       const __grid_constant__ CUtensorMap tm_v, int64_t split_keys) {
+                       const __grid_constant__ CUtensorMap tm_v, int64_t split_unit) {
 #ifdef TT_SM90A_DEVICE
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K registers
@@ -107,11 +125,8 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   constexpr float kLog2e = 1.4426950408889634f;
 
   const int64_t G = ba_group(p), M = ba_rows(p);
-  const BaSplitWork w = ba_split_work(p, kRows, split_keys);
-  if (w.k0 >= w.k1) {
-    ba_write_empty_split(p, w, kRows);
-    return;
-  }
+  const BaSplitWork w = ba_split_work(p, kRows, split_unit, kTileN);
+  if (w.k0 >= w.k1) return;  // a split this row does not use
   const int64_t b = w.b, h = w.h, ctx = w.ctx, k0 = w.k0, k1 = w.k1;
   const int64_t tiles = (k1 - k0 + kTileN - 1) / kTileN;
 
@@ -201,19 +216,17 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows grp, grp + 8 of this warp (log2 units)
   float l[2] = {0.f, 0.f};              // this thread's share of the running sums (quad-reduced at the end)
+  float alpha[2] = {0.f, 0.f};          // rescale of O owed by the last softmax (applied before its P V)
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t q_addr = smem_addr(qs);
+  const int64_t limit[2] = {ba_key_limit(p, w, row_base + warp * 16 + grp),
+                            ba_key_limit(p, w, row_base + warp * 16 + grp + 8)};
+  float s[64];
+  uint32_t pa[8][4];  // P of the last softmaxed tile as wgmma A fragments
 
-  for (int64_t it = 0; it < tiles; ++it) {
-    const int stage = int(it % kStages);
-    const int64_t t0 = k0 + it * kTileN;
-    const uint32_t k_addr = smem_addr(smem + stage * kStageBytes), v_addr = k_addr + 2 * kHalfBytes;
-    Barrier::wait(&full[stage], uint32_t((it / kStages) & 1));
-
-    // S = Q K^T over the 128 dims: 8 k-steps of 16, 4 per 64-dim half (32 bytes apart inside a swizzle row).
-    float s[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) s[i] = 0.f;  // overwritten (scale-out 0 on the first k-step), never read
+  // S = Q K^T over the 128 dims of `stage`: 8 k-steps of 16, 4 per 64-dim half (32 bytes apart in a swizzle row).
+  auto issue_qk = [&](int stage) {
+    const uint32_t k_addr = smem_addr(smem + stage * kStageBytes);
     fence_regs(s);
     cute::warpgroup_arrive();
 #pragma unroll
@@ -225,13 +238,41 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
                        kd == 0 ? cute::SM90::GMMA::ScaleOut::Zero : cute::SM90::GMMA::ScaleOut::One);
     }
     cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
+  };
+  // O += P V of `stage`: V's 16 keys of step kk are 16 rows of 128 bytes (2048 bytes) further; its halves LBO apart.
+  auto issue_pv = [&](int stage) {
+    const uint32_t v_addr = smem_addr(smem + stage * kStageBytes) + 2 * kHalfBytes;
+    fence_regs(o);
+    fence_regs(pa);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      const uint64_t dv = desc_sw128(v_addr + uint32_t(kk) * 16 * kRowBytes, kHalfBytes, 1024);
+      Gmma<T>::RS::fma(pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], dv, TT_ACC64(o), cute::SM90::GMMA::ScaleOut::One);
+    }
+    cute::warpgroup_commit_batch();
+  };
+  // Online softmax of the finished S of the tile at key t0 (keys at or past the split's end, or past the row's
+  // own block position, masked); leaves the O rescale in alpha. Touches neither o nor pa (in flight).
+  // The closing fences keep the softmax ahead of warpgroup_wait<0> in the PTX. (ptxas 13.0 still schedules the
+  // wait right after the scaling and masking, so in the SASS only those overlap the P V in flight; the max,
+  // exp and sum run after it, under the other consumer's GEMMs.)
+  auto softmax = [&](int64_t t0) {
     fence_regs(s);
-
-    // Online softmax (keys at or past k1 masked: only a tile reaching the row's end has them).
-    softmax_step(s, o, m, l, k1 - t0, scale_log2, tig);
-    // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
-    uint32_t pa[8][4];
+    int valid[2];
+    tile_limits<kTileN>(valid, limit, t0);
+    softmax_scores(s, m, l, alpha, valid, scale_log2, tig);
+    fence_regs(s);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      cute::warpgroup_fence_operand(m[r]);
+      cute::warpgroup_fence_operand(l[r]);
+      cute::warpgroup_fence_operand(alpha[r]);
+    }
+  };
+  // P as wgmma A fragments: score blocks 2kk, 2kk + 1 are the A operand of keys 16kk .. 16kk + 15.
+  auto pack_p = [&] {
+    fence_regs(pa);  // the P V that read the previous P has completed (after a wait): its registers are free
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -239,23 +280,53 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
       pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
+  };
+  // Ping-pong: consumer cw issues its GEMMs of a phase once the other has issued its own of the previous one.
+  // Both consumers run the same `tiles` phases; consumer 1 opens (the first arrive on consumer 0's barrier)
+  // and skips its last hand-over, so every arrive meets a sync and no barrier is left half-arrived at exit.
+  auto turn_wait = [&] {
+    if constexpr (kConsumers == 2) named_barrier_sync(kSchedBarrier + cw, 256);
+  };
+  auto turn_pass = [&](bool last) {
+    if constexpr (kConsumers == 2)
+      if (!(last && cw == 1)) named_barrier_arrive(kSchedBarrier + (1 - cw), 256);
+  };
+  if constexpr (kConsumers == 2)
+    if (cw == 1) named_barrier_arrive(kSchedBarrier, 256);
 
-    // O += P V: V's 16 keys of step kk are 16 rows of 128 bytes (2048 bytes) further; its 2 halves LBO apart.
-    fence_regs(o);
-    cute::warpgroup_arrive();
-#pragma unroll
-    for (int kk = 0; kk < kTileN / 16; ++kk) {
-      const uint64_t dv = desc_sw128(v_addr + uint32_t(kk) * 16 * kRowBytes, kHalfBytes, 1024);
-      Gmma<T>::RS::fma(pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], dv, TT_ACC64(o),
-                       cute::SM90::GMMA::ScaleOut::One);
-    }
-    cute::warpgroup_commit_batch();
+  Barrier::wait(&full[0], 0u);
+  turn_wait();
+  issue_qk(0);
+  turn_pass(tiles == 1);
+  cute::warpgroup_wait<0>();
+  softmax(k0);
+  pack_p();
+  for (int64_t it = 1; it < tiles; ++it) {
+    const int stage = int(it % kStages), prev = int((it - 1) % kStages);
+    rescale_acc(o, alpha);  // O (tiles < it - 1) to the max of tile it - 1, before P(it - 1) V(it - 1) joins it
+    Barrier::wait(&full[stage], uint32_t((it / kStages) & 1));
+    turn_wait();
+    issue_qk(stage);
+    issue_pv(prev);
+    turn_pass(it + 1 == tiles);
+    cute::warpgroup_wait<1>();  // S(it) is done; P(it - 1) V(it - 1) may still run
+    softmax(k0 + it * kTileN);
     cute::warpgroup_wait<0>();
     fence_regs(o);
-    Barrier::arrive(&empty[stage]);  // this thread is done reading the stage
+    Barrier::arrive(&empty[prev]);  // this thread is done reading tile it - 1 (its K long ago, its V now)
+    pack_p();
   }
+  rescale_acc(o, alpha);
+  const int last = int((tiles - 1) % kStages);
+  issue_pv(last);
+  cute::warpgroup_wait<0>();
+  fence_regs(o);
+  fence_regs(pa);
+  Barrier::arrive(&empty[last]);
 
-  write_partial(p, w.slot, row_base + warp * 16, o, m, l, grp, tig);
+  write_result<T>(p, w, row_base + warp * 16, o, m, l, grp, tig);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled without sm_90a features (sm_80 pass, PTX, plain sm_90): the launcher refuses first
 #endif
 }
 
@@ -283,59 +354,90 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // A 4-D map over a context cache [B, L, H, 128] (element strides sb, sl, sh): boxes of 64 dims x 1 head x
 // kTileN keys x 1 row, 128-byte swizzle. Size-1 dims get a harmless stride (torch leaves theirs arbitrary).
-bool encode_kv_map(CUtensorMap& map, const void* base, DType dtype, int64_t B, int64_t L, int64_t H, int64_t sb,
-                   int64_t sl, int64_t sh) {
+// nullptr on success, else why not.
+const char* encode_kv_map(CUtensorMap& map, const void* base, DType dtype, int64_t B, int64_t L, int64_t H,
+                          int64_t sb, int64_t sl, int64_t sh) {
   const auto encode = tensor_map_encoder();
-  if (encode == nullptr || L <= 0 || L > (int64_t(1) << 31) - kTileN) return false;
+  if (encode == nullptr) return "the CUDA driver has no cuTensorMapEncodeTiled (a driver for CUDA 12.0 or later is needed)";
+  if (L <= 0 || L > (int64_t(1) << 31) - kTileN) return "the context cache is longer than a TMA tensor map can index";
   const int64_t bh = H == 1 ? 2 * kD : 2 * sh, bl = L == 1 ? bh * H : 2 * sl, bb = B == 1 ? bl * L : 2 * sb;
   const cuuint64_t dims[4] = {cuuint64_t(kD), cuuint64_t(H), cuuint64_t(L), cuuint64_t(B)};
   const cuuint64_t strides[3] = {cuuint64_t(bh), cuuint64_t(bl), cuuint64_t(bb)};
   const cuuint32_t box[4] = {64, 1, kTileN, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const auto type = dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const CUresult r = encode(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? nullptr
+                           : "cuTensorMapEncodeTiled rejected the context cache (its address and strides must be "
+                             "16-byte aligned and its strides below 2^40 bytes)";
+}
+
+// Both maps (none without a context: there are no TMA tiles then, the maps stay zero and are never used).
+const char* encode_kv_maps(const BlockAttentionParams& p, CUtensorMap& tm_k, CUtensorMap& tm_v) {
+  if (p.ctx_capacity <= 0) return nullptr;
+  if (const char* why = encode_kv_map(tm_k, p.k_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.kc_stride_b,
+                                      p.kc_stride_l, p.kc_stride_h))
+    return why;
+  return encode_kv_map(tm_v, p.v_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.vc_stride_b, p.vc_stride_l,
+                       p.vc_stride_h);
 }
 
 template <typename T, int kConsumers>
-Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
-  constexpr int kRows = 64 * kConsumers;
-  constexpr int kSmem = smem_bytes<kConsumers>();
-  const int64_t row_blocks = (ba_rows(p) + kRows - 1) / kRows;
-  if (plan.num_splits > 0x7fffffff || p.num_kv_heads * row_blocks > 65535 || p.batch > 65535)
-    return Status::kUnsupportedShape;
-  // Without a context there are no TMA tiles: the maps stay zero and are never used.
-  CUtensorMap tm_k{}, tm_v{};
-  if (p.ctx_capacity > 0 &&
-      !(encode_kv_map(tm_k, p.k_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.kc_stride_b, p.kc_stride_l,
-                      p.kc_stride_h) &&
-        encode_kv_map(tm_v, p.v_ctx, p.dtype, p.batch, p.ctx_capacity, p.num_kv_heads, p.vc_stride_b, p.vc_stride_l,
-                      p.vc_stride_h)))
-    return block_attention_mma_split(p, plan, stream);  // a cache TMA cannot describe: the sm_80 kernel takes it
+Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream,
+              std::string* launched) {
   constexpr auto kernel = wgmma_split_kernel<T, kConsumers>;
-  if (const Status st = ensure_dynamic_smem<kernel>(kSmem); st != Status::kOk) return st;
-  const dim3 grid(unsigned(plan.num_splits), unsigned(p.num_kv_heads * row_blocks), unsigned(p.batch));
-  kernel<<<grid, (kConsumers + 1) * 128, kSmem, stream>>>(p, tm_k, tm_v, plan.split_keys);
+  if (ba_cuda::wgmma_smem(kConsumers, kStages) != plan.smem_bytes || plan.rows_per_cta != 64 * kConsumers ||
+      plan.threads != (kConsumers + 1) * 128)
+    return Status::kUnsupportedShape;  // the plan and the kernel disagree
+  // Never a silent fallback: an image without the sm_90a body, or a cache TMA cannot describe, is an error
+  // (the binding names it first through block_attention_cuda_device / block_attention_wgmma_refusal).
+  if (!block_attention_wgmma_image_ok(-1)) return Status::kLaunchFailed;
+  CUtensorMap tm_k{}, tm_v{};
+  if (encode_kv_maps(p, tm_k, tm_v) != nullptr) return Status::kLaunchFailed;
+  if (ba_ensure_dynamic_smem<kernel>(plan.smem_bytes) != cudaSuccess) return Status::kLaunchFailed;
+  const dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y), unsigned(plan.grid_z));
+  kernel<<<grid, plan.threads, plan.smem_bytes, stream>>>(p, tm_k, tm_v, plan.split_unit);
+  *launched = std::string("wgmma_split_kernel<") + (p.dtype == DType::kBFloat16 ? "bf16" : "fp16") +
+              ",head_dim=128,consumers=" + std::to_string(kConsumers) + ",stages=" + std::to_string(kStages) + ">";
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
-}
-
-// Two consumer warpgroups (128 rows per K/V tile) when there are more than 64 packed rows, else one.
-template <typename T>
-Status launch_rows(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, cudaStream_t stream) {
-  return ba_rows(p) > 64 ? launch<T, 2>(p, plan, stream) : launch<T, 1>(p, plan, stream);
 }
 
 }  // namespace
 
-int64_t block_attention_wgmma_tile_keys() { return kTileN; }
+bool block_attention_wgmma_image_ok(int device) {
+#ifdef TT_BUILD_HAS_SM90A
+  static int cached[64] = {};
+  int cur = device;
+  if (cur < 0 && cudaGetDevice(&cur) != cudaSuccess) return false;
+  if (cur < 0 || cur >= 64) return false;
+  // The body exists only in sm_90a SASS: the image loaded for this device must be SASS for 9.0 from 9.0 PTX
+  // (a PTX JIT from compute_80 reports ptxVersion 80). A build listing plain 90 as well as 90a could still load
+  // the plain sm_90 image, whose kernel traps; TT_BUILD_HAS_SM90A says 90a is in the build at all.
+  if (cached[cur] == 0)
+    cached[cur] = ba_kernel_image_at_least<wgmma_split_kernel<__nv_bfloat16, 2>>(90) ? 1 : -1;
+  return cached[cur] > 0;
+#else
+  (void)device;
+  return false;  // no sm_90a code in this build
+#endif
+}
+
+const char* block_attention_wgmma_refusal(const BlockAttentionParams& p) {
+  CUtensorMap tm_k{}, tm_v{};
+  return encode_kv_maps(p, tm_k, tm_v);
+}
 
 Status block_attention_wgmma_split(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, std::string* launched) {
   if (p.head_dim != kD) return Status::kUnsupportedShape;
+  const bool two = plan.rows_per_cta == 128;
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_rows<__nv_bfloat16>(p, plan, stream);
-    case DType::kFloat16: return launch_rows<__half>(p, plan, stream);
+    case DType::kBFloat16:
+      return two ? launch<__nv_bfloat16, 2>(p, plan, stream, launched) : launch<__nv_bfloat16, 1>(p, plan, stream, launched);
+    case DType::kFloat16:
+      return two ? launch<__half, 2>(p, plan, stream, launched) : launch<__half, 1>(p, plan, stream, launched);
     default: return Status::kUnsupportedDType;
   }
 }

@@ -102,5 +102,7 @@ Status mamba_conv_state_update_cpu(const MambaScanParams& p, int64_t begin, int6
 Status mamba_scan_cuda(const MambaScanParams& p, void* stream);
 // Largest state size / head-dim combination the CUDA kernel takes (checked by the binding).
 bool mamba_scan_cuda_supports(int64_t headdim, int64_t dstate);
+// Whether the CUDA launch grids fit (checked before any kernel writes a state).
+bool mamba_scan_cuda_grid_ok(int64_t batch, int64_t nheads);
 
 }  // namespace tt

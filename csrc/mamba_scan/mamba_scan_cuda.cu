@@ -95,14 +95,17 @@ __global__ void __launch_bounds__(kMaxThreads) mamba_scan_kernel(MambaScanParams
 }
 
 // New conv-state row j = concatenation row len + j; one thread per (row, channel), increasing j, so an
-// in-place state is read before it is overwritten.
+// in-place state is read before it is overwritten. Rows stride over grid.y (at most 65535), so any batch runs.
 template <typename T>
 __global__ void mamba_conv_state_kernel(MambaScanParams p) {
-  const int64_t b = blockIdx.y, c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.conv_dim) return;
-  const int64_t len = mamba_row_len(p, b);
-  T* out = static_cast<T*>(p.conv_state_out) + b * p.cs_out_batch_stride + c;
-  for (int64_t j = 0; j < p.kernel - 1; ++j) out[j * p.cs_out_tap_stride] = from_float<T>(mamba_conv_input<T>(p, b, len + j, c));
+  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
+    const int64_t len = mamba_row_len(p, b);
+    T* out = static_cast<T*>(p.conv_state_out) + b * p.cs_out_batch_stride + c;
+    for (int64_t j = 0; j < p.kernel - 1; ++j)
+      out[j * p.cs_out_tap_stride] = from_float<T>(mamba_conv_input<T>(p, b, len + j, c));
+  }
 }
 
 template <typename T>
@@ -113,12 +116,15 @@ Status launch(const MambaScanParams& p, cudaStream_t s) {
   int chunk = kSmemBudget / int(sizeof(float) * (width + 1));
   chunk = chunk < 1 ? 1 : (chunk > kMaxChunk ? kMaxChunk : chunk);
   const size_t smem = sizeof(float) * size_t(chunk) * (width + 1);
+  // Every grid is checked before the first launch: the scan writes the SSM state (maybe in place), so a
+  // refusal after it would leave the states half updated.
+  if (!mamba_scan_cuda_grid_ok(p.batch, p.nheads)) return Status::kUnsupportedShape;
   if (p.batch * p.nheads > 0) {
     mamba_scan_kernel<T><<<unsigned(p.batch * p.nheads), threads, smem, s>>>(p, tpp, chunk);
     if (cudaGetLastError() != cudaSuccess) return Status::kLaunchFailed;
   }
   if (p.conv_state_out != nullptr && p.batch > 0 && p.kernel > 1) {
-    const dim3 grid(unsigned((p.conv_dim + 255) / 256), unsigned(p.batch));
+    const dim3 grid(unsigned((p.conv_dim + 255) / 256), unsigned(p.batch < 65535 ? p.batch : 65535));
     mamba_conv_state_kernel<T><<<grid, 256, 0, s>>>(p);
     if (cudaGetLastError() != cudaSuccess) return Status::kLaunchFailed;
   }
@@ -126,6 +132,9 @@ Status launch(const MambaScanParams& p, cudaStream_t s) {
 }
 
 }  // namespace
+
+// One scan CTA per (row, head) on grid.x; the conv-state kernel strides over rows, so it has no batch limit.
+bool mamba_scan_cuda_grid_ok(int64_t batch, int64_t nheads) { return batch * nheads <= 0x7fffffff; }
 
 bool mamba_scan_cuda_supports(int64_t headdim, int64_t dstate) {
   const int64_t tpp = threads_per_row(dstate);

@@ -165,6 +165,8 @@ Tensor mamba_block_scan_cuda(const Tensor& xbc, const Tensor& dt, const Tensor& 
   TORCH_CHECK(tt::mamba_scan_cuda_supports(plan.p.headdim, plan.p.dstate), "twotower: mamba_block_scan on CUDA ",
               "supports state <= 512 and head_dim * (threads per state row) <= 512, got head_dim ",
               plan.p.headdim, " and state ", plan.p.dstate);
+  TORCH_CHECK(tt::mamba_scan_cuda_grid_ok(plan.p.batch, plan.p.nheads), "twotower: mamba_block_scan on CUDA ",
+              "supports batch * heads <= 2^31 - 1, got ", plan.p.batch, " * ", plan.p.nheads);
   check_status(tt::mamba_scan_cuda(plan.p, current_stream(xbc)), "mamba_block_scan");
   return plan.y;
 }

@@ -1,0 +1,58 @@
+"""One small call of each CUDA kernel, for compute-sanitizer (tools/gpu_check.sh runs this under memcheck and
+racecheck): block_attention on every path this GPU has (simt, mma, wgmma on sm_90; a row with one split (direct
+write) and a causal row with several (merge)), merge_states, threshold_unmask and mamba_block_scan. Inputs are
+made on the CPU and copied, so the sanitizer sees almost only this project's kernels. Prints which attention
+kernel really ran for each call (the op's own report)."""
+import math
+import os
+
+import torch
+
+import twotower_ext as tt
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(0)
+    dev = "cuda"
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    paths = ["simt", "mma"] + (["wgmma"] if torch.cuda.get_device_capability() == (9, 0) else [])
+    for path in paths:
+        os.environ["TWOTOWER_ATTN_PATH"] = path
+        for causal, lens in ((False, [300, 0]), (True, [2100, 5])):
+            B, S, Hq, Hkv, D, L = 2, 16, 8, 2, 128, 2200
+            q, kb, vb = (rnd(B, S, h, D).bfloat16().to(dev) for h in (Hq, Hkv, Hkv))
+            kc, vc = (rnd(B, L, Hkv, D).bfloat16().to(dev) for _ in range(2))
+            ctx = torch.tensor(lens, dtype=torch.int32).to(dev)
+            out, lse = tt.block_attention(q, kb, vb, kc, vc, ctx, causal=causal)
+            torch.cuda.synchronize()
+            print(f"sanitize: block_attention {path} causal={causal}: "
+                  f"{torch.ops.twotower.cuda_attention_last_launch()}", flush=True)
+    os.environ.pop("TWOTOWER_ATTN_PATH", None)
+
+    o, lse = rnd(3, 5, 64).to(dev), rnd(3, 5).to(dev)
+    lse[1, 2] = -math.inf
+    tt.merge_states(o, lse)
+    torch.cuda.synchronize()
+    print("sanitize: merge_states", flush=True)
+
+    MASK, V = 7, 300
+    logits = rnd(2, 16, V).to(dev)
+    x = torch.full((2, 16), MASK, dtype=torch.int64).to(dev)
+    tt.threshold_unmask(logits, x, MASK, 0.5, 3, 8, 0.9, 11, 5)
+    torch.cuda.synchronize()
+    print("sanitize: threshold_unmask", flush=True)
+
+    B, Lt, H, P, N, G, K = 2, 16, 4, 16, 16, 1, 4
+    C = H * P + 2 * G * N
+    xbc, dt = rnd(B, Lt, C).to(dev), rnd(B, Lt, H).to(dev)
+    conv, ssm = rnd(B, K - 1, C).to(dev), rnd(B, H, P, N).to(dev)
+    tt.mamba_block_scan(xbc, dt, conv, ssm, rnd(C, K).to(dev), rnd(C).to(dev), rnd(H).to(dev), rnd(H).abs().to(dev),
+                        rnd(H).to(dev), torch.tensor([16, 9], dtype=torch.int32).to(dev), conv_state_out=conv,
+                        ssm_state_out=ssm)
+    torch.cuda.synchronize()
+    print("sanitize: mamba_block_scan", flush=True)
+
+
+if __name__ == "__main__":
+    main()
