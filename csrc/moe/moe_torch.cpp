@@ -126,10 +126,20 @@ tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   return v == "micro" ? tt::MoeCpuGemmChoice::kMicro : tt::MoeCpuGemmChoice::kLibrary;
 }
 
+// Below this many weight bytes per call a phase runs on the calling thread: waking the intra-op threads costs
+// more than the work (measured on a busy 2-core machine: ~20-50 ms per OpenMP region; 1 thread 0.08 ms for a
+// 16-expert 160 x 96 layer), and the small models of the tests and of the parity fixtures live here.
+constexpr int64_t kParallelMinBytes = 4 << 20;
+
 // Runs `count` items on the intra-op threads, dynamically (an atomic counter): one parallel region per phase.
 template <typename F>
-void run_items(int64_t count, F&& item) {
+void run_items(int64_t count, bool parallel, F&& item) {
   if (count == 0) return;
+  if (!parallel || at::get_num_threads() == 1 || count == 1) {
+    tt::MoeCpuScratch s;
+    for (int64_t i = 0; i < count; ++i) item(i, s);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
     tt::MoeCpuScratch s;
@@ -156,10 +166,12 @@ void run_moe_cpu(const tt::MoeParams& p) {
                     : pl.any_library ? at::empty({p.tokens * p.topk, p.inter}, opts.dtype(at::kFloat))
                                      : Tensor();
   const tt::MoeCpuBuffers buf{hidden.data_ptr(), hidden32.defined() ? hidden32.data_ptr<float>() : nullptr};
-  run_items(int64_t(pl.up_items.size()), [&](int64_t i, tt::MoeCpuScratch& s) {
+  const int64_t es = p.dtype == tt::DType::kFloat32 ? 4 : 2;
+  const bool parallel = int64_t(pl.active.size()) * 2 * p.hidden * p.inter * es >= kParallelMinBytes;
+  run_items(int64_t(pl.up_items.size()), parallel, [&](int64_t i, tt::MoeCpuScratch& s) {
     check_status(tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s), "moe_experts");
   });
-  run_items(tt::moe_down_tiles(p, pl), [&](int64_t i, tt::MoeCpuScratch& s) {
+  run_items(tt::moe_down_tiles(p, pl), parallel, [&](int64_t i, tt::MoeCpuScratch& s) {
     check_status(tt::moe_cpu_down_item(p, pl, cfg, i, buf, s), "moe_experts");
   });
 }
