@@ -113,6 +113,7 @@ int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);
 // of the error word is set; the adapter checks it only with TWOTOWER_MOE_DEBUG=1 (that synchronises).
 
 constexpr int32_t kMoeErrBadId = 1;
+constexpr int64_t kMoeCudaMaxExperts = 12 * 1024;  // the route kernel counts per expert in shared memory
 
 // Bytes of device workspace the CUDA path needs (counts, offsets, lists, hidden, per-slot outputs, error).
 int64_t moe_cuda_workspace_bytes(const MoeParams& p);

@@ -200,6 +200,8 @@ bool moe_debug() {
 
 void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
   const auto& p = plan.p;
+  TORCH_CHECK(p.experts <= tt::kMoeCudaMaxExperts, "twotower: w_up has ", p.experts, " experts; the CUDA kernel takes at most ",
+              tt::kMoeCudaMaxExperts);
   if (p.tokens == 0) return;
   auto ws = at::empty({tt::moe_cuda_workspace_bytes(p)}, x.options().dtype(at::kByte));
   check_status(tt::moe_experts_cuda(p, ws.data_ptr(), current_stream(x)), "moe_experts");
