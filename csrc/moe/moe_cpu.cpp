@@ -85,6 +85,19 @@ void widen_rows(DType dt, const void* src, int64_t ld, int64_t rows, int64_t col
   }
 }
 
+// `rows` weight rows (ld apart) as fp32: in place for fp32, else widened into buf; *ldb gets their stride.
+const float* fp32_rows(DType dt, const void* w, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& buf,
+                       int64_t* ldb) {
+  if (dt == DType::kFloat32) {
+    *ldb = ld;
+    return static_cast<const float*>(w);
+  }
+  buf.resize(rows * cols);
+  widen_rows(dt, w, ld, rows, cols, nullptr, buf.data());
+  *ldb = cols;
+  return buf.data();
+}
+
 // The matrix library on fp32 operands: C[M, N] = A[M, K] @ B[N, K]^T.
 void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
@@ -168,15 +181,8 @@ Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuCon
   s.c.resize(M * chunk);
   for (int64_t n0 = 0; n0 < I; n0 += chunk) {
     const int64_t nt = std::min(chunk, I - n0);
-    const void* w = wup + n0 * p.up_stride_n * es;
-    const float* b = static_cast<const float*>(w);
-    int64_t ldb = p.up_stride_n;
-    if (p.dtype != DType::kFloat32) {
-      s.wb.resize(nt * H);
-      widen_rows(p.dtype, w, p.up_stride_n, nt, H, nullptr, s.wb.data());
-      b = s.wb.data();
-      ldb = H;
-    }
+    int64_t ldb = 0;
+    const float* b = fp32_rows(p.dtype, wup + n0 * p.up_stride_n * es, p.up_stride_n, nt, H, s.wb, &ldb);
     library_nt(cfg.library, M, nt, H, s.wa.data(), H, b, ldb, s.c.data(), nt);
     for (int64_t i = 0; i < M; ++i) {
       const float* c = s.c.data() + i * nt;
@@ -201,14 +207,8 @@ Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuC
       moe_gemm_nt(cfg.isa, p.dtype, M, nt, I, static_cast<const char*>(buf.hidden) + s0 * I * es, nullptr, I, w,
                   p.down_stride_n, s.c.data(), nt);
     } else {
-      const float* b = reinterpret_cast<const float*>(w);
-      int64_t ldb = p.down_stride_n;
-      if (p.dtype != DType::kFloat32) {
-        s.wb.resize(nt * I);
-        widen_rows(p.dtype, w, p.down_stride_n, nt, I, nullptr, s.wb.data());
-        b = s.wb.data();
-        ldb = I;
-      }
+      int64_t ldb = 0;
+      const float* b = fp32_rows(p.dtype, w, p.down_stride_n, nt, I, s.wb, &ldb);
       library_nt(cfg.library, M, nt, I, buf.hidden32 + s0 * I, I, b, ldb, s.c.data(), nt);
     }
     // The combine: each slot's output, times its weight, into its token's fp64 row.

@@ -116,6 +116,20 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeParams p, W
   }
 }
 
+// The GEMM of active expert slot a: its slots [s0, s0 + M), sizes, and weight matrix [N, K] (rows ld_w apart).
+template <typename T>
+struct GroupGemm {
+  int64_t s0, M, K, N, ld_w;
+  const T* W;
+};
+template <typename T, bool kUp>
+__device__ __forceinline__ GroupGemm<T> group_gemm(const MoeParams& p, const Ws& w, int a) {
+  const int64_t e = w.active[a];
+  const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
+  const T* W = static_cast<const T*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
+  return {w.offsets[e], w.counts[e], kUp ? p.hidden : p.inter, kUp ? p.inter : p.hidden, ld_w, W};
+}
+
 // Where row m of an expert's A operand lives: up: x[slot_token[s0 + m]]; down: hidden[s0 + m].
 template <typename T, bool kUp>
 __device__ __forceinline__ const T* a_row(const MoeParams& p, const Ws& w, int64_t s0, int64_t m) {
@@ -159,11 +173,10 @@ template <typename T, bool kUp>
 __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws w) {
   const int a = blockIdx.x;
   if (a >= *w.n_active) return;
-  const int64_t e = w.active[a], s0 = w.offsets[e], M = w.counts[e];
-  const int64_t K = kUp ? p.hidden : p.inter, N = kUp ? p.inter : p.hidden;
-  const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
+  const auto g = group_gemm<T, kUp>(p, w, a);
+  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
   const int64_t n0 = int64_t(blockIdx.y) * kBN;
-  const T* W = static_cast<const T*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e) + n0 * ld_w;
+  const T* W = g.W + n0 * ld_w;
   extern __shared__ __align__(16) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);                   // [kStages][kBM][kPitch]
   T* Bs = As + kStages * kBM * kPitch;                  // [kStages][kBN][kPitch]
@@ -238,10 +251,9 @@ template <typename T, bool kUp>
 __global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws w) {
   const int a = blockIdx.x;
   if (a >= *w.n_active) return;
-  const int64_t e = w.active[a], s0 = w.offsets[e], M = w.counts[e];
-  const int64_t K = kUp ? p.hidden : p.inter, N = kUp ? p.inter : p.hidden;
-  const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
-  const T* W = static_cast<const T*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
+  const auto g = group_gemm<T, kUp>(p, w, a);
+  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
+  const T* W = g.W;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_end = int64_t(blockIdx.y) * kBN + kBN < N ? int64_t(blockIdx.y) * kBN + kBN : N;
   for (int64_t n = int64_t(blockIdx.y) * kBN + warp; n < n_end; n += kThreads / 32) {
