@@ -15,7 +15,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "common/cpu_gemm_torch.h"
 #include "common/torch_checks.h"
@@ -126,25 +131,68 @@ tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   return v == "micro" ? tt::MoeCpuGemmChoice::kMicro : tt::MoeCpuGemmChoice::kLibrary;
 }
 
-// Below this many weight bytes per call a phase runs on the calling thread: waking the intra-op threads costs
+// Below this many weight bytes per call the phases run on the calling thread: waking the intra-op threads costs
 // more than the work (measured on a busy 2-core machine: ~20-50 ms per OpenMP region; 1 thread 0.08 ms for a
 // 16-expert 160 x 96 layer), and the small models of the tests and of the parity fixtures live here.
 constexpr int64_t kParallelMinBytes = 4 << 20;
 
-// Runs `count` items on the intra-op threads, dynamically (an atomic counter): one parallel region per phase.
-template <typename F>
-void run_items(int64_t count, bool parallel, F&& item) {
-  if (count == 0) return;
-  if (!parallel || at::get_num_threads() == 1 || count == 1) {
+// The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
+// down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
+// exactly one thread and counted in `finished` once run (or skipped after a failure).
+struct MoeWork {
+  int64_t n_up = 0, total = 0;
+  std::atomic<int64_t> next{0}, up_done{0}, finished{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
+
+  void work() {
     tt::MoeCpuScratch s;
-    for (int64_t i = 0; i < count; ++i) item(i, s);
-    return;
+    for (int64_t i; (i = next.fetch_add(1)) < total;) {
+      if (i >= n_up) {
+        while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
+      }
+      if (!failed.load(std::memory_order_relaxed)) {
+        try {
+          item(i, s);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (!error) error = std::current_exception();
+          failed = true;
+        }
+      }
+      if (i < n_up) up_done.fetch_add(1, std::memory_order_release);
+      finished.fetch_add(1, std::memory_order_release);
+    }
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
-    tt::MoeCpuScratch s;
-    for (int64_t i; (i = next.fetch_add(1)) < count;) item(i, s);
-  });
+};
+
+// Why not at::parallel_for: an OpenMP region ends in a barrier that waits for every team thread to have been
+// scheduled at least once, and on a busy 2-core machine a woken thread can wait a whole time slice (measured:
+// a T=1 bf16 layer took 52-60 ms on 2 threads against 34 ms on 1; any OpenMP region cost 10-50 ms there). Here
+// the calling thread works through the items itself and threads - 1 helpers on the inter-op pool join whenever
+// they get to run; the caller waits only for items a helper has already claimed. A helper that starts after
+// everything is claimed finds nothing to do (the shared state outlives the call; the items' references do
+// not, and are only used for claimed items). Used for the microkernel path only: the library path calls MKL,
+// whose own threading expects an OpenMP thread, so calls with library experts take one at::parallel_for region.
+void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
+                std::function<void(int64_t, tt::MoeCpuScratch&)> item) {
+  auto w = std::make_shared<MoeWork>();
+  w->n_up = n_up;
+  w->total = n_up + n_down;
+  w->item = std::move(item);
+  const int64_t threads = at::get_num_threads();
+  if (parallel && threads > 1) {
+    if (library) {
+      at::parallel_for(0, std::min(threads, w->total), 1, [&](int64_t, int64_t) { w->work(); });
+    } else {
+      for (int64_t h = 1; h < std::min(threads, w->total); ++h) at::launch([w] { w->work(); });
+    }
+  }
+  w->work();
+  while (w->finished.load(std::memory_order_acquire) < w->total) std::this_thread::yield();
+  if (w->error) std::rethrow_exception(w->error);
 }
 
 void run_moe_cpu(const tt::MoeParams& p) {
@@ -168,11 +216,11 @@ void run_moe_cpu(const tt::MoeParams& p) {
   const tt::MoeCpuBuffers buf{hidden.data_ptr(), hidden32.defined() ? hidden32.data_ptr<float>() : nullptr};
   const int64_t es = p.dtype == tt::DType::kFloat32 ? 4 : 2;
   const bool parallel = int64_t(pl.active.size()) * 2 * p.hidden * p.inter * es >= kParallelMinBytes;
-  run_items(int64_t(pl.up_items.size()), parallel, [&](int64_t i, tt::MoeCpuScratch& s) {
-    check_status(tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s), "moe_experts");
-  });
-  run_items(tt::moe_down_tiles(p, pl), parallel, [&](int64_t i, tt::MoeCpuScratch& s) {
-    check_status(tt::moe_cpu_down_item(p, pl, cfg, i, buf, s), "moe_experts");
+  const int64_t n_up = int64_t(pl.up_items.size());
+  run_phases(n_up, tt::moe_down_tiles(p, pl), parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
+    check_status(i < n_up ? tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s)
+                          : tt::moe_cpu_down_item(p, pl, cfg, i - n_up, buf, s),
+                 "moe_experts");
   });
 }
 
