@@ -91,9 +91,12 @@ def test_every_isa_and_gemm(isa, gemm, dtype, monkeypatch, gen):
     check(tt.ops.moe_experts(x, ids, w, up, down), x, ids, w, up, down)
 
 
+@pytest.mark.parametrize("gemm", ["auto", "library"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_real_sizes_reduced_experts(dtype, gen):
-    """H 2688 / I 1856 (the real model's), two experts: the weights' full k loops and N tiles."""
+def test_real_sizes_reduced_experts(dtype, gemm, monkeypatch, gen):
+    """H 2688 / I 1856 (the real model's), two experts: the weights' full k loops and N tiles, on the threaded
+    path (over 4 MB of weights) with each inner GEMM."""
+    monkeypatch.setenv("TWOTOWER_MOE_CPU_GEMM", gemm)
     x, ids, w, up, down = make(3, 2, 2, 2688, 1856, dtype, gen)
     check(tt.ops.moe_experts(x, ids, w, up, down), x, ids, w, up, down)
 
@@ -154,7 +157,8 @@ def test_strided_tensors_and_out(device, gen):
 
 
 def test_same_result_for_any_thread_count(gen):
-    x, ids, w, up, down = make(64, 16, 4, 96, 72, torch.float32, gen)
+    """6 MB of weights: the threaded path (the work queue shared with helper threads) against one thread."""
+    x, ids, w, up, down = make(64, 16, 4, 256, 192, torch.float32, gen)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
