@@ -1,9 +1,10 @@
 // The MoE kernel's inner GEMM on the CPU (torch-free): C[m, n] = sum_k A[row(m), k] * B[n, k], fp32
 // accumulate, for the few rows (tokens routed to one expert) of a decode or denoiser pass.
 //
-// Why a microkernel of our own: at M <= 16 the matrix library is far from the memory bound (measured on this
-// project's CPUs, 1 thread: MKL sgemm [16 x 2688] @ [2688 x 1856] reads the weights at ~3 GB/s against a
-// ~10 GB/s pure read; see bench/bench_moe.py), and bf16 weights first have to be widened into an fp32 copy.
+// Why a microkernel of our own: at M <= 16 the matrix library is far from the memory bound (1 thread, the AMD
+// EPYC of earlier sessions: MKL sgemm [16 x 2688] @ [2688 x 1856] read the weights at 2.7 GB/s against a
+// 10.6 GB/s pure read), and bf16 weights first have to be widened into an fp32 copy (on the Xeon: 2.5x slower
+// than this kernel at M = 16, see moe_micro_max_rows; bench/bench_moe.py has the whole-layer numbers).
 // This kernel streams each weight row once per call straight from memory in its own dtype: B (the weights,
 // rows contiguous in k) is never repacked; an MR x NR block of dot products lives in registers (one vector
 // accumulator per (m, n), reduced horizontally at the end of k), so each loaded weight vector feeds MR FMAs
