@@ -23,6 +23,9 @@ TORCH_LIBRARY(twotower, m) {
   m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? seq_lens, float dt_min, float dt_max, "
         "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");
+  m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down) -> Tensor");
+  m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
+        "Tensor(a!) out) -> ()");
 }
 
 // A plain module: the ops register themselves with the dispatcher when the library is loaded, so this

@@ -9,7 +9,7 @@ import torch
 
 from . import reference
 
-OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention"]
+OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,3 +189,40 @@ def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_bloc
                                         int(steps_per_block), float(temperature), _device_int64(seed, device),
                                         _device_int64(offset, device), counts, done)
     return counts, done
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_experts
+
+
+@torch.library.register_fake("twotower::moe_experts")
+def _moe_experts_fake(x, expert_ids, expert_weights, w_up, w_down):
+    torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("twotower::moe_experts_out")
+def _moe_experts_out_fake(x, expert_ids, expert_weights, w_up, w_down, out):
+    torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
+    return None  # out is written in place
+
+
+def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.Tensor:
+    """Routed MoE experts: y[t] = sum_j expert_weights[t, j] * w_down[e] @ relu(w_up[e] @ x[t])^2,
+    e = expert_ids[t, j] (see `reference.moe_experts` and csrc/moe/moe.h for the exact numerics).
+
+    x [T, H] fp32/bf16/fp16 (last dim contiguous); expert_ids [T, k] int32/int64 in [0, E), k <= E;
+    expert_weights [T, k] fp32/fp64; w_up [E, I, H], w_down [E, H, I] in x's dtype (last dim contiguous, other
+    strides free: the loader's stacked tensors or slices of them). Returns y [T, H] in x's dtype, written into
+    `out` ([T, H], x's dtype and device, last dim contiguous; may be x) when given. Only the experts some token
+    chose are read, each once; no host synchronisation. Out-of-range ids raise on CPU; on CUDA they are skipped
+    (contribute 0) unless TWOTOWER_MOE_DEBUG=1 (synchronises, raises).
+    """
+    if not _has_kernel("moe_experts", x.device):
+        if out is not None:
+            _check_out(out, x)
+        return reference.moe_experts(x, expert_ids, expert_weights, w_up, w_down, out)
+    if out is None:
+        return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down)
+    torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out)
+    return out

@@ -281,3 +281,33 @@ def unmask_commit(x, pred, conf, mask_id: int, gamma: float, step: int, steps_pe
     if out_done is not None:
         done = out_done.copy_(done)
     return counts, done
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_experts
+
+
+def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None):
+    """Routed MoE experts (csrc/moe/moe.h): y[t] = sum_j expert_weights[t, j] * w_down[e] @ h(e, t) with
+    e = expert_ids[t, j] and h(e, t) = relu(w_up[e] @ x[t])^2 rounded to x's dtype.
+
+    x [T, H]; expert_ids [T, k] int in [0, E); expert_weights [T, k] fp32/fp64; w_up [E, I, H], w_down [E, H, I]
+    in x's dtype. GEMMs in fp32 (fp64 for fp64 inputs, which makes it the tests' oracle); each token's k
+    weighted outputs summed in fp64; y in x's dtype (written into `out` when given). One plain matmul pair per
+    expert that some token chose (reads the chosen ids on the host).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    T, k = expert_ids.shape
+    y = torch.zeros(T, x.shape[1], dtype=torch.float64, device=x.device)
+    flat = expert_ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= w_up.shape[0]):
+        raise ValueError(f"twotower: expert_ids must be in [0, {w_up.shape[0]}) (w_up's experts)")
+    tok = torch.arange(T, device=x.device).repeat_interleave(k)
+    wts = expert_weights.reshape(-1).double()
+    for e in torch.unique(flat).tolist():
+        sel = flat == e
+        h = torch.square(torch.relu(x[tok[sel]].to(acc) @ w_up[e].to(acc).t())).to(x.dtype).to(acc)
+        o = h @ w_down[e].to(acc).t()
+        y.index_add_(0, tok[sel], o.double() * wts[sel, None])
+    y = y.to(acc).to(x.dtype)
+    return y if out is None else out.copy_(y)

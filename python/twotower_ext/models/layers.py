@@ -80,36 +80,16 @@ def route(x: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig) -> tuple[torch.T
 
 
 def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, dense: bool = False) -> torch.Tensor:
-    """Routed experts + shared expert. `dense=False`: tokens grouped by expert, one matmul per active
-    expert (reads the per-expert token counts on the host). `dense=True`: every expert over every token,
-    unselected ones weighted 0: no host sync and no data-dependent shapes (CUDA-graph capturable), only
-    sensible for a few tokens. Grouped: each token's k routed outputs are summed in fp64; dense: in fp32."""
+    """Routed experts + shared expert. The routed experts run as one `ops.moe_experts` call on every device:
+    only the chosen experts are read, each token's k weighted outputs are summed in fp64 on the CPU (as
+    NVIDIA's reference accumulates), no host read and no data-dependent shapes (CUDA-graph capturable).
+    `dense` is accepted for callers and ignored (the dense all-experts path is gone)."""
+    del dense
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     idx, weights = route(x, w, cfg)
-    if dense:
-        gates = torch.zeros(x.shape[0], cfg.n_routed_experts, dtype=torch.float32, device=x.device)
-        gates.scatter_(1, idx, weights.float())
-        hid = torch.square(F.relu(torch.matmul(x, w.up.transpose(1, 2))))        # [E, T, I]
-        outs = torch.matmul(hid, w.down.transpose(1, 2)).float()                 # [E, T, hidden]
-        routed = torch.einsum("te,eth->th", gates, outs)
-    else:
-        k = cfg.num_experts_per_tok
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
-        xs = x[order // k]
-        sorted_out = torch.empty(flat.shape[0], shape[-1], dtype=h.dtype, device=x.device)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                sorted_out[start:start + c] = relu2_mlp(xs[start:start + c], w.up[e], w.down[e])
-                start += c
-        # Back to [T, k] order, then each token's k weighted expert outputs summed in fp64 (as the
-        # reference accumulates): no scatter, whose CPU kernel is slow for these shapes.
-        per_choice = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out).view(-1, k, shape[-1])
-        routed = (per_choice.double() * weights.unsqueeze(-1)).sum(1).float()
-    return (routed.to(h.dtype) + mlp(x, w.shared)).view(shape)
+    routed = ops.moe_experts(x, idx, weights, w.up, w.down)
+    return (routed + mlp(x, w.shared)).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+// Sparse fused MoE experts (torch-free): only the experts some token routes to are read, each once per call.
+//   x [T, H]; expert_ids [T, k] in [0, E); expert_weights [T, k] fp32|fp64; w_up [E, I, H]; w_down [E, H, I]
+//   y[t] = sum_j expert_weights[t, j] * w_down[e] @ h(e, t),  e = expert_ids[t, j]
+//   h(e, t) = round_to_x_dtype(relu(w_up[e] @ x[t])^2)      (a no-op in fp32)
+// Numerics: both GEMMs accumulate in fp32; the hidden activation is rounded to x's dtype once (what a bf16
+// tensor-core GEMM consumes on CUDA, and the old per-expert loop in bf16 did); each token's k weighted
+// expert outputs are summed in fp64 on the CPU (fp32 on CUDA) and rounded to x's dtype once. NaN anywhere
+// in a selected expert's path propagates (relu(NaN) = NaN); unselected experts are never read.
+//
+// Plan (both devices): count the (token, choice) slots per expert, prefix-sum, list each expert's slots;
+// the active experts (count > 0) are compacted in ascending id order. Then a grouped small-M GEMM per
+// (active expert, N tile) for up (+ relu^2) into the slot-major hidden buffer [T*k, I], one per
+// (active expert, N tile) for down, and the weighted combine.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "block_attention/block_attention.h"  // CpuGemm
+#include "common/platform.h"
+
+namespace tt {
+
+struct MoeParams {
+  const void* x;                 // [T, H], row stride below, last dim contiguous
+  const void* expert_ids;        // [T, k] contiguous, int32 or int64
+  const void* expert_weights;    // [T, k] contiguous, fp32 or fp64
+  const void* w_up;              // [E, I, H], strides below, last dim contiguous
+  const void* w_down;            // [E, H, I], strides below, last dim contiguous
+  void* y;                       // [T, H], row stride below, last dim contiguous
+  int64_t tokens, topk, experts, hidden, inter;   // T, k, E, H, I
+  int64_t x_stride, y_stride;
+  int64_t up_stride_e, up_stride_n, down_stride_e, down_stride_n;
+  bool ids_int64, weights_fp64;
+  DType dtype;                   // of x, w_up, w_down, y
+};
+
+// ---------------------------------------------------------------------------------------------------
+// CPU. The plan is built on the host from the (CPU) ids; then the up phase runs over work items (active
+// expert, I tile), and the down phase over H tiles, each doing every active expert's GEMM for its columns
+// and the fp64 combine of all tokens for them (each y element is written once, no [T*k, H] scratch, no
+// third parallel region). Experts with many tokens go to the matrix library instead (moe_micro_max_rows):
+// one up item per such expert, its x rows gathered and widened to fp32 once, its hidden rows kept in fp32.
+
+// Which inner GEMM the CPU kernel uses (see moe_gemm_cpu.cpp for why the defaults are what they are).
+enum class MoeCpuIsa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class MoeCpuGemmChoice : int32_t { kAuto = 0, kMicro = 1, kLibrary = 2 };
+
+struct MoeCpuConfig {
+  MoeCpuIsa isa = MoeCpuIsa::kScalar;
+  MoeCpuGemmChoice gemm = MoeCpuGemmChoice::kAuto;
+  CpuGemm library;               // the matrix library (MKL sgemm) through the torch glue, fp32 operands
+};
+
+struct MoeUpItem {
+  int32_t a;                     // active expert index
+  int32_t tile;                  // I tile, or -1: all of I (an expert on the library path)
+};
+
+struct MoeCpuPlan {
+  std::vector<int32_t> active;       // active expert ids, ascending
+  std::vector<int64_t> begin;        // [active + 1]: active expert a owns slots [begin[a], begin[a+1])
+  std::vector<uint8_t> library;      // [active]: expert a's GEMMs go to the matrix library
+  std::vector<int32_t> slot_token;   // [T*k] token of each slot (tokens ascending within an expert)
+  std::vector<double> slot_weight;   // [T*k] its routing weight
+  std::vector<MoeUpItem> up_items;   // library experts first (the largest items), then (expert, tile)
+  int64_t tile_up = 0, tile_down = 0;   // N-tile widths (a multiple of every microkernel's NR)
+  bool any_library = false;
+  int64_t bad_index = -1;            // first flat (t*k + j) whose id is outside [0, E), or -1
+  int64_t bad_value = 0;             // that id
+};
+
+MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg);
+inline int64_t moe_down_tiles(const MoeParams& p, const MoeCpuPlan& pl) {
+  return (p.hidden + pl.tile_down - 1) / pl.tile_down;
+}
+
+// The hidden activations, slot-major [T*k, I]: in x's dtype for experts on the microkernel, in fp32 (values
+// already rounded to x's dtype) for experts on the library path (only allocated when there are any; for
+// fp32 both point at one buffer).
+struct MoeCpuBuffers {
+  void* hidden;
+  float* hidden32;
+};
+
+// Scratch of one CPU thread (grown on demand, reused across items).
+struct MoeCpuScratch {
+  std::vector<float> c;          // GEMM output tile
+  std::vector<double> acc;       // the down phase's fp64 combine [T, tile]
+  std::vector<float> wa, wb;     // fp32 operands for the matrix library path
+};
+
+Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, const MoeUpItem& item,
+                       const MoeCpuBuffers& buf, MoeCpuScratch& s);
+Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, int64_t tile,
+                         const MoeCpuBuffers& buf, MoeCpuScratch& s);
+
+// The inner GEMM: C[m, n] = sum_k A[row(m), k] * B[n, k] (fp32 accumulate; A and B both of `dt`, B rows
+// contiguous in k, ldb apart; row(m) = a_rows[m] or m when a_rows is null; C rows ldc apart).
+void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
+                 int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc);
+// The best ISA this CPU runs (cpuid), and whether `isa` runs here.
+MoeCpuIsa moe_cpu_best_isa();
+bool moe_cpu_isa_supported(MoeCpuIsa isa);
+// Below this many tokens per expert the register-blocked microkernel beats the matrix library (measured,
+// see moe_gemm_cpu.cpp); kAuto picks per expert with it.
+int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA. One launch sequence sized for the worst case, no host synchronisation: route (counts, prefix,
+// slot lists, compacted active list) -> up (grid: min(E, T*k) expert slots x I tiles; slots past the
+// active count exit at once) -> down (same over H tiles, per-slot fp32 outputs) -> combine (per token,
+// choices summed in j order). Out-of-range ids: the (token, choice) is skipped (contributes 0) and bit 0
+// of the error word is set; the adapter checks it only with TWOTOWER_MOE_DEBUG=1 (that synchronises).
+
+constexpr int32_t kMoeErrBadId = 1;
+constexpr int64_t kMoeCudaMaxExperts = 12 * 1024;  // the route kernel counts per expert in shared memory
+
+// Bytes of device workspace the CUDA path needs (counts, offsets, lists, hidden, per-slot outputs, error).
+int64_t moe_cuda_workspace_bytes(const MoeParams& p);
+// Offset (bytes) of the int32 error word inside the workspace.
+int64_t moe_cuda_error_offset(const MoeParams& p);
+Status moe_experts_cuda(const MoeParams& p, void* workspace, void* stream);
+
+}  // namespace tt

@@ -1,0 +1,362 @@
+// The MoE experts on CUDA (see moe.h): route -> up GEMM (+ relu^2) -> down GEMM -> combine, four launches on
+// one stream, sized for the worst case (min(E, T*k) expert slots), no host synchronisation.
+//
+// The GEMMs are grouped and bandwidth-bound: CTA (expert slot a, N tile) streams its 64 weight rows of expert
+// active[a] once through a 3-stage cp.async pipeline and multiplies them with all of that expert's rows (up to
+// 64 at a time, as 1..4 m16 tiles: a decode step or a 16-token pass has 1..3 rows per expert) on mma.sync
+// m16n8k16 (bf16 / fp16, fp32 accumulate). Slots past the active count exit at once. fp32 and shapes the
+// tensor-core path cannot take (a K that is not a multiple of 8, unaligned rows) use a SIMT kernel with the
+// same grid. The combine sums each token's k slot outputs in j order in fp64, so results do not depend on the
+// order in which the route kernel's atomics placed the slots.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr, ensure_dynamic_smem
+#include "common/half_cuda.cuh"
+#include "moe/moe.h"
+
+namespace tt {
+namespace {
+
+constexpr int kBM = 64, kBN = 64, kBK = 64, kStages = 3, kThreads = 128;
+constexpr int kPitch = kBK + 8;  // halves: a 144-byte row pitch makes ldmatrix's 8 row addresses conflict-free
+constexpr int kRouteThreads = 1024;
+
+struct Ws {
+  int32_t *counts, *offsets, *active, *n_active, *slot_token, *slot_of, *err;
+  double* slot_weight;
+  void* hidden;     // [T*k, I] in x's dtype
+  float* out_slot;  // [T*k, H]
+};
+
+int64_t align256(int64_t v) { return (v + 255) & ~int64_t(255); }
+
+// The workspace layout; with base == nullptr only the total size (returned) and offsets are computed.
+int64_t layout(const MoeParams& p, char* base, Ws* w, int64_t* err_offset) {
+  const int64_t E = p.experts, n = p.tokens * p.topk, es = p.dtype == DType::kFloat32 ? 4 : 2;
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    char* at = base ? base + off : nullptr;
+    off = align256(off + bytes);
+    return at;
+  };
+  char* counts = take(E * 4);
+  char* offsets = take((E + 1) * 4);
+  char* active = take(E * 4);
+  char* n_active = take(4);
+  const int64_t err_at = off;
+  char* err = take(4);
+  char* slot_token = take(n * 4);
+  char* slot_of = take(n * 4);
+  char* slot_weight = take(n * 8);
+  char* hidden = take(n * p.inter * es);
+  char* out_slot = take(n * p.hidden * 4);
+  if (w != nullptr) {
+    *w = Ws{reinterpret_cast<int32_t*>(counts), reinterpret_cast<int32_t*>(offsets), reinterpret_cast<int32_t*>(active),
+            reinterpret_cast<int32_t*>(n_active), reinterpret_cast<int32_t*>(slot_token),
+            reinterpret_cast<int32_t*>(slot_of), reinterpret_cast<int32_t*>(err),
+            reinterpret_cast<double*>(slot_weight), hidden, reinterpret_cast<float*>(out_slot)};
+  }
+  if (err_offset != nullptr) *err_offset = err_at;
+  return off;
+}
+
+__device__ __forceinline__ float relu2(float v) {
+  const float r = v < 0.f ? 0.f : v;  // NaN passes through
+  return r * r;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Route: counts, prefix sum, active list, slot lists. One CTA (T*k is at most a few tens of thousands).
+
+__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeParams p, Ws w) {
+  extern __shared__ int32_t s_cnt[];  // [E]
+  const int64_t E = p.experts, k = p.topk, n = p.tokens * p.topk;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) s_cnt[e] = 0;
+  if (threadIdx.x == 0) *w.err = 0;
+  __syncthreads();
+  auto id_at = [&](int64_t i) -> int64_t {
+    return p.ids_int64 ? static_cast<const int64_t*>(p.expert_ids)[i] : static_cast<const int32_t*>(p.expert_ids)[i];
+  };
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t e = id_at(i);
+    if (e < 0 || e >= E) atomicOr(w.err, kMoeErrBadId);
+    else atomicAdd(&s_cnt[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t off = 0, na = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int32_t c = s_cnt[e];
+      w.counts[e] = c;
+      w.offsets[e] = off;
+      if (c > 0) w.active[na++] = int32_t(e);
+      s_cnt[e] = off;  // becomes the fill cursor
+      off += c;
+    }
+    w.offsets[E] = off;
+    *w.n_active = na;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t e = id_at(i);
+    if (e < 0 || e >= E) {
+      w.slot_of[i] = -1;  // documented: an out-of-range choice contributes 0
+      continue;
+    }
+    const int32_t s = atomicAdd(&s_cnt[e], 1);
+    w.slot_token[s] = int32_t(i / k);
+    w.slot_weight[s] = p.weights_fp64 ? static_cast<const double*>(p.expert_weights)[i]
+                                      : double(static_cast<const float*>(p.expert_weights)[i]);
+    w.slot_of[i] = s;
+  }
+}
+
+// The GEMM of active expert slot a: its slots [s0, s0 + M), sizes, and weight matrix [N, K] (rows ld_w apart).
+template <typename T>
+struct GroupGemm {
+  int64_t s0, M, K, N, ld_w;
+  const T* W;
+};
+template <typename T, bool kUp>
+__device__ __forceinline__ GroupGemm<T> group_gemm(const MoeParams& p, const Ws& w, int a) {
+  const int64_t e = w.active[a];
+  const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
+  const T* W = static_cast<const T*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
+  return {w.offsets[e], w.counts[e], kUp ? p.hidden : p.inter, kUp ? p.inter : p.hidden, ld_w, W};
+}
+
+// Where row m of an expert's A operand lives: up: x[slot_token[s0 + m]]; down: hidden[s0 + m].
+template <typename T, bool kUp>
+__device__ __forceinline__ const T* a_row(const MoeParams& p, const Ws& w, int64_t s0, int64_t m) {
+  if (kUp) return static_cast<const T*>(p.x) + int64_t(w.slot_token[s0 + m]) * p.x_stride;
+  return static_cast<const T*>(w.hidden) + (s0 + m) * p.inter;
+}
+
+template <typename T, bool kUp>
+__device__ __forceinline__ void epilogue(const MoeParams& p, const Ws& w, int64_t slot, int64_t n, float v) {
+  if (kUp) static_cast<T*>(w.hidden)[slot * p.inter + n] = from_float<T>(relu2(v));
+  else w.out_slot[slot * p.hidden + n] = v;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core grouped GEMM (bf16 / fp16).
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+constexpr int kMmaSmemBytes = kStages * (kBM + kBN) * kPitch * 2;
+
+template <typename T, bool kUp>
+__global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws w) {
+  const int a = blockIdx.x;
+  if (a >= *w.n_active) return;
+  const auto g = group_gemm<T, kUp>(p, w, a);
+  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
+  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  const T* W = g.W + n0 * ld_w;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);                   // [kStages][kBM][kPitch]
+  T* Bs = As + kStages * kBM * kPitch;                  // [kStages][kBN][kPitch]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t nk = (K + kBK - 1) / kBK;
+
+  for (int64_t m0 = 0; m0 < M; m0 += kBM) {
+    const int64_t rows = M - m0 < kBM ? M - m0 : kBM;
+    const int mt = int((rows + 15) / 16);  // m16 tiles in use (warp-uniform)
+    auto load = [&](int64_t kt, int st) {
+      const int64_t k0 = kt * kBK;
+      for (int c = tid; c < mt * 16 * (kBK / 8); c += kThreads) {  // A: 16-byte chunks of the rows in use
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const bool ok = r < rows && k0 + kc < K;
+        const T* src = ok ? a_row<T, kUp>(p, w, s0, m0 + r) + k0 + kc : static_cast<const T*>(p.x);
+        cp_async_16(smem_addr(As + (st * kBM + r) * kPitch + kc), src, ok);
+      }
+      for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {  // B: the weight tile
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const bool ok = n0 + r < N && k0 + kc < K;
+        cp_async_16(smem_addr(Bs + (st * kBN + r) * kPitch + kc), ok ? W + r * ld_w + k0 + kc : W, ok);
+      }
+    };
+    float acc[4][2][4] = {};
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < nk) load(st, st);
+      cp_async_commit();
+    }
+    for (int64_t kt = 0; kt < nk; ++kt) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (kt + kStages - 1 < nk) load(kt + kStages - 1, int((kt + kStages - 1) % kStages));
+      cp_async_commit();
+      const int st = int(kt % kStages);
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {
+        uint32_t b[4];  // two n8 tiles of this warp's 16 columns: (k lo, k hi) each
+        ldmatrix_x4(b, smem_addr(Bs + (st * kBN + warp * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
+                                 ((lane / 8) % 2) * 8));
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          if (mi >= mt) break;
+          uint32_t af[4];
+          ldmatrix_x4(af, smem_addr(As + (st * kBM + mi * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8));
+          mma_16816<T>(acc[mi][0], af, b[0], b[1]);
+          mma_16816<T>(acc[mi][1], af, b[2], b[3]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the next row chunk reuses the stages
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+      if (mi >= mt) break;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t row = mi * 16 + lane / 4 + 8 * (q >> 1), col = n0 + warp * 16 + j * 8 + 2 * (lane % 4) + (q & 1);
+          if (row < rows && col < N) epilogue<T, kUp>(p, w, s0 + m0 + row, col, acc[mi][j][q]);
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SIMT grouped GEMM (fp32, and shapes the tensor-core path cannot take): a warp per weight row, lanes over k
+// (coalesced), 8 rows of A at a time.
+
+template <typename T, bool kUp>
+__global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws w) {
+  const int a = blockIdx.x;
+  if (a >= *w.n_active) return;
+  const auto g = group_gemm<T, kUp>(p, w, a);
+  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
+  const T* W = g.W;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n_end = int64_t(blockIdx.y) * kBN + kBN < N ? int64_t(blockIdx.y) * kBN + kBN : N;
+  for (int64_t n = int64_t(blockIdx.y) * kBN + warp; n < n_end; n += kThreads / 32) {
+    const T* wr = W + n * ld_w;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      float acc[8] = {};
+      const T* ar[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) ar[r] = m0 + r < M ? a_row<T, kUp>(p, w, s0, m0 + r) : nullptr;
+      for (int64_t k = lane; k < K; k += 32) {
+        const float wv = to_float(wr[k]);
+#pragma unroll
+        for (int r = 0; r < 8; ++r)
+          if (ar[r] != nullptr) acc[r] += to_float(ar[r][k]) * wv;
+      }
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        if (lane == 0 && ar[r] != nullptr) epilogue<T, kUp>(p, w, s0 + m0 + r, n, acc[r]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Combine: y[t, n] = sum_j weight(t, j) * out_slot[slot(t, j), n], fp64 in j order; skipped choices add 0.
+
+template <typename T>
+__global__ void moe_combine_kernel(MoeParams p, Ws w) {
+  const int64_t t = blockIdx.x, k = p.topk;
+  T* y = static_cast<T*>(p.y) + t * p.y_stride;
+  for (int64_t n = threadIdx.x; n < p.hidden; n += blockDim.x) {
+    double acc = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = w.slot_of[t * k + j];
+      if (s >= 0) acc += w.slot_weight[s] * double(w.out_slot[int64_t(s) * p.hidden + n]);
+    }
+    y[n] = from_float<T>(float(acc));
+  }
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// The tensor-core path reads 16-byte chunks of every A and weight row.
+bool mma_ok(const MoeParams& p) {
+  return p.dtype != DType::kFloat32 && p.hidden % 8 == 0 && p.inter % 8 == 0 && p.x_stride % 8 == 0 &&
+         p.up_stride_n % 8 == 0 && p.up_stride_e % 8 == 0 && p.down_stride_n % 8 == 0 && p.down_stride_e % 8 == 0 &&
+         aligned16(p.x) && aligned16(p.w_up) && aligned16(p.w_down);
+}
+
+template <typename T>
+Status launch(const MoeParams& p, const Ws& w, cudaStream_t s) {
+  const int64_t n = p.tokens * p.topk;
+  const unsigned slots = unsigned(p.experts < n ? p.experts : n);
+  if (slots > 0) {
+    const dim3 up_grid(slots, unsigned((p.inter + kBN - 1) / kBN)), down_grid(slots, unsigned((p.hidden + kBN - 1) / kBN));
+    if constexpr (!std::is_same_v<T, float>) {
+      if (mma_ok(p)) {
+        if (ensure_dynamic_smem<moe_gemm_mma_kernel<T, true>>(kMmaSmemBytes) != Status::kOk ||
+            ensure_dynamic_smem<moe_gemm_mma_kernel<T, false>>(kMmaSmemBytes) != Status::kOk)
+          return Status::kLaunchFailed;
+        moe_gemm_mma_kernel<T, true><<<up_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
+        moe_gemm_mma_kernel<T, false><<<down_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
+      } else {
+        moe_gemm_simt_kernel<T, true><<<up_grid, kThreads, 0, s>>>(p, w);
+        moe_gemm_simt_kernel<T, false><<<down_grid, kThreads, 0, s>>>(p, w);
+      }
+    } else {
+      moe_gemm_simt_kernel<T, true><<<up_grid, kThreads, 0, s>>>(p, w);
+      moe_gemm_simt_kernel<T, false><<<down_grid, kThreads, 0, s>>>(p, w);
+    }
+  }
+  moe_combine_kernel<T><<<unsigned(p.tokens), 256, 0, s>>>(p, w);
+  return Status::kOk;
+}
+
+}  // namespace
+
+int64_t moe_cuda_workspace_bytes(const MoeParams& p) { return layout(p, nullptr, nullptr, nullptr); }
+
+int64_t moe_cuda_error_offset(const MoeParams& p) {
+  int64_t off = 0;
+  layout(p, nullptr, nullptr, &off);
+  return off;
+}
+
+Status moe_experts_cuda(const MoeParams& p, void* workspace, void* stream) {
+  if (p.tokens == 0) return Status::kOk;
+  if (p.experts > kMoeCudaMaxExperts || p.tokens > INT32_MAX) return Status::kUnsupportedShape;
+  Ws w;
+  layout(p, static_cast<char*>(workspace), &w, nullptr);
+  auto s = static_cast<cudaStream_t>(stream);
+  moe_route_kernel<<<1, kRouteThreads, unsigned(p.experts * 4), s>>>(p, w);
+  Status st = Status::kOk;
+  switch (p.dtype) {
+    case DType::kFloat32: st = launch<float>(p, w, s); break;
+    case DType::kBFloat16: st = launch<__nv_bfloat16>(p, w, s); break;
+    case DType::kFloat16: st = launch<__half>(p, w, s); break;
+    default: return Status::kUnsupportedDType;
+  }
+  if (st != Status::kOk) return st;
+  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
+}
+
+}  // namespace tt

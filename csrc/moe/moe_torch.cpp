@@ -1,0 +1,290 @@
+// Torch-side adapter of moe_experts / moe_experts_out: argument checks (messages name the argument), the params,
+// the CPU / CUDA entry points and their registrations. The schemas are in csrc/registry.cpp; the math in moe.h.
+//
+// moe_experts(x [T,H], expert_ids [T,k] int32|int64, expert_weights [T,k] fp32|fp64, w_up [E,I,H], w_down [E,H,I])
+//   -> y [T,H] in x's dtype. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
+// every path has read x before it writes out, so out may be x.
+// Environment (tests and benchmarks): TWOTOWER_MOE_CPU_ISA=scalar|avx2|avx512|avx512_bf16 forces the CPU
+// microkernel's instruction set (default: the best this CPU runs); TWOTOWER_MOE_CPU_GEMM=micro|library forces
+// the inner GEMM for every expert (default auto: by rows per expert); TWOTOWER_MOE_DEBUG=1 on CUDA checks the
+// ids after the launch (synchronises; not capturable).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "common/cpu_gemm_torch.h"
+#include "common/torch_checks.h"
+#include "moe/moe.h"
+
+namespace {
+
+using at::Tensor;
+using namespace tt::torch_glue;
+
+void moe_check_shape(const Tensor& t, const char* name, at::IntArrayRef want, const char* layout) {
+  TORCH_CHECK(t.sizes() == want, "twotower: ", name, " must be ", layout, " = ", want, ", got shape ", t.sizes());
+}
+
+struct MoePlan {
+  tt::MoeParams p{};
+  Tensor ids, weights, out;  // keep-alive (ids / weights made contiguous)
+};
+
+MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
+                 const Tensor& w_down, const Tensor* out) {
+  const auto dt = kernel_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 2, "twotower: x must be [tokens, hidden] (2-D), got shape ", x.sizes());
+  check_last_dim_contiguous(x, "x");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK_TYPE(expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong,
+                   "twotower: expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
+  check_same_device(expert_ids, "expert_ids", x, "x");
+  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.size(0) == T, "twotower: expert_ids must be [tokens, k] with tokens = ",
+              T, " (x's), got shape ", expert_ids.sizes());
+  const int64_t k = expert_ids.size(1);
+  TORCH_CHECK_TYPE(expert_weights.scalar_type() == at::kFloat || expert_weights.scalar_type() == at::kDouble,
+                   "twotower: expert_weights must be float32 or float64, got ", expert_weights.scalar_type());
+  check_same_device(expert_weights, "expert_weights", x, "x");
+  moe_check_shape(expert_weights, "expert_weights", {T, k}, "[tokens, k] (expert_ids' shape)");
+  check_dtype(w_up, x.scalar_type(), "w_up");
+  check_same_device(w_up, "w_up", x, "x");
+  TORCH_CHECK(w_up.dim() == 3 && w_up.size(2) == H && w_up.size(0) >= 1 && w_up.size(1) >= 1,
+              "twotower: w_up must be [experts, inter, hidden] with hidden = ", H, " (x's), got shape ", w_up.sizes());
+  check_last_dim_contiguous(w_up, "w_up");
+  const int64_t E = w_up.size(0), I = w_up.size(1);
+  check_dtype(w_down, x.scalar_type(), "w_down");
+  check_same_device(w_down, "w_down", x, "x");
+  moe_check_shape(w_down, "w_down", {E, H, I}, "[experts, hidden, inter] (w_up's experts and inter, x's hidden)");
+  check_last_dim_contiguous(w_down, "w_down");
+  TORCH_CHECK_VALUE(k <= E, "twotower: expert_ids has k = ", k, " choices per token but there are only ", E,
+                    " experts (w_up's first dim)");
+  TORCH_CHECK(T * k < INT32_MAX && E < INT32_MAX, "twotower: expert_ids must have fewer than 2^31 entries, got shape ",
+              expert_ids.sizes());
+  MoePlan plan;
+  if (out != nullptr) {
+    check_dtype(*out, x.scalar_type(), "out");
+    check_same_device(*out, "out", x, "x");
+    moe_check_shape(*out, "out", {T, H}, "[tokens, hidden] (x's shape)");
+    check_last_dim_contiguous(*out, "out");
+    plan.out = *out;
+  } else {
+    plan.out = at::empty({T, H}, x.options());
+  }
+  plan.ids = expert_ids.contiguous();
+  plan.weights = expert_weights.contiguous();
+  auto& p = plan.p;
+  p.x = x.data_ptr();
+  p.expert_ids = plan.ids.data_ptr();
+  p.expert_weights = plan.weights.data_ptr();
+  p.w_up = w_up.data_ptr();
+  p.w_down = w_down.data_ptr();
+  p.y = plan.out.data_ptr();
+  p.tokens = T;
+  p.topk = k;
+  p.experts = E;
+  p.hidden = H;
+  p.inter = I;
+  p.x_stride = x.stride(0);
+  p.y_stride = plan.out.stride(0);
+  p.up_stride_e = w_up.stride(0);
+  p.up_stride_n = w_up.stride(1);
+  p.down_stride_e = w_down.stride(0);
+  p.down_stride_n = w_down.stride(1);
+  p.ids_int64 = expert_ids.scalar_type() == at::kLong;
+  p.weights_fp64 = expert_weights.scalar_type() == at::kDouble;
+  p.dtype = dt;
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CPU
+
+tt::MoeCpuIsa moe_cpu_isa() {
+  const char* env = std::getenv("TWOTOWER_MOE_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return tt::moe_cpu_best_isa();
+  const std::string v(env);
+  const tt::MoeCpuIsa isa = v == "scalar" ? tt::MoeCpuIsa::kScalar : v == "avx2" ? tt::MoeCpuIsa::kAvx2
+                          : v == "avx512" ? tt::MoeCpuIsa::kAvx512 : v == "avx512_bf16" ? tt::MoeCpuIsa::kAvx512Bf16
+                          : tt::MoeCpuIsa(-1);
+  TORCH_CHECK_VALUE(int32_t(isa) >= 0, "twotower: TWOTOWER_MOE_CPU_ISA must be scalar, avx2, avx512 or avx512_bf16, "
+                    "got '", v, "'");
+  TORCH_CHECK_VALUE(tt::moe_cpu_isa_supported(isa), "twotower: TWOTOWER_MOE_CPU_ISA=", v, " but this CPU does not run it");
+  return isa;
+}
+
+tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
+  const char* env = std::getenv("TWOTOWER_MOE_CPU_GEMM");
+  if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return tt::MoeCpuGemmChoice::kAuto;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "micro" || v == "library", "twotower: TWOTOWER_MOE_CPU_GEMM must be auto, micro or library, "
+                    "got '", v, "'");
+  return v == "micro" ? tt::MoeCpuGemmChoice::kMicro : tt::MoeCpuGemmChoice::kLibrary;
+}
+
+// Below this many weight bytes per call the phases run on the calling thread: waking the intra-op threads costs
+// more than the work (measured on a busy 2-core machine: ~20-50 ms per OpenMP region; 1 thread 0.08 ms for a
+// 16-expert 160 x 96 layer), and the small models of the tests and of the parity fixtures live here.
+constexpr int64_t kParallelMinBytes = 4 << 20;
+
+// The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
+// down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
+// exactly one thread and counted in `finished` once run (or skipped after a failure).
+struct MoeWork {
+  int64_t n_up = 0, total = 0;
+  std::atomic<int64_t> next{0}, up_done{0}, finished{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
+
+  void work() {
+    tt::MoeCpuScratch s;
+    for (int64_t i; (i = next.fetch_add(1)) < total;) {
+      if (i >= n_up) {
+        while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
+      }
+      if (!failed.load(std::memory_order_relaxed)) {
+        try {
+          item(i, s);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (!error) error = std::current_exception();
+          failed = true;
+        }
+      }
+      if (i < n_up) up_done.fetch_add(1, std::memory_order_release);
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Why not at::parallel_for: an OpenMP region ends in a barrier that waits for every team thread to have been
+// scheduled at least once, and on a busy 2-core machine a woken thread can wait a whole time slice (measured:
+// a T=1 bf16 layer took 52-60 ms on 2 threads against 34 ms on 1; any OpenMP region cost 10-50 ms there). Here
+// the calling thread works through the items itself and threads - 1 helpers on the inter-op pool join whenever
+// they get to run; the caller waits only for items a helper has already claimed. A helper that starts after
+// everything is claimed finds nothing to do (the shared state outlives the call; the items' references do
+// not, and are only used for claimed items). Used for the microkernel path only: the library path calls MKL,
+// whose own threading expects an OpenMP thread, so calls with library experts take one at::parallel_for region.
+void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
+                std::function<void(int64_t, tt::MoeCpuScratch&)> item) {
+  auto w = std::make_shared<MoeWork>();
+  w->n_up = n_up;
+  w->total = n_up + n_down;
+  w->item = std::move(item);
+  const int64_t threads = at::get_num_threads();
+  if (parallel && threads > 1) {
+    if (library) {
+      at::parallel_for(0, std::min(threads, w->total), 1, [&](int64_t, int64_t) { w->work(); });
+    } else {
+      for (int64_t h = 1; h < std::min(threads, w->total); ++h) at::launch([w] { w->work(); });
+    }
+  }
+  w->work();
+  while (w->finished.load(std::memory_order_acquire) < w->total) std::this_thread::yield();
+  if (w->error) std::rethrow_exception(w->error);
+}
+
+void run_moe_cpu(const tt::MoeParams& p) {
+  if (p.tokens == 0) return;
+  CpuGemmCtx gctx;
+  tt::MoeCpuConfig cfg;
+  cfg.isa = moe_cpu_isa();
+  cfg.gemm = moe_cpu_gemm_choice();
+  cfg.library = make_cpu_gemm(at::kFloat, gctx);
+  const auto pl = tt::moe_cpu_plan(p, cfg);
+  TORCH_CHECK_VALUE(pl.bad_index < 0, "twotower: expert_ids must be in [0, ", p.experts, ") (w_up's experts), got ",
+                    pl.bad_value, " at [", pl.bad_index / std::max<int64_t>(p.topk, 1), ", ",
+                    pl.bad_index % std::max<int64_t>(p.topk, 1), "]");
+  const auto st = p.dtype == tt::DType::kFloat32 ? at::kFloat : p.dtype == tt::DType::kBFloat16 ? at::kBFloat16
+                                                                                                 : at::kHalf;
+  const auto opts = at::TensorOptions().dtype(st);
+  auto hidden = at::empty({p.tokens * p.topk, p.inter}, opts);
+  Tensor hidden32 = st == at::kFloat ? hidden
+                    : pl.any_library ? at::empty({p.tokens * p.topk, p.inter}, opts.dtype(at::kFloat))
+                                     : Tensor();
+  const tt::MoeCpuBuffers buf{hidden.data_ptr(), hidden32.defined() ? hidden32.data_ptr<float>() : nullptr};
+  const int64_t es = p.dtype == tt::DType::kFloat32 ? 4 : 2;
+  const bool parallel = int64_t(pl.active.size()) * 2 * p.hidden * p.inter * es >= kParallelMinBytes;
+  const int64_t n_up = int64_t(pl.up_items.size());
+  run_phases(n_up, tt::moe_down_tiles(p, pl), parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
+    check_status(i < n_up ? tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s)
+                          : tt::moe_cpu_down_item(p, pl, cfg, i - n_up, buf, s),
+                 "moe_experts");
+  });
+}
+
+Tensor moe_experts_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
+                       const Tensor& w_down) {
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr);
+  run_moe_cpu(plan.p);
+  return plan.out;
+}
+
+void moe_experts_out_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
+                         const Tensor& w_down, const Tensor& out) {
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out);
+  run_moe_cpu(plan.p);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA
+
+#ifdef TWOTOWER_WITH_CUDA
+bool moe_debug() {
+  const char* v = std::getenv("TWOTOWER_MOE_DEBUG");
+  return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+}
+
+void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
+  const auto& p = plan.p;
+  TORCH_CHECK(p.experts <= tt::kMoeCudaMaxExperts, "twotower: w_up has ", p.experts, " experts; the CUDA kernel takes at most ",
+              tt::kMoeCudaMaxExperts);
+  if (p.tokens == 0) return;
+  auto ws = at::empty({tt::moe_cuda_workspace_bytes(p)}, x.options().dtype(at::kByte));
+  check_status(tt::moe_experts_cuda(p, ws.data_ptr(), current_stream(x)), "moe_experts");
+  if (moe_debug()) {
+    const int32_t err = ws.narrow(0, tt::moe_cuda_error_offset(p), 4).view(at::kInt).item<int32_t>();
+    TORCH_CHECK_VALUE(!(err & tt::kMoeErrBadId), "twotower: expert_ids must be in [0, ", p.experts,
+                      ") (w_up's experts) (TWOTOWER_MOE_DEBUG check)");
+  }
+}
+
+Tensor moe_experts_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
+                        const Tensor& w_down) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr);
+  run_moe_cuda(plan, x);
+  return plan.out;
+}
+
+void moe_experts_out_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
+                          const Tensor& w_down, const Tensor& out) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out);
+  run_moe_cuda(plan, x);
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(twotower, CPU, m) {
+  m.impl("moe_experts", &moe_experts_cpu);
+  m.impl("moe_experts_out", &moe_experts_out_cpu);
+}
+#ifdef TWOTOWER_WITH_CUDA
+TORCH_LIBRARY_IMPL(twotower, CUDA, m) {
+  m.impl("moe_experts", &moe_experts_cuda);
+  m.impl("moe_experts_out", &moe_experts_out_cuda);
+}
+#endif
