@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="print a checkpoint's config, parameter counts and cache sizes")
     i.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     i.set_defaults(fn=_cmd_info)
+    from .serve.cli import add_parser as add_serve_parser   # twotower serve (its options: serve/cli.py)
+    add_serve_parser(sub)
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
