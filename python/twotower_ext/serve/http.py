@@ -177,17 +177,24 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def finished():
+            while (await events.get())[0] != "done":
+                pass
+
+        async def disconnected():   # the body is read: the next message is http.disconnect (or the response end)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waits = [asyncio.ensure_future(finished()), asyncio.ensure_future(disconnected())]
         try:
-            while not h.done:
-                try:
-                    await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        h.cancel()
-                        return _error(499, "client disconnected", None, "cancelled")
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not h.done:
+            for w in waits:
+                w.cancel()
+            if not h.done:          # the client went away (or this task was cancelled): free the row
                 h.cancel()
+        if not h.done:
+            return _error(499, "client disconnected", None, "cancelled")
         if h.finish_reason == "error":
             return _error(500, h.error or "generation failed", None, "server_error")
         if h.finish_reason == "cancelled":

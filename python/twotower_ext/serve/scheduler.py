@@ -91,6 +91,9 @@ class Scheduler:
     def submit(self, prompt, sink=None, request_id: str | None = None, **params) -> Handle:
         """Queue a request: prompt token ids (or text, with a tokenizer) and serving parameters (see
         request.FIELDS). Raises RequestError (naming the field), QueueFull or ShuttingDown at once."""
+        if not self._accepting:
+            self.metrics.rejected("shutting_down")
+            raise ShuttingDown("the server is shutting down")
         ids = self._prompt_ids(prompt)
         args = make_args(self.cfg.vocab_size, **params)
         if args.mode == "diffusion" and args.block_size > 64:
