@@ -3,8 +3,11 @@ stop accepting (new requests get 503), let in-flight requests finish for up to -
 cancel the rest, exit 0."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import sys
+import threading
 
 
 def add_parser(subparsers) -> None:
@@ -32,6 +35,20 @@ def _server(config, scheduler):
         def handle_exit(self, sig, frame):
             scheduler.stop_accepting()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal once it has shut down (the process then dies by SIGTERM);
+            # a server that shut down cleanly exits 0 instead.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
     return Server(config)
 
