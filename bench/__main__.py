@@ -11,7 +11,7 @@ import sys
 
 BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
            "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask", "e2e": "bench_e2e",
-           "prefill": "bench_prefill"}
+           "prefill": "bench_prefill", "serve": "bench_serve"}
 
 
 def main(argv=None) -> int:
