@@ -300,6 +300,8 @@ def test_http_bad_json_and_no_chat_template(parity_server):
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
     resp = post(parity_server, {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions")
     assert resp.status_code == 400 and "no chat template" in resp.json()["error"]["message"]
+    resp = post(parity_server, {"model": "gpt-4", "prompt": [1, 2]})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model"
 
 
 @http

@@ -46,7 +46,7 @@ def _check_openai_fields(body: dict, allowed: set) -> None:
             raise _BadField(k, f"{k}: unknown field")
     unsupported = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None,),
                    "top_p": (None, 1, 1.0), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                   "logit_bias": (None, {}), "suffix": (None, ""), "top_logprobs": (None,), "tools": (None, [])}
+                   "logit_bias": (None, {}), "suffix": (None, "")}
     for k, ok in unsupported.items():
         if k in body and body[k] not in ok:
             raise _BadField(k, f"{k}: only {ok[-1]!r} is supported, got {body[k]!r}")
@@ -119,7 +119,11 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
 
     @app.exception_handler(_BadField)
     async def _bad(request, e: _BadField):
-        return _error(400, str(e), e.field)
+        return _error(404 if e.field == "model" else 400, str(e), e.field)
+
+    def check_model(body: dict) -> None:
+        if body.get("model") not in (None, model_name):
+            raise _BadField("model", f"model {body['model']!r} does not exist here (this server serves {model_name!r})")
 
     def usage(h) -> dict:
         return {"prompt_tokens": len(h.prompt), "completion_tokens": len(h.tokens),
@@ -207,6 +211,7 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
     async def completions(request: Request):
         body = await body_of(request)
         _check_openai_fields(body, _OPENAI_FIELDS)
+        check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]           # a batch of one prompt
@@ -223,6 +228,7 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
             return _error(400, f"model {model_name!r} has no chat template (its checkpoint has no tokenizer_config.json "
                                "chat_template or chat_template.jinja): use /v1/completions", "messages")
         _check_openai_fields(body, (_OPENAI_FIELDS | {"messages", "max_completion_tokens"}) - {"prompt"})
+        check_model(body)
         msgs = body.get("messages")
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                         and isinstance(m.get("content"), str) for m in msgs)):

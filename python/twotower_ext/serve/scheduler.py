@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 
@@ -33,6 +32,11 @@ from .metrics import Metrics
 from .request import Handle, QueueFull, RequestError, ShuttingDown, make_args
 
 log = logging.getLogger("twotower.serve")
+
+# Whether a partial last block (max_tokens not a multiple of block_size) ends as soon as its kept positions
+# are committed rather than when the whole block is: must equal what `Engine.generate` does, so that every
+# row's result (tokens and NFE) is the one `generate` gives it alone. The engine change (issue 20) sets it.
+PARTIAL_LAST_BLOCK_EARLY_STOP = False
 
 
 class _Row:
@@ -268,6 +272,11 @@ class Scheduler:
             xs = x[sel]
             done[sel] = self.engine._unmask(logits[sel], xs, r.args, r.blk, r.step)[1]
             x[sel] = xs
+        if PARTIAL_LAST_BLOCK_EARLY_STOP:   # a row's partial last block ends once its kept positions are committed
+            kept = torch.tensor([r.args.max_new_tokens - r.n_new for r in rows], device=x.device)
+            if bool((kept < x.shape[1]).any()):
+                pending = (x == rows[0].args.mask_token_id) & (torch.arange(x.shape[1], device=x.device) < kept[:, None])
+                done |= ~pending.any(1)
         done_h = done.tolist()   # the one host read per pass
         extend: list[int] = []
         for j, r in enumerate(rows):
