@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from ..engine import gumbel_argmax
+from ..engine import gumbel_argmax, normalize_prompts
 from .metrics import Metrics
 from .request import Handle, QueueFull, RequestError, ShuttingDown, make_args
 
@@ -100,8 +100,6 @@ class Scheduler:
             raise ShuttingDown("the server is shutting down")
         ids = self._prompt_ids(prompt)
         args = make_args(self.cfg.vocab_size, **params)
-        if args.mode == "diffusion" and args.block_size > 64:
-            raise RequestError("block_size", "block_size must be <= 64")
         need = self.engine._capacity([ids], args)
         if need > self.max_len:
             raise RequestError("max_tokens", f"max_tokens: the prompt ({len(ids)} tokens) plus max_tokens={args.max_new_tokens} "
@@ -120,7 +118,6 @@ class Scheduler:
         return h
 
     def _prompt_ids(self, prompt) -> list[int]:
-        V = self.cfg.vocab_size
         if isinstance(prompt, str):
             if self.lm.tokenizer is None:
                 raise RequestError("prompt", "prompt: this model has no tokenizer; send token ids")
@@ -129,12 +126,10 @@ class Scheduler:
             ids = list(prompt)
         else:
             raise RequestError("prompt", "prompt must be a string or a list of token ids")
-        if not ids:
-            raise RequestError("prompt", "prompt is empty (it needs at least one token)")
-        bad = [v for v in ids if not 0 <= v < V]
-        if bad:
-            raise RequestError("prompt", f"prompt has token ids outside [0, vocab_size={V}): {bad[:5]}")
-        return ids
+        try:   # the engine's checks: non-empty, ids in [0, vocab)
+            return normalize_prompts([ids], self.cfg.vocab_size)[0]
+        except ValueError as e:
+            raise RequestError("prompt", str(e).replace("generate: prompt 0", "prompt")) from None
 
     def stop_accepting(self) -> None:
         with self._cv:
