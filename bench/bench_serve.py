@@ -116,7 +116,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         over = [c for c in conc if tps["diffusion", c] > tps["ar", c]]
         summary.append(f"{name}: diffusion/AR throughput " +
                        ", ".join(f"c={c} {tps['diffusion', c] / tps['ar', c]:.2f}x" for c in conc) +
-                       (f"; diffusion ahead from concurrency {over[0]}" if over else "; AR ahead at every concurrency"))
+                       (f"; diffusion ahead at concurrency {', '.join(map(str, over))}" if over
+                        else "; AR ahead at every concurrency"))
     harness.print_table(f"serving on {device}: closed-loop clients, diffusion (gamma 0.8) vs AR", rows, COLUMNS)
     for line in summary:
         print(line)

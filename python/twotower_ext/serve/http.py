@@ -181,6 +181,7 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
         async def finished():
             while (await events.get())[0] != "done":
                 pass
