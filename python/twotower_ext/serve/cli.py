@@ -13,18 +13,30 @@ import threading
 def add_parser(subparsers) -> None:
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     s.add_argument("--model", help="checkpoint directory (default: the model shipped with the package)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
     s.add_argument("--max-batch", type=int, default=16, help="cache rows: requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (then 429)")
     s.add_argument("--max-len", type=int, default=1024, help="context tokens per row: prompt + generated")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and cache (default fp32)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: 1 for small models)")
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
     s.set_defaults(fn=run)
+
+
+def _port(v: str) -> int:
+    import argparse
+
+    try:
+        p = int(v)
+    except ValueError:
+        p = -1
+    if not 0 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 65535], got {v!r}")
+    return p
 
 
 def _server(config, scheduler):
@@ -95,6 +107,8 @@ def run(a) -> int:
     from ..api import load
     from ..cli import _default_model
 
+    if a.threads < 0:
+        raise ValueError(f"serve: --threads must be >= 0 (0: the default), got {a.threads}")
     path = a.model or _default_model()
     lm = load(path, device=a.device, dtype=a.dtype)
     if a.threads:

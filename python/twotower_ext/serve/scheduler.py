@@ -39,6 +39,17 @@ log = logging.getLogger("twotower.serve")
 PARTIAL_LAST_BLOCK_EARLY_STOP = False
 
 
+def _free_bytes(dev: torch.device) -> int:
+    """Memory a cache may take on dev: free GPU memory, or the host's MemAvailable."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62   # unknown: the allocation itself will tell
+
+
 class _Row:
     """A live request in a cache row: its block (diffusion) or next-token logits / last token (AR modes)."""
 
@@ -75,6 +86,10 @@ class Scheduler:
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.metrics = metrics or Metrics()
         need = self.engine.cache_bytes(max_batch, max_len, snapshot=True)
+        free = _free_bytes(self.model.ctx_device)
+        if need > free:
+            raise MemoryError(f"serve: a cache of {max_batch} rows x {max_len} tokens needs {need / 2**30:.2f} GiB but "
+                              f"{self.model.ctx_device} has {free / 2**30:.2f} GiB available; lower --max-batch or --max-len")
         try:   # snapshot=True: mock-AR rows need the pre-extension Mamba states; the others ignore them
             self.cache = self.model.new_cache(max_batch, max_len, snapshot=True)
         except (RuntimeError, torch.OutOfMemoryError) as e:
