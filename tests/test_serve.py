@@ -381,6 +381,9 @@ def test_http_chat_with_a_template(tmp_path):
                                            max_tokens=16)
         want = lm.generate("# user: print hello\n# assistant:", max_new_tokens=16).new_tokens[0]
         assert r.choices[0].message.content == lm.decode(want) and r.choices[0].message.role == "assistant"
+        chunks = list(client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "print hello"}],
+                                                     max_tokens=16, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == lm.decode(want)
     finally:
         srv.close()
 
@@ -402,6 +405,11 @@ def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
             futs = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
             wait_for(lambda: httpx.get(url + "/health").json()["live_rows"] == 2, timeout=30)
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            try:                                   # no new work is taken once the signal is in
+                assert httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 503
+            except httpx.ConnectError:
+                pass
             for f in futs:                         # in-flight requests still complete, whole
                 resp = f.result()
                 assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 120
