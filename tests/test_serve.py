@@ -190,6 +190,30 @@ def test_scheduler_shutdown_finishes_in_flight(lm):
     assert [h.finish_reason for h in hs] == ["cancelled", "cancelled"]
 
 
+def test_a_failed_pass_fails_its_rows_and_the_server_goes_on(lm, monkeypatch):
+    s = Scheduler(lm, max_batch=2, max_queue=2, max_len=64)
+    real, calls = lm.model.denoise, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lm.model, "denoise", flaky)
+    try:
+        h = s.submit([1, 5], mode="diffusion", max_tokens=8)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            h.result(10)
+        assert h.finish_reason == "error" and s.metrics.requests == {"error": 1}
+        ok = s.submit([1, 5], mode="diffusion", max_tokens=8, eos_token_id=None).result(10)
+        monkeypatch.undo()
+        assert ok.tokens == offline(lm, [1, 5], dict(mode="diffusion", max_tokens=8, block_size=16, steps=16,
+                                                     threshold=0.8, seed=0, temperature=0.0, eos_token_id=None))[0]
+    finally:
+        s.shutdown()
+
+
 def test_generate_is_thread_safe(lm):
     reqs = mixed_requests(8, seed=2)
     want = [offline(lm, prompt, p) for prompt, p in reqs]

@@ -184,8 +184,9 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001  (a failed pass fails its rows, never the server)
                     log.exception("twotower serve: a batched pass failed")
                     for r in self.rows:
-                        r.h._finish("error", f"{type(e).__name__}: {e}")
-                        self.metrics.request_done(r.h)
+                        if not r.finished:
+                            r.h._finish("error", f"{type(e).__name__}: {e}")
+                            self.metrics.request_done(r.h)
                     self.rows = []
                 with self._cv:
                     self.metrics.set_load(len(self._waiting), len(self.rows))
