@@ -104,12 +104,19 @@ def run(a) -> int:
 
     import torch
 
+    from .. import default_model_path
     from ..api import load
-    from ..cli import _default_model
 
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"twotower: serve needs the serve extra: pip install 'twotower_ext[serve]' ({e})") from None
     if a.threads < 0:
         raise ValueError(f"serve: --threads must be >= 0 (0: the default), got {a.threads}")
-    path = a.model or _default_model()
+    path = a.model or default_model_path()
+    if path is None:
+        raise SystemExit("twotower: no --model given and this installation ships no default model")
     lm = load(path, device=a.device, dtype=a.dtype)
     if a.threads:
         torch.set_num_threads(a.threads)
