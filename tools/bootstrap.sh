@@ -15,6 +15,8 @@ esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "$torch_req" numpy pytest tokenizers "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
+# the serve extra (fastapi, uvicorn) and the clients tests/test_serve.py drives it with (openai, httpx)
+"${pip[@]}" "fastapi>=0.100" "uvicorn>=0.29" openai httpx
 if [ "$kind" = cuda ]; then
   # Headers only; its declared dependencies would pull ~350 MB and downgrade torch's cuda-bindings.
   "${pip[@]}" --no-deps nvidia-cutlass==4.2.0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -36,6 +37,7 @@ class TwoTowerLM:
     def __init__(self, model, tokenizer=None, path: str | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.engine = Engine(model)
+        self._lock = threading.Lock()   # one generate at a time: the engine's pooled cache and graphs are shared
 
     @property
     def config(self):
@@ -61,16 +63,20 @@ class TwoTowerLM:
         mode: "diffusion" (block mask diffusion), "mock_ar" or "ar". threshold: the confidence gamma.
         reference_compat=True reproduces NVIDIA's reference semantics exactly (see twotower_ext.engine).
         callback(event: dict) is called after every committed block (diffusion) or token (AR modes) with
-        the tokens so far, for streaming. cuda_graphs / device_loop: see twotower_ext.graphs."""
+        the tokens so far, for streaming. cuda_graphs / device_loop: see twotower_ext.graphs.
+
+        Thread-safe: concurrent calls on one TwoTowerLM run one after another (a lock serialises them);
+        for concurrent requests batched together use `twotower_ext.serve.Scheduler`."""
         if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
                                           and all(isinstance(t, str) for t in input_ids)):
             texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
             input_ids = [self.encode(t) for t in texts]
-        return self.engine.generate(
-            input_ids, callback=callback, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
-            steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
-            eos_token_id=eos_token_id, mask_token_id=mask_token_id, reference_compat=reference_compat,
-            cuda_graphs=cuda_graphs, device_loop=device_loop)
+        with self._lock:
+            return self.engine.generate(
+                input_ids, callback=callback, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
+                steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
+                eos_token_id=eos_token_id, mask_token_id=mask_token_id, reference_compat=reference_compat,
+                cuda_graphs=cuda_graphs, device_loop=device_loop)
 
 
 def load(path: str, device="cpu", dtype=torch.bfloat16, denoiser_device=None) -> TwoTowerLM:

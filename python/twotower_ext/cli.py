@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     from .costmodel import add_info_arguments
     add_info_arguments(i)
     i.set_defaults(fn=_cmd_info)
+    from .serve.cli import add_parser as add_serve_parser   # twotower serve (its options: serve/cli.py)
+    add_serve_parser(sub)
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
