@@ -124,6 +124,10 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     n = std::min(Lt, task.key_end - t0);
     if (t0 < ctx) n = std::min(n, ctx - t0);
     const int64_t n8 = round_up(n, kLanes);
+    // Causal: block query s sees key t0 iff t0 < ctx + s + 1, so the rows of queries s < t0 - ctx see none
+    // of this tile: both GEMMs and the softmax start at row r0 (the rows are ordered by query).
+    const int64_t r0 = p.causal ? std::clamp<int64_t>(t0 - ctx, 0, p.block_len) * G : 0;
+    if (r0 == M) continue;
     const bool in_ctx = t0 < ctx;
     const T* kt0 = in_ctx ? kc + t0 * p.kc_stride_l : kb + (t0 - ctx) * p.kb_stride_s;
     const T* vt0 = in_ctx ? vc + t0 * p.vc_stride_l : vb + (t0 - ctx) * p.vb_stride_s;
@@ -159,20 +163,16 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
       for (int64_t j = 0; j < n; ++j)
         for (int64_t d = 0; d < D; ++d) vt[j * D + d] = convert<C>(vt0[j * vld + d]);
     }
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, n, D, qc, D, kop, kop_ld, trans, s, Lt, false);  // S = Q K^T (unscaled)
+    const int64_t Mt = M - r0;
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, n, D, qc + r0 * D, D, kop, kop_ld, trans, s + r0 * Lt, Lt,
+              false);  // S = Q K^T (unscaled)
 
     // Online softmax per row. Pass 1 reads only (max and min of the raw scores, so any sign of scale
     // works); pass 2 writes the probabilities. Lanes past the row's live count count as -inf, i.e. exp = 0:
     // past n for every row, and causal block query s sees keys < ctx + s + 1 only.
-    for (int64_t r = 0; r < M; ++r) {
+    for (int64_t r = r0; r < M; ++r) {
       float* row = s + r * Lt;
-      const int64_t live_n = p.causal ? std::clamp<int64_t>(ctx + r / G + 1 - t0, 0, n) : n;
-      if (live_n == 0) {  // a causal row whose keys all come later: P row 0, state unchanged
-        for (int64_t j = 0; j < n8; ++j) {
-          if constexpr (kNative) pc[r * Lt + j] = from_float<C>(0.f); else row[j] = 0.f;
-        }
-        continue;
-      }
+      const int64_t live_n = p.causal ? std::min(ctx + r / G + 1 - t0, n) : n;  // >= 1 from row r0 on
       const f32x8 vlive = splat(float(live_n));
       f32x8 vmax = splat(-INFINITY), vmin = splat(INFINITY);
       for (int64_t j = 0; j < n8; j += kLanes) {
@@ -205,7 +205,8 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     }
     const C* pa;
     if constexpr (kNative) pa = pc; else pa = s;
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, D, n, pa, Lt, vop, vop_ld, false, o, D, true);  // O += P V
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, D, n, pa + r0 * Lt, Lt, vop, vop_ld, false, o + r0 * D, D,
+              true);  // O += P V
   }
 
   float* po = p.part_o + slot * M * D;
