@@ -84,10 +84,15 @@ def test_failed_capture_runs_eagerly_with_a_warning(fake_cuda_graphs, monkeypatc
     assert torch.equal(g.run(("k",), lambda t: t + 2, (torch.zeros(1),)), torch.full((1,), 2.0))
 
 
-@pytest.mark.parametrize("mode", ["ar", "mock_ar", "diffusion", "device_loop"])
-def test_engine_graphs_match_eager(lm, fake_cuda_graphs, mode):
+@pytest.mark.parametrize("mode", ["ar", "mock_ar", "diffusion", "device_loop", "device_while"])
+def test_engine_graphs_match_eager(lm, fake_cuda_graphs, mode, monkeypatch):
     """Graph replays (rows leaving the batch at EOS: several live-row counts) give the eager tokens; every graph
-    of the cache shares the one pool; the host lengths, counted on the host, match the device lengths."""
+    of the cache shares the one pool; the host lengths, counted on the host, match the device lengths. The
+    device loop of a block: unrolled (every step runs) or a WHILE node (device_while; its capture branch needs
+    a GPU, its loop logic runs here), which runs exactly the passes the per-step loop runs."""
+    device = mode == "device_while"
+    monkeypatch.setattr(graphs, "while_supported", lambda: device)
+    mode = "device_loop" if device else mode
     prompts = [[1, 501, 95, 276, 159], [1, 97, 303, 453, 268, 317, 91, 58], [1, 42, 17]]
     kw = dict(mode="diffusion" if mode == "device_loop" else mode, max_new_tokens=40 if mode in ("diffusion",
               "device_loop") else 12, device_loop=mode == "device_loop")
@@ -103,10 +108,15 @@ def test_engine_graphs_match_eager(lm, fake_cuda_graphs, mode):
     g = engine._graphs
     kinds = {k[0] for k in g.graphs}
     want = {"ar": {"extend"}, "mock_ar": {"extend", "mock_ar"}, "diffusion": {"denoise", "extend"},
-            "device_loop": {"denoise-block", "extend"}}[mode]
+            "device_loop": {"denoise-while" if device else "denoise-block", "extend"}}[mode]
     assert want <= kinds, kinds
     assert len({k[1] for k in g.graphs}) >= 2 or mode in ("diffusion", "device_loop")   # several row counts
     assert len(fake_cuda_graphs) == 1 and all(v.graph.pool is fake_cuda_graphs[0] for v in g.graphs.values())
     assert sum(v.graph.replays for v in g.graphs.values()) > 0
+    if mode == "device_loop":
+        blocks = sum(len(v) for v in eager.nfe_per_block)
+        ran = graph.stats["executed_passes"]
+        assert ran == (eager.stats["executed_passes"] if device else 16 * len(eager.nfe_per_block[1]))
+        assert ran < 16 * blocks
     cache = engine._pool
     assert cache.lens_host == cache.lens.tolist()

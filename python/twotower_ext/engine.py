@@ -230,7 +230,7 @@ class Engine:
                      if args.device_loop and hasattr(stepper, "run_block") else None)
             if block is not None:   # whole block on the device: one host read per block
                 steps_counts = block[0].tolist()
-                executed += args.steps_per_block
+                executed += block[2].tolist()[0]   # passes run: all steps unrolled, or until done (WHILE node)
                 passes = max(sum(1 for c in col if c) for col in zip(*steps_counts)) if args.reference_compat else 0
                 for i in range(n):
                     row = [sc[i] for sc in steps_counts]

@@ -3,9 +3,11 @@
 The engine keeps the live rows as the contiguous prefix [0, n) of a preallocated cache, so every tensor a
 step touches has a fixed address, and every step reads the rows' lengths on the device (no host read, no
 shape sized from the data: tests/test_no_host_read.py). One graph per (step, live-row count n):
-- the denoise step (denoiser pass + threshold-unmask commit); with `device_loop=True` all steps_per_block
-  steps of a block unrolled into one graph: no host read inside a block, but the steps after a row's block
-  is complete still run the denoiser (they commit nothing), and `stats["executed_passes"]` counts them;
+- the denoise step (denoiser pass + threshold-unmask commit); with `device_loop=True` a whole block in one
+  graph, no host read inside it: a conditional WHILE node (CUDA >= 12.4) that runs steps until every row's
+  block is complete, or where those are missing all steps_per_block steps unrolled (the steps after the
+  block is complete still run the denoiser and commit nothing); `stats["executed_passes"]` counts the
+  passes that ran;
 - the AR step (the context tower's extension by one token per row + context_lm_head), replayed token by
   token; mock-AR replays the extension by the sampled token (with the Mamba snapshot) and the mock-AR
   denoiser pass, one graph each;
@@ -33,6 +35,33 @@ def capture(graph, pool, body) -> None:
     """Record body() into `graph` (nothing executes), its temporaries allocated from `pool`."""
     with torch.cuda.graph(graph, pool=pool):
         body()
+
+
+def while_supported() -> bool:
+    """Conditional WHILE nodes: CUDA >= 12.4 and torch's capture API for them."""
+    cuda = torch.version.cuda
+    return (cuda is not None and tuple(int(v) for v in cuda.split(".")[:2]) >= (12, 4)
+            and hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph")
+            and hasattr(torch._C._CUDAGraph, "begin_capture_to_while_node"))
+
+
+def device_while(pred, body) -> None:
+    """While pred() (a bool scalar device tensor) holds, run body(). Under capture: one conditional WHILE node
+    (torch's CUDAGraph.begin_capture_to_while_node: the node's handle is set from pred on the device before
+    the node and again at the end of each iteration, by a one-thread kernel calling cudaGraphSetConditional),
+    so the loop runs exactly the iterations it needs with no host read. Eagerly (a step's warm-up call): a
+    host loop."""
+    if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+        while bool(pred()):
+            body()
+        return
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_while_node(pred())
+    try:
+        body()
+        graph.set_conditional_handle_for_current_node(pred())
+    finally:
+        graph.end_capture_to_conditional_node()
 
 
 def _tensors(out) -> tuple:
@@ -119,12 +148,31 @@ class GraphStepper:
                                (x, self._index(blk), self._index(step)), inplace=(0,))
 
     def run_block(self, x, cache, n: int, blk: int):
-        """All steps of one block without host reads; returns per-step counts [steps, n] and done [n]."""
-        def block(x, offset):
-            outs = [self.eager(x, cache, n, offset, s) for s in range(self.args.steps_per_block)]
-            return torch.stack([c for c, _ in outs]), outs[-1][1]
+        """All steps of one block without host reads; returns per-step counts [steps, n] (0 for steps not
+        run), done [n] and the passes run ([1] int64). With conditional nodes the block is one WHILE node
+        that stops once every row's block is complete; else steps_per_block steps unrolled."""
+        steps = self.args.steps_per_block
 
-        return self.graphs.run(("denoise-block", n), block, (x, self._index(blk)), inplace=(0,))
+        def until_done(x, offset):
+            counts = torch.zeros(steps, n, dtype=torch.int32, device=self.dev)
+            done = torch.zeros(n, dtype=torch.bool, device=self.dev)
+            step = torch.zeros(1, dtype=torch.int64, device=self.dev)
+
+            def body():
+                c, d = self.eager(x, cache, n, offset, step)
+                counts.index_copy_(0, step, c[None])
+                done.copy_(d)
+                step.add_(1)
+
+            device_while(lambda: (step[0] < steps) & ~done.all(), body)
+            return counts, done, step
+
+        def unrolled(x, offset):
+            outs = [self.eager(x, cache, n, offset, s) for s in range(steps)]
+            return torch.stack([c for c, _ in outs]), outs[-1][1], self._index(steps)
+
+        loop, kind = (until_done, "denoise-while") if while_supported() else (unrolled, "denoise-block")
+        return self.graphs.run((kind, n), loop, (x, self._index(blk)), inplace=(0,))
 
 
 class ContextSteps:
