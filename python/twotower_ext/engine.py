@@ -303,8 +303,7 @@ class Engine:
                args.mask_token_id, args.reference_compat)
         if key not in self._steppers:      # graphs stay valid while the pooled cache does
             graphs = self._step_graphs(dev)
-            graphs.forget("denoise")
-            graphs.forget("denoise-block")
+            graphs.forget("denoise", "denoise-block", "denoise-while")
             self._steppers = {key: GraphStepper(eager, args, dev, graphs)}
         return self._steppers[key]
 

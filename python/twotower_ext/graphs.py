@@ -83,9 +83,9 @@ class StepGraphs:
         self.warm: dict = {}     # key -> (output buffers, single) from the eager first call
         self.failed = False
 
-    def forget(self, kind: str) -> None:
-        """Drop the graphs whose key starts with `kind` (their step changed)."""
-        for key in [k for k in {**self.graphs, **self.warm} if k[0] == kind]:
+    def forget(self, *kinds: str) -> None:
+        """Drop the graphs of these step kinds (the first element of their keys): their step changed."""
+        for key in [k for k in {**self.graphs, **self.warm} if k[0] in kinds]:
             self.graphs.pop(key, None)
             self.warm.pop(key, None)
 

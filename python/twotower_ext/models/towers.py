@@ -135,6 +135,7 @@ class TwoTowerModel:
             raise ValueError(f"extend: rows {full} would exceed the cache capacity {cache.capacity}")
         return tokens, r
 
+    @torch.no_grad()
     def extend_step(self, tokens: torch.Tensor, cache: ContextCache, r: Rows, logits: bool = False,
                     snapshot: bool = False, dense_moe: bool = False):
         """The device work of `extend` (checked tokens [n, S] long, Rows r): what a CUDA graph captures. It
