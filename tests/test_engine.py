@@ -165,6 +165,26 @@ def test_cuda_graphs_match_eager():
         unrolled = lm.generate(prompts, max_new_tokens=48, cuda_graphs=True, device_loop=True)
     assert graph.sequences == eager.sequences and graph.nfe_per_block == eager.nfe_per_block
     assert unrolled.sequences == eager.sequences and unrolled.commits_per_step == eager.commits_per_step
+    assert unrolled.nfe_per_block == eager.nfe_per_block
+    from twotower_ext.graphs import while_supported
+    if while_supported():   # the WHILE-node block loop runs exactly the passes the step-by-step loop runs
+        assert unrolled.stats["executed_passes"] == eager.stats["executed_passes"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["ar", "mock_ar"])
+def test_cuda_graphs_match_eager_ar_modes(mode):
+    """The captured AR step (mock-AR: extension + pass) replayed token by token, rows leaving at EOS (several
+    live-row counts), gives the eager tokens."""
+    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=torch.float32)
+    prompts = [PROMPTS["p0"], PROMPTS["p1"], PROMPTS["p2"]]
+    base = lm.generate(prompts, mode=mode, max_new_tokens=24, eos_token_id=None, cuda_graphs=False)
+    eos = base.new_tokens[0][6]
+    eager = lm.generate(prompts, mode=mode, max_new_tokens=24, eos_token_id=eos, cuda_graphs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = lm.generate(prompts, mode=mode, max_new_tokens=24, eos_token_id=eos, cuda_graphs=True)
+    assert graph.sequences == eager.sequences
 
 
 class _Config:

@@ -55,7 +55,10 @@ TT_HOST_DEVICE int64_t ba_rows(const BlockAttentionParams& p) { return p.block_l
 
 // ---------------------------------------------------------------------------------------------------
 // CPU. Work = tasks (b, kv head, key range of the virtual sequence). Plan on the host from ctx_lens (a
-// CPU tensor there), run the tasks in any order on any threads, then merge per (b, kv head).
+// CPU tensor there), run the tasks in any order on any threads, then merge per (b, kv head). Causal: a task
+// masks, per query row s, the keys at or past ctx + s + 1 of its range, and each tile's GEMMs skip the rows
+// that see none of its keys; a row that sees none of the task's keys gives an empty part (lse -inf). A NaN score (a NaN input, or inf - inf from inf inputs) makes the row's out and
+// lse NaN, as in the reference.
 
 struct BlockAttentionTask {
   int64_t b, h, key_begin, key_end;

@@ -124,6 +124,10 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     n = std::min(Lt, task.key_end - t0);
     if (t0 < ctx) n = std::min(n, ctx - t0);
     const int64_t n8 = round_up(n, kLanes);
+    // Causal: block query s sees key t0 iff t0 < ctx + s + 1, so the rows of queries s < t0 - ctx see none
+    // of this tile: both GEMMs and the softmax start at row r0 (the rows are ordered by query).
+    const int64_t r0 = p.causal ? std::clamp<int64_t>(t0 - ctx, 0, p.block_len) * G : 0;
+    if (r0 == M) continue;
     const bool in_ctx = t0 < ctx;
     const T* kt0 = in_ctx ? kc + t0 * p.kc_stride_l : kb + (t0 - ctx) * p.kb_stride_s;
     const T* vt0 = in_ctx ? vc + t0 * p.vc_stride_l : vb + (t0 - ctx) * p.vb_stride_s;
@@ -159,16 +163,21 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
       for (int64_t j = 0; j < n; ++j)
         for (int64_t d = 0; d < D; ++d) vt[j * D + d] = convert<C>(vt0[j * vld + d]);
     }
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, n, D, qc, D, kop, kop_ld, trans, s, Lt, false);  // S = Q K^T (unscaled)
+    const int64_t Mt = M - r0;
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, n, D, qc + r0 * D, D, kop, kop_ld, trans, s + r0 * Lt, Lt,
+              false);  // S = Q K^T (unscaled)
 
     // Online softmax per row. Pass 1 reads only (max and min of the raw scores, so any sign of scale
-    // works); pass 2 writes the probabilities. Lanes past n count as -inf, i.e. exp = 0.
-    for (int64_t r = 0; r < M; ++r) {
+    // works); pass 2 writes the probabilities. Lanes past the row's live count count as -inf, i.e. exp = 0:
+    // past n for every row, and causal block query s sees keys < ctx + s + 1 only.
+    for (int64_t r = r0; r < M; ++r) {
       float* row = s + r * Lt;
+      const int64_t live_n = p.causal ? std::min(ctx + r / G + 1 - t0, n) : n;  // >= 1 from row r0 on
+      const f32x8 vlive = splat(float(live_n));
       f32x8 vmax = splat(-INFINITY), vmin = splat(INFINITY);
       for (int64_t j = 0; j < n8; j += kLanes) {
         const f32x8 x = load8(row + j);
-        const i32x8 live = lane + splat(float(j)) < splat(float(n));
+        const i32x8 live = lane + splat(float(j)) < vlive;
         vmax = (live & (x > vmax)) ? x : vmax;
         vmin = (live & (x < vmin)) ? x : vmin;
       }
@@ -177,7 +186,7 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
       f32x8 vsum = splat(0.f);
       for (int64_t j = 0; j < n8; j += kLanes) {
         f32x8 x = load8(row + j) * vc8 - vm;
-        if (j + kLanes > n) x = (lane + splat(float(j)) < splat(float(n))) ? x : splat(-INFINITY);
+        if (j + kLanes > live_n) x = (lane + splat(float(j)) < vlive) ? x : splat(-INFINITY);
         const f32x8 e = exp8(x);
         vsum += e;
         if constexpr (kNative) {
@@ -196,15 +205,19 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     }
     const C* pa;
     if constexpr (kNative) pa = pc; else pa = s;
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, M, D, n, pa, Lt, vop, vop_ld, false, o, D, true);  // O += P V
+    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, D, n, pa + r0 * Lt, Lt, vop, vop_ld, false, o + r0 * D, D,
+              true);  // O += P V
   }
 
   float* po = p.part_o + slot * M * D;
   float* pl = p.part_lse + slot * M;
+  // l = 0: the row saw no key in this task (an empty part, lse = -inf, ignored by the merge). l NaN: a NaN
+  // score or one from inf inputs (inf - inf): the part is NaN, as in the reference, never a plausible 0.
   for (int64_t r = 0; r < M; ++r) {
-    const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+    const float l = lrow[r];
+    const float inv = l > 0.f ? 1.f / l : std::isnan(l) ? NAN : 0.f;
     for (int64_t d = 0; d < D; ++d) po[r * D + d] = o[r * D + d] * inv;
-    pl[r] = lrow[r] > 0.f ? mrow[r] + std::log(lrow[r]) : -INFINITY;
+    pl[r] = l > 0.f ? mrow[r] + std::log(l) : std::isnan(l) ? NAN : -INFINITY;
   }
 }
 
@@ -217,21 +230,23 @@ void merge_pairs(const BlockAttentionParams& p, const BlockAttentionCpuPlan& pla
     const int64_t first = plan.part_begin[bh], parts = plan.part_begin[bh + 1] - first;
     for (int64_t r = 0; r < M; ++r) {
       const float* lse = p.part_lse + first * M + r;
-      const float m = merge_max_lse(lse, parts, M);
-      float wsum = 0.f;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < parts && m != -INFINITY; ++i) {
+      bool nan = false;  // merge_max_lse's fmaxf skips NaN: a NaN part makes the row NaN here
+      for (int64_t i = 0; i < parts; ++i) nan |= std::isnan(lse[i * M]);
+      const float m = nan ? NAN : merge_max_lse(lse, parts, M);
+      float wsum = nan ? NAN : 0.f;
+      std::fill(acc.begin(), acc.end(), nan ? NAN : 0.f);
+      for (int64_t i = 0; i < parts && m != -INFINITY && !nan; ++i) {
         const float w = merge_weight(lse[i * M], m);
         if (w == 0.f) continue;
         wsum += w;
         const float* src = p.part_o + ((first + i) * M + r) * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
       }
-      const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+      const float inv = wsum > 0.f ? 1.f / wsum : nan ? NAN : 0.f;
       const int64_t si = r / G, qh = h * G + r % G;
       T* dst = static_cast<T*>(p.out) + b * p.o_stride_b + si * p.o_stride_s + qh * p.o_stride_h;
       for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[d] * inv);
-      p.lse[b * p.lse_stride_b + qh * p.lse_stride_h + si] = merge_final_lse(m, wsum);
+      p.lse[b * p.lse_stride_b + qh * p.lse_stride_h + si] = nan ? NAN : merge_final_lse(m, wsum);
     }
   }
 }

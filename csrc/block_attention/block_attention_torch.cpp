@@ -104,7 +104,6 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
 
 void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
-  TORCH_CHECK(!p.causal, "twotower: block_attention(causal=True) has no CPU kernel yet");
   for (int64_t b = 0; b < p.batch; ++b) {
     TORCH_CHECK_VALUE(p.ctx_lens[b] >= 0 && p.ctx_lens[b] <= p.ctx_capacity, "twotower: ctx_lens must be in [0, ",
                       p.ctx_capacity, "] (k_ctx dim 1), got ctx_lens[", b, "] = ", p.ctx_lens[b]);

@@ -138,6 +138,7 @@ class Engine:
         self.cfg = model.config
         self._steppers: dict = {}
         self._pool = None   # the last cache, reused when large enough (its addresses back captured graphs)
+        self._graphs = None   # the CUDA graphs of that cache's steps (graphs.StepGraphs), one memory pool
 
     # ---------------------------------------------------------------------------------------------
     def generate(self, input_ids, callback=None, **kw) -> GenerationResult:
@@ -189,7 +190,7 @@ class Engine:
         pool = self._pool
         if pool is not None and pool.batch >= rows and pool.capacity >= capacity and pool.snapshots == snapshot:
             return pool
-        self._pool, self._steppers = None, {}
+        self._pool, self._steppers, self._graphs = None, {}, None
         need, dev = self.cache_bytes(rows, capacity, snapshot), self.model.ctx_device
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
@@ -220,6 +221,7 @@ class Engine:
         live = list(range(B))           # original row ids of the cache rows [0, len(live))
         nfe_total = executed = 0
         stepper = self._stepper(args, dev)
+        steps = self._context_steps(args, cache)
         for blk in range(n_blocks):
             n = len(live)
             x = torch.full((n, S), mask, dtype=torch.long, device=dev)
@@ -228,7 +230,7 @@ class Engine:
                      if args.device_loop and hasattr(stepper, "run_block") else None)
             if block is not None:   # whole block on the device: one host read per block
                 steps_counts = block[0].tolist()
-                executed += args.steps_per_block
+                executed += block[2].tolist()[0]   # passes run: all steps unrolled, or until done (WHILE node)
                 passes = max(sum(1 for c in col if c) for col in zip(*steps_counts)) if args.reference_compat else 0
                 for i in range(n):
                     row = [sc[i] for sc in steps_counts]
@@ -236,17 +238,17 @@ class Engine:
                     per_row[i] = row[:used]
                 nfe_total += max(len(r) for r in per_row)
             else:
-                row_done = torch.zeros(n, dtype=torch.bool)
+                row_done = [False] * n
                 for step in range(args.steps_per_block):
                     counts, done = clock.run("denoiser_s", stepper, x, cache, n, blk, step)
                     nfe_total += 1
                     executed += 1
-                    counts, done = counts.tolist(), done.cpu()   # the one small host read per step
+                    counts, done = counts.tolist(), done.tolist()   # the one small host read per step (copies)
                     for i in range(n):
                         if args.reference_compat or not row_done[i]:
                             per_row[i].append(counts[i])
                     row_done = done
-                    if bool(done.all()):
+                    if all(done):
                         break
             tokens = x.tolist()
             finished, any_eos = [], False
@@ -265,7 +267,7 @@ class Engine:
                 callback({"block": blk, "rows": list(live), "tokens": tokens, "sequences": out})
             last = blk == n_blocks - 1
             if args.reference_compat:
-                clock.run("context_s", model.extend, x, cache, slice(0, n))     # EOS block appended too
+                clock.run("context_s", steps.extend, x, cache, n)     # EOS block appended too
                 if any_eos or last:
                     break
                 continue
@@ -276,7 +278,7 @@ class Engine:
                 cache.compact(keep_rows)
                 x = x[keep_rows]
                 live = [live[i] for i in keep_rows]
-            clock.run("context_s", model.extend, x, cache, slice(0, len(live)))
+            clock.run("context_s", steps.extend, x, cache, len(live))
         stats = {"nfe": nfe_total if args.reference_compat else sum(sum(v) for v in nfe_blocks),
                  "executed_passes": executed}
         return GenerationResult(out, nfe_blocks, commits, stats)
@@ -293,15 +295,39 @@ class Engine:
             logits = model.denoise(x, cache, t, slice(0, n), dense_moe=dev.type == "cuda")
             return self._unmask(logits, x, args, blk, step)
 
-        if dev.type != "cuda" or not args.cuda_graphs:
+        if not self._use_graphs(args, dev):
             return eager
         from .graphs import GraphStepper
 
         key = (args.block_size, args.steps_per_block, args.threshold, args.temperature, args.seed,
                args.mask_token_id, args.reference_compat)
         if key not in self._steppers:      # graphs stay valid while the pooled cache does
-            self._steppers = {key: GraphStepper(eager, args, dev)}
+            graphs = self._step_graphs(dev)
+            graphs.forget("denoise", "denoise-block", "denoise-while")
+            self._steppers = {key: GraphStepper(eager, args, dev, graphs)}
         return self._steppers[key]
+
+    @staticmethod
+    def _use_graphs(args: GenerateArgs, dev: torch.device) -> bool:
+        return dev.type == "cuda" and args.cuda_graphs
+
+    def _step_graphs(self, dev: torch.device):
+        """The graphs of the current cache's steps (denoise, AR, mock-AR, extension): one memory pool."""
+        from .graphs import StepGraphs
+
+        if self._graphs is None:
+            self._graphs = StepGraphs(dev)
+        return self._graphs
+
+    def _context_steps(self, args: GenerateArgs, cache):
+        """The context tower's steps (block extension, AR step) and the mock-AR pass on the live prefix of
+        the cache: from CUDA graphs (one per step and live-row count) when both towers share one device."""
+        from .graphs import ContextSteps
+
+        model = self.model
+        one_device = cache.den is cache.ctx and model.ctx_device == model.den_device
+        graphs = self._step_graphs(model.ctx_device) if one_device and self._use_graphs(args, model.ctx_device) else None
+        return ContextSteps(model, graphs, dense_moe=model.ctx_device.type == "cuda")
 
     def _unmask(self, logits, x, args: GenerateArgs, blk, step):
         """The commit step. With temperature > 0 each row is keyed alone (row 0 of its own call), so its
@@ -324,6 +350,7 @@ class Engine:
         mock = args.mode == "mock_ar"
         cache = self._new_cache(B, capacity, snapshot=mock)
         logits = clock.run("context_s", model.prefill, prompts, cache, slice(0, B), logits=not mock, snapshot=mock)
+        steps = self._context_steps(args, cache)
         out = [list(p) for p in prompts]
         live = list(range(B))
         last = torch.tensor([p[-1] for p in prompts], device=model.den_device)
@@ -331,7 +358,7 @@ class Engine:
         for i in range(args.max_new_tokens):
             n = len(live)
             if mock:
-                logits = clock.run("denoiser_s", model.mock_ar, last, cache, slice(0, n))
+                logits = clock.run("denoiser_s", steps.mock_ar, last, cache, n)
             nxt = clock.run("sample_s", gumbel_argmax, logits, args.temperature, args.seed, i,
                             args.mask_token_id if mock else None)
             passes += 1
@@ -352,8 +379,8 @@ class Engine:
                 live = [live[j] for j in keep_rows]
             last = nxt.to(model.den_device)
             if mock:
-                clock.run("context_s", model.extend, nxt[:, None], cache, slice(0, len(live)), snapshot=True)
+                clock.run("context_s", steps.extend, nxt[:, None], cache, len(live), snapshot=True)
             else:
-                logits = clock.run("context_s", model.decode, nxt, cache, slice(0, len(live)))
+                logits = clock.run("context_s", steps.decode, nxt, cache, len(live))
         nfe = passes if args.reference_compat else sum(len(s) - len(p) for s, p in zip(out, prompts))
         return GenerationResult(out, [[] for _ in range(B)], [[] for _ in range(B)], {"nfe": nfe})

@@ -3,8 +3,9 @@
 Per attention layer i: K and V [batch, capacity, Hkv, D] in the model dtype. Per Mamba layer i: the conv
 state [batch, K-1, conv_dim] (the last K-1 raw pre-conv xBC rows) in the model dtype and the SSM state
 [batch, H, P, N] in fp32; with `snapshot=True` also a second copy of both (the state *before* the last
-extension, which mock-AR seeds the denoiser from). `lens` [batch] int32 on the device = tokens per row;
-`lens_host` mirrors it on the host so no call needs a device sync to size its work.
+extension, which mock-AR seeds the denoiser from). `lens` [batch] int32 on the device = tokens per row (the context tower reads and advances it there);
+`lens_host` mirrors it on the host by counting what was appended (`count_appended`), never by reading the
+device, so no call needs a device sync to size or check its work.
 
 When the denoiser runs on another device than the context tower (or `mirror=True`), a second store on
 the denoiser's device holds a copy the model refreshes after every prefill / extension, so the denoiser
@@ -62,6 +63,13 @@ class Rows:
             self._index[device] = torch.tensor(self.host, dtype=torch.long, device=device)
         return self._index[device]
 
+    def ids(self, device) -> torch.Tensor:
+        """The row indices as an int64 tensor on `device`: a device-side arange when contiguous (no host-to-device
+        copy, so capturable in a CUDA graph), else the cached index."""
+        if self.sl is not None:
+            return torch.arange(self.sl.start, self.sl.stop, device=device)
+        return self.index(device)
+
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """The selected rows of t: a view when contiguous, else a copy (write back with `put`)."""
         return t[self.sl] if self.sl is not None else t.index_select(0, self.index(t.device))
@@ -104,6 +112,14 @@ class CacheStore:
 
     def attention_layers(self):
         return [i for i, k in enumerate(self.k) if k is not None]
+
+    def write_kv(self, i: int, rows: Rows, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [n, L, Hkv, D] of attention layer i at cache positions pos [n, L] (a device tensor) of
+        the selected rows: one index_copy_ into the flattened [batch * capacity] token axis, no host read."""
+        cap = self.k[i].shape[1]
+        flat = (rows.ids(pos.device)[:, None] * cap + pos).reshape(-1)
+        for store, val in ((self.k[i], k), (self.v[i], v)):
+            store.view(-1, *store.shape[2:]).index_copy_(0, flat, val.reshape(-1, *store.shape[2:]))
 
     def reset(self, rows: Rows) -> None:
         for i in self.mamba_layers():
@@ -148,6 +164,13 @@ class ContextCache:
             store.reset(r)
         for b in r.host:
             self.lens_host[b] = 0
+
+    def count_appended(self, rows, added) -> None:
+        """Advance the host copy of the rows' lengths by `added` tokens (an int for every row, or one per row).
+        The model advances the device lengths itself; the host keeps its own count so nothing reads them back."""
+        r = self.rows(rows)
+        for j, b in enumerate(r.host):
+            self.lens_host[b] += added if isinstance(added, int) else added[j]
 
     def snapshot(self, rows=None) -> None:
         """Keep the rows' current Mamba states as the 'before the last token' states mock-AR reads."""

@@ -91,12 +91,14 @@ class TwoTowerModel:
         if snapshot:
             heads = [s[:-1] for s in seqs]
             if max(len(h) for h in heads) > 0:
-                self._context_pass(_pad(heads, self.config.pad_token_id), [len(h) for h in heads], cache, r,
-                                   fresh=True)
+                lens = [len(h) for h in heads]
+                self._context_pass(_pad(heads, self.config.pad_token_id), cache, r, new_lens=lens)
+                cache.count_appended(r, lens)
             cache.snapshot(r)
             return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
         lens = [len(s) for s in seqs]
-        x = self._context_pass(_pad(seqs, self.config.pad_token_id), lens, cache, r, fresh=True)
+        x = self._context_pass(_pad(seqs, self.config.pad_token_id), cache, r, new_lens=lens)
+        cache.count_appended(r, lens)
         if not logits:
             return None
         last = torch.tensor(lens, device=self.ctx_device) - 1
@@ -104,10 +106,25 @@ class TwoTowerModel:
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,
-               snapshot: bool = False):
+               snapshot: bool = False, dense_moe: bool = False):
         """Append committed tokens [n, S] to the rows (causal over them, KV appended, Mamba states
         advanced). snapshot=True first keeps the current Mamba states (see ContextCache.snapshot).
-        Returns context_lm_head logits [n, V] of the last token with logits=True, else None."""
+        Returns context_lm_head logits [n, V] of the last token with logits=True, else None. No host read
+        and no data-dependent shape (with dense_moe=True while the MoE layer reads expert counts)."""
+        tokens, r = self.check_extend(tokens, cache, rows)
+        out = self.extend_step(tokens, cache, r, logits, snapshot, dense_moe)
+        cache.count_appended(r, tokens.shape[1])
+        return out
+
+    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False,
+               dense_moe: bool = False) -> torch.Tensor:
+        """AR step: append one token per row ([n]) and return context_lm_head logits [n, V] fp32."""
+        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot,
+                           dense_moe=dense_moe)
+
+    def check_extend(self, tokens, cache: ContextCache, rows) -> tuple[torch.Tensor, Rows]:
+        """extend's argument checks (host-side: shapes and the host lengths): (tokens long on the context
+        device, rows)."""
         r = cache.rows(rows)
         tokens = torch.as_tensor(tokens).to(device=self.ctx_device, dtype=torch.long)
         if tokens.dim() != 2 or tokens.shape[0] != len(r) or tokens.shape[1] < 1:
@@ -116,31 +133,38 @@ class TwoTowerModel:
         full = [b for b in r.host if cache.lens_host[b] + tokens.shape[1] > cache.capacity]
         if full:
             raise ValueError(f"extend: rows {full} would exceed the cache capacity {cache.capacity}")
+        return tokens, r
+
+    @torch.no_grad()
+    def extend_step(self, tokens: torch.Tensor, cache: ContextCache, r: Rows, logits: bool = False,
+                    snapshot: bool = False, dense_moe: bool = False):
+        """The device work of `extend` (checked tokens [n, S] long, Rows r): what a CUDA graph captures. It
+        reads the rows' lengths on the device and advances them there; the caller counts the appended tokens
+        on the host (`cache.count_appended`)."""
         if snapshot:
             cache.snapshot(r)
-        x = self._context_pass(tokens, [tokens.shape[1]] * len(r), cache, r, fresh=False)
+        x = self._context_pass(tokens, cache, r, dense_moe=dense_moe)
         return self._context_logits(x[:, -1]) if logits else None
-
-    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False) -> torch.Tensor:
-        """AR step: append one token per row ([n]) and return context_lm_head logits [n, V] fp32."""
-        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot)
 
     def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights.context
         return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
 
-    def _context_pass(self, ids: torch.Tensor, new_lens: list[int], cache: ContextCache, r: Rows, fresh: bool):
-        """Context tower over ids [n, L] (row b: its first new_lens[b] tokens are real) appended at each
-        row's current length; updates the cache in place and returns the final hidden states [n, L, H]."""
+    def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
+                      dense_moe: bool = False):
+        """Context tower over ids [n, L] appended at each row's current length, read on the device; updates
+        the cache's device state in place (K/V, Mamba states, lengths) and returns the final hidden states
+        [n, L, H]. new_lens (prefill of fresh rows only): row b's first new_lens[b] tokens are real, attention
+        is plain causal SDPA over the pass; None (an extension or AR step): all L tokens are real and attention
+        is the causal block_attention kernel over [the row's cached K/V | the L new keys], which needs no mask,
+        no slice sized from the lengths and no host read."""
         cfg, w, st = self.config, self.weights.context, cache.ctx
         n, L = ids.shape
         dev = self.ctx_device
-        idx = r.index(dev)
-        before = [cache.lens_host[b] for b in r.host]
-        start = torch.tensor(before, dtype=torch.long, device=dev)
-        pos = start[:, None] + torch.arange(L, device=dev)                                   # [n, L]
-        seq_lens = None if min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
-        k_len = max(b + L for b in before)
+        fresh = new_lens is not None
+        lens = r.take(st.lens)                                   # [n] int32: tokens before this pass
+        pos = lens.long()[:, None] + torch.arange(L, device=dev)  # [n, L] cache positions of the new tokens
+        seq_lens = None if not fresh or min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
         eps = cfg.layer_norm_epsilon
         chunk = self.prefill_chunk_size if L >= self.prefill_chunked_min_len else None
         x = F.embedding(ids, w.embeddings)
@@ -157,27 +181,25 @@ class TwoTowerModel:
                 q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
                 k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                 v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                st.k[i][idx[:, None], pos] = k
-                st.v[i][idx[:, None], pos] = v
-                if fresh:  # rows start empty: plain causal attention over the block (pads sit after it)
-                    kk, vv, mask = k, v, None
-                else:
-                    kk, vv = r.take(st.k[i])[:, :k_len], r.take(st.v[i])[:, :k_len]
-                    mask = (torch.arange(k_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                                   attn_mask=mask, is_causal=fresh, scale=cfg.head_dim ** -0.5,
-                                                   enable_gqa=True)
-                out = F.linear(o.transpose(1, 2).reshape(n, L, -1), a.o)
+                st.write_kv(i, r, pos, k, v)
+                if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
+                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=True, scale=cfg.head_dim ** -0.5,
+                                                       enable_gqa=True).transpose(1, 2)
+                else:      # the cached keys [0, lens) then the new ones, causal among those
+                    o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), lens,
+                                               cfg.head_dim ** -0.5, causal=True)
+                out = F.linear(o.reshape(n, L, -1), a.o)
             elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg)
+                out = moe(h, layer.mixer, cfg, dense=dense_moe)
             else:
                 out = mlp(h, layer.mixer)
             x = res + out
-        added = torch.tensor(new_lens, dtype=torch.int32, device=dev)
-        r.put(st.lens, r.take(st.lens) + added)
-        for b, m in zip(r.host, new_lens):
-            cache.lens_host[b] += m
-        cache.sync_mirror(r, min(before), k_len)
+        # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
+        added = L if not fresh else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        r.put(st.lens, lens + added)
+        cache.sync_mirror(r, min(cache.lens_host[b] for b in r.host),
+                          max(cache.lens_host[b] for b in r.host) + L)
         return x
 
     # ------------------------------------------------------------------------------------------------
