@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr, ensure_dynamic_smem
+#include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr; ba_ensure_dynamic_smem (via block_attention_cuda.cuh)
 #include "common/half_cuda.cuh"
 #include "moe/moe.h"
 
@@ -313,8 +313,8 @@ Status launch(const MoeParams& p, const Ws& w, cudaStream_t s) {
     const dim3 up_grid(slots, unsigned((p.inter + kBN - 1) / kBN)), down_grid(slots, unsigned((p.hidden + kBN - 1) / kBN));
     if constexpr (!std::is_same_v<T, float>) {
       if (mma_ok(p)) {
-        if (ensure_dynamic_smem<moe_gemm_mma_kernel<T, true>>(kMmaSmemBytes) != Status::kOk ||
-            ensure_dynamic_smem<moe_gemm_mma_kernel<T, false>>(kMmaSmemBytes) != Status::kOk)
+        if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, true>>(kMmaSmemBytes) != cudaSuccess ||
+            ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, false>>(kMmaSmemBytes) != cudaSuccess)
           return Status::kLaunchFailed;
         moe_gemm_mma_kernel<T, true><<<up_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
         moe_gemm_mma_kernel<T, false><<<down_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
