@@ -89,7 +89,8 @@ def normalize_prompts(input_ids, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"generate: input_ids must be a non-empty [L] or [B, L] tensor, got shape "
                              f"{tuple(input_ids.shape)}")
         rows = input_ids.reshape(-1, input_ids.shape[-1]).tolist()
-    elif isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(v, int) for v in input_ids):
+    elif isinstance(input_ids, (list, tuple)) and input_ids and not any(isinstance(v, (list, tuple, torch.Tensor))
+                                                                        for v in input_ids):   # one flat prompt
         rows = [list(input_ids)]
     elif isinstance(input_ids, (list, tuple)) and input_ids:
         rows = [list(r.tolist() if isinstance(r, torch.Tensor) else r) for r in input_ids]

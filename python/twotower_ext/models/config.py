@@ -130,10 +130,9 @@ class NemotronHConfig:
         def positive(*names):
             for n in names:
                 v = getattr(self, n)
-                if n in self.unset:
-                    p.append(f"{n} must be a positive integer, but config.json has it {self.unset[n]}")
-                elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                    p.append(f"{n} must be a positive integer, got {v!r}")
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    got = f"config.json has it {self.unset[n]}" if n in self.unset else f"got {v!r}"
+                    p.append(f"{n} must be a positive integer, {got}")
 
         positive("hidden_size", "num_hidden_layers", "vocab_size")
         pat = self.hybrid_override_pattern
