@@ -5,7 +5,18 @@ handling and falls back to `twotower_ext.reference` where no kernel exists for a
 """
 from __future__ import annotations
 
-import torch
+import os as _os
+import sys as _sys
+
+# OpenMP threads that wait for work sleep instead of spinning, unless the environment says otherwise. It
+# only takes effect when torch (and so its libgomp) is not loaded yet: the CLI, or `import twotower_ext`
+# first. With 2 threads on a loaded 2-core machine libgomp's default spin-then-sleep made a 300 us Mamba
+# scan take 15 ms (a spinning thread loses the CPU to the one that has work); passive waiting kept it at
+# 0.3 ms (README, "Threads under contention").
+if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
 
 from . import _loader
 

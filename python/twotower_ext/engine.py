@@ -9,8 +9,9 @@ compacted so the live rows stay a contiguous prefix, which keeps every pass copy
 rows finish the block, whole blocks kept after EOS, the EOS block still appended to the context, and the
 run stops after a block in which any row produced EOS.
 
-Randomness (temperature > 0) depends only on (seed, block, step, position) and never on a row's place in
-the batch, so a row samples the same tokens alone or in any batch.
+Randomness (temperature > 0) depends only on (seed, block, position) (diffusion; the step is not part of the
+key) or (seed, token index) (AR modes), never on a row's place in the batch, so a row samples the same tokens
+alone or in any batch.
 """
 from __future__ import annotations
 
