@@ -157,11 +157,14 @@ def test_partial_block_with_reference_compat_is_refused(lm):
 
 
 def test_threads_and_dtype_defaults_are_shared():
-    small = NemotronHConfig.from_json(CKPT)
-    assert recommended_threads(small, "cpu") == 1
+    small = NemotronHConfig.from_json(CKPT)     # hidden 64: 1 thread whatever the wait policy
+    mid = NemotronHConfig.from_dict({**config_dict(), "hidden_size": 320})
     wide = NemotronHConfig.from_dict({**config_dict(), "hidden_size": 2048})
-    assert recommended_threads(wide, "cpu") is None
-    assert recommended_threads(small, "cuda") is None
+    for passive in (False, True):
+        assert recommended_threads(small, "cpu", passive) == 1
+        assert recommended_threads(wide, "cpu", passive) is None
+        assert recommended_threads(small, "cuda", passive) is None
+    assert recommended_threads(mid, "cpu", passive=False) == 1 and recommended_threads(mid, "cpu", True) is None
     assert default_dtype("cpu") == torch.float32 and default_dtype("cuda") == torch.bfloat16
     m = tt.load(CKPT)
     assert m.model.dtype == torch.float32 and m.threads == 1
@@ -203,3 +206,35 @@ def test_torch_pin_and_build_info():
     assert "torch_requirement" in info
     if info["torch_requirement"] is not None:   # installed from a wheel
         assert info["torch_requirement"] == torch_requirement(info["torch_built"])
+
+
+def test_ops_split_over_threads_match_one_thread(gen):
+    """Work large enough for common/parallel_cpu.h to hand chunks to a helper thread gives the same bits as
+    one thread (every chunk is computed the same way wherever it runs)."""
+    B, L, H, P, N, G, K = 2, 16, 8, 32, 64, 2, 4
+    C = H * P + 2 * G * N
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    args = (r(B, L, C), r(B, L, H), r(B, K - 1, C), r(B, H, P, N), r(C, K), r(C), r(H), r(H), r(H))
+    logits, x = r(3, 16, 65536), torch.full((3, 16), 3, dtype=torch.long)
+    x[1, ::3] = 7
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = tt.mamba_block_scan(*args)
+            xx = x.clone()
+            counts, done = tt.threshold_unmask(logits, xx, 3, 0.5, 3, 16, temperature=1.0, seed=5)
+            outs.append((y, xx, counts, done))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    bad = logits.clone()
+    bad[2, 5, 40000] = float("nan")
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=r"NaN \(found at masked position batch 2, seq 5\)"):
+            tt.threshold_unmask(bad, x.clone(), 3, 0.5, 3, 16)
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,7 @@
 // OpenMP fork/join. When another process holds a core, the worker thread is often descheduled, and the
 // caller then waits at the join for it (static split: for its whole half of the work; any split: at least
 // for it to arrive), a scheduler tick or more per op. Measured on the loaded 2-core machine, 2 threads:
-// a 300 us Mamba block scan took 15-20 ms (README, "Threads under contention").
+// a 300 us Mamba block scan took 15-20 ms (docs/threads.md).
 //
 // Here the caller posts helper tasks to torch's inter-op pool and starts on the work itself; everyone claims
 // chunks from one shared counter, and the caller waits only for chunks a helper has claimed and not yet

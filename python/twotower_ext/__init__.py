@@ -12,7 +12,7 @@ import sys as _sys
 # only takes effect when torch (and so its libgomp) is not loaded yet: the CLI, or `import twotower_ext`
 # first. With 2 threads on a loaded 2-core machine libgomp's default spin-then-sleep made a 300 us Mamba
 # scan take 15 ms (a spinning thread loses the CPU to the one that has work); passive waiting kept it at
-# 0.3 ms (README, "Threads under contention").
+# 0.3 ms (docs/threads.md).
 if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 

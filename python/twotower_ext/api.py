@@ -112,7 +112,7 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
     sharded; tokenizer.json optional); `twotower_ext.default_model_path()` is the small model shipped with
     the package. dtype None: `default_dtype(device)` (fp32 on the CPU, bf16 on CUDA). `denoiser_device`
     places the denoiser tower elsewhere. threads: torch's intra-op threads while generating (None: the
-    per-model-size choice of `threads.recommended_threads`, 1 for small models on the CPU; 0: leave torch's
+    per-model-size choice of `threads.recommended_threads`, 1 for small models on the CPU (docs/threads.md); 0: leave torch's
     setting alone); it is set around each generate call and restored after."""
     from .models import TwoTowerModel
 

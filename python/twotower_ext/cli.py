@@ -103,7 +103,7 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights and activations; "
                    "auto: fp32 on the CPU, bf16 on CUDA, as the API's load (default: %(default)s)")
     g.add_argument("--threads", type=_int_at_least(0), default=0, help="CPU threads; 0: the API's per-model-size "
-                   "choice, 1 for models narrower than 1024, else torch's default (default: %(default)s)")
+                   "choice (twotower_ext.threads; 1 for small models) (default: %(default)s)")
     g.add_argument("--reference-compat", action="store_true", help="reproduce NVIDIA's reference decode exactly "
                    "(batch-mean t, whole blocks, EOS block appended; see docs/semantics.md)")
 
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text.removeprefix("twotower: ")   # the ops' own messages already start with it
 
 
 def main(argv=None) -> int:
