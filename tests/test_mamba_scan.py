@@ -28,7 +28,7 @@ def make_inputs(gen, B, L, H, P, N, G, K, dtype, device="cpu"):
 
 def fp64_oracle(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, seq_lens=None,
                 dt_min=0.0, dt_max=math.inf):
-    """The recurrence of SPEC.md 2.2 written out per row, head and token in fp64. The activated conv
+    """The recurrence of docs/semantics.md written out per row, head and token in fp64. The activated conv
     output is rounded to the storage dtype, as the op (and NVIDIA's conv kernel) stores it."""
     B, L, C = xBC.shape
     H, P, N = ssm_state.shape[1:]

@@ -3,6 +3,7 @@
 #   bash tools/bootstrap.sh VENV cpu    # CPU torch 2.13.0 (local disk); CUDA kernels skipped
 #   bash tools/bootstrap.sh VENV cuda   # CUDA torch 2.14.1 + CUTLASS headers; builds every .cu (no GPU needed)
 # On a GPU machine that already has torch, build in place instead (see README: "Building on a GPU machine").
+# Each step says what it does when it starts and how long it took when it ends (a first run takes minutes).
 set -euo pipefail
 venv=${1:?usage: bootstrap.sh VENV cpu|cuda}
 kind=${2:?usage: bootstrap.sh VENV cpu|cuda}
@@ -12,17 +13,28 @@ case "$kind" in
   cuda) torch_req="torch==2.14.1"; cuda_mode=${TWOTOWER_CUDA:-ON} ;;
   *) echo "bootstrap.sh: kind must be cpu or cuda, got '$kind'" >&2; exit 2 ;;
 esac
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+t_all=$SECONDS
+step() {  # step "what" cmd...: announce, run, report the time
+  local what=$1 t0=$SECONDS; shift
+  echo "bootstrap: $what ..." >&2
+  "$@"
+  echo "bootstrap: $what: done in $((SECONDS - t0)) s" >&2
+}
+make_venv() { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; }
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-"${pip[@]}" "$torch_req" numpy pytest tokenizers "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
+step "virtual environment $venv" make_venv
+step "install $torch_req and the build tools (first run: a large download)" \
+  "${pip[@]}" "$torch_req" numpy pytest tokenizers "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
 # the serve extra (fastapi, uvicorn) and the clients tests/test_serve.py drives it with (openai, httpx)
-"${pip[@]}" "fastapi>=0.100" "uvicorn>=0.29" openai httpx
+step "install the serve extra and its test clients" "${pip[@]}" "fastapi>=0.100" "uvicorn>=0.29" openai httpx
 if [ "$kind" = cuda ]; then
   # Headers only; its declared dependencies would pull ~350 MB and downgrade torch's cuda-bindings.
-  "${pip[@]}" --no-deps nvidia-cutlass==4.2.0.0
+  step "install the CUTLASS headers" "${pip[@]}" --no-deps nvidia-cutlass==4.2.0.0
 fi
 rm -rf "$root/dist/$kind"
-TWOTOWER_CUDA=$cuda_mode "$venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation \
+step "build the wheel (CMake + compiler, TWOTOWER_CUDA=$cuda_mode) into dist/$kind" \
+  env TWOTOWER_CUDA="$cuda_mode" "$venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation \
   -C build-dir="build/$kind" -w "$root/dist/$kind" "$root"
-"${pip[@]}" --no-deps --force-reinstall "$root"/dist/"$kind"/twotower_ext-*.whl
+step "install the wheel" "${pip[@]}" --no-deps --force-reinstall "$root"/dist/"$kind"/twotower_ext-*.whl
 "$venv/bin/python" -c "import twotower_ext, json; print(json.dumps(twotower_ext.build_info(), indent=1))"
+echo "bootstrap: ready in $((SECONDS - t_all)) s: $venv/bin/twotower generate --prompt 'def '" >&2

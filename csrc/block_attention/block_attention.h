@@ -1,5 +1,5 @@
 // Fused denoiser attention (torch-free): the S block queries of each row attend, with one softmax and no
-// mask, over the first ctx_lens[b] keys of the context cache followed by the S block keys (SPEC.md 2.1).
+// mask, over the first ctx_lens[b] keys of the context cache followed by the S block keys (docs/semantics.md).
 //   q [B,S,Hq,D]; k_blk, v_blk [B,S,Hkv,D]; k_ctx, v_ctx [B,Lmax,Hkv,D]; ctx_lens int32 [B]
 //   out [B,S,Hq,D] in q's dtype; lse [B,Hq,S] fp32 (natural log). fp32 accumulation.
 // GQA packing: the S tokens x G = Hq/Hkv query heads of one KV head are the M = S*G rows that share every

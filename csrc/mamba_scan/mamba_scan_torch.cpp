@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "mamba_scan/mamba_scan.h"
+#include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 
 namespace {
@@ -142,12 +143,14 @@ Tensor mamba_block_scan_cpu(const Tensor& xbc, const Tensor& dt, const Tensor& c
   auto plan = plan_mamba_block_scan(xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                     seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out);
   const auto& p = plan.p;
-  const int64_t work = std::max<int64_t>(1, p.seqlen * p.headdim * p.dstate);
-  at::parallel_for(0, p.batch * p.nheads, std::max<int64_t>(1, 32768 / work), [&](int64_t b, int64_t e) {
+  // (row, head) items of seqlen x headdim x dstate state updates each: inline for an AR step or a small
+  // model's block, a dynamic split for a denoiser block of a wide model or a prompt (common/parallel_cpu.h).
+  tt::parallel_chunks(p.batch * p.nheads, p.seqlen * p.headdim * p.dstate, [&](int64_t b, int64_t e) {
     check_status(tt::mamba_scan_cpu(p, b, e), "mamba_block_scan");
   });
   // The conv state is rewritten only after every (row, head) item has read it: it may be the input too.
-  at::parallel_for(0, p.batch, 1, [&](int64_t b, int64_t e) {
+  // A copy of (kernel - 1) columns per row: inline unless the batch is large.
+  tt::parallel_chunks(p.batch, (p.kernel - 1) * p.conv_dim, [&](int64_t b, int64_t e) {
     check_status(tt::mamba_conv_state_update_cpu(p, b, e), "mamba_block_scan");
   });
   return plan.y;

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "merge_state/merge_state.h"
+#include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 
 namespace {
@@ -60,8 +61,8 @@ MergeStatesPlan plan_merge_states(const Tensor& o, const Tensor& lse) {
 std::tuple<Tensor, Tensor> merge_states_cpu(const Tensor& o, const Tensor& lse) {
   auto plan = plan_merge_states(o, lse);
   const auto& p = plan.p;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.num_parts * p.head_dim));
-  at::parallel_for(0, p.num_rows, grain, [&](int64_t b, int64_t e) {
+  // Rows of num_parts x head_dim elements each: inline unless there are many.
+  tt::parallel_chunks(p.num_rows, p.num_parts * p.head_dim, [&](int64_t b, int64_t e) {
     check_status(tt::merge_states_cpu(p, b, e), "merge_states");
   });
   return {plan.out, plan.lse_out};

@@ -1,5 +1,5 @@
 // Threshold unmasking (torch-free): one step of mask-diffusion decoding between two denoiser passes
-// (SPEC.md section 3). For every masked position (x[b,s] == mask_id) of every row b:
+// (docs/semantics.md). For every masked position (x[b,s] == mask_id) of every row b:
 //   pred = argmax_v logits[b,s,v]                        (temperature 0; ties -> lowest v)
 //        = argmax_v fl(fl(logits[b,s,v] / T) + g[b,s,v]) (temperature T > 0, Gumbel-max; ties -> lowest v)
 //   conf = softmax(logits[b,s,:])[pred] at T = 1, as exp((x_pred - max) - log(sum_v exp(x_v - max)))

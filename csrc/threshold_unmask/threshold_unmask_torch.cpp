@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "threshold_unmask/threshold_unmask.h"
+#include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 
 namespace {
@@ -98,7 +99,8 @@ void threshold_unmask_cpu(const Tensor& logits, const Tensor& x, int64_t mask_id
   const int64_t ns = tt::unmask_num_slices(p), items = p.batch * p.seq * ns;
   std::vector<tt::UnmaskState> states(items);
   std::vector<uint8_t> bad(items);
-  at::parallel_for(0, items, std::max<int64_t>(1, 32768 / p.slice_width), [&](int64_t b, int64_t e) {
+  // Each item reads slice_width logits: inline for a small vocabulary, a dynamic split for a large one.
+  tt::parallel_chunks(items, p.slice_width, [&](int64_t b, int64_t e) {
     check_status(tt::threshold_unmask_scan_cpu(p, states.data(), bad.data(), b, e), "threshold_unmask");
   });
   for (int64_t i = 0; i < items; ++i) {
@@ -106,7 +108,8 @@ void threshold_unmask_cpu(const Tensor& logits, const Tensor& x, int64_t mask_id
     TORCH_CHECK_VALUE(!bad[i], "twotower: logits must not contain NaN (found at masked position batch ", r / p.seq,
                       ", seq ", r % p.seq, ")");
   }
-  at::parallel_for(0, p.batch, 64, [&](int64_t b, int64_t e) {
+  // The commit ranks seq positions per row (and merges their ns slice states): microseconds per row.
+  tt::parallel_chunks(p.batch, p.seq * (p.seq + ns), [&](int64_t b, int64_t e) {
     check_status(tt::threshold_unmask_commit_cpu(p, states.data(), b, e), "threshold_unmask");
   });
 }

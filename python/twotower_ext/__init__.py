@@ -5,7 +5,18 @@ handling and falls back to `twotower_ext.reference` where no kernel exists for a
 """
 from __future__ import annotations
 
-import torch
+import os as _os
+import sys as _sys
+
+# OpenMP threads that wait for work sleep instead of spinning, unless the environment says otherwise. It
+# only takes effect when torch (and so its libgomp) is not loaded yet: the CLI, or `import twotower_ext`
+# first. With 2 threads on a loaded 2-core machine libgomp's default spin-then-sleep made a 300 us Mamba
+# scan take 15 ms (a spinning thread loses the CPU to the one that has work); passive waiting kept it at
+# 0.3 ms (docs/threads.md).
+if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
 
 from . import _loader
 
@@ -29,12 +40,30 @@ def default_model_path() -> str | None:
     return path if os.path.exists(os.path.join(path, "config.json")) else None
 
 
+def _torch_requirement() -> str | None:
+    """The torch pin in the installed wheel's metadata (tools/torch_pin.py writes it at build time); None
+    for a development build loaded through TWOTOWER_EXT_LIB or a package not installed from a wheel."""
+    import os
+    from importlib import metadata
+
+    if os.environ.get("TWOTOWER_EXT_LIB"):
+        return None
+    try:
+        dist = metadata.distribution("twotower_ext")
+    except metadata.PackageNotFoundError:
+        return None
+    if os.path.dirname(os.path.abspath(__file__)) != os.path.abspath(dist.locate_file("twotower_ext")):
+        return None   # another installed copy's metadata, not this package's
+    return next((r.split(";")[0].strip() for r in dist.requires or () if r.replace(" ", "").startswith("torch=")), None)
+
+
 def build_info() -> dict:
     """What this installation was built against and which kernels it has."""
     cfg = _loader.build_config()
     return {
         "version": __version__,
         "torch_built": cfg.TORCH_VERSION,
+        "torch_requirement": _torch_requirement(),
         "torch_running": torch.__version__,
         "torch_cuda": cfg.TORCH_CUDA_VERSION or None,
         "cuda": bool(cfg.CUDA),

@@ -6,17 +6,45 @@ import threading
 
 import torch
 
-from .engine import Engine, GenerationResult
+from .engine import Engine, GenerateArgs, GenerationResult
+from .threads import recommended_threads, using_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
-def _dtype(dtype) -> torch.dtype:
+def default_dtype(device) -> torch.dtype:
+    """The dtype `load` (and the CLI's --dtype auto) uses when none is given: fp32 on the CPU, where bf16
+    matmuls are widened to fp32 anyway on most CPUs and fp32 matches the parity fixture token for token;
+    bf16 on CUDA (the checkpoint's own dtype, half the memory and the tensor-core kernels)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def _dtype(dtype, device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float32):
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"load: dtype must be torch.bfloat16 or torch.float32 (or 'bf16' / 'fp32'), got {dtype!r}")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """`device` as a torch.device when this installation can run a model there (the CPU, or a visible CUDA
+    device), else a ValueError naming `name` and what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"{name} {device!r}: CUDA is not available ({why}); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]', got {device!r} (no kernels for {dev.type!r})")
+    return dev
 
 
 def load_tokenizer(path: str):
@@ -28,14 +56,18 @@ def load_tokenizer(path: str):
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    return Tokenizer.from_file(tok_file)
+    try:
+        return Tokenizer.from_file(tok_file)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"load: {tok_file} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
 class TwoTowerLM:
     """A loaded two-tower model with its decode engine and (when the checkpoint has one) tokenizer."""
 
-    def __init__(self, model, tokenizer=None, path: str | None = None):
+    def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
         self.engine = Engine(model)
         self._lock = threading.Lock()   # one generate at a time: the engine's pooled cache and graphs are shared
 
@@ -53,7 +85,8 @@ class TwoTowerLM:
             raise ValueError("this checkpoint has no tokenizer.json (or `tokenizers` is not installed)")
         return self.tokenizer.decode(ids)
 
-    def generate(self, input_ids, mode: str = "diffusion", max_new_tokens: int = 256, block_size: int = 16,
+    def generate(self, input_ids, mode: str = "diffusion", max_new_tokens: int = GenerateArgs.max_new_tokens,
+                 block_size: int = 16,
                  steps_per_block: int = 16, threshold: float = 0.8, temperature: float = 0.0, seed: int = 0,
                  eos_token_id: int | None = 2, reference_compat: bool = False, *, mask_token_id: int = 3,
                  cuda_graphs: bool = True, device_loop: bool = False, callback=None) -> GenerationResult:
@@ -61,7 +94,7 @@ class TwoTowerLM:
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
 
         mode: "diffusion" (block mask diffusion), "mock_ar" or "ar". threshold: the confidence gamma.
-        reference_compat=True reproduces NVIDIA's reference semantics exactly (see twotower_ext.engine).
+        reference_compat=True reproduces NVIDIA's reference semantics exactly (docs/semantics.md).
         callback(event: dict) is called after every committed block (diffusion) or token (AR modes) with
         the tokens so far, for streaming. cuda_graphs / device_loop: see twotower_ext.graphs.
 
@@ -71,7 +104,7 @@ class TwoTowerLM:
                                           and all(isinstance(t, str) for t in input_ids)):
             texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
             input_ids = [self.encode(t) for t in texts]
-        with self._lock:
+        with self._lock, using_threads(self.threads):
             return self.engine.generate(
                 input_ids, callback=callback, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
@@ -79,12 +112,26 @@ class TwoTowerLM:
                 cuda_graphs=cuda_graphs, device_loop=device_loop)
 
 
-def load(path: str, device="cpu", dtype=torch.bfloat16, denoiser_device=None) -> TwoTowerLM:
+def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None) -> TwoTowerLM:
     """Load an NVIDIA-format two-tower checkpoint directory (config.json + safetensors, single or
-    sharded; tokenizer.json optional). `denoiser_device` places the denoiser tower elsewhere."""
+    sharded; tokenizer.json optional); `twotower_ext.default_model_path()` is the small model shipped with
+    the package. dtype None: `default_dtype(device)` (fp32 on the CPU, bf16 on CUDA). `denoiser_device`
+    places the denoiser tower elsewhere. threads: torch's intra-op threads while generating (None: the
+    per-model-size choice of `threads.recommended_threads`, 1 for small models on the CPU (docs/threads.md); 0: leave torch's
+    setting alone); it is set around each generate call and restored after."""
     from .models import TwoTowerModel
 
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+    dev = check_device(device)
+    if denoiser_device is not None:
+        check_device(denoiser_device, "denoiser_device")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+        raise ValueError(f"load: threads must be None or an int >= 0 (0: torch's setting), got {threads!r}")
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path) \
+            or not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"load: {path!r} is not a checkpoint directory (no config.json)")
-    model = TwoTowerModel.from_pretrained(path, dtype=_dtype(dtype), device=device, denoiser_device=denoiser_device)
-    return TwoTowerLM(model, load_tokenizer(path), path)
+    path = os.fspath(path)
+    model = TwoTowerModel.from_pretrained(path, dtype=_dtype(dtype, dev), device=device,
+                                          denoiser_device=denoiser_device)
+    if threads is None:
+        threads = recommended_threads(model.config, dev)
+    return TwoTowerLM(model, load_tokenizer(path), path, threads or None)

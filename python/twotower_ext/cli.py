@@ -1,77 +1,179 @@
-"""`twotower` command line: generate text (streamed per block) or describe a checkpoint.
+"""`twotower` command line: generate text (streamed block by block) or describe a checkpoint.
 
-  twotower generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--mode --threshold --block-size
-                    --steps --temperature --max-new-tokens --seed --device --dtype --reference-compat]
-  twotower info --model DIR [--roofline [--device h100|h200|cpu]] | --roofline --real-config
+  twotower generate [--model DIR] [--prompt TEXT | --prompt-ids 1,2,3] [--mode ...] [options]
+  twotower info [--model DIR] [--roofline [--device h100|h200|cpu]] | --roofline --real-config
+  twotower serve [--model DIR] [--host 127.0.0.1 --port 8000 --max-batch 16 --max-queue 64]
+
+Without --model both use the small model shipped with the package (twotower_ext.default_model_path()).
+The generate defaults are the API's (TwoTowerLM.generate / engine.GenerateArgs); run `twotower generate
+--help` for each option. A bad argument prints one line `twotower: ...` and exits 2; Ctrl-C prints
+`twotower: interrupted` and exits 130; a closed output pipe (`| head`) ends quietly.
+
+Adding a subcommand: decorate its `run(args) -> int` with `@command(name, help, add_arguments)` here, or in
+a module listed in COMMAND_MODULES (imported before the arguments are parsed).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+COMMAND_MODULES: list[str] = ["twotower_ext.serve.cli"]   # modules whose import registers more subcommands
+COMMANDS: dict = {}               # name -> (help, add_arguments(parser), run(args) -> exit status)
 
-def _default_model() -> str:
+
+def command(name: str, help: str, add_arguments):
+    """Register subcommand `name`: add_arguments(parser) declares its options, the decorated function runs it."""
+    def register(run):
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+    return register
+
+
+class CliError(Exception):
+    """A bad argument found after parsing (e.g. against the loaded model); printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line instead of argparse's usage block + error
+        self.exit(2, f"twotower: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(lo: int, hi: int | None = None, shown: str | None = None):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v >= hi):
+            want = shown or (f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi})")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def _token_ids(s: str) -> list[int]:
+    try:
+        ids = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer token ids, got {s!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {[v for v in ids if v < 0]}")
+    return ids
+
+
+def _model_path(a) -> str:
     from . import default_model_path
 
+    if a.model is not None:
+        return a.model
     path = default_model_path()
     if path is None:
-        raise SystemExit("twotower: no --model given and this installation ships no default model")
+        raise CliError("no --model given and this installation ships no default model")
     return path
 
 
+# ------------------------------------------------------------------------------------------------- generate
+def _generate_args(g: argparse.ArgumentParser) -> None:
+    from .engine import MODES, GenerateArgs as D
+
+    g.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the small model shipped with "
+                   "the package, twotower_ext.default_model_path())")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="def ", help="prompt text, encoded with the checkpoint's tokenizer.json "
+                     "(default: %(default)r)")
+    src.add_argument("--prompt-ids", type=_token_ids, metavar="1,2,3", help="prompt as comma-separated token ids")
+    g.add_argument("--mode", default=D.mode, choices=MODES, help="block mask diffusion, the denoiser one token per "
+                   "pass, or the context tower alone (default: %(default)s)")
+    g.add_argument("--threshold", type=float, default=D.threshold, help="confidence gamma in [0, 1]: a pass commits "
+                   "every masked position above it, at least one (default: %(default)s)")
+    g.add_argument("--block-size", type=int, default=D.block_size, help="tokens per diffusion block, 1-64 "
+                   "(default: %(default)s, what the model was trained at)")
+    g.add_argument("--steps", type=int, default=D.steps_per_block, help="denoiser passes per block at most; the "
+                   "last one commits what is left (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=D.temperature, help="0: greedy; > 0: Gumbel-max sampling "
+                   "keyed by (seed, block, step, position) (default: %(default)s)")
+    g.add_argument("--seed", type=_int_at_least(-2**63, 2**63, "a 64-bit integer, in [-2**63, 2**63)"), default=D.seed, help="sampling seed, a 64-bit "
+                   "integer (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="tokens to generate at most; "
+                   "a partial last block is allowed (default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights and activations; "
+                   "auto: fp32 on the CPU, bf16 on CUDA, as the API's load (default: %(default)s)")
+    g.add_argument("--threads", type=_int_at_least(0), default=0, help="CPU threads; 0: the API's per-model-size "
+                   "choice (twotower_ext.threads; 1 for small models) (default: %(default)s)")
+    g.add_argument("--reference-compat", action="store_true", help="reproduce NVIDIA's reference decode exactly "
+                   "(batch-mean t, whole blocks, EOS block appended; see docs/semantics.md)")
+
+
+@command("generate", "generate a continuation, streamed block by block", _generate_args)
 def _cmd_generate(a) -> int:
     import torch
 
-    from .api import load
+    from .api import check_device, load
 
-    lm = load(a.model or _default_model(), device=a.device, dtype=a.dtype)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    elif a.device == "cpu" and lm.config.hidden_size < 1024:
-        # Small models: each op is microseconds, so thread hand-offs cost more than they save (and on a
-        # busy machine a waiting OpenMP thread can stall every op by a scheduler tick).
-        torch.set_num_threads(1)
+    check_device(a.device, "--device")
+    lm = load(_model_path(a), device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
+              threads=a.threads or None)
     if a.prompt_ids is not None:
-        try:
-            prompt = [int(v) for v in a.prompt_ids.split(",") if v.strip()]
-        except ValueError:
-            raise SystemExit(f"twotower: --prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+        prompt, vocab = a.prompt_ids, lm.config.vocab_size
+        if max(prompt) >= vocab:
+            raise CliError(f"argument --prompt-ids: token ids must be < vocab_size = {vocab}, got "
+                           f"{[v for v in prompt if v >= vocab]}")
         as_text = lm.tokenizer is not None
     else:
         if lm.tokenizer is None:
-            raise SystemExit("twotower: this checkpoint has no tokenizer.json; use --prompt-ids")
+            raise CliError("this checkpoint has no tokenizer.json (or `tokenizers` is not installed); use --prompt-ids")
         prompt, as_text = lm.encode(a.prompt), True
-    shown = [0]
+    shown = [-1]   # generated tokens printed so far; -1: not even the prompt (an argument error prints nothing)
     out = sys.stdout
 
     def stream(ev):   # print what was committed since the last event
+        if shown[0] < 0:
+            out.write(lm.decode(prompt) if as_text else ",".join(map(str, prompt)))
+            shown[0] = 0
         seq = ev["sequences"][0]
         new = seq[len(prompt) + shown[0]:]
         shown[0] += len(new)
         out.write(lm.decode(new) if as_text else "".join(f" {t}" for t in new))
         out.flush()
 
-    if as_text:
-        out.write(lm.decode(prompt))
     res = lm.generate(prompt, mode=a.mode, max_new_tokens=a.max_new_tokens, block_size=a.block_size,
                       steps_per_block=a.steps, threshold=a.threshold, temperature=a.temperature, seed=a.seed,
                       reference_compat=a.reference_compat, callback=stream)
     s = res.stats
-    dev = torch.device(a.device)
     print(f"\n[{s['mode']}] {s['tokens']} tokens, {s['nfe']} NFE ({s['tokens_per_nfe']:.2f} tokens/NFE), "
-          f"{s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s on {dev}", file=sys.stderr)
+          f"{s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s on {torch.device(a.device)}, "
+          f"{lm.model.dtype}, {lm.threads or torch.get_num_threads()} thread(s)", file=sys.stderr)
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- info
+def _info_args(i: argparse.ArgumentParser) -> None:
+    from .costmodel import add_info_arguments
+
+    i.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the small model shipped with "
+                   "the package, twotower_ext.default_model_path())")
+    add_info_arguments(i)   # --roofline, --real-config, --device, ...: the cost model's table
+
+
+@command("info", "print a checkpoint's config, parameter counts and cache sizes (checks its tensors against "
+         "the config, as loading does)", _info_args)
 def _cmd_info(a) -> int:
     if a.roofline or a.real_config:
         from .costmodel import print_roofline
         return print_roofline(a)
     from .models import NemotronHConfig
     from .models.cache import cache_row_bytes
+    from .models.weights import check_checkpoint, checkpoint_index, expected_tensors
 
-    path = a.model or _default_model()
+    path = _model_path(a)
     cfg = NemotronHConfig.from_json(path)
+    index = checkpoint_index(path)
+    check_checkpoint(index, expected_tensors(cfg), path)   # what load checks before allocating anything
     kinds = cfg.layer_kinds
     print(f"checkpoint: {path}")
     rows = [("hidden_size", cfg.hidden_size), ("layers", f"{cfg.num_hidden_layers} ({cfg.hybrid_override_pattern})"),
@@ -80,8 +182,7 @@ def _cmd_info(a) -> int:
             ("mamba heads x dim, state, groups", f"{cfg.mamba_num_heads} x {cfg.mamba_head_dim}, {cfg.ssm_state_size}, {cfg.n_groups}"),
             ("experts (routed, top-k, shared)", f"{cfg.n_routed_experts}, {cfg.num_experts_per_tok}, 1"),
             ("vocab", cfg.vocab_size)]
-    params = _param_counts(path)
-    rows += [(f"parameters: {k}", f"{v / 1e6:.2f} M") for k, v in params.items()]
+    rows += [(f"parameters: {k}", f"{v / 1e6:.2f} M") for k, v in _param_counts(index).items()]
     for dtype, elt in (("bf16", 2), ("fp32", 4)):
         kv, mamba = cache_row_bytes(cfg, elt)
         rows.append((f"cache per row ({dtype})", f"{kv / 1024:.2f} KiB/token KV + {mamba / 2**20:.2f} MiB Mamba state"))
@@ -91,11 +192,9 @@ def _cmd_info(a) -> int:
     return 0
 
 
-def _param_counts(path: str) -> dict:
-    from .models.weights import checkpoint_index
-
+def _param_counts(index: dict) -> dict:
     counts = {"context tower": 0, "denoiser tower": 0, "heads + time conditioning": 0}
-    for name, (_, info) in checkpoint_index(path).items():
+    for name, (_, info) in index.items():
         n = 1
         for d in info.shape:
             n *= d
@@ -106,39 +205,40 @@ def _param_counts(path: str) -> dict:
     return counts
 
 
+# ------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod)
+    ap = _Parser(prog="twotower", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for name, (help, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return ap
+
+
+def _one_line(e: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text.removeprefix("twotower: ")   # the ops' own messages already start with it
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="twotower", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="generate a continuation, streamed block by block")
-    g.add_argument("--model", help="checkpoint directory (default: the model shipped with the package)")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="def ", help="prompt text (needs the checkpoint's tokenizer)")
-    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
-    g.add_argument("--mode", default="diffusion", choices=["diffusion", "mock_ar", "ar"])
-    g.add_argument("--threshold", type=float, default=0.8, help="confidence gamma (default 0.8)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--steps", type=int, default=16, help="denoiser steps per block at most")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default: 1 for small models, else torch's default)")
-    g.add_argument("--reference-compat", action="store_true", help="NVIDIA reference semantics")
-    g.set_defaults(fn=_cmd_generate)
-    i = sub.add_parser("info", help="print a checkpoint's config, parameter counts and cache sizes")
-    i.add_argument("--model", help="checkpoint directory (default: the shipped model)")
-    from .costmodel import add_info_arguments
-    add_info_arguments(i)
-    i.set_defaults(fn=_cmd_info)
-    from .serve.cli import add_parser as add_serve_parser   # twotower serve (its options: serve/cli.py)
-    add_serve_parser(sub)
-    a = ap.parse_args(argv)
+    from ._loader import ExtensionBuildError
+
     try:
-        return a.fn(a)
-    except (ValueError, FileNotFoundError, MemoryError) as e:
-        print(f"twotower: {e}", file=sys.stderr)
+        a = build_parser().parse_args(argv)
+        return a.run(a)
+    except KeyboardInterrupt:
+        print("\ntwotower: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # the reader went away (`| head`): stop quietly, like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return 141
+    except (CliError, ValueError, TypeError, OSError, MemoryError, ExtensionBuildError) as e:
+        print(f"twotower: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,15 +1,17 @@
 """The decode engine: mask diffusion, mock-AR and AR over a `TwoTowerModel`.
 
-Semantics (SPEC.md section 3). Default (`reference_compat=False`): per-row t, per-row stop at the first
-EOS with the output cut after it, ragged prompts, a partial last block (its surplus is discarded), no
+Semantics (docs/semantics.md). Default (`reference_compat=False`): per-row t, per-row stop at the first
+EOS with the output cut after it, ragged prompts, a partial last block (it stops once its kept positions
+are committed; the surplus positions still take part in attention and are discarded), no
 context extension for a row's final block, finished rows cost nothing (they leave the batch: the cache is
 compacted so the live rows stay a contiguous prefix, which keeps every pass copy-free and capturable).
 `reference_compat=True` reproduces NVIDIA's reference: batch-mean t, every row rides every pass until all
 rows finish the block, whole blocks kept after EOS, the EOS block still appended to the context, and the
 run stops after a block in which any row produced EOS.
 
-Randomness (temperature > 0) depends only on (seed, block, step, position) and never on a row's place in
-the batch, so a row samples the same tokens alone or in any batch.
+Randomness (temperature > 0) depends only on (seed, block, position) (diffusion; the step is not part of the
+key) or (seed, token index) (AR modes), never on a row's place in the batch, so a row samples the same tokens
+alone or in any batch.
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class GenerateArgs:
             bad("threshold", "a float in [0, 1]", self.threshold)
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0 and math.isfinite(self.temperature)):
             bad("temperature", "a finite float >= 0", self.temperature)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2**63 <= self.seed < 2**63:
+            bad("seed", "an int in [-2**63, 2**63)", self.seed)
         if not 0 <= self.mask_token_id < vocab_size:
             bad("mask_token_id", f"in [0, vocab_size={vocab_size})", self.mask_token_id)
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < vocab_size:
@@ -82,10 +86,12 @@ def normalize_prompts(input_ids, vocab_size: int) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"generate: input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.dim() not in (1, 2):
-            raise ValueError(f"generate: input_ids must be [L] or [B, L], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+            raise ValueError(f"generate: input_ids must be a non-empty [L] or [B, L] tensor, got shape "
+                             f"{tuple(input_ids.shape)}")
         rows = input_ids.reshape(-1, input_ids.shape[-1]).tolist()
-    elif isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(v, int) for v in input_ids):
+    elif isinstance(input_ids, (list, tuple)) and input_ids and not any(isinstance(v, (list, tuple, torch.Tensor))
+                                                                        for v in input_ids):   # one flat prompt
         rows = [list(input_ids)]
     elif isinstance(input_ids, (list, tuple)) and input_ids:
         rows = [list(r.tolist() if isinstance(r, torch.Tensor) else r) for r in input_ids]
@@ -94,10 +100,30 @@ def normalize_prompts(input_ids, vocab_size: int) -> list[list[int]]:
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"generate: prompt {i} is empty (every prompt needs at least one token)")
-        bad = [v for v in r if not isinstance(v, int) or not 0 <= v < vocab_size]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+            raise ValueError(f"generate: prompt {i} must hold int token ids, got {[v for v in r if not isinstance(v, int)][:5]}")
+        bad = [v for v in r if not 0 <= v < vocab_size]
         if bad:
             raise ValueError(f"generate: prompt {i} has token ids outside [0, vocab_size={vocab_size}): {bad[:5]}")
     return rows
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable (what can be allocated without swapping: free + reclaimable page cache), not MemFree."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _block_time(x: torch.Tensor, args: GenerateArgs) -> torch.Tensor:
+    """The denoiser's t per row: the fraction of its block still masked (reference_compat: the batch mean)."""
+    masked = (x == args.mask_token_id).float().mean(1)
+    return masked.mean().expand(x.shape[0]) if args.reference_compat else masked
 
 
 class _Clock:
@@ -195,7 +221,7 @@ class Engine:
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
         else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = _host_available_bytes()
         if need > free:
             raise MemoryError(f"generate: the context cache for {rows} rows x {capacity} tokens needs "
                               f"{need / 2**30:.2f} GiB but {dev} has {free / 2**30:.2f} GiB free; lower the batch, "
@@ -239,11 +265,24 @@ class Engine:
                 nfe_total += max(len(r) for r in per_row)
             else:
                 row_done = [False] * n
+                # A partial last block (default mode) ends once its kept positions are committed: the rows
+                # all hold blk * S new tokens here. The surplus positions still take part in every pass.
+                kept = min(S, args.max_new_tokens - blk * S)
+                partial, have = kept < S and not args.reference_compat, [0] * n
                 for step in range(args.steps_per_block):
-                    counts, done = clock.run("denoiser_s", stepper, x, cache, n, blk, step)
+                    try:
+                        counts, done = clock.run("denoiser_s", stepper, x, cache, n, blk, step)
+                    except ValueError as e:
+                        if "must not contain NaN" not in str(e):
+                            raise
+                        raise ValueError(f"{e}: {self._nonfinite_origin(x, cache, n, args)}") from None
                     nfe_total += 1
                     executed += 1
-                    counts, done = counts.tolist(), done.tolist()   # the one small host read per step (copies)
+                    if partial:   # count commits of kept positions only
+                        now = (x[:, :kept] != mask).sum(1).tolist()
+                        counts, done, have = [a - b for a, b in zip(now, have)], [v == kept for v in now], now
+                    else:
+                        counts, done = counts.tolist(), done.tolist()   # the one small host read per step (copies)
                     for i in range(n):
                         if args.reference_compat or not row_done[i]:
                             per_row[i].append(counts[i])
@@ -283,6 +322,11 @@ class Engine:
                  "executed_passes": executed}
         return GenerationResult(out, nfe_blocks, commits, stats)
 
+    def _nonfinite_origin(self, x, cache, n: int, args: GenerateArgs) -> str:
+        from .diagnose import nonfinite_origin
+
+        return nonfinite_origin(self.model, x, cache, n, _block_time(x, args))
+
     def _stepper(self, args: GenerateArgs, dev: torch.device):
         """One denoiser pass + threshold-unmask commit on the live prefix of the cache, x updated in place.
         Returns (counts int32 [n], done bool [n]) on the device. On CUDA with cuda_graphs, replays a graph
@@ -290,9 +334,7 @@ class Engine:
         model = self.model
 
         def eager(x, cache, n, blk, step):
-            masked = (x == args.mask_token_id).float().mean(1)
-            t = masked.mean().expand(n) if args.reference_compat else masked
-            logits = model.denoise(x, cache, t, slice(0, n), dense_moe=dev.type == "cuda")
+            logits = model.denoise(x, cache, _block_time(x, args), slice(0, n), dense_moe=dev.type == "cuda")
             return self._unmask(logits, x, args, blk, step)
 
         if not self._use_graphs(args, dev):

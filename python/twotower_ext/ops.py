@@ -166,7 +166,7 @@ def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_bloc
     position (x == mask_id; the mask id is never predicted): pred = argmax of the logits (temperature 0) or a
     Gumbel-max sample of logits / temperature from a Philox stream keyed by (seed, offset, row, position, vocab
     id); conf = softmax(logits)[pred] at temperature 1. Per row the k most confident masked positions are
-    committed, k per SPEC.md section 3 (strict conf > gamma, at least 1, at least ceil(n / (steps_per_block -
+    committed, k per docs/semantics.md (strict conf > gamma, at least 1, at least ceil(n / (steps_per_block -
     step)), everything on the last step; ties: lower position first). Rows with nothing masked are untouched.
 
     step, seed, offset: Python ints or one-element int64 tensors on the logits' device (tensors keep a captured

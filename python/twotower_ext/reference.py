@@ -37,7 +37,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, causal=False):
     """Denoiser attention: the S block queries attend, with one softmax and no mask, over the first
-    ctx_lens[b] context keys of their row followed by the S block keys (SPEC.md section 2.1). GQA:
+    ctx_lens[b] context keys of their row followed by the S block keys (docs/semantics.md). GQA:
     query head h uses KV head h // (Hq // Hkv). causal=True: block query j sees the context and block keys
     0..j only (the context tower's extension by S tokens; S = 1 is an AR step).
 
@@ -71,7 +71,7 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, causal=
 
 def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, seq_lens=None,
                      dt_min=0.0, dt_max=float("inf"), conv_state_out=None, ssm_state_out=None):
-    """Seeded Mamba-2 block scan (SPEC.md section 2.2), token by token in fp32.
+    """Seeded Mamba-2 block scan (docs/semantics.md), token by token in fp32.
 
     xBC [B,L,C] raw (pre-conv) in_proj slice, C = H*P + 2*G*N laid out [x | B | C]; dt [B,L,H] raw;
     conv_state [B,K-1,C] the last K-1 raw xBC rows before the block; ssm_state [B,H,P,N] fp32;
@@ -237,7 +237,7 @@ def unmask_predict(logits, mask_id: int, temperature: float = 0.0, seed: int = 0
 
 def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_block: int, temperature: float = 0.0,
                      seed=0, offset=0, out_counts=None, out_done=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mask-diffusion commit step (SPEC.md section 3), updating x [B, S] int64 in place.
+    """One mask-diffusion commit step (docs/semantics.md), updating x [B, S] int64 in place.
 
     logits [B, S, V] fp32/bf16. For each masked position (x == mask_id), (pred, conf) = `unmask_predict`.
     Per row: n masked; k = n on the last step, else min(n, max(1, #(conf > gamma), ceil(n / (steps_per_block -

@@ -56,6 +56,8 @@ class NemotronHConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
+    # fields config.json left out or set to null ({name: "absent" | "null"}), for the validation messages
+    unset: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -------------------------------------------------------------------- derived sizes
     @property
@@ -81,14 +83,16 @@ class NemotronHConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "NemotronHConfig":
         problems = []
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)} - {"extra", "unset"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        unset = {k: "null" if k in d else "absent" for k in names if k not in kw}
         for req in ("hidden_size", "num_hidden_layers", "hybrid_override_pattern", "vocab_size"):
             if req not in kw:
-                problems.append(f"missing required field '{req}'")
+                problems.append(f"missing required field '{req}'" + (" (it is null)" if req in d else ""))
+        problems += _type_problems(cls, kw)
         if "layer_norm_epsilon" not in kw and "norm_eps" in d:
             kw["layer_norm_epsilon"] = d["norm_eps"]
-        if "time_step_limit" in kw:
+        if isinstance(kw.get("time_step_limit"), (list, tuple)):
             try:
                 kw["time_step_limit"] = tuple(float(v) for v in kw["time_step_limit"])
             except (TypeError, ValueError):
@@ -99,7 +103,7 @@ class NemotronHConfig:
         pattern = kw["hybrid_override_pattern"]
         if "head_dim" not in kw and "num_attention_heads" in kw and "*" in str(pattern):
             kw["head_dim"] = kw["hidden_size"] // max(1, int(kw["num_attention_heads"]))
-        cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names})
+        cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names}, unset=unset)
         cfg.validate()
         return cfg
 
@@ -127,7 +131,8 @@ class NemotronHConfig:
             for n in names:
                 v = getattr(self, n)
                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                    p.append(f"{n} must be a positive integer, got {v!r}")
+                    got = f"config.json has it {self.unset[n]}" if n in self.unset else f"got {v!r}"
+                    p.append(f"{n} must be a positive integer, {got}")
 
         positive("hidden_size", "num_hidden_layers", "vocab_size")
         pat = self.hybrid_override_pattern
@@ -184,3 +189,21 @@ class NemotronHConfig:
                 p.append(f"{flag}=true is not supported")
         if p:
             raise ConfigError("invalid NemotronH config: " + "; ".join(p))
+
+
+_JSON_TYPES = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+               "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+               "bool": ("true or false", lambda v: isinstance(v, bool)),
+               "str": ("a string", lambda v: isinstance(v, str)),
+               "tuple": ("a list", lambda v: isinstance(v, (list, tuple)))}
+
+
+def _type_problems(cls, kw: dict) -> list[str]:
+    """'<field> must be <type>, got <value>' for every given field whose JSON type is wrong (so that the
+    checks after it compare numbers with numbers)."""
+    out = []
+    for f in fields(cls):
+        want = _JSON_TYPES.get(f.type)
+        if f.name in kw and want is not None and not want[1](kw[f.name]):
+            out.append(f"{f.name} must be {want[0]}, got {kw[f.name]!r}")
+    return out

@@ -1,6 +1,6 @@
 """Random-weight checkpoints in NVIDIA's format, for benchmarks and tests at any width.
 
-`REAL_CONFIG` is Nemotron-TwoTower-30B-A3B's config (SPEC.md section 1); `scaled_config` shrinks its
+`REAL_CONFIG` is Nemotron-TwoTower-30B-A3B's config; `scaled_config` shrinks its
 widths and/or layer count while keeping the layer pattern's structure. The weights are scaled so
 activations stay O(1) through many layers (like an initialised model, not a trained one).
 """

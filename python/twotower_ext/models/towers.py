@@ -206,13 +206,15 @@ class TwoTowerModel:
     # denoiser tower
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, dense_moe: bool = False) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, dense_moe: bool = False,
+                probe=None) -> torch.Tensor:
         """One denoiser pass over blocks x [B, S] (token ids; mask id for masked positions) of the cache
         rows `rows`, with per-row time t ([B] tensor or a float: fraction of the block still masked).
         Attention: one softmax over [the row's context KV | the block], no mask. Mamba: seeded from the
         row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
         The cache is not modified. With contiguous rows and dense_moe=True the pass has no host syncs and
-        no data-dependent shapes (CUDA-graph capturable once the attention kernel is registered)."""
+        no data-dependent shapes (CUDA-graph capturable once the attention kernel is registered).
+        probe(layer index, kind, hidden states) is called after every layer (diagnose.py's NaN scan)."""
         r = cache.rows(rows)
         x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
         self._check_block(x, r)
@@ -222,7 +224,7 @@ class TwoTowerModel:
             raise ValueError(f"denoise: t must be a float or [{x.shape[0]}], got shape {tuple(t.shape)}")
         st = cache.den
         mod = time_modulation(t, self.weights.time, self.dtype)
-        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, dense_moe)
+        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, dense_moe, probe)
 
     @torch.no_grad()
     def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None, dense_moe: bool = False) -> torch.Tensor:
@@ -243,7 +245,7 @@ class TwoTowerModel:
             raise ValueError(f"denoiser input must be [{len(r)}, S] for the {len(r)} selected rows, "
                              f"got shape {tuple(x.shape)}")
 
-    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, dense_moe):
+    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, dense_moe, probe=None):
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
@@ -275,4 +277,6 @@ class TwoTowerModel:
             if mod is not None:
                 out = gate.unsqueeze(1) * out
             x = res + out
+            if probe is not None:
+                probe(i, layer.kind, x)
         return F.linear(rms_norm(x, w.norm_f, eps).to(self.dtype), w.lm_head).float()

@@ -10,8 +10,10 @@ import sys
 import threading
 
 
-def add_parser(subparsers) -> None:
-    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+from ..cli import command
+
+
+def _arguments(s) -> None:
     s.add_argument("--model", help="checkpoint directory (default: the model shipped with the package)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
@@ -24,7 +26,6 @@ def add_parser(subparsers) -> None:
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
-    s.set_defaults(fn=run)
 
 
 def _port(v: str) -> int:
@@ -99,6 +100,7 @@ def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int
     return 0
 
 
+@command("serve", "OpenAI-compatible HTTP server with continuous batching", _arguments)
 def run(a) -> int:
     import os
 

@@ -33,10 +33,6 @@ from .request import Handle, QueueFull, RequestError, ShuttingDown, make_args
 
 log = logging.getLogger("twotower.serve")
 
-# Whether a partial last block (max_tokens not a multiple of block_size) ends as soon as its kept positions
-# are committed rather than when the whole block is: must equal what `Engine.generate` does, so that every
-# row's result (tokens and NFE) is the one `generate` gives it alone. The engine change (issue 20) sets it.
-PARTIAL_LAST_BLOCK_EARLY_STOP = False
 
 
 def _free_bytes(dev: torch.device) -> int:
@@ -283,11 +279,13 @@ class Scheduler:
             xs = x[sel]
             done[sel] = self.engine._unmask(logits[sel], xs, r.args, r.blk, r.step)[1]
             x[sel] = xs
-        if PARTIAL_LAST_BLOCK_EARLY_STOP:   # a row's partial last block ends once its kept positions are committed
-            kept = torch.tensor([r.args.max_new_tokens - r.n_new for r in rows], device=x.device)
-            if bool((kept < x.shape[1]).any()):
-                pending = (x == rows[0].args.mask_token_id) & (torch.arange(x.shape[1], device=x.device) < kept[:, None])
-                done |= ~pending.any(1)
+        # A row's partial last block ends once its kept positions are committed, as in `Engine.generate` (so
+        # every row's tokens and NFE are the ones `generate` gives it alone).
+        kept = [r.args.max_new_tokens - r.n_new for r in rows]
+        if min(kept) < x.shape[1]:
+            kept_t = torch.tensor(kept, device=x.device)
+            pending = (x == rows[0].args.mask_token_id) & (torch.arange(x.shape[1], device=x.device) < kept_t[:, None])
+            done |= ~pending.any(1)
         done_h = done.tolist()   # the one host read per pass
         extend: list[int] = []
         for j, r in enumerate(rows):
