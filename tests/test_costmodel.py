@@ -114,9 +114,11 @@ def test_distinct_experts_counter_vs_plain_count(gen, n_tokens):
 
 
 def test_cli_roofline_table():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
-                                         env.get("PYTHONPATH", "")])
+    # the child imports the twotower_ext this test runs (an installed wheel or a development tree)
+    import twotower_ext as tt
+
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(tt.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "twotower_ext.cli", "info", "--roofline", "--real-config",
                           "--device", "h100"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

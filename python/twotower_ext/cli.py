@@ -243,4 +243,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m twotower_ext.cli` runs this file as __main__: use the package's module, whose COMMANDS the
+    # plug-in command modules (COMMAND_MODULES) register into.
+    from twotower_ext.cli import main as package_main
+
+    sys.exit(package_main())

@@ -252,8 +252,13 @@ class Engine:
             n = len(live)
             x = torch.full((n, S), mask, dtype=torch.long, device=dev)
             per_row = [[] for _ in range(n)]
+            # A partial last block (default mode) ends once its kept positions are committed: the rows all hold
+            # blk * S new tokens here. The surplus positions still take part in every pass. It runs step by step
+            # (the device loop would run until every position is committed).
+            kept = min(S, args.max_new_tokens - blk * S)
+            partial = kept < S and not args.reference_compat
             block = (clock.run("denoiser_s", stepper.run_block, x, cache, n, blk)
-                     if args.device_loop and hasattr(stepper, "run_block") else None)
+                     if args.device_loop and not partial and hasattr(stepper, "run_block") else None)
             if block is not None:   # whole block on the device: one host read per block
                 steps_counts = block[0].tolist()
                 executed += block[2].tolist()[0]   # passes run: all steps unrolled, or until done (WHILE node)
@@ -264,11 +269,7 @@ class Engine:
                     per_row[i] = row[:used]
                 nfe_total += max(len(r) for r in per_row)
             else:
-                row_done = [False] * n
-                # A partial last block (default mode) ends once its kept positions are committed: the rows
-                # all hold blk * S new tokens here. The surplus positions still take part in every pass.
-                kept = min(S, args.max_new_tokens - blk * S)
-                partial, have = kept < S and not args.reference_compat, [0] * n
+                row_done, have = [False] * n, [0] * n
                 for step in range(args.steps_per_block):
                     try:
                         counts, done = clock.run("denoiser_s", stepper, x, cache, n, blk, step)
