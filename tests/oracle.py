@@ -112,8 +112,9 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
 
 def predict(logits, mask_id: int):
     """Greedy (pred, conf) per position in fp64: the mask id excluded, pred = the lowest id of the largest
-    logit, conf = softmax(logits)[pred]. A position with no finite logit besides the mask gives conf 0."""
+    logit (+inf counting as the largest finite fp32), conf = softmax(logits)[pred]. A position with no finite logit besides the mask gives conf 0."""
     l = _f64(logits).clone()
+    l[l == math.inf] = torch.finfo(torch.float32).max      # +inf counts as the largest finite float
     l[..., mask_id] = -math.inf
     pred = l.argmax(-1)                         # the first maximum: the lowest id
     m = l.amax(-1, keepdim=True)
@@ -208,7 +209,7 @@ def moe(h, router, bias, up, down, shared_up, shared_down, k: int, **route_kw):
 def time_modulation(t, emb0_w, emb0_b, emb2_w, emb2_b, block_w, block_b, dtype, freq_dim: int):
     """adaLN-single in fp64: s = 1000 t (t rounded to the model dtype first, as the reference does), the
     [cos, sin] embedding at frequencies 10000^(-i / (freq_dim/2)), then Linear, SiLU, Linear, SiLU, Linear."""
-    s = _f64(t.to(dtype)) * 1000
+    s = _f64((_f64(t.to(dtype)) * 1000).to(dtype))          # one rounding of the exact product, in the model dtype
     half = freq_dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=F64) / half)
     e = torch.cat([torch.cos(s[:, None] * freqs), torch.sin(s[:, None] * freqs)], -1)
