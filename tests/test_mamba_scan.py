@@ -133,6 +133,9 @@ def test_reference_matches_oracle(gen):
     torch.testing.assert_close(y.double(), want_y, atol=2e-5 * want_y.abs().max().item(), rtol=2e-5)
     torch.testing.assert_close(ssm_out.double(), want_s, atol=2e-5 * want_s.abs().max().item(), rtol=2e-5)
     assert torch.equal(conv_out, want_c)
+    y = reference.mamba_block_scan(**args, dt_min=0.01, dt_max=0.05)      # the time-step limit
+    want_y = oracle.mamba_block_scan(**args, dt_min=0.01, dt_max=0.05)[0]
+    torch.testing.assert_close(y.double(), want_y, atol=2e-5 * want_y.abs().max().item(), rtol=2e-5)
 
 
 def _bad(gen, **over):
