@@ -42,8 +42,8 @@ QUALITY_COLUMNS = ["mode", "gamma", "tokens_per_nfe", "tokens_per_s", "ll", "ll_
                    "ar_chain"]
 
 
-def load(name: str) -> dict:
-    path = os.path.join(RESULTS, f"{name}.json")
+def load(name: str, results: str = RESULTS) -> dict:
+    path = os.path.join(results, f"{name}.json")
     with open(path) as f:
         return json.load(f)
 
@@ -68,19 +68,19 @@ def provenance(d: dict) -> str:
     return f"`{m['command']}` on {m['cpu']}, {m['threads']} thread(s), torch {m['torch']}.{busy}"
 
 
-def kernels_section(device: str = "cpu") -> str:
+def kernels_section(results: str, device: str = "cpu") -> str:
     parts = []
     for name, (cols, note) in KERNELS.items():
         try:
-            d = load(f"{name}-{device}")
+            d = load(f"{name}-{device}", results)
         except FileNotFoundError:
             continue
         parts.append(f"**{name}** ({note}). {provenance(d)}\n\n{table(d['rows'], cols, name)}")
     return "\n\n".join(parts)
 
 
-def e2e_section(device: str = "cpu") -> str:
-    d = load(f"e2e-{device}")
+def e2e_section(results: str, device: str = "cpu") -> str:
+    d = load(f"e2e-{device}", results)
     rows = d["rows"]
     text = [provenance(d), "", table(rows, E2E_COLUMNS, "e2e"), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -91,20 +91,21 @@ def e2e_section(device: str = "cpu") -> str:
     return "\n".join(text)
 
 
-def quality_section() -> str:
-    d = load("quality")
+def quality_section(results: str) -> str:
+    d = load("quality", results)
     return f"{provenance(d)}\n\n{table(d['rows'], QUALITY_COLUMNS, 'quality')}"
 
 
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section}
 
 
-def render(text: str) -> str:
+def render(text: str, results: str = RESULTS) -> str:
+    """text with every benchmark section rewritten from the JSON in `results`."""
     for name, fn in SECTIONS.items():
         pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S)
         if not pat.search(text):
             raise SystemExit(f"python -m bench.readme: README.md has no <!-- bench:{name} --> section")
-        body = fn()
+        body = fn(results)
         text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
     return text
 
