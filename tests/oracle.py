@@ -180,7 +180,7 @@ def route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, norm_t
         T, E = choice.shape
         per = choice.view(T, n_group, E // n_group)
         top2 = per.sort(-1, descending=True).values[..., :2].sum(-1)
-        groups = top2.topk(topk_group, -1).indices
+        groups = top2.topk(topk_group, -1, sorted=False).indices
         allowed = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, groups, True)
         choice = torch.where(allowed.repeat_interleave(E // n_group, 1), choice, torch.zeros_like(choice))
     ids = choice.topk(k, -1, sorted=False).indices.sort(-1).values

@@ -78,13 +78,14 @@ def _router_case(gen, E=16, hidden=24, T=96):
 
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
 def test_route_matches_oracle_with_exact_ties(gen, n_group, topk_group):
-    """NVIDIA's router breaks exact ties as torch.topk does (not lowest index first)."""
+    """NVIDIA's router breaks exact ties as torch.topk does (not lowest index first). k = 3 of duplicated pairs:
+    the third pick always splits a tied pair."""
     x, router, bias = _router_case(gen)
-    cfg = types.SimpleNamespace(n_group=n_group, topk_group=topk_group, n_routed_experts=16, num_experts_per_tok=4,
+    cfg = types.SimpleNamespace(n_group=n_group, topk_group=topk_group, n_routed_experts=16, num_experts_per_tok=3,
                                 norm_topk_prob=True, routed_scaling_factor=2.5)
     w = MoEWeights(router, bias, None, None, None)
     idx, weights = layers.route(x, w, cfg)
-    want_idx, want_w = oracle.route(x, router, bias, 4, n_group, topk_group, True, 2.5)
+    want_idx, want_w = oracle.route(x, router, bias, 3, n_group, topk_group, True, 2.5)
     order = idx.argsort(-1)
     assert torch.equal(idx.gather(1, order), want_idx), "chosen experts differ (tie order)"
     torch.testing.assert_close(weights.gather(1, order), want_w, rtol=1e-12, atol=1e-12)
