@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import twotower_ext as tt
+from twotower_ext import ops
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
 GOLDEN = json.load(open(os.path.join(DATA, "golden.json")))
@@ -270,8 +271,6 @@ def test_random_checkpoint_of_the_real_pattern_loads_and_decodes(tmp_path):
     assert cfg["hybrid_override_pattern"] == REAL_PATTERN[:7] and cfg["num_hidden_layers"] == 7
     lm = tt.load(random_checkpoint(str(tmp_path / "ckpt"), cfg, seed=3), dtype=torch.float32)
     assert lm.config.hidden_size == 192 and lm.config.n_routed_experts == 8
-    from twotower_ext import ops
-
     for mode in ("diffusion", "ar", "mock_ar"):
         res = lm.generate([[1, 17, 42], [1, 5]], mode=mode, max_new_tokens=20, eos_token_id=None)
         old = ops.use_reference(True)     # every op on its plain-PyTorch reference: the same tokens
