@@ -86,8 +86,9 @@ def e2e_section(results: str, device: str = "cpu") -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         ratios = [r["pass/ar_step"] for r in rows if r["model"] == model and isinstance(r.get("pass/ar_step"), float)]
         if ratios:
-            text.append(f"- {model}: a denoiser pass costs {min(ratios):.2f}-{max(ratios):.2f} AR steps, so diffusion "
-                        f"beats AR on wall clock where it commits more than that many tokens per pass.")
+            span = f"{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if f"{max(ratios):.2f}" != f"{min(ratios):.2f}" else "")
+            text.append(f"- {model}: a denoiser pass costs {span} AR steps, so diffusion beats AR on wall clock where "
+                        f"it commits more than that many tokens per pass.")
     return "\n".join(text)
 
 
@@ -102,11 +103,11 @@ SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": q
 def render(text: str, results: str = RESULTS) -> str:
     """text with every benchmark section rewritten from the JSON in `results`."""
     for name, fn in SECTIONS.items():
-        pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S)
+        pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /bench:{re.escape(name)} -->)", re.S)
         if not pat.search(text):
             raise SystemExit(f"python -m bench.readme: README.md has no <!-- bench:{name} --> section")
         body = fn(results)
-        text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 

@@ -54,7 +54,7 @@ def test_readme_tables_come_from_the_json(tmp_path):
     out = readme.render(text, str(tmp_path))
     assert "stale" not in out
     assert "| float32 | 2 | 512 | 12.5 | 40 | 50 | 80 | 30 | 2.4 |" in out
-    assert "a denoiser pass costs 2.20-2.20 AR steps" in out
+    assert "a denoiser pass costs 2.20 AR steps" in out
     assert readme.render(out, str(tmp_path)) == out
     with pytest.raises(SystemExit, match="no <!-- bench:quality --> section"):
         readme.render(text.replace("bench:quality", "bench:other"), str(tmp_path))
