@@ -1,7 +1,9 @@
-"""python -m bench [names...] [--device cpu|cuda] [--quick] [--no-save]
+"""python -m bench [names...] [--device cpu|cuda] [--quick] [--no-save] [--allow-busy]
 
 Runs the named microbenchmarks (all by default), prints markdown tables and writes
-bench/results/<name>-<device>.{md,json}.
+bench/results/<name>-<device>.{md,json}, unless other processes kept the CPU busy during a timing (then
+nothing is saved: rerun on a quiet machine, or --allow-busy to save results marked busy).
+`python -m bench.readme` then regenerates the README's benchmark tables from those JSON files.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="one shape each (smoke run)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results")
+    ap.add_argument("--allow-busy", action="store_true",
+                    help="save results even if other processes used the CPU during a timing (marked busy)")
     args = ap.parse_args(argv)
     import torch
 
@@ -30,13 +34,22 @@ def main(argv=None) -> int:
         return 2
     from . import harness
 
+    refused = 0
     for name in args.names or list(BENCHES):
         mod = importlib.import_module(f".{BENCHES[name]}", __package__)
+        start = len(harness.TIMINGS)
         rows = mod.run(args.device, quick=args.quick)
         if not args.no_save:
-            out = harness.write_results(f"{name}-{args.device}", f"{name} on {args.device}", rows, mod.COLUMNS)
+            try:
+                out = harness.write_results(f"{name}-{args.device}", f"{name} on {args.device}", rows,
+                                            mod.COLUMNS,
+                                            allow_busy=args.allow_busy or None, timings=harness.TIMINGS[start:])
+            except harness.BusyMachineError as e:
+                print(f"python -m bench: {e}", file=sys.stderr)
+                refused += 1
+                continue
             print(f"(written to {out}/{name}-{args.device}.md/.json)")
-    return 0
+    return 3 if refused else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from . import harness
 from .bench_mamba_scan import G, H, N, P, make
 
 COLUMNS = ["device", "dtype", "B", "L", "chunk", "threads", "chunked_ms", "p10-p90_us", "GFLOP", "GFLOP/s",
-           "%fp32_mm", "op_ms", "speedup"]
+           "%fp32_mm", "op_ms", "speedup", "other_cores", "load1"]
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -49,7 +49,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                              "threads": torch.get_num_threads() if device == "cpu" else "-", "chunked_ms": s * 1e3,
                              "p10-p90_us": t.spread, "GFLOP": flops / 1e9, "GFLOP/s": flops / s / 1e9,
                              "%fp32_mm": 100 * flops / s / 1e12 / mm, "op_ms": top.median_s * 1e3,
-                             "speedup": top.median_s / s})
+                             "speedup": top.median_s / s, **harness.load_fields(t, top)})
     harness.print_table(f"Mamba prefill, chunked SSD vs sequential op, on {device} (H={H} P={P} N={N} G={G}; "
                         f"fp32 matmul {mm * 1e3:.0f} GFLOP/s measured now)", rows, COLUMNS)
     return rows

@@ -1,8 +1,15 @@
-"""Timing, machine limits and tables shared by every benchmark.
+"""Timing, machine limits, machine load and tables shared by every benchmark.
 
 CPU timings: wall clock over repeated calls after warm-up, median and p10-p90 spread. CUDA timings:
-CUDA events, warm-up, inputs rotated so L2 is cold. The machine's limits (copy bandwidth, matmul rate)
-are measured in the same run, so "% of limit" compares like with like.
+CUDA events, warm-up, inputs rotated so L2 is cold. The machine's limits (copy and read bandwidth at the
+working-set size of the row, matmul rate) are measured in the same run, so "% of limit" compares like with
+like: an in-cache input against an in-cache copy, a DRAM-sized one against a DRAM-sized copy, a read-only
+kernel against a pure read.
+
+Every timing also records the 1-minute load average and the CPU time other processes used while it ran
+(/proc/stat minus this process): a timing during which others kept more than BUSY_CORES cores busy prints
+a warning, and write_results refuses to save results that contain one unless allowed (`python -m bench
+--allow-busy`, or TWOTOWER_BENCH_ALLOW_BUSY=1); allowed results are marked busy in the JSON and the table.
 """
 from __future__ import annotations
 
@@ -17,16 +24,25 @@ from dataclasses import dataclass, field
 import torch
 
 
+BUSY_CORES = 0.25        # other processes' average CPU use (cores) during a timing above which it is "busy"
+
+
 @dataclass
 class Timing:
     median_s: float
     p10_s: float
     p90_s: float
     reps: int
+    load1: float | None = None       # 1-minute load average at the end of the timing
+    other_cores: float | None = None  # CPU seconds other processes used per wall second during the timing
 
     @property
     def spread(self) -> str:
         return f"{self.p10_s * 1e6:.0f}-{self.p90_s * 1e6:.0f}"
+
+    @property
+    def busy(self) -> bool:
+        return self.other_cores is not None and self.other_cores > BUSY_CORES
 
 
 def _summarise(samples: list[float]) -> Timing:
@@ -35,6 +51,63 @@ def _summarise(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), pick(0.1), pick(0.9), len(samples))
 
 
+# ----------------------------------------------------------------------------------------------------
+# machine load
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have used (user, nice, system, irq, softirq, steal) since boot (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMonitor:
+    """Other processes' CPU use over an interval: all CPU time used on the machine minus this process's."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy1, own = _busy_cpu_s(), time.process_time() - self.own0
+        self.other_cores = (None if busy1 is None or self.busy0 is None or wall <= 0
+                            else max(0.0, (busy1 - self.busy0 - own) / wall))
+        self.load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        return False
+
+
+TIMINGS: list[Timing] = []   # every timing of this process, for write_results' busy check
+
+
+def _monitored(timing_fn):
+    """Wrap a timing function: record load average and other processes' CPU use, warn when busy."""
+    def wrapped(*a, **kw):
+        with LoadMonitor() as mon:
+            t = timing_fn(*a, **kw)
+        t.load1, t.other_cores = mon.load1, mon.other_cores
+        TIMINGS.append(t)
+        if t.busy:
+            print(f"bench: warning: other processes used {t.other_cores:.2f} cores during a timing (load average "
+                  f"{t.load1:.1f}): this result is not trustworthy", file=sys.stderr, flush=True)
+        return t
+    wrapped.__doc__, wrapped.__name__ = timing_fn.__doc__, timing_fn.__name__
+    return wrapped
+
+
+def load_fields(*timings: Timing) -> dict:
+    """Row columns for the machine load during a row's timings: the worst other-process CPU use and load."""
+    others = [t.other_cores for t in timings if t is not None and t.other_cores is not None]
+    loads = [t.load1 for t in timings if t is not None and t.load1 is not None]
+    return {"other_cores": max(others) if others else "", "load1": max(loads) if loads else ""}
+
+
+@_monitored
 def time_cpu(fn, *, warmup: int = 3, min_reps: int = 10, budget_s: float = 1.0) -> Timing:
     """Median wall time of fn() over at least min_reps calls or budget_s seconds."""
     for _ in range(warmup):
@@ -49,6 +122,19 @@ def time_cpu(fn, *, warmup: int = 3, min_reps: int = 10, budget_s: float = 1.0) 
     return _summarise(samples)
 
 
+@_monitored
+def time_calls(fn, reps: int) -> Timing:
+    """Median wall time of reps calls of fn() (no warm-up: for long calls, e.g. a whole generation; the caller
+    warms up), with the machine load recorded like every other timing."""
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return _summarise(samples)
+
+
+@_monitored
 def time_cuda(fns, *, warmup: int = 5, reps: int = 50) -> Timing:
     """Median time via CUDA events; `fns` is a list of closures over distinct input buffers, cycled so
     consecutive calls do not find their inputs in L2."""
@@ -81,11 +167,21 @@ class Limits:
 
 
 def measure_copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
-    """Achieved GB/s of a large tensor copy (bytes read + bytes written)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    """Achieved GB/s of a tensor copy of nbytes (bytes read + bytes written). The default is DRAM-sized; pass
+    the working set of the row being compared (read + written bytes) for an in-cache row."""
+    n = max(1024, nbytes // 8)                       # half read, half written
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     t = time_fn(lambda i: (lambda: dst.copy_(src)), device, budget_s=0.5, min_reps=5)
-    return 2 * nbytes / t.median_s / 1e9
+    return 2 * n * 4 / t.median_s / 1e9
+
+
+def measure_read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Achieved GB/s of a pure read of nbytes (a sum: one add per 4 bytes, far below the FPU's rate): the
+    limit of a read-only kernel of that working set."""
+    src = torch.empty(max(1024, nbytes // 4), dtype=torch.float32, device=device).fill_(1.0)
+    t = time_fn(lambda i: (lambda: src.sum()), device, budget_s=0.5, min_reps=5)
+    return src.numel() * 4 / t.median_s / 1e9
 
 
 def measure_matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str = "cpu") -> float:
@@ -96,12 +192,21 @@ def measure_matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str 
     return 2 * m * k * n / t.median_s / 1e12
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), e.g. 'Intel(R) Xeon(R) ...'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     info = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
     }
@@ -135,18 +240,44 @@ def _fmt(v) -> str:
     return str(v)
 
 
+class BusyMachineError(RuntimeError):
+    """Results taken while other processes used the CPU: not saved (see write_results)."""
+
+
+def allow_busy_default() -> bool:
+    return os.environ.get("TWOTOWER_BENCH_ALLOW_BUSY", "") not in ("", "0")
+
+
 def write_results(name: str, title: str, rows: list[dict], columns: list[str], extra: dict | None = None,
-                  out_dir: str | None = None) -> str:
-    """Write results/<name>.json and .md with the machine, versions and command line."""
+                  out_dir: str | None = None, allow_busy: bool | None = None, timings: list | None = None) -> str:
+    """Write results/<name>.json and .md with the machine, versions, command line and the machine load seen
+    by `timings` (default: every timing this process took). Raises BusyMachineError when one of them was
+    taken on a busy machine, unless allow_busy (default: TWOTOWER_BENCH_ALLOW_BUSY); then the results are
+    marked busy."""
+    timings = TIMINGS if timings is None else timings
+    allow_busy = allow_busy_default() if allow_busy is None else allow_busy
+    others = [t.other_cores for t in timings if t.other_cores is not None]
+    loads = [t.load1 for t in timings if t.load1 is not None]
+    load = {"max_other_cores": max(others) if others else None, "max_load1": max(loads) if loads else None,
+            "busy_timings": sum(t.busy for t in timings), "timings": len(timings), "busy_cores_limit": BUSY_CORES}
+    if load["busy_timings"] and not allow_busy:
+        raise BusyMachineError(
+            f"{name}: {load['busy_timings']} of {len(timings)} timings ran while other processes used up to "
+            f"{load['max_other_cores']:.2f} cores (limit {BUSY_CORES}; load average up to {load['max_load1']:.1f}): "
+            f"not saved. Rerun on a quiet machine, or pass --allow-busy to save them marked busy.")
     out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     info = machine_info()
-    payload = {"benchmark": name, "machine": info, "rows": rows, **(extra or {})}
+    payload = {"benchmark": name, "machine": info, "load": load, "busy": bool(load["busy_timings"]), "rows": rows,
+               "columns": columns, "title": title, **(extra or {})}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(f"# {title}\n\n`{info['command']}` on {info['cpu']}, {info['threads']} threads, "
                 f"torch {info['torch']}" + (f", {info['gpu']}" if "gpu" in info else "") + "\n\n")
+        if payload["busy"]:
+            f.write(f"**Taken on a busy machine** (other processes up to {load['max_other_cores']:.2f} cores, "
+                    f"saved with --allow-busy): not for comparison.\n\n")
         f.write("| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n")
         for r in rows:
             f.write("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n")

@@ -24,13 +24,27 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def fresh_generator(what: str = "random seed") -> torch.Generator:
+    """A generator on a new seed (printed, so pytest shows it with a failure's captured output)."""
+    seed = torch.seed() % (2**31)
+    print(f"{what}: {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.fixture
 def gen():
     """A fresh, unseeded-by-test generator: every run draws new inputs; the seed is printed on failure."""
-    seed = torch.seed() % (2**31)
-    g = torch.Generator().manual_seed(seed)
-    print(f"random seed: {seed}")
-    return g
+    return fresh_generator()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests of tiny models: their ops are microseconds, so a second thread only waits on the first (and on
+    a shared machine, for a descheduled one: 30x slower). Kernel tests keep torch's default threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import twotower_ext as tt
+from twotower_ext import ops
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
 GOLDEN = json.load(open(os.path.join(DATA, "golden.json")))
 PROMPTS = {p["id"]: p["ids"] for p in GOLDEN["prompts"]}
 MODE = {"mask_diffusion": "diffusion", "ar": "ar", "mock_ar": "mock_ar"}
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread only waits on the first
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,46 @@ def test_sampling_is_seeded_and_batch_independent(lm):
     assert a.sequences[1] == alone.sequences[0]
     greedy = diffusion(lm, [PROMPTS["p0"]], max_new_tokens=32, eos_token_id=None)
     assert a.sequences[0] != greedy.sequences[0]
+
+
+def test_compat_mode_conditions_every_row_on_the_batch_mean_t(lm, monkeypatch):
+    """reference_compat: every denoiser pass gets t = the batch's mean masked fraction for all rows (NVIDIA's
+    reference); the default: each row its own fraction. Checked on the t the model receives, on a batch whose
+    rows commit at different rates."""
+    seen = []
+    real = lm.model.denoise
+
+    def spy(x, cache, t, *a, **kw):
+        seen.append(((x == 3).double().mean(1), torch.as_tensor(t).double().reshape(-1).expand(x.shape[0])))
+        return real(x, cache, t, *a, **kw)
+
+    monkeypatch.setattr(lm.model, "denoise", spy)
+    prompts = [PROMPTS["p0"], PROMPTS["p2"][:len(PROMPTS["p0"])]]
+    for compat in (True, False):
+        seen.clear()
+        diffusion(lm, prompts, max_new_tokens=32, eos_token_id=None, reference_compat=compat)
+        assert any(float(f.max() - f.min()) > 0 for f, _ in seen), "the rows never differed: the test proves nothing"
+        for frac, t in seen:
+            want = frac.mean().expand_as(frac) if compat else frac
+            torch.testing.assert_close(t, want, atol=1e-6, rtol=0)
+
+
+def test_gumbel_argmax_frequencies_follow_softmax():
+    """AR / mock-AR sampling: 12000 draws (one per stream) from gumbel_argmax follow softmax(logits / T) over
+    the 6 non-mask ids (chi-square, p < 1e-4), the mask id is never drawn, every row of a batch draws alike."""
+    from twotower_ext.engine import gumbel_argmax
+
+    row = torch.tensor([0.3, -1.0, 0.9, 5.0, 0.0, 1.4, -0.2])   # id 3 is the mask
+    for T in (0.7, 1.6):
+        draws = torch.stack([gumbel_argmax(row.expand(2, -1), T, 11, i, 3) for i in range(12000)])
+        assert torch.equal(draws[:, 0], draws[:, 1])
+        counts = torch.bincount(draws[:, 0], minlength=7).double()
+        assert counts[3] == 0
+        p = torch.softmax(torch.cat([row[:3], row[4:]]).double() / T, 0)
+        obs = torch.cat([counts[:3], counts[4:]])
+        chi2 = float(((obs - p * obs.sum()) ** 2 / (p * obs.sum())).sum())
+        assert chi2 < 25.7, f"T {T}: chi2 {chi2:.1f} over 5 degrees of freedom (p < 1e-4); counts {obs.tolist()}"
+    assert int(gumbel_argmax(row[None], 0.0, 11, 0, 3)) == 5      # greedy: the largest non-mask logit
 
 
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
@@ -251,5 +293,11 @@ def test_random_checkpoint_of_the_real_pattern_loads_and_decodes(tmp_path):
     assert lm.config.hidden_size == 192 and lm.config.n_routed_experts == 8
     for mode in ("diffusion", "ar", "mock_ar"):
         res = lm.generate([[1, 17, 42], [1, 5]], mode=mode, max_new_tokens=20, eos_token_id=None)
+        old = ops.use_reference(True)     # every op on its plain-PyTorch reference: the same tokens
+        try:
+            ref = lm.generate([[1, 17, 42], [1, 5]], mode=mode, max_new_tokens=20, eos_token_id=None)
+        finally:
+            ops.use_reference(old)
         assert [len(t) for t in res.new_tokens] == [20, 20]
-        assert all(0 <= v < 300 for t in res.new_tokens for v in t)
+        assert res.sequences == ref.sequences, mode
+        assert res.nfe_per_block == ref.nfe_per_block and res.commits_per_step == ref.commits_per_step

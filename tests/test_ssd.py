@@ -12,7 +12,8 @@ import torch
 from twotower_ext.models import TwoTowerModel, layers, ssd, towers
 
 from conftest import devices, tolerance
-from test_mamba_scan import fp64_oracle, make_inputs
+from oracle import mamba_block_scan as fp64_oracle
+from test_mamba_scan import make_inputs
 
 CHUNKS = (16, 64, 128)
 H, P, N, K = 4, 8, 16, 4

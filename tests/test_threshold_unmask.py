@@ -10,11 +10,13 @@ import torch
 import twotower_ext as tt
 from twotower_ext import reference
 
+import oracle
 from conftest import devices
 
 MASK = 3
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "parity", "golden.json")
 DTYPES = [torch.float32, torch.bfloat16]
+TOL = 1e-4   # relative: fp32 confidences summed in another order differ by ~1e-6; bf16 logits are exact in fp32
 
 
 def golden():
@@ -35,33 +37,54 @@ def run_reference(logits, x, gamma, step, spb, temperature=0.0, seed=0, offset=0
     return xr, counts, done
 
 
-def near_tie(conf, masked, k, gamma, step, spb, tol=1e-4):
-    """Whether a row's decision is within rounding of flipping: a confidence within tol (relative) of gamma,
-    or the k-th and (k+1)-th largest masked confidences within tol of each other."""
-    c = conf[masked].double()
-    if step != spb - 1 and ((c - gamma).abs() <= tol * max(gamma, 1e-30)).any():
-        return True
-    s = torch.sort(c, descending=True).values
-    return 0 < k < len(s) and (s[k - 1] - s[k]) <= tol * s[k - 1]
+def oracle_commits(logits, x, gamma, step, spb, temperature=0.0, seed=0, offset=0, mask_id=MASK):
+    """(pred, fp64 conf, committed positions per row) from tests/oracle.py. Sampling (T > 0): the sampled token is
+    the reference's Philox/Gumbel draw (bit-exact by definition, checked against Random123 below); its confidence
+    and the commit rule come from the oracle."""
+    pred, conf = oracle.predict(logits, mask_id)
+    if temperature > 0:
+        pred = reference.unmask_predict(logits, mask_id, temperature, seed, offset)[0]
+        l = logits.double().clone()
+        l[..., mask_id] = -math.inf
+        conf = torch.softmax(l, -1).gather(-1, pred[..., None]).squeeze(-1).nan_to_num(0.0)
+    return pred, conf, oracle.commit_rule(conf, x == mask_id, gamma, step, spb)
+
+
+def near_gamma(conf, masked, gamma, step, spb, tol=TOL):
+    """A masked confidence within tol (relative) of gamma: only then may the count itself differ by rounding."""
+    c = conf[masked]
+    return step != spb - 1 and bool(((c - gamma).abs() <= tol * max(gamma, 1e-30)).any())
 
 
 def assert_step_matches(got, want, logits, x, gamma, step, spb, temperature=0.0, seed=0, offset=0, strict=False,
                         mask_id=MASK):
-    """Kernel result == reference result; rows may differ only where the decision is a near-tie (the kernel
-    sums exps in another order than torch's log_softmax, ~1e-6 relative), unless strict."""
+    """The kernel's and the reference's step (x, counts, done) against the oracle's commit rule: the same count
+    in every row unless a confidence is within rounding (TOL) of gamma; the same positions unless the ones that
+    differ tie (within TOL) with the last one committed; committed positions hold the predicted token; done
+    == everything committed. strict: kernel and reference bit-identical as well."""
     (xg, cg, dg), (xw, cw, dw) = got, want
-    if torch.equal(xg, xw) and torch.equal(cg, cw) and torch.equal(dg, dw):
-        return
-    assert not strict, f"kernel != reference\nkernel x={xg}\nref x={xw}\ncounts {cg} vs {cw}"
-    pred, conf = reference.unmask_predict(logits, mask_id, temperature, seed, offset)
-    for b in range(x.shape[0]):
-        if torch.equal(xg[b], xw[b]) and cg[b] == cw[b]:
-            continue
-        masked = x[b] == mask_id
-        assert near_tie(conf[b], masked, int(cw[b]), gamma, step, spb), (
-            f"row {b} differs without a near-tie: kernel {xg[b]} vs ref {xw[b]}, conf {conf[b]}")
-        both = (xg[b] != mask_id) & (xw[b] != mask_id)
-        assert torch.equal(xg[b][both], xw[b][both]), "positions committed by both must hold the same token"
+    if strict:
+        assert torch.equal(xg, xw) and torch.equal(cg, cw) and torch.equal(dg, dw), (
+            f"kernel != reference\nkernel x={xg}\nref x={xw}\ncounts {cg} vs {cw}")
+    pred, conf, rows = oracle_commits(logits, x, gamma, step, spb, temperature, seed, offset, mask_id)
+    masked = x == mask_id
+    for name, (xo, co, do) in (("kernel", got), ("reference", want)):
+        for b in range(x.shape[0]):
+            mine = ((xo[b] != mask_id) & masked[b]).nonzero().flatten().tolist()
+            assert int(co[b]) == len(mine), f"{name} row {b}: counts {int(co[b])} but {len(mine)} positions committed"
+            assert bool(do[b]) == (len(mine) == int(masked[b].sum())), f"{name} row {b}: done flag"
+            assert torch.equal(xo[b][~masked[b]], x[b][~masked[b]]), f"{name} row {b}: a committed token changed"
+            assert torch.equal(xo[b][mine], pred[b][mine]), f"{name} row {b}: committed tokens != predictions"
+            want_pos = rows[b]
+            if not near_gamma(conf[b], masked[b], gamma, step, spb):
+                assert len(mine) == len(want_pos), (
+                    f"{name} row {b} commits {len(mine)}, the rule says {len(want_pos)} (no confidence near gamma "
+                    f"{gamma}); conf {conf[b][masked[b]].tolist()}")
+            if mine != want_pos and mine and want_pos:
+                edge = min(float(conf[b][mine].min()), float(conf[b][want_pos].min()))
+                odd = set(mine) ^ set(want_pos)
+                assert all(abs(float(conf[b][s]) - edge) <= TOL * edge for s in odd), (
+                    f"{name} row {b} commits {mine}, the rule says {want_pos}, not a tie at the edge: conf {conf[b]}")
 
 
 def make_logits(kind, B, S, V, dtype, gen):
@@ -251,6 +274,37 @@ def test_exact_ties_lower_position_first(device, V, gen):
             k = n if step == spb - 1 else min(n, max(1, -(-n // (spb - step))))
             assert torch.equal(((got[0][b] != MASK) & (x[b] == MASK)).nonzero().flatten(), free[:k])
             assert got[1][b] == k
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_confidence_equal_to_gamma_never_commits_beyond_the_floor(device, dtype, gen):
+    """The rule is strict (conf > gamma): confidences of exactly 1.0 (one logit 200 above the rest) with gamma 1.0,
+    and of exactly 0.5 (two equal top logits, the rest -inf: exact in any summation order) with gamma 0.5, commit
+    only the floor max(1, ceil(n / steps left)), lowest positions first; just below gamma they all commit."""
+    S, V = 16, 300
+    for gamma, fill in ((1.0, "one"), (0.5, "two")):
+        logits = torch.zeros(2, S, V) if fill == "one" else torch.full((2, S), -math.inf).unsqueeze(-1).repeat(1, 1, V)
+        tok = torch.randint(MASK + 1, V - 1, (2, S), generator=gen)
+        logits.scatter_(2, tok[..., None], 200.0 if fill == "one" else 1.0)
+        if fill == "two":
+            logits.scatter_(2, tok[..., None] + 1, 1.0)
+        logits = logits.to(dtype)
+        conf = reference.unmask_predict(logits, MASK)[1]
+        assert bool((conf == gamma).all()), conf
+        x = torch.full((2, S), MASK)
+        x[1, 5:] = 9                                   # row 1: 5 masked
+        for step, spb in ((0, 16), (0, 4), (2, 4)):
+            got = run_kernel(logits, x, gamma, step, spb, device=device)
+            want = run_reference(logits, x, gamma, step, spb)
+            assert_step_matches(got, want, logits, x, gamma, step, spb, strict=True)
+            for b, n in ((0, S), (1, 5)):
+                k = max(1, -(-n // (spb - step)))
+                assert int(got[1][b]) == k and int(want[1][b]) == k, (gamma, step, spb, got[1], want[1])
+                assert ((got[0][b] != MASK) & (x[b] == MASK)).nonzero().flatten().tolist() == list(range(k))
+            below = float(torch.nextafter(torch.tensor(gamma), torch.tensor(0.0)))   # the fp32 just below
+            for fn in (run_kernel, run_reference):
+                assert fn(logits, x, below, step, spb)[1].tolist() == [S, 5]
 
 
 @pytest.mark.parametrize("device", devices())

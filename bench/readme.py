@@ -1,0 +1,135 @@
+"""python -m bench.readme [--check]: regenerate the README's benchmark tables from bench/results/*.json.
+
+Every table (and every number in the sentences around it) between a `<!-- bench:NAME -->` and its
+`<!-- /bench:NAME -->` marker in README.md is written here from the JSON that `python -m bench` saved, with
+the command, machine and load it was taken under; nothing in those sections is typed by hand. --check: exit 1
+if the README is not what the JSON gives (for CI or a pre-commit check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from .harness import _fmt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+
+# Per kernel benchmark: the columns the README shows (a subset of the JSON's: median, rate, limit measured in
+# the same run, share of it, baseline and ratio) and a line saying what the baseline is.
+KERNELS = {
+    "merge_states": (["dtype", "parts", "rows", "median_us", "GB/s", "copy_GB/s", "%copy", "lean_torch_us", "speedup"],
+                     "baseline: the lean PyTorch merge (logsumexp, exp, one weighted sum); limit: a copy of the same bytes"),
+    "block_attention": (["dtype", "B", "ctx_lens", "median_us", "GFLOP/s", "mm_GFLOP/s", "%mm", "sdpa_us", "vs_sdpa"],
+                        "baseline: SDPA over the concatenated [context | block] K/V per row; limit: the faster of the "
+                        "same-dtype and fp32 matmul of the kernel's tile shape"),
+    "mamba_scan": (["dtype", "B", "L", "write", "median_us", "GB/s", "copy_GB/s", "%copy", "GFLOP/s", "torch_us",
+                    "torch_form", "speedup"],
+                   "baseline: the faster PyTorch form (token loop or chunked SSD); limit: a copy of the same bytes"),
+    "threshold_unmask": (["dtype", "B", "V", "T", "median_us", "GB/s", "read_GB/s", "%read", "lean_torch_us", "speedup"],
+                         "baseline: NVIDIA's greedy step (T=0) / torch Gumbel-max (T=1); limit: a pure read of the "
+                         "same bytes"),
+    "prefill": (["dtype", "L", "chunk", "chunked_ms", "GFLOP/s", "%fp32_mm", "op_ms", "speedup"],
+                "the chunked SSD prefill (PyTorch matmuls) against the seeded scan op; limit: the fp32 matmul rate"),
+}
+E2E_COLUMNS = ["model", "mode", "gamma", "rows", "tokens/row_nfe", "tokens/s", "ms/pass", "ms/row_nfe", "pass/ar_step",
+               "pytorch_tokens/s", "speedup_vs_pytorch"]
+QUALITY_COLUMNS = ["mode", "gamma", "tokens_per_nfe", "tokens_per_s", "ll", "ll_ratio", "match16", "match_ratio",
+                   "ar_chain"]
+
+
+def load(name: str, results: str = RESULTS) -> dict:
+    path = os.path.join(results, f"{name}.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def table(rows: list[dict], columns: list[str], source: str) -> str:
+    missing = [c for c in columns if not any(c in r for r in rows)]
+    if missing:
+        raise SystemExit(f"python -m bench.readme: {source} has no column(s) {missing}: rerun the benchmark that "
+                         f"writes it (python -m bench ...)")
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def provenance(d: dict) -> str:
+    m = d["machine"]
+    load_ = d.get("load") or {}
+    busy = (f" **Taken on a busy machine** (other processes up to {load_['max_other_cores']:.2f} cores): not for "
+            f"comparison." if d.get("busy") else
+            (f" Other processes used at most {load_['max_other_cores']:.2f} cores during it."
+             if load_.get("max_other_cores") is not None else ""))
+    return f"`{m['command']}` on {m['cpu']}, {m['threads']} thread(s), torch {m['torch']}.{busy}"
+
+
+def kernels_section(results: str, device: str = "cpu") -> str:
+    parts = []
+    for name, (cols, note) in KERNELS.items():
+        try:
+            d = load(f"{name}-{device}", results)
+        except FileNotFoundError:
+            continue
+        parts.append(f"**{name}** ({note}). {provenance(d)}\n\n{table(d['rows'], cols, name)}")
+    return "\n\n".join(parts)
+
+
+def e2e_section(results: str, device: str = "cpu") -> str:
+    d = load(f"e2e-{device}", results)
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, E2E_COLUMNS, "e2e"), ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ratios = [r["pass/ar_step"] for r in rows if r["model"] == model and isinstance(r.get("pass/ar_step"), float)]
+        if ratios:
+            span = f"{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if f"{max(ratios):.2f}" != f"{min(ratios):.2f}" else "")
+            text.append(f"- {model}: a denoiser pass costs {span} AR steps, so diffusion beats AR on wall clock where "
+                        f"it commits more than that many tokens per pass.")
+    return "\n".join(text)
+
+
+def quality_section(results: str) -> str:
+    d = load("quality", results)
+    return f"{provenance(d)}\n\n{table(d['rows'], QUALITY_COLUMNS, 'quality')}"
+
+
+SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section}
+
+
+def render(text: str, results: str = RESULTS) -> str:
+    """text with every benchmark section rewritten from the JSON in `results`."""
+    for name, fn in SECTIONS.items():
+        pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /bench:{re.escape(name)} -->)", re.S)
+        if not pat.search(text):
+            raise SystemExit(f"python -m bench.readme: README.md has no <!-- bench:{name} --> section")
+        body = fn(results)
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what the JSON gives")
+    args = ap.parse_args(argv)
+    with open(README) as f:
+        old = f.read()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print("python -m bench.readme: README.md's benchmark sections are stale; run python -m bench.readme",
+                  file=sys.stderr)
+            return 1
+        return 0
+    with open(README, "w") as f:
+        f.write(new)
+    print(f"README.md: {len(SECTIONS)} benchmark sections regenerated from {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

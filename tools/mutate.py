@@ -1,0 +1,228 @@
+"""Mutation check: does the test suite catch small semantic bugs? Not part of CI (it runs pytest once per mutation).
+
+    TWOTOWER_EXT_LIB=build/dev/_C.abi3.so python tools/mutate.py [--only NAME ...] [--list] [--no-baseline]
+
+Each mutation is one exact text replacement in the Python sources, applied to a temporary COPY of python/ and
+tests/ (the working tree is never touched); then the tests named for it run on the copy. "caught" = those tests
+fail. Every pattern is looked up before anything runs: one that no longer occurs exactly once in the source
+(someone rewrote the line) stops the run with its name, so an edit cannot silently retire a mutation; update the
+pattern to the new code instead. The unmutated copy must pass the same tests first (--no-baseline skips that).
+Run it before closing any issue that touches semantics and paste the table into the note; every mutation listed
+must be caught. The C++/CUDA kernels are not mutated here (a rebuild per mutation); the tests judge them against
+tests/oracle.py directly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = "python/twotower_ext/"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str          # relative to the repository root
+    old: str           # must occur exactly once in the file
+    new: str
+    tests: tuple       # pytest arguments (files and -k expressions) that must fail
+
+
+def M(name, file, old, new, *tests):
+    return Mutation(name, PKG + file, old, new, tests)
+
+
+MUTATIONS = [
+    # --- router / layers
+    M("route: stable argsort instead of torch.topk", "models/layers.py",
+      "idx = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]",
+      "idx = torch.argsort(choice, dim=-1, descending=True, stable=True)[:, :cfg.num_experts_per_tok]",
+      "tests/test_model.py", "-k", "route"),
+    M("route: no renormalisation of the top-k weights", "models/layers.py",
+      "    if cfg.norm_topk_prob:\n        weights = weights /", "    if False:\n        weights = weights /",
+      "tests/test_model.py", "-k", "route"),
+    M("rms_norm: normalise in the input dtype (no fp32 cast)", "models/layers.py",
+      "    xf = x.float()\n    xf = xf * torch.rsqrt", "    xf = x\n    xf = xf * torch.rsqrt",
+      "tests/test_model.py", "-k", "rms_norm"),
+    M("moe dense: gates of 1 instead of the router weights", "models/layers.py",
+      "gates.scatter_(1, idx, weights.float())", "gates.scatter_(1, idx, torch.ones_like(weights).float())",
+      "tests/test_model.py", "-k", "moe"),
+    M("time_modulation: t not scaled by 1000", "models/layers.py",
+      "t = t.to(dtype) * 1000", "t = t.to(dtype)",
+      "tests/test_model.py", "-k", "time_modulation"),
+    # --- the tower's use of the ops
+    M("denoiser: ctx_lens one short", "models/towers.py",
+      "return self._denoiser_pass(x, r, mod, r.take(st.lens),", "return self._denoiser_pass(x, r, mod, r.take(st.lens) - 1,",
+      "tests/test_model.py", "-k", "denoiser_steps"),
+    M("mock-AR: ctx_lens without the snapshot offset", "models/towers.py",
+      "ctx_lens = r.take(st.lens) - 1", "ctx_lens = r.take(st.lens)",
+      "tests/test_model.py", "-k", "mock_ar"),
+    M("context tower: Mamba states not written back", "models/towers.py",
+      "write_state=True", "write_state=False",
+      "tests/test_model.py", "-k", "greedy_ar or extension"),
+    # --- the engine
+    M("gumbel_argmax: logits * T instead of / T", "engine.py",
+      "(logits / temperature + noise)", "(logits * temperature + noise)",
+      "tests/test_engine.py", "-k", "gumbel"),
+    M("gumbel_argmax: the mask id not excluded", "engine.py",
+      "        logits = logits.clone()\n        logits[:, mask_id] = -math.inf", "        logits = logits.clone()",
+      "tests/test_engine.py", "-k", "gumbel"),
+    M("gumbel_argmax: the same noise for every stream", "engine.py",
+      "(seed * 1_000_003 + stream)", "(seed * 1_000_003)",
+      "tests/test_engine.py", "-k", "gumbel"),
+    M("engine: EOS cut before the EOS instead of after it", "engine.py",
+      "keep = keep[: keep.index(args.eos_token_id) + 1]", "keep = keep[: keep.index(args.eos_token_id)]",
+      "tests/test_engine.py", "-k", "eos_truncates"),
+    M("engine: per-row t in reference_compat (not the batch mean)", "engine.py",
+      "t = masked.mean().expand(n) if args.reference_compat else masked", "t = masked",
+      "tests/test_engine.py", "-k", "compat_mode"),
+    M("engine: a partial last block keeps its surplus", "engine.py",
+      "keep = tokens[i][: args.max_new_tokens - (len(out[b]) - len(prompts[b]))]", "keep = tokens[i]",
+      "tests/test_engine.py", "-k", "partial_last_block"),
+    # --- reference.py (the fallback and the clarity baseline), judged by tests/oracle.py
+    M("reference attention: V of the block from k_blk", "reference.py",
+      "v = torch.cat([v_ctx[b, :n], v_blk[b]], dim=0)", "v = torch.cat([v_ctx[b, :n], k_blk[b]], dim=0)",
+      "tests/test_block_attention.py", "-k", "reference_matches_oracle"),
+    M("reference attention: one context key too many (ctx_lens off by one)", "reference.py",
+      "        n = int(ctx_lens[b])\n        k = torch.cat", "        n = int(ctx_lens[b]) + 1\n        k = torch.cat",
+      "tests/test_block_attention.py", "-k", "reference_matches_oracle"),
+    M("reference attention: softmax without max subtraction", "reference.py",
+      "        lse = torch.logsumexp(s, dim=-1)\n", "        lse = torch.log(torch.exp(s).sum(-1))\n",
+      "tests/test_block_attention.py", "-k", "thousands"),
+    M("reference merge: no max subtraction", "reference.py",
+      "m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)", "m_safe = torch.zeros_like(m)",
+      "tests/test_merge_state.py", "-k", "large_lse"),
+    M("reference scan: seq_lens ignored", "reference.py",
+      "live = (t < lens).view(B, 1, 1, 1)", "live = (t < torch.full_like(lens, L)).view(B, 1, 1, 1)",
+      "tests/test_mamba_scan.py", "-k", "reference_matches_oracle"),
+    M("reference scan: dt not clamped to the time-step limit", "reference.py",
+      ".clamp(dt_min, dt_max)   # [B, L, H]", "   # [B, L, H]",
+      "tests/test_mamba_scan.py", "-k", "reference_matches_oracle"),
+    M("commit rule: conf >= gamma instead of >", "reference.py",
+      "(masked & (conf > gamma))", "(masked & (conf >= gamma))",
+      "tests/test_threshold_unmask.py", "-k", "gamma_never"),
+    M("commit rule: floor n // left instead of ceil", "reference.py",
+      "(n + left - 1) // left", "n // left",
+      "tests/test_threshold_unmask.py", "-k", "golden or exact_ties or gamma_never"),
+    # (The last-step "commit everything" branch and the floor's max(1, ...) are implied by ceil(n / steps left):
+    # mutating them alone changes nothing, so they are not listed.)
+    M("commit rule: confidences above gamma counted at committed positions too", "reference.py",
+      "k = (masked & (conf > gamma)).sum(1)", "k = (conf > gamma).sum(1)",
+      "tests/test_threshold_unmask.py", "-k", "matches_reference and random and 111"),
+    M("commit rule: the k least confident instead of the most", "reference.py",
+      "order = torch.sort(ranked, dim=1, descending=True, stable=True)", "order = torch.sort(ranked, dim=1, descending=False, stable=True)",
+      "tests/test_threshold_unmask.py", "-k", "matches_reference and random and 111"),
+    M("unmask: the mask id not excluded from the prediction", "reference.py",
+      '    l[..., mask_id] = float("-inf")\n    pred = l.argmax(-1)', "    pred = l.argmax(-1)",
+      "tests/test_threshold_unmask.py", "-k", "special_values"),
+    M("unmask sampling: logits * T instead of / T", "reference.py",
+      "score = l / torch.full_like(l, temperature)", "score = l * torch.full_like(l, temperature)",
+      "tests/test_threshold_unmask.py", "-k", "sampling_matches_reference and 111"),
+]
+
+
+def check_patterns(muts) -> list[str]:
+    """Every mutation's pattern must occur exactly once in the current source; returns the problems."""
+    bad = []
+    for m in muts:
+        with open(os.path.join(ROOT, m.file)) as f:
+            n = f.read().count(m.old)
+        if n != 1:
+            bad.append(f"{m.name}: pattern occurs {n} times in {m.file} (want 1): {m.old!r}")
+    return bad
+
+
+def copy_tree(dst: str) -> None:
+    for part in ("python", "tests"):
+        shutil.copytree(os.path.join(ROOT, part), os.path.join(dst, part),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), dst)
+
+
+def run_tests(tree: str, tests, lib: str, timeout: int) -> tuple[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.path.join(tree, "python"), "TWOTOWER_EXT_LIB": lib,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    if p.returncode == 0:
+        return "passed", dt
+    if p.returncode == 1:
+        return "failed", dt
+    if p.returncode == 5:
+        return "no tests ran", dt
+    return f"error (pytest rc {p.returncode}): {p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ''}", dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run the mutations whose name contains one of these words")
+    ap.add_argument("--list", action="store_true", help="list the mutations and check their patterns")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per pytest run")
+    args = ap.parse_args(argv)
+    muts = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    bad = check_patterns(muts)
+    if bad:
+        print("tools/mutate.py: patterns not found (the source changed; update these mutations):", file=sys.stderr)
+        for b in bad:
+            print("  " + b, file=sys.stderr)
+        return 2
+    if args.list:
+        for m in muts:
+            print(f"{m.name}  [{m.file}]  -> {' '.join(m.tests)}")
+        return 0
+    lib = os.path.abspath(os.environ.get("TWOTOWER_EXT_LIB", os.path.join(ROOT, "build", "dev", "_C.abi3.so")))
+    if not os.path.exists(lib):
+        print(f"tools/mutate.py: no built library at {lib}; set TWOTOWER_EXT_LIB", file=sys.stderr)
+        return 2
+    rows, broken = [], []
+    with tempfile.TemporaryDirectory(prefix="tt-mutate-") as tmp:
+        if not args.no_baseline:
+            selections = list(dict.fromkeys(m.tests for m in muts))
+            base = os.path.join(tmp, "baseline")
+            copy_tree(base)
+            for sel in selections:
+                res, dt = run_tests(base, sel, lib, args.timeout)
+                print(f"baseline {' '.join(sel)}: {res} ({dt:.0f} s)", flush=True)
+                if res != "passed":
+                    broken.append(sel)
+            if broken:
+                print("tools/mutate.py: the unmutated tree fails these selections; fix them first:", file=sys.stderr)
+                for sel in broken:
+                    print("  " + " ".join(sel), file=sys.stderr)
+                return 2
+        for i, m in enumerate(muts):
+            tree = os.path.join(tmp, f"m{i}")
+            copy_tree(tree)
+            path = os.path.join(tree, m.file)
+            with open(path) as f:
+                src = f.read()
+            with open(path, "w") as f:
+                f.write(src.replace(m.old, m.new, 1))
+            res, dt = run_tests(tree, m.tests, lib, args.timeout)
+            verdict = "caught" if res == "failed" else f"NOT CAUGHT ({res})"
+            rows.append((m.name, m.file.replace(PKG, ""), " ".join(m.tests).replace("tests/", ""), verdict, f"{dt:.0f}"))
+            print(f"[{i + 1}/{len(muts)}] {m.name}: {verdict} ({dt:.0f} s)", flush=True)
+            shutil.rmtree(tree)
+    print("\n| mutation | file | tests | result | s |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    missed = [r for r in rows if r[3] != "caught"]
+    print(f"\n{len(rows) - len(missed)} of {len(rows)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
