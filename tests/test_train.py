@@ -130,6 +130,7 @@ def test_checkpoint_is_nvidia_format_and_generates(random_pair):
     assert '"time_step_limit": [\n    0.0,\n    Infinity\n  ]' in text
     cfg = json.loads(text)
     assert cfg["architectures"] == ["NemotronHTwoTowerForCausalLM"] and cfg["model_type"] == "nemotron_h"
+    assert not {"extra", "unset"} & set(cfg), "the config's bookkeeping fields must not reach config.json"
     assert_checkpoint_holds(path, m)
     # greedy AR through the engine == argmax of the training forward, token by token
     ids = [5, 6, 7, 8, 9]

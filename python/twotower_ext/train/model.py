@@ -54,7 +54,7 @@ def make_config(**kw) -> NemotronHConfig:
 
 def config_dict(cfg: NemotronHConfig, max_position_embeddings: int = 4096) -> dict:
     """config.json content in NVIDIA's layout (their keys; `time_step_limit` written as [0.0, Infinity])."""
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "extra"}
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("extra", "unset")}   # bookkeeping
     d["time_step_limit"] = list(cfg.time_step_limit)
     d["norm_eps"] = cfg.layer_norm_epsilon
     d["expand"] = cfg.d_inner // cfg.hidden_size if cfg.d_inner % cfg.hidden_size == 0 else cfg.d_inner / cfg.hidden_size
