@@ -38,8 +38,8 @@ KERNELS = {
 }
 E2E_COLUMNS = ["model", "mode", "gamma", "rows", "tokens/row_nfe", "tokens/s", "ms/pass", "ms/row_nfe", "pass/ar_step",
                "pytorch_tokens/s", "speedup_vs_pytorch"]
-QUALITY_COLUMNS = ["mode", "gamma", "tokens_per_nfe", "tokens_per_s", "ll", "ll_ratio", "match16", "match_ratio",
-                   "ar_chain"]
+QUALITY_COLUMNS = ["mode", "gamma", "tokens_per_nfe", "tokens_per_s", "speed_vs_ar", "ll", "ll_ratio", "match16",
+                   "match_ratio", "agree16", "agree_all", "ar_chain"]
 
 
 def load(name: str, results: str = RESULTS) -> dict:

@@ -47,8 +47,8 @@ def test_readme_tables_come_from_the_json(tmp_path):
             {"model": "m", "mode": "diffusion", "gamma": 0.8, "rows": 2, "tokens/row_nfe": 2.0, "tokens/s": 12.0,
              "ms/pass": 6.6, "ms/row_nfe": 3.3, "pass/ar_step": 2.2, "pytorch_tokens/s": 4.0, "speedup_vs_pytorch": 3.0}]
     harness.write_results("e2e-cpu", "t", rows, list(rows[0]), out_dir=str(tmp_path), timings=[timing(0.0)])
-    q = [{"mode": "ar", "gamma": None, "tokens_per_nfe": 1.0, "tokens_per_s": 9.0, "ll": -1.0, "ll_ratio": 1.0,
-          "match16": 0.1, "match_ratio": 1.0, "ar_chain": None}]
+    q = [{"mode": "ar", "gamma": None, "tokens_per_nfe": 1.0, "tokens_per_s": 9.0, "speed_vs_ar": 1.0, "ll": -1.0,
+          "ll_ratio": 1.0, "match16": 0.1, "match_ratio": 1.0, "agree16": 1.0, "agree_all": 1.0, "ar_chain": None}]
     harness.write_results("quality", "t", q, list(q[0]), out_dir=str(tmp_path), timings=[timing(0.0)])
     text = "".join(f"x\n<!-- bench:{n} -->\nstale\n<!-- /bench:{n} -->\n" for n in readme.SECTIONS)
     out = readme.render(text, str(tmp_path))

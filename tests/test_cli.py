@@ -108,7 +108,7 @@ def test_help_names_the_default_model_and_every_option():
 
 
 @pytest.mark.skipif(tt.default_model_path() is None or shutil.which("sh") is None, reason="needs the shipped model")
-def test_closed_pipe_ends_quietly_and_ctrl_c_prints_one_line():
+def test_closed_pipe_and_ctrl_c_print_one_line():
     cmd = [sys.executable, "-m", "twotower_ext.cli", "generate", "--prompt", "def ", "--max-new-tokens", "2048"]
     # | head -c 100: the reader leaves after 100 bytes; no BrokenPipeError traceback
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
@@ -120,6 +120,7 @@ def test_closed_pipe_ends_quietly_and_ctrl_c_prints_one_line():
     p.stdout.close()
     _, err = p.communicate(timeout=300)
     assert p.returncode == 141 and b"Traceback" not in err and b"Error" not in err, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "twotower: stopped: the output pipe was closed by its reader", err
     # Ctrl-C while generating: exit 130 and one line
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     assert p.stdout.read1(1)   # it is generating

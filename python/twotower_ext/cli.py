@@ -7,7 +7,7 @@
 Without --model both use the small model shipped with the package (twotower_ext.default_model_path()).
 The generate defaults are the API's (TwoTowerLM.generate / engine.GenerateArgs); run `twotower generate
 --help` for each option. A bad argument prints one line `twotower: ...` and exits 2; Ctrl-C prints
-`twotower: interrupted` and exits 130; a closed output pipe (`| head`) ends quietly.
+`twotower: interrupted` and exits 130; a closed output pipe (`| head`) prints one line and exits 141.
 
 Adding a subcommand: decorate its `run(args) -> int` with `@command(name, help, add_arguments)` here, or in
 a module listed in COMMAND_MODULES (imported before the arguments are parsed).
@@ -234,8 +234,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ntwotower: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:   # the reader went away (`| head`): stop quietly, like other Unix tools
+    except BrokenPipeError:   # the reader went away (`| head`): one line on stderr, exit 141 like other Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        print("twotower: stopped: the output pipe was closed by its reader", file=sys.stderr)
         return 141
     except (CliError, ValueError, TypeError, OSError, MemoryError, ExtensionBuildError) as e:
         print(f"twotower: {_one_line(e)}", file=sys.stderr)
