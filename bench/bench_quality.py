@@ -136,11 +136,8 @@ def evaluate(lm, prompts, new_tokens: int, gammas=GAMMAS, log=print) -> list[dic
 
 
 def plot(rows: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = harness.pyplot()
+    if plt is None:
         return False
     diff = [r for r in rows if r["mode"] == "diffusion"]
     ar = rows[0]

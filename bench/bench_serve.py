@@ -126,13 +126,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def _plot(rows, device):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = harness.pyplot()
+    if plt is None:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -222,6 +222,19 @@ def machine_info() -> dict:
     return info
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (saying so) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return None
+    return plt
+
+
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     """A markdown table: readable in a terminal and pasteable into notes and README."""
     print(f"\n### {title}\n")
