@@ -22,7 +22,7 @@ def _arguments(s) -> None:
     s.add_argument("--max-len", type=int, default=1024, help="context tokens per row: prompt + generated")
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and cache (default fp32)")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: 1 for small models)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the per-model-size rule of twotower_ext.threads, 1 for small models)")
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
@@ -108,6 +108,7 @@ def run(a) -> int:
 
     from .. import default_model_path
     from ..api import load
+    from ..threads import recommended_threads
 
     try:
         import fastapi  # noqa: F401
@@ -120,9 +121,8 @@ def run(a) -> int:
     if path is None:
         raise SystemExit("twotower: no --model given and this installation ships no default model")
     lm = load(path, device=a.device, dtype=a.dtype)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    elif a.device == "cpu" and lm.config.hidden_size < 1024:
-        torch.set_num_threads(1)   # as `twotower generate`: small models lose to thread hand-offs
+    threads = a.threads or recommended_threads(lm.config, a.device)   # the rule `twotower generate` uses
+    if threads:
+        torch.set_num_threads(threads)   # process-wide: the scheduler thread's passes run with it
     name = a.name or os.path.basename(os.path.normpath(path))
     return serve(lm, a.host, a.port, a.max_batch, a.max_queue, a.max_len, name, a.shutdown_timeout)
