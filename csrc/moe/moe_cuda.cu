@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr; ba_ensure_dynamic_smem (via block_attention_cuda.cuh)
+#include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr, ldmatrix_x4, mma_16816; ba_ensure_dynamic_smem
 #include "common/half_cuda.cuh"
 #include "moe/moe.h"
 
@@ -145,27 +145,6 @@ __device__ __forceinline__ void epilogue(const MoeParams& p, const Ws& w, int64_
 
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core grouped GEMM (bf16 / fp16).
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 constexpr int kMmaSmemBytes = kStages * (kBM + kBN) * kPitch * 2;
 
