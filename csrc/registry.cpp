@@ -23,9 +23,12 @@ TORCH_LIBRARY(twotower, m) {
   m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? seq_lens, float dt_min, float dt_max, "
         "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");
-  m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down) -> Tensor");
+  // Quantised experts: w_up / w_down float8_e4m3fn (fp8, per-channel fp32 scales) or uint8 (int4 packed, group
+  // scales, group_size > 0); see csrc/moe/moe.h.
+  m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
+        "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
-        "Tensor(a!) out) -> ()");
+        "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
 }
 
 // A plain module: the ops register themselves with the dispatcher when the library is loaded, so this

@@ -20,6 +20,15 @@
 
 namespace tt {
 
+// How w_up / w_down are stored (python/twotower_ext/quant.py is the reference of both quantised formats):
+//   kDense: in x's dtype.
+//   kFp8:  float8_e4m3fn bytes [E, N, K]; scale fp32 [E, N] (one per output channel).
+//   kInt4: uint8 [E, N, ceil(K/2)], element k in byte k/2 (even k low nibble), value q + 8 with q in [-8, 7];
+//          scale bf16|fp16 [E, N, ceil(K/group)] (group consecutive k per scale; the last group may be shorter).
+// Dequantised weight = round_to_x_dtype(float(q) * float(scale)), formed in the inner loop (never a full
+// dequantised copy of an expert in memory).
+enum class MoeWeightFormat : int32_t { kDense = 0, kFp8 = 1, kInt4 = 2 };
+
 struct MoeParams {
   const void* x;                 // [T, H], row stride below, last dim contiguous
   const void* expert_ids;        // [T, k] contiguous, int32 or int64
@@ -31,7 +40,14 @@ struct MoeParams {
   int64_t x_stride, y_stride;
   int64_t up_stride_e, up_stride_n, down_stride_e, down_stride_n;
   bool ids_int64, weights_fp64;
-  DType dtype;                   // of x, w_up, w_down, y
+  DType dtype;                   // of x and y (and of w_up / w_down when dense)
+  // Quantised weights (format != kDense): the w_up / w_down strides above count storage elements (bytes for
+  // both formats: fp8 one byte per weight, int4 one byte per two); the scales are contiguous [E, N(, groups)].
+  MoeWeightFormat format = MoeWeightFormat::kDense;
+  const void* up_scale = nullptr;     // fp8: fp32 [E, I]; int4: [E, I, ceil(H/group)]
+  const void* down_scale = nullptr;   // fp8: fp32 [E, H]; int4: [E, H, ceil(I/group)]
+  int64_t group = 0;                  // int4 group size (even), 0 otherwise
+  DType scale_dtype = DType::kFloat32;  // fp8: fp32; int4: bf16 or fp16
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -41,8 +41,12 @@ struct MoePlan {
 };
 
 MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
-                 const Tensor& w_down, const Tensor* out) {
+                 const Tensor& w_down, const Tensor* out, const std::optional<Tensor>& w_up_scale,
+                 const std::optional<Tensor>& w_down_scale, int64_t group_size) {
   const auto dt = kernel_dtype(x, "x");
+  // TEMPORARY (the quantised kernels replace this before it lands): dense weights only.
+  TORCH_CHECK_VALUE(!w_up_scale.has_value() && !w_down_scale.has_value() && group_size == 0,
+                    "twotower: quantised expert weights are not implemented in this build");
   TORCH_CHECK(x.dim() == 2, "twotower: x must be [tokens, hidden] (2-D), got shape ", x.sizes());
   check_last_dim_contiguous(x, "x");
   const int64_t T = x.size(0), H = x.size(1);
@@ -225,15 +229,17 @@ void run_moe_cpu(const tt::MoeParams& p) {
 }
 
 Tensor moe_experts_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
-                       const Tensor& w_down) {
-  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr);
+                       const Tensor& w_down, const std::optional<Tensor>& w_up_scale,
+                       const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr, w_up_scale, w_down_scale, group_size);
   run_moe_cpu(plan.p);
   return plan.out;
 }
 
 void moe_experts_out_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
-                         const Tensor& w_down, const Tensor& out) {
-  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out);
+                         const Tensor& w_down, const Tensor& out, const std::optional<Tensor>& w_up_scale,
+                         const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out, w_up_scale, w_down_scale, group_size);
   run_moe_cpu(plan.p);
 }
 
@@ -261,17 +267,19 @@ void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
 }
 
 Tensor moe_experts_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
-                        const Tensor& w_down) {
+                        const Tensor& w_down, const std::optional<Tensor>& w_up_scale,
+                        const std::optional<Tensor>& w_down_scale, int64_t group_size) {
   c10::cuda::CUDAGuard guard(x.device());
-  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr);
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr, w_up_scale, w_down_scale, group_size);
   run_moe_cuda(plan, x);
   return plan.out;
 }
 
 void moe_experts_out_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
-                          const Tensor& w_down, const Tensor& out) {
+                          const Tensor& w_down, const Tensor& out, const std::optional<Tensor>& w_up_scale,
+                          const std::optional<Tensor>& w_down_scale, int64_t group_size) {
   c10::cuda::CUDAGuard guard(x.device());
-  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out);
+  auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out, w_up_scale, w_down_scale, group_size);
   run_moe_cuda(plan, x);
 }
 #endif

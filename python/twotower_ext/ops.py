@@ -217,7 +217,14 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.
     `out` ([T, H], x's dtype and device, last dim contiguous; may be x) when given. Only the experts some token
     chose are read, each once; no host synchronisation. Out-of-range ids raise on CPU; on CUDA they are skipped
     (contribute 0) unless TWOTOWER_MOE_DEBUG=1 (synchronises, raises).
+
+    w_up / w_down may instead both be `quant.QuantizedExperts` (fp8 or int4, see quant.py for the formats and the
+    dequantisation contract).
     """
+    from .quant import QuantizedExperts
+    if isinstance(w_up, QuantizedExperts) or isinstance(w_down, QuantizedExperts):
+        # TEMPORARY (replaced by the quantised kernel before this lands): dequantise and run the reference.
+        return reference.moe_experts(x, expert_ids, expert_weights, w_up, w_down, out)
     if not _has_kernel("moe_experts", x.device):
         if out is not None:
             _check_out(out, x)

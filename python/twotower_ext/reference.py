@@ -292,10 +292,16 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None):
     e = expert_ids[t, j] and h(e, t) = relu(w_up[e] @ x[t])^2 rounded to x's dtype.
 
     x [T, H]; expert_ids [T, k] int in [0, E); expert_weights [T, k] fp32/fp64; w_up [E, I, H], w_down [E, H, I]
-    in x's dtype. GEMMs in fp32 (fp64 for fp64 inputs, which makes it the tests' oracle); each token's k
+    in x's dtype, or both `quant.QuantizedExperts` (fp8 / int4), dequantised to x's dtype first (the kernels'
+    numerics, see quant.py). GEMMs in fp32 (fp64 for fp64 inputs, which makes it the tests' oracle); each token's k
     weighted outputs summed in fp64; y in x's dtype (written into `out` when given). One plain matmul pair per
     expert that some token chose (reads the chosen ids on the host).
     """
+    from .quant import QuantizedExperts, dequantize
+    if isinstance(w_up, QuantizedExperts) or isinstance(w_down, QuantizedExperts):
+        if not (isinstance(w_up, QuantizedExperts) and isinstance(w_down, QuantizedExperts)):
+            raise TypeError("twotower: w_up and w_down must both be quantised (QuantizedExperts) or both tensors")
+        w_up, w_down = dequantize(w_up, x.dtype), dequantize(w_down, x.dtype)
     acc = torch.promote_types(x.dtype, torch.float32)
     T, k = expert_ids.shape
     y = torch.zeros(T, x.shape[1], dtype=torch.float64, device=x.device)
