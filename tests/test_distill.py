@@ -33,14 +33,14 @@ def test_prompts_depend_on_seed_and_index_only():
 def test_sequences_are_the_engines_greedy_ar_continuations_and_resume(tmp_path):
     s = _stream()
     path = str(tmp_path / "seq.pt")
-    first = distill.generate_sequences(PARITY, s, path, 3, 8, 10, batch=2, seed=0, log=lambda m: None)
-    assert first.shape == (3, 18) and first.dtype == torch.int32
+    first, lens = distill.generate_sequences(PARITY, s, path, 3, 8, 10, batch=2, seed=0, log=lambda m: None)
+    assert first.shape == (3, 18) and first.dtype == torch.int32 and lens.tolist() == [8, 8, 8]
     lm = tt.load(PARITY, dtype=torch.float32)
     prompts = distill.prompts_at(s, 3, 8, seed=0)
     for row, p in zip(first, prompts):
         res = lm.generate(p.tolist(), mode="ar", max_new_tokens=10, eos_token_id=None)
         assert row.tolist() == res.sequences[0]
-    more = distill.generate_sequences(PARITY, s, path, 5, 8, 10, batch=2, seed=0, log=lambda m: None)
+    more, _ = distill.generate_sequences(PARITY, s, path, 5, 8, 10, batch=2, seed=0, log=lambda m: None)
     assert torch.equal(more[:3], first) and more.shape == (5, 18)   # resumed: the first rows kept
     with pytest.raises(SystemExit, match="generated with"):
         distill.generate_sequences(PARITY, s, path, 5, 8, 11, batch=2, seed=0, log=lambda m: None)
@@ -48,15 +48,38 @@ def test_sequences_are_the_engines_greedy_ar_continuations_and_resume(tmp_path):
 
 def test_batches_mark_only_continuations_and_data_rows():
     seqs = torch.arange(40 * 24, dtype=torch.int32).view(40, 24)
-    at = distill.batch_fn(seqs, _stream(), batch=8, seed=5, mix=0.25)
-    ids, keep = at(7, prompt_len=8)
-    ids2, keep2 = at(7, prompt_len=8)
+    at = distill.batch_fn(seqs, _stream(), batch=8, seed=5, mix=0.25, prompt_lens=8)
+    ids, keep = at(7)
+    ids2, keep2 = at(7)
     assert torch.equal(ids, ids2) and torch.equal(keep, keep2)
     assert ids.shape == keep.shape == (8, 24) and ids.dtype == torch.int64
     assert keep[:6, :8].sum() == 0 and keep[:6, 8:].all()       # distilled rows: the continuation only
     assert keep[6:].all()                                         # 2 data rows: everything
     assert all(int(r[0]) % 24 == 0 for r in ids[:6])              # whole distilled rows
-    assert not torch.equal(at(8, prompt_len=8)[0], ids)
+    assert not torch.equal(at(8)[0], ids)
+
+
+def test_mixed_prompt_lengths_cycle_per_batch_and_fill_the_row(tmp_path):
+    """A list of prompt lengths: each generation batch one length, rows all max(len) + gen_len long, each row's
+    prompt its own length's crop and the rest the engine's greedy continuation; keep starts at each row's own
+    prompt end."""
+    s = _stream()
+    path = str(tmp_path / "seq.pt")
+    rows, lens = distill.generate_sequences(PARITY, s, path, 5, [2, 6], 4, batch=2, seed=0, log=lambda m: None)
+    assert lens.tolist() == [2, 2, 6, 6, 2] and rows.shape == (5, 10)
+    lm = tt.load(PARITY, dtype=torch.float32)
+    for i in (0, 3):
+        p = distill.prompts_at(s, 1, int(lens[i]), seed=0, first=i)[0]
+        res = lm.generate(p.tolist(), mode="ar", max_new_tokens=10 - int(lens[i]), eos_token_id=None)
+        assert rows[i].tolist() == res.sequences[0]
+    again, _ = distill.generate_sequences(PARITY, s, path, 5, [2, 6], 4, batch=2, seed=0, log=lambda m: None)
+    assert torch.equal(again, rows)
+    at = distill.batch_fn(rows, s, batch=4, seed=1, mix=0.0, prompt_lens=lens)
+    for step in range(3):
+        ids, keep = at(step)
+        for r, k in zip(ids, keep):
+            i = next(j for j in range(5) if torch.equal(rows[j].long(), r))
+            assert k.tolist() == [c >= int(lens[i]) for c in range(10)]
 
 
 def test_loss_counts_only_kept_positions(monkeypatch):

@@ -148,18 +148,19 @@ def _distill(a, rc) -> dict:
         d["steps"] = a.steps
     ddir = os.path.join(a.run, "distill")
     os.makedirs(ddir, exist_ok=True)
-    seqs = generate_sequences(src, data["train"], os.path.join(ddir, "sequences.pt"), d.pop("sequences"),
-                              d["prompt_len"], d["gen_len"], seed=rc["seed"])
-    prompt_len, mix = d.pop("prompt_len"), d.pop("mix")
-    seq_len = prompt_len + d.pop("gen_len")
+    prompt_len = d.pop("prompt_len")
+    seqs, lens = generate_sequences(src, data["train"], os.path.join(ddir, "sequences.pt"), d.pop("sequences"),
+                                    prompt_len, d.pop("gen_len"), seed=rc["seed"])
+    mix = d.pop("mix")
+    seq_len = seqs.shape[1]
     args = PhaseArgs(seed=rc["seed"], max_minutes=a.max_minutes, seq_len=seq_len, **d)
     model = TrainModel(NemotronHConfig.from_json(src))
     model.load(src)
     held = heldout_batches(data["heldout"], HELDOUT_CROPS, seq_len + 1)
-    at = batch_fn(seqs, data["train"], args.batch, rc["seed"], mix)
+    at = batch_fn(seqs, data["train"], args.batch, rc["seed"], mix, lens)
     t0 = time.perf_counter()
     s = run_phase(2, model, data["train"], held, args, a.run, tokenizer=os.path.join(data_dir, "tokenizer.json"),
-                  name="distill", batches=lambda step: at(step, prompt_len))
+                  name="distill", batches=at)
     print(f"distill: {s['steps_done']}/{s['steps']} steps, last loss {s['last_loss']:.4f}, held-out loss "
           f"{s['heldout_loss']}, {time.perf_counter() - t0:.0f} s this run", file=sys.stderr)
     return s

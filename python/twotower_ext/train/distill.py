@@ -3,10 +3,13 @@
 The context tower's greedy continuation of a prompt is a deterministic function of the prompt. A denoiser
 trained to fill blocks of those continuations (masked diffusion whose targets are the tower's greedy tokens,
 not the data) can become confident where the data's next-token distribution is flat, and what it commits
-then agrees with AR greedy decoding. The sequences are [prompt | continuation] rows of prompt_len + gen_len
-tokens, generated with this project's own engine in AR mode, batched; the prompts are random crops of the
-train stream (a function of the seed). Generation is resumable: rows are appended to RUN/distill/sequences.pt
-chunk by chunk, so an interrupted run continues where it stopped.
+then agrees with AR greedy decoding. The sequences are [prompt | continuation] rows of one length L, generated
+with this project's own engine in AR mode, batched; the prompts are random crops of the train stream (a
+function of the seed). The prompt length is one value, or a list cycled over generation batches (each batch of
+rows one length, the continuation filling the row to L = max(prompt lengths) + gen_len): a denoiser distilled
+only behind 32-token prompts never learns the first blocks after a short prompt (measured: the README demo's
+"def " prompt degenerated into repetition). Generation is resumable: rows are appended to
+RUN/distill/sequences.pt chunk by chunk, so an interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
@@ -28,14 +31,27 @@ def prompts_at(stream: torch.Tensor, n: int, prompt_len: int, seed: int, first: 
     return torch.stack(out).long()
 
 
-def generate_sequences(model_dir: str, stream: torch.Tensor, path: str, n: int, prompt_len: int, gen_len: int,
-                       batch: int = 64, seed: int = 0, log=lambda m: print(m, file=sys.stderr)) -> torch.Tensor:
-    """[n, prompt_len + gen_len] int32 rows of [prompt | the context tower's greedy continuation], generated in
-    AR mode in batches (no EOS stop: a continuation runs its full length) and saved to `path` after every
-    batch; rows already in `path` (same prompt_len / gen_len / seed / model) are kept."""
+def row_prompt_lens(n: int, prompt_len, batch: int) -> torch.Tensor:
+    """[n] prompt length of each row: prompt_len (int) for all, or a list cycled per generation batch of rows."""
+    lens = [prompt_len] if isinstance(prompt_len, int) else list(prompt_len)
+    if not lens or min(lens) < 1:
+        raise SystemExit(f"distill: prompt lengths must be >= 1, got {prompt_len}")
+    return torch.tensor([lens[(i // batch) % len(lens)] for i in range(n)], dtype=torch.int64)
+
+
+def generate_sequences(model_dir: str, stream: torch.Tensor, path: str, n: int, prompt_len, gen_len: int,
+                       batch: int = 64, seed: int = 0, log=lambda m: print(m, file=sys.stderr)):
+    """(rows [n, L] int32 of [prompt | the context tower's greedy continuation], prompt lengths [n] int64) with
+    L = max(prompt lengths) + gen_len, generated in AR mode in batches of one prompt length (no EOS stop: a
+    continuation fills its row) and saved to `path` after every batch; rows already in `path` (same prompt_len
+    / gen_len / seed / model / batch) are kept."""
     import twotower_ext as tt
 
+    lens = row_prompt_lens(n, prompt_len, batch)
+    L = int(lens.max()) + gen_len
     meta = {"model": os.path.abspath(model_dir), "prompt_len": prompt_len, "gen_len": gen_len, "seed": seed}
+    if not isinstance(prompt_len, int):
+        meta["batch"] = batch   # the rows' prompt lengths depend on it
     rows = []
     if os.path.exists(path):
         saved = torch.load(path)
@@ -43,37 +59,40 @@ def generate_sequences(model_dir: str, stream: torch.Tensor, path: str, n: int, 
             raise SystemExit(f"distill: {path} was generated with {saved['meta']}, not {meta}; use a new --run")
         rows = list(saved["rows"].split(1)) if len(saved["rows"]) else []
     if len(rows) >= n:
-        return torch.cat(rows[:n])
+        return torch.cat(rows[:n]), lens
     lm = tt.load(model_dir, dtype=torch.float32)
     t0, done0 = time.perf_counter(), len(rows)
     while len(rows) < n:
-        k = min(batch, n - len(rows))
-        prompts = prompts_at(stream, k, prompt_len, seed, first=len(rows))
-        res = lm.generate(prompts, mode="ar", max_new_tokens=gen_len, eos_token_id=None)
+        p = int(lens[len(rows)])
+        k = min(batch - len(rows) % batch, n - len(rows))
+        prompts = prompts_at(stream, k, p, seed, first=len(rows))
+        res = lm.generate(prompts, mode="ar", max_new_tokens=L - p, eos_token_id=None)
         rows += [torch.tensor(s, dtype=torch.int32)[None] for s in res.sequences]
         tmp = path + ".tmp"
-        torch.save({"meta": meta, "rows": torch.cat(rows)}, tmp)
+        torch.save({"meta": meta, "rows": torch.cat(rows), "prompt_lens": lens[:len(rows)]}, tmp)
         os.replace(tmp, path)
         el = time.perf_counter() - t0
-        rate = (len(rows) - done0) * gen_len / el
-        log(f"distill: {len(rows)}/{n} sequences, {rate:,.0f} generated tokens/s, "
-            f"eta {(n - len(rows)) * gen_len / max(rate, 1e-9):.0f} s")
-    return torch.cat(rows[:n])
+        rate = int((L - lens[done0:len(rows)]).sum()) / el
+        left = int((L - lens[len(rows):]).sum())
+        log(f"distill: {len(rows)}/{n} sequences, {rate:,.0f} generated tokens/s, eta {left / max(rate, 1e-9):.0f} s")
+    return torch.cat(rows[:n]), lens
 
 
-def batch_fn(sequences: torch.Tensor, stream: torch.Tensor, batch: int, seed: int, mix: float):
+def batch_fn(sequences: torch.Tensor, stream: torch.Tensor, batch: int, seed: int, mix: float, prompt_lens):
     """step -> ids [batch, L] (int64) and a keep mask [batch, L] of the positions whose loss counts: the
-    continuation part of distilled rows; every position of the `mix` share of rows that are data crops of the
-    same length. A function of (seed, step) only, so a resumed run sees the batches it would have seen."""
+    continuation part of distilled rows (row i's from prompt_lens[i] on; an int: the same for all rows); every
+    position of the `mix` share of rows that are data crops of the same length. A function of (seed, step) only,
+    so a resumed run sees the batches it would have seen."""
     n, L = sequences.shape
     n_data = int(round(mix * batch))
+    starts_of = torch.as_tensor(prompt_lens, dtype=torch.int64).expand(n)
+    cols = torch.arange(L)
 
-    def at(step: int, prompt_len: int):
+    def at(step: int):
         g = torch.Generator().manual_seed(seed * 1_000_003 + 55_555_555 + step)
         pick = torch.randint(0, n, (batch - n_data,), generator=g)
         ids = sequences[pick].long()
-        keep = torch.zeros_like(ids, dtype=torch.bool)
-        keep[:, prompt_len:] = True
+        keep = cols[None, :] >= starts_of[pick][:, None]
         if n_data:
             starts = torch.randint(0, len(stream) - L, (n_data,), generator=g)
             data = torch.stack([stream[s:s + L] for s in starts.tolist()]).long()
