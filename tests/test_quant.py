@@ -139,7 +139,8 @@ def random_quantized(fmt, E, N, K, group, sdt, gen):
     if fmt == "fp8":
         b = torch.randint(0, 256, (E, N, K), generator=gen, dtype=torch.int32)
         b = torch.where((b & 0x7F) == 0x7F, b - 1, b).to(torch.uint8)
-        scale = torch.exp2(torch.empty(E, N).uniform_(-8, -1, generator=gen))
+        sign = torch.randint(0, 2, (E, N), generator=gen) * 2 - 1
+        scale = sign * torch.exp2(torch.empty(E, N).uniform_(-8, -1, generator=gen))
         return QuantizedExperts("fp8", b.view(torch.float8_e4m3fn), scale, K, 0)
     b = torch.randint(0, 256, (E, N, (K + 1) // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
     ng = -(-K // group)
