@@ -7,7 +7,7 @@
 //   - int4: the nibble (even k low) minus 8, as an integer converted to fp32, times its group's scale.
 // Paths by moe_cpu_isa (the same switch as the GEMM's): AVX-512 16 wide with masked tails (bf16 / fp16 outputs by
 // a per-row / per-group table of the results instead, built with that arithmetic), AVX2 + F16C 8 wide with the
-// scalar tail, scalar.
+// scalar tail (int4 to bf16 / fp16 by table too), scalar.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -97,13 +97,17 @@ inline __m128i narrow16_avx2(__m256i r) {  // the low 16 bits of 8 lanes (each <
 
 constexpr int kRneF16 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
+// 8 fp32 values rounded to a 16-bit output dtype (bf16 / fp16 bits).
+template <Out O> inline __m128i round16_avx2(__m256 v) {
+  if constexpr (O == Out::kBF16) return narrow16_avx2(bf16_rne_avx2(v));
+  else return _mm256_cvtps_ph(v, kRneF16);
+}
+
 template <Out O> inline void store8_avx2(void* dst, int64_t k, __m256 v) {
   if constexpr (O == Out::kF32) {
     _mm256_storeu_ps(static_cast<float*>(dst) + k, v);
-  } else if constexpr (O == Out::kBF16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), narrow16_avx2(bf16_rne_avx2(v)));
-  } else if constexpr (O == Out::kF16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), _mm256_cvtps_ph(v, kRneF16));
+  } else if constexpr (O == Out::kBF16 || O == Out::kF16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), round16_avx2<O>(v));
   } else if constexpr (O == Out::kF32RoundBF16) {
     _mm256_storeu_ps(static_cast<float*>(dst) + k, _mm256_castsi256_ps(_mm256_slli_epi32(bf16_rne_avx2(v), 16)));
   } else {
@@ -122,6 +126,31 @@ template <Out O> void int4_avx2(const uint8_t* d, float s, int64_t k0, int64_t k
   const __m256 sv = _mm256_set1_ps(s);
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) store8_avx2<O>(dst, k, _mm256_mul_ps(int4x8_avx2(d + k / 2), sv));
+  int4_scalar<O>(d, s, k, k1, dst);
+}
+
+// int4 to 16-bit outputs by table lookup (see the AVX-512 versions below): the group's 16 results split into a
+// low-byte and a high-byte table, each looked up with vpshufb by the nibbles, then interleaved back into words.
+template <Out O> void int4_lut_avx2(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {  // k0 even
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m128i w0 = round16_avx2<O>(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), sv));
+  const __m128i w1 = round16_avx2<O>(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sv));
+  const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i tlo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(_mm_shuffle_epi8(w0, even), _mm_shuffle_epi8(w1, even)));
+  const __m256i thi = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(_mm_shuffle_epi8(w0, odd), _mm_shuffle_epi8(w1, odd)));
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  int64_t k = k0;
+  for (; k + 32 <= k1; k += 32) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + k / 2));
+    const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+    const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));  // k order
+    const __m256i L = _mm256_shuffle_epi8(tlo, idx), H = _mm256_shuffle_epi8(thi, idx);
+    const __m256i a = _mm256_unpacklo_epi8(L, H), c = _mm256_unpackhi_epi8(L, H);  // words 0-7 | 16-23, 8-15 | 24-31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permute2x128_si256(a, c, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 16), _mm256_permute2x128_si256(a, c, 0x31));
+  }
   int4_scalar<O>(d, s, k, k1, dst);
 }
 
@@ -246,7 +275,10 @@ template <Out O> void dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, void* d
     if constexpr (O == Out::kBF16 || O == Out::kF16) fn = fp8 ? &fp8_lut_avx512<O> : &int4_lut_avx512<O>;
     else fn = fp8 ? &fp8_avx512<O> : &int4_avx512<O>;
   }
-  else if (isa == MoeCpuIsa::kAvx2) fn = fp8 ? &fp8_avx2<O> : &int4_avx2<O>;
+  else if (isa == MoeCpuIsa::kAvx2) {
+    if constexpr (O == Out::kBF16 || O == Out::kF16) fn = fp8 ? &fp8_avx2<O> : &int4_lut_avx2<O>;
+    else fn = fp8 ? &fp8_avx2<O> : &int4_avx2<O>;
+  }
 #else
   (void)isa;
 #endif
