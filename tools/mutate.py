@@ -88,7 +88,9 @@ MUTATIONS = [
       "keep = tokens[i][: args.max_new_tokens - (len(out[b]) - len(prompts[b]))]", "keep = tokens[i]",
       "tests/test_engine.py", "-k", "partial_last_block"),
     # --- quant.py (the quantised formats' definition), judged by the round-trip bounds and by the kernel's
-    #     dequantisation bit for bit (the C++ dequantisers were mutated by hand: see tests/test_quant.py)
+    #     dequantisation bit for bit (the C++ dequantisers are not mutated here; ten hand mutations of
+    #     csrc/moe/moe_dequant_cpu.cpp -- nibble order, last group's scale, NaN patch, rounding, tables -- were
+    #     all caught by test_quant.py -k "bit_identical or nan" when the issue-16 kernel landed)
     M("quant int4: high nibble first (odd k in the low nibble)", "quant.py",
       "torch.stack([lo, hi], dim=-1)", "torch.stack([hi, lo], dim=-1)",
       "tests/test_quant.py", "-k", "bit_identical or round_trip"),
