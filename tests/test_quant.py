@@ -299,6 +299,13 @@ def test_nan_weight_poisons_only_its_experts_tokens(fmt, group, sdt, isa, monkey
             assert torch.isnan(y[hit, 30]).all() and torch.isfinite(y[:, torch.arange(H) != 30]).all()
 
 
+@pytest.mark.parametrize("fmt,group,sdt", FORMATS, ids=FORMAT_IDS)
+def test_no_tokens_and_no_choices(fmt, group, sdt, gen):
+    x, ids, w, _, _, qu, qd = make_case(4, 8, 2, 64, 32, fmt, group, sdt, torch.bfloat16, gen)
+    assert tt.ops.moe_experts(x[:0], ids[:0], w[:0], qu, qd).shape == (0, 64)
+    assert torch.equal(tt.ops.moe_experts(x, ids[:, :0], w[:, :0], qu, qd), torch.zeros_like(x))
+
+
 def test_no_host_reads(monkeypatch, gen):
     x, ids, w, _, _, qu, qd = make_case(4, 8, 2, 64, 32, "int4", 32, torch.bfloat16, torch.bfloat16, gen)
     out = torch.empty_like(x)
