@@ -30,7 +30,6 @@ namespace tt {
 namespace {
 
 using moe_cuda::kBM, moe_cuda::kBN, moe_cuda::kBK, moe_cuda::kStages, moe_cuda::kThreads, moe_cuda::kPitch;
-using moe_cuda::kScalePitch;
 constexpr int kRouteThreads = 1024;
 
 struct Ws {
@@ -140,7 +139,8 @@ __device__ __forceinline__ GroupGemm<T, F> group_gemm(const MoeParams& p, const 
   const int64_t e = w.active[a];
   const int64_t K = kUp ? p.hidden : p.inter, N = kUp ? p.inter : p.hidden;
   const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
-  const auto* W = static_cast<const WeightT<T, F>*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
+  const auto* W =
+      static_cast<const WeightT<T, F>*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
   const void* scale = nullptr;
   if constexpr (F == MoeWeightFormat::kFp8) {
     scale = static_cast<const float*>(kUp ? p.up_scale : p.down_scale) + e * N;
@@ -189,14 +189,14 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
   T* As = reinterpret_cast<T*>(smem);                                   // [kStages][kBM][kPitch]
   T* Bs = As + kStages * kBM * kPitch;                                  // [kStages or 1 (quantised)][kBN][kPitch]
   uint8_t* Bq = reinterpret_cast<uint8_t*>(Bs + kBN * kPitch);          // quantised: [kStages][kBN][kRaw]
-  uint16_t* Sc = reinterpret_cast<uint16_t*>(Bq + kStages * kBN * kRaw);  // int4: [kBN][kScalePitch]
+  uint16_t* Sc = reinterpret_cast<uint16_t*>(Bq + kStages * kBN * kRaw);  // int4: [kBN][sp]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t nk = (K + kBK - 1) / kBK;
 
   // Quantised: this lane dequantises rows warp * 16 + lane / 8 + 4 i (i < 4), k [kq, kq + 8) of every tile.
   const int kq = 8 * (lane % 8);
   float scale256[4] = {};  // fp8: the rows' scales times 2^8 (see moe_dequant.cuh)
-  int group = 1;
+  int group = 1, sp = 0;  // int4: group size, scale row pitch in Sc
   if constexpr (F == MoeWeightFormat::kFp8) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -204,12 +204,17 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
       if (n < N) scale256[i] = mul_rn(static_cast<const float*>(g.scale)[n], 256.f);
     }
   } else if constexpr (F == MoeWeightFormat::kInt4) {
-    // Every scale of the CTA's rows, once (the m loop below reuses them); the first k step's __syncthreads
-    // publishes them. The rows are contiguous in the scale tensor.
+    // Every scale of the CTA's rows, once (the m loop below reuses them; rows past N get 0); the first k step's
+    // __syncthreads publishes them. The rows are contiguous in the scale tensor. The launch sized Sc for the
+    // larger group count of the two GEMMs (moe_int4_groups), so this GEMM's pitch fits.
     group = int(p.group);
-    const int ng = int((K + group - 1) / group), rows = int(N - n0 < kBN ? N - n0 : kBN);
+    const int ng = int((K + group - 1) / group);
+    sp = int(moe_cuda::scale_pitch(ng));
     const uint16_t* src = static_cast<const uint16_t*>(g.scale) + n0 * ng;
-    for (int c = tid; c < rows * ng; c += kThreads) Sc[(c / ng) * kScalePitch + c % ng] = src[c];
+    for (int c = tid; c < kBN * ng; c += kThreads) {
+      const int r = c / ng;
+      Sc[r * sp + c % ng] = n0 + r < N ? src[c] : uint16_t(0);
+    }
   }
   const int64_t row_bytes = F == MoeWeightFormat::kFp8 ? K : (K + 1) / 2;  // quantised: stored bytes of a row
 
@@ -259,7 +264,9 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
         // a NaN scale must not reach the zero-filled columns of A past K).
         const int64_t k = kt * kBK + kq;
         const uint8_t* raw = Bq + st * kBN * kRaw;
-        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(k / group) : 0;  // one group: group % 8 == 0
+        // int4: the chunk's one group (group % 8 == 0) in the staged scales of the lane's first row
+        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(k / group) : 0;
+        const uint16_t* sc = Sc + (warp * 16 + lane / 8) * sp + gi;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = warp * 16 + lane / 8 + 4 * i;
@@ -269,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
               v = dequant_fp8x8<T>(*reinterpret_cast<const uint2*>(raw + r * kRaw + kq), scale256[i]);
             else
               v = dequant_int4x8<T, S>(*reinterpret_cast<const uint32_t*>(raw + r * kRaw + kq / 2),
-                                       Sc[r * kScalePitch + gi]);
+                                       sc[4 * i * sp]);
           }
           *reinterpret_cast<uint4*>(Bs + r * kPitch + kq) = v;
         }
@@ -387,7 +394,7 @@ template <typename T, MoeWeightFormat F, typename S>
 Status launch_gemms(const MoeParams& p, const Ws& w, cudaStream_t s, dim3 up_grid, dim3 down_grid) {
   if constexpr (!std::is_same_v<T, float>) {
     if (moe_cuda_path(p) == MoeCudaPath::kMma) {
-      constexpr int64_t smem = moe_cuda::mma_smem_bytes(F);
+      const int64_t smem = moe_cuda::mma_smem_bytes(F, moe_int4_groups(p));
       if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, true>>(smem) != cudaSuccess ||
           ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, false>>(smem) != cudaSuccess)
         return Status::kLaunchFailed;
@@ -407,14 +414,14 @@ Status launch(const MoeParams& p, const Ws& w, cudaStream_t s) {
   const unsigned slots = unsigned(p.experts < n ? p.experts : n);
   if (slots > 0) {
     const dim3 up_grid(slots, unsigned((p.inter + kBN - 1) / kBN)), down_grid(slots, unsigned((p.hidden + kBN - 1) / kBN));
+    using F = MoeWeightFormat;
     Status st = Status::kOk;
     switch (p.format) {
-      case MoeWeightFormat::kDense: st = launch_gemms<T, MoeWeightFormat::kDense, T>(p, w, s, up_grid, down_grid); break;
-      case MoeWeightFormat::kFp8: st = launch_gemms<T, MoeWeightFormat::kFp8, float>(p, w, s, up_grid, down_grid); break;
-      case MoeWeightFormat::kInt4:
-        st = p.scale_dtype == DType::kBFloat16
-                 ? launch_gemms<T, MoeWeightFormat::kInt4, __nv_bfloat16>(p, w, s, up_grid, down_grid)
-                 : launch_gemms<T, MoeWeightFormat::kInt4, __half>(p, w, s, up_grid, down_grid);
+      case F::kDense: st = launch_gemms<T, F::kDense, T>(p, w, s, up_grid, down_grid); break;
+      case F::kFp8: st = launch_gemms<T, F::kFp8, float>(p, w, s, up_grid, down_grid); break;
+      case F::kInt4:
+        st = p.scale_dtype == DType::kBFloat16 ? launch_gemms<T, F::kInt4, __nv_bfloat16>(p, w, s, up_grid, down_grid)
+                                               : launch_gemms<T, F::kInt4, __half>(p, w, s, up_grid, down_grid);
         break;
     }
     if (st != Status::kOk) return st;

@@ -13,21 +13,30 @@ namespace moe_cuda {
 constexpr int kBM = 64, kBN = 64, kBK = 64, kStages = 3, kThreads = 128;
 constexpr int kPitch = kBK + 8;  // halves: a 144-byte row pitch makes ldmatrix's 8 row addresses conflict-free
 // int4 on the mma path: every group scale of the CTA's 64 weight rows is staged in shared memory once (16-bit,
-// rows kScalePitch apart: the +2 moves the rows a lane pair reads onto different banks).
+// rows scale_pitch(groups) apart: an odd number of 32-bit words, so the 4 rows one dequantisation step reads
+// fall on different banks).
 constexpr int kMaxGroups = 128;  // K <= 16384 at group 128
-constexpr int kScalePitch = kMaxGroups + 2;
+constexpr int64_t scale_pitch(int64_t groups) { return 4 * ((groups + 3) / 4) + 2; }
 
 // Bytes of one weight row per k tile in the raw (quantised) shared-memory stages.
 constexpr int raw_row_bytes(MoeWeightFormat f) { return f == MoeWeightFormat::kFp8 ? kBK : kBK / 2; }
 // Dynamic shared memory of the mma kernel. Dense: A and B stages. Quantised: A stages, raw B stages (cp.async),
-// one dequantised B tile (each warp dequantises exactly the 16 rows its ldmatrix reads), int4's scales.
-constexpr int64_t mma_smem_bytes(MoeWeightFormat f) {
+// one dequantised B tile (each warp dequantises exactly the 16 rows its ldmatrix reads), int4's scales for up to
+// `groups` groups per row. Real model, int4 at group 128: 46 KB (dense: 54 KB, fp8: 48 KB).
+constexpr int64_t mma_smem_bytes(MoeWeightFormat f, int64_t groups = 0) {
   const int64_t a = int64_t(kStages) * kBM * kPitch * 2;
   if (f == MoeWeightFormat::kDense) return a + int64_t(kStages) * kBN * kPitch * 2;
   const int64_t b = int64_t(kBN) * kPitch * 2 + int64_t(kStages) * kBN * raw_row_bytes(f);
-  return a + b + (f == MoeWeightFormat::kInt4 ? int64_t(kBN) * kScalePitch * 2 : 0);
+  return a + b + (f == MoeWeightFormat::kInt4 ? int64_t(kBN) * scale_pitch(groups) * 2 : 0);
 }
 }  // namespace moe_cuda
+
+// int4: groups per weight row, the larger of the two GEMMs' (w_up's rows have H elements, w_down's I).
+inline int64_t moe_int4_groups(const MoeParams& p) {
+  if (p.format != MoeWeightFormat::kInt4 || p.group < 1) return 0;
+  const int64_t up = (p.hidden + p.group - 1) / p.group, down = (p.inter + p.group - 1) / p.group;
+  return up > down ? up : down;
+}
 
 enum class MoeCudaPath : int32_t { kUnsupported = -1, kSimt = 0, kMma = 1 };
 
@@ -49,11 +58,7 @@ inline MoeCudaPath moe_cuda_path(const MoeParams& p) {
   const bool a_ok = p.hidden % 8 == 0 && p.inter % 8 == 0 && p.x_stride % 8 == 0 && moe_aligned16(p.x);
   const bool w_ok = p.up_stride_n % wu == 0 && p.up_stride_e % wu == 0 && p.down_stride_n % wu == 0 &&
                     p.down_stride_e % wu == 0 && moe_aligned16(p.w_up) && moe_aligned16(p.w_down);
-  bool q_ok = true;
-  if (int4) {
-    const int64_t g_up = (p.hidden + p.group - 1) / p.group, g_down = (p.inter + p.group - 1) / p.group;
-    q_ok = p.group % 8 == 0 && g_up <= moe_cuda::kMaxGroups && g_down <= moe_cuda::kMaxGroups;
-  }
+  const bool q_ok = !int4 || (p.group % 8 == 0 && moe_int4_groups(p) <= moe_cuda::kMaxGroups);
   return a_ok && w_ok && q_ok ? MoeCudaPath::kMma : MoeCudaPath::kSimt;
 }
 

@@ -21,8 +21,8 @@ using namespace tt::torch_glue;
 // dtype when dense, bytes when quantised), default contiguous; pointer_offset: bytes added to x, w_up and w_down's
 // (otherwise 256-byte aligned) addresses.
 std::string cuda_moe_path_op(at::ScalarType dtype, std::string format, int64_t hidden, int64_t inter,
-                             int64_t group_size, std::optional<at::ScalarType> scale_dtype, std::vector<int64_t> strides,
-                             int64_t pointer_offset) {
+                             int64_t group_size, std::optional<at::ScalarType> scale_dtype,
+                             std::vector<int64_t> strides, int64_t pointer_offset) {
   TORCH_CHECK_VALUE(format == "dense" || format == "fp8" || format == "int4",
                     "twotower: format must be dense, fp8 or int4, got '", format, "'");
   TORCH_CHECK_VALUE(hidden >= 1 && inter >= 1, "twotower: hidden and inter must be >= 1, got ", hidden, " and ", inter);
@@ -48,7 +48,9 @@ std::string cuda_moe_path_op(at::ScalarType dtype, std::string format, int64_t h
   p.up_stride_n = strides[2];
   p.down_stride_e = strides[3];
   p.down_stride_n = strides[4];
-  const auto at_offset = [&](uintptr_t base) { return reinterpret_cast<const void*>(base + uintptr_t(pointer_offset)); };
+  const auto at_offset = [&](uintptr_t base) {
+    return reinterpret_cast<const void*>(base + uintptr_t(pointer_offset));
+  };
   p.x = at_offset(1 << 20);
   p.w_up = at_offset(2 << 20);
   p.w_down = at_offset(3 << 20);
