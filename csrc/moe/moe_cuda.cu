@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
         const int64_t k = kt * kBK + kq;
         const uint8_t* raw = Bq + st * kBN * kRaw;
         // int4: the chunk's one group (group % 8 == 0) in the staged scales of the lane's first row
-        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(k / group) : 0;
+        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(uint32_t(k) / uint32_t(group)) : 0;
         const uint16_t* sc = Sc + (warp * 16 + lane / 8) * sp + gi;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
