@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build against the machine's own torch (TWOTOWER_CUDA=ON, sm_90a only to save
-# time), report which attention kernel each model / path really runs, run the CUDA tests (a time limit per
+# time), report which attention kernel each model / path really runs and which MoE kernel each quantised weight
+# format gets (and that it matches the dense kernel on the dequantised weights), run the CUDA tests (a time limit per
 # test file), compute-sanitizer memcheck + racecheck on one small case of each kernel, the microbenchmarks
 # while time is left (GPU_CHECK_BUDGET_S, default 450 s including the build), and print one short table.
 # Fails loudly when the build, a CUDA test or a sanitizer fails. Without a GPU it builds, runs what it can
@@ -92,6 +93,36 @@ PY
 ) || { echo "gpu_check: ATTENTION PATH REPORT FAILED or timed out" >&2; status=1; }
   echo "$paths"
 
+  stamp "quantised MoE (real H / I, 8 experts): kernel path, vs the same op on the dequantised weights"
+  moe=$(timeout -k 5 120 "$py" - <<'PY' 2>&1
+import sys, torch, twotower_ext as tt
+from twotower_ext import quant
+g = torch.Generator().manual_seed(0)
+bad = 0
+T, E, k, H, I = 16, 8, 2, 2688, 1856
+up, down = torch.randn(E, I, H, generator=g) / H ** 0.5, torch.randn(E, H, I, generator=g) / I ** 0.5
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+w = torch.rand(T, k, generator=g).cuda()
+for fmt in ("fp8", "int4"):
+    qu, qd = quant.quantize(up, fmt).to("cuda"), quant.quantize(down, fmt).to("cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        try:
+            x = torch.randn(T, H, generator=g).to(dtype).cuda()
+            y = torch.ops.twotower.moe_experts(x, ids, w, qu.data, qd.data, qu.scale, qd.scale, qu.group)
+            dense = tt.ops.moe_experts(x, ids, w, quant.dequantize(qu, dtype), quant.dequantize(qd, dtype))
+            same = torch.equal(y, dense)
+            bad += not same
+            ran = torch.ops.twotower.cuda_moe_path(dtype, fmt, H, I, qu.group, scale_dtype=qu.scale.dtype)
+            print(f"| {fmt} | {str(dtype)[6:]} | {ran} | {'bit-identical' if same else 'DIFFERENT'}, max |y| "
+                  f"{y.abs().max().item():.3g} |")
+        except Exception as e:  # noqa: BLE001
+            bad += 1
+            print(f"| {fmt} | {str(dtype)[6:]} | FAILED: {str(e).splitlines()[0]} | |")
+sys.exit(1 if bad else 0)
+PY
+) || { echo "gpu_check: QUANTISED MOE REPORT FAILED or timed out" >&2; status=1; }
+  echo "$moe"
+
   stamp "CUDA tests (per file, ${file_timeout}s each)"
   timed_out=""
   for f in $(grep -l "cuda" tests/test_*.py); do
@@ -144,7 +175,7 @@ PY
     echo "gpu_check: budget spent: GPU microbenchmarks not run" >&2
   fi
 else
-  summary="not run (no GPU)"; wgmma="not run (no GPU)"; paths=""
+  summary="not run (no GPU)"; wgmma="not run (no GPU)"; paths=""; moe=""
   san_memcheck="not run (no GPU)"; san_racecheck="not run (no GPU)"
   stamp "CPU smoke benchmarks (no GPU)"
   "$py" -m bench --device cpu --quick --no-save
@@ -170,5 +201,11 @@ if [ -n "$paths" ]; then
   echo "| attention path | model, dtype | kernel that ran (cuda_attention_last_launch) | vs fp64 |"
   echo "|---|---|---|---|"
   grep -E "^\|" <<<"$paths" || true
+fi
+if [ -n "${moe:-}" ]; then
+  echo
+  echo "| moe weights | x dtype | grouped GEMM kernel (cuda_moe_path) | vs the op on dequantised weights |"
+  echo "|---|---|---|---|"
+  grep -E "^\|" <<<"$moe" || true
 fi
 exit $status

@@ -2,13 +2,15 @@
 racecheck): block_attention on every path this GPU has (simt, mma, wgmma on sm_90; a row with one split (direct
 write) and a causal row with several (merge)), merge_states, threshold_unmask and mamba_block_scan. Inputs are
 made on the CPU and copied, so the sanitizer sees almost only this project's kernels. Prints which attention
-kernel really ran for each call (the op's own report)."""
+kernel really ran for each call (the op's own report). moe_experts with dense, fp8 and int4 expert weights on
+the mma path (aligned sizes) and the SIMT one (odd sizes), the path from twotower::cuda_moe_path."""
 import math
 import os
 
 import torch
 
 import twotower_ext as tt
+from twotower_ext import quant
 
 
 def main() -> None:
@@ -52,6 +54,20 @@ def main() -> None:
                         ssm_state_out=ssm)
     torch.cuda.synchronize()
     print("sanitize: mamba_block_scan", flush=True)
+
+    for H, I in ((160, 96), (53, 37)):
+        x = rnd(6, H).bfloat16().to(dev)
+        ids = torch.tensor([[0, 1], [1, 2], [2, 0], [3, 1], [0, 3], [2, 3]]).to(dev)
+        wts = torch.rand(6, 2, generator=g).to(dev)
+        up, down = rnd(4, I, H) / H ** 0.5, rnd(4, H, I) / I ** 0.5
+        tt.ops.moe_experts(x, ids, wts, up.bfloat16().to(dev), down.bfloat16().to(dev))
+        for fmt in ("fp8", "int4"):
+            qu, qd = (quant.quantize(w, fmt).to(dev) for w in (up, down))
+            torch.ops.twotower.moe_experts(x, ids, wts, qu.data, qd.data, qu.scale, qd.scale, qu.group)
+        torch.cuda.synchronize()
+        paths = [torch.ops.twotower.cuda_moe_path(torch.bfloat16, f, H, I, 128 if f == "int4" else 0)
+                 for f in ("dense", "fp8", "int4")]
+        print(f"sanitize: moe_experts H={H} I={I} dense/fp8/int4: {'/'.join(paths)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);
 // active count exit at once) -> down (same over H tiles, per-slot fp32 outputs) -> combine (per token,
 // choices summed in j order). Out-of-range ids: the (token, choice) is skipped (contributes 0) and bit 0
 // of the error word is set; the adapter checks it only with TWOTOWER_MOE_DEBUG=1 (that synchronises).
+// Every (x dtype, weight format) runs: fp8 / int4 weight tiles are dequantised in registers on the way to the
+// tensor cores (or per element on the SIMT kernel); moe_cuda_plan.h's moe_cuda_path picks the kernel. The
+// workspace does not depend on the format. A scale dtype that is not the format's: kUnsupportedDType.
 
 constexpr int32_t kMoeErrBadId = 1;
 constexpr int64_t kMoeCudaMaxExperts = 12 * 1024;  // the route kernel counts per expert in shared memory

@@ -6,8 +6,13 @@
 // 64 at a time, as 1..4 m16 tiles: a decode step or a 16-token pass has 1..3 rows per expert) on mma.sync
 // m16n8k16 (bf16 / fp16, fp32 accumulate). Slots past the active count exit at once. fp32 and shapes the
 // tensor-core path cannot take (a K that is not a multiple of 8, unaligned rows) use a SIMT kernel with the
-// same grid. The combine sums each token's k slot outputs in j order in fp64, so results do not depend on the
-// order in which the route kernel's atomics placed the slots.
+// same grid; moe_cuda_plan.h decides (moe_cuda_path). The combine sums each token's k slot outputs in j order in
+// fp64, so results do not depend on the order in which the route kernel's atomics placed the slots.
+//
+// Quantised weights (fp8 / int4, moe.h): the weight tile streams through the cp.async stages in its stored form
+// (1 or 1/2 byte per weight) and each warp dequantises the 16 rows its own ldmatrix reads, 8 consecutive k per
+// thread, in registers (moe_dequant.cuh: exactly quant.dequantize's numerics) into one shared tile of x's dtype;
+// only a __syncwarp separates that from the mma. The SIMT kernel dequantises element by element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,12 +23,13 @@
 #include "block_attention/block_attention_ptx.cuh"  // cp_async_16, smem_addr, ldmatrix_x4, mma_16816; ba_ensure_dynamic_smem
 #include "common/half_cuda.cuh"
 #include "moe/moe.h"
+#include "moe/moe_cuda_plan.h"
+#include "moe/moe_dequant.cuh"
 
 namespace tt {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBK = 64, kStages = 3, kThreads = 128;
-constexpr int kPitch = kBK + 8;  // halves: a 144-byte row pitch makes ldmatrix's 8 row addresses conflict-free
+using moe_cuda::kBM, moe_cuda::kBN, moe_cuda::kBK, moe_cuda::kStages, moe_cuda::kThreads, moe_cuda::kPitch;
 constexpr int kRouteThreads = 1024;
 
 struct Ws {
@@ -116,18 +122,32 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeParams p, W
   }
 }
 
-// The GEMM of active expert slot a: its slots [s0, s0 + M), sizes, and weight matrix [N, K] (rows ld_w apart).
-template <typename T>
+// The GEMM of active expert slot a: its slots [s0, s0 + M), sizes, and weight matrix [N, K] (rows ld_w apart, in
+// storage units: elements of T when dense, bytes when quantised) with, when quantised, the expert's scales
+// (fp8: fp32 [N]; int4: 16-bit [N, ceil(K / group)]).
+template <typename T, MoeWeightFormat F>
+using WeightT = std::conditional_t<F == MoeWeightFormat::kDense, T, uint8_t>;
+
+template <typename T, MoeWeightFormat F>
 struct GroupGemm {
   int64_t s0, M, K, N, ld_w;
-  const T* W;
+  const WeightT<T, F>* W;
+  const void* scale;
 };
-template <typename T, bool kUp>
-__device__ __forceinline__ GroupGemm<T> group_gemm(const MoeParams& p, const Ws& w, int a) {
+template <typename T, MoeWeightFormat F, bool kUp>
+__device__ __forceinline__ GroupGemm<T, F> group_gemm(const MoeParams& p, const Ws& w, int a) {
   const int64_t e = w.active[a];
+  const int64_t K = kUp ? p.hidden : p.inter, N = kUp ? p.inter : p.hidden;
   const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
-  const T* W = static_cast<const T*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
-  return {w.offsets[e], w.counts[e], kUp ? p.hidden : p.inter, kUp ? p.inter : p.hidden, ld_w, W};
+  const auto* W =
+      static_cast<const WeightT<T, F>*>(kUp ? p.w_up : p.w_down) + e * (kUp ? p.up_stride_e : p.down_stride_e);
+  const void* scale = nullptr;
+  if constexpr (F == MoeWeightFormat::kFp8) {
+    scale = static_cast<const float*>(kUp ? p.up_scale : p.down_scale) + e * N;
+  } else if constexpr (F == MoeWeightFormat::kInt4) {
+    scale = static_cast<const uint16_t*>(kUp ? p.up_scale : p.down_scale) + e * N * ((K + p.group - 1) / p.group);
+  }
+  return {w.offsets[e], w.counts[e], K, N, ld_w, W, scale};
 }
 
 // Where row m of an expert's A operand lives: up: x[slot_token[s0 + m]]; down: hidden[s0 + m].
@@ -143,24 +163,60 @@ __device__ __forceinline__ void epilogue(const MoeParams& p, const Ws& w, int64_
   else w.out_slot[slot * p.hidden + n] = v;
 }
 
+// 16-byte global -> shared copy of which only the first `bytes` (0..16) are read, the rest zero-filled (a
+// quantised row's last chunk: its row ends mid-chunk).
+__device__ __forceinline__ void cp_async_16_first(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
 // ---------------------------------------------------------------------------------------------------
-// Tensor-core grouped GEMM (bf16 / fp16).
+// Tensor-core grouped GEMM (bf16 / fp16). Quantised (F != kDense, S the int4 scale type): the weight tile goes
+// through the stages raw (Bq) and is dequantised once per k tile into the single tile Bs; warp w writes and
+// reads only Bs rows [16 w, 16 w + 16), so a __syncwarp orders the two, and the __syncthreads at the top of the
+// next k step orders this step's ldmatrix reads before the next dequantisation overwrites them.
 
-constexpr int kMmaSmemBytes = kStages * (kBM + kBN) * kPitch * 2;
-
-template <typename T, bool kUp>
+template <typename T, MoeWeightFormat F, typename S, bool kUp>
 __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws w) {
+  constexpr bool kQuant = F != MoeWeightFormat::kDense;
+  constexpr int kRaw = moe_cuda::raw_row_bytes(F);  // bytes of a raw weight row per k tile (quantised)
   const int a = blockIdx.x;
   if (a >= *w.n_active) return;
-  const auto g = group_gemm<T, kUp>(p, w, a);
+  const auto g = group_gemm<T, F, kUp>(p, w, a);
   const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
   const int64_t n0 = int64_t(blockIdx.y) * kBN;
-  const T* W = g.W + n0 * ld_w;
+  const auto* W = g.W + n0 * ld_w;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);                   // [kStages][kBM][kPitch]
-  T* Bs = As + kStages * kBM * kPitch;                  // [kStages][kBN][kPitch]
+  T* As = reinterpret_cast<T*>(smem);                                   // [kStages][kBM][kPitch]
+  T* Bs = As + kStages * kBM * kPitch;                                  // [kStages or 1 (quantised)][kBN][kPitch]
+  uint8_t* Bq = reinterpret_cast<uint8_t*>(Bs + kBN * kPitch);          // quantised: [kStages][kBN][kRaw]
+  uint16_t* Sc = reinterpret_cast<uint16_t*>(Bq + kStages * kBN * kRaw);  // int4: [kBN][sp]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t nk = (K + kBK - 1) / kBK;
+
+  // Quantised: this lane dequantises rows warp * 16 + lane / 8 + 4 i (i < 4), k [kq, kq + 8) of every tile.
+  const int kq = 8 * (lane % 8);
+  float scale256[4] = {};  // fp8: the rows' scales times 2^8 (see moe_dequant.cuh)
+  int group = 1, sp = 0;  // int4: group size, scale row pitch in Sc
+  if constexpr (F == MoeWeightFormat::kFp8) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t n = n0 + warp * 16 + lane / 8 + 4 * i;
+      if (n < N) scale256[i] = mul_rn(static_cast<const float*>(g.scale)[n], 256.f);
+    }
+  } else if constexpr (F == MoeWeightFormat::kInt4) {
+    // Every scale of the CTA's rows, once (the m loop below reuses them; rows past N get 0); the first k step's
+    // __syncthreads publishes them. The rows are contiguous in the scale tensor. The launch sized Sc for the
+    // larger group count of the two GEMMs (moe_int4_groups), so this GEMM's pitch fits.
+    group = int(p.group);
+    const int ng = int((K + group - 1) / group);
+    sp = int(moe_cuda::scale_pitch(ng));
+    const uint16_t* src = static_cast<const uint16_t*>(g.scale) + n0 * ng;
+    for (int c = tid; c < kBN * ng; c += kThreads) {
+      const int r = c / ng;
+      Sc[r * sp + c % ng] = n0 + r < N ? src[c] : uint16_t(0);
+    }
+  }
+  const int64_t row_bytes = F == MoeWeightFormat::kFp8 ? K : (K + 1) / 2;  // quantised: stored bytes of a row
 
   for (int64_t m0 = 0; m0 < M; m0 += kBM) {
     const int64_t rows = M - m0 < kBM ? M - m0 : kBM;
@@ -173,10 +229,21 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
         const T* src = ok ? a_row<T, kUp>(p, w, s0, m0 + r) + k0 + kc : static_cast<const T*>(p.x);
         cp_async_16(smem_addr(As + (st * kBM + r) * kPitch + kc), src, ok);
       }
-      for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {  // B: the weight tile
-        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-        const bool ok = n0 + r < N && k0 + kc < K;
-        cp_async_16(smem_addr(Bs + (st * kBN + r) * kPitch + kc), ok ? W + r * ld_w + k0 + kc : W, ok);
+      if constexpr (!kQuant) {
+        for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {  // B: the weight tile
+          const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+          const bool ok = n0 + r < N && k0 + kc < K;
+          cp_async_16(smem_addr(Bs + (st * kBN + r) * kPitch + kc), ok ? W + r * ld_w + k0 + kc : W, ok);
+        }
+      } else {
+        const int64_t b0 = kt * kRaw;  // the tile's first byte in a row
+        for (int c = tid; c < kBN * (kRaw / 16); c += kThreads) {  // B: the raw weight tile, 16-byte chunks
+          const int r = c / (kRaw / 16), cb = (c % (kRaw / 16)) * 16;
+          const int64_t left = row_bytes - (b0 + cb);
+          const int bytes = n0 + r < N && left > 0 ? (left < 16 ? int(left) : 16) : 0;
+          cp_async_16_first(smem_addr(Bq + (st * kBN + r) * kRaw + cb), bytes > 0 ? W + r * ld_w + b0 + cb : W,
+                            bytes);
+        }
       }
     };
     float acc[4][2][4] = {};
@@ -191,10 +258,35 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
       if (kt + kStages - 1 < nk) load(kt + kStages - 1, int((kt + kStages - 1) % kStages));
       cp_async_commit();
       const int st = int(kt % kStages);
+      const T* Bt = Bs + st * kBN * kPitch;
+      if constexpr (kQuant) {
+        // K is a multiple of 8 here (moe_cuda_path), so a chunk of 8 k is all inside K or all past it (zeros:
+        // a NaN scale must not reach the zero-filled columns of A past K).
+        const int64_t k = kt * kBK + kq;
+        const uint8_t* raw = Bq + st * kBN * kRaw;
+        // int4: the chunk's one group (group % 8 == 0) in the staged scales of the lane's first row
+        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(uint32_t(k) / uint32_t(group)) : 0;
+        const uint16_t* sc = Sc + (warp * 16 + lane / 8) * sp + gi;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = warp * 16 + lane / 8 + 4 * i;
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (k < K) {
+            if constexpr (F == MoeWeightFormat::kFp8)
+              v = dequant_fp8x8<T>(*reinterpret_cast<const uint2*>(raw + r * kRaw + kq), scale256[i]);
+            else
+              v = dequant_int4x8<T, S>(*reinterpret_cast<const uint32_t*>(raw + r * kRaw + kq / 2),
+                                       sc[4 * i * sp]);
+          }
+          *reinterpret_cast<uint4*>(Bs + r * kPitch + kq) = v;
+        }
+        __syncwarp();
+        Bt = Bs;
+      }
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
         uint32_t b[4];  // two n8 tiles of this warp's 16 columns: (k lo, k hi) each
-        ldmatrix_x4(b, smem_addr(Bs + (st * kBN + warp * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
+        ldmatrix_x4(b, smem_addr(Bt + (warp * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
                                  ((lane / 8) % 2) * 8));
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
@@ -224,26 +316,48 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
 
 // ---------------------------------------------------------------------------------------------------
 // SIMT grouped GEMM (fp32, and shapes the tensor-core path cannot take): a warp per weight row, lanes over k
-// (coalesced), 8 rows of A at a time.
+// (coalesced), 8 rows of A at a time. Quantised weights are dequantised per element (each once per 8 A rows):
+// round_T(float(q) * float(scale)), T = x's dtype (no rounding for fp32).
 
-template <typename T, bool kUp>
+template <typename T, MoeWeightFormat F>
+__device__ __forceinline__ float simt_weight(const MoeParams& p, const WeightT<T, F>* wr, float row_scale,
+                                             const uint16_t* row_groups, int64_t k) {
+  if constexpr (F == MoeWeightFormat::kDense) {
+    return to_float(wr[k]);
+  } else if constexpr (F == MoeWeightFormat::kFp8) {
+    return to_float(from_float<T>(mul_rn(fp8_to_float_div256(wr[k]), row_scale)));
+  } else {
+    const uint32_t byte = wr[k >> 1], n = k & 1 ? byte >> 4 : byte & 0xFu;
+    const uint16_t sb = row_groups[uint32_t(k) / uint32_t(p.group)];
+    const float s = p.scale_dtype == DType::kBFloat16 ? scale_bits_to_float<__nv_bfloat16>(sb)
+                                                      : scale_bits_to_float<__half>(sb);
+    return to_float(from_float<T>(mul_rn(int4_to_float(n), s)));
+  }
+}
+
+template <typename T, MoeWeightFormat F, bool kUp>
 __global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws w) {
   const int a = blockIdx.x;
   if (a >= *w.n_active) return;
-  const auto g = group_gemm<T, kUp>(p, w, a);
+  const auto g = group_gemm<T, F, kUp>(p, w, a);
   const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
-  const T* W = g.W;
+  const auto* W = g.W;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_end = int64_t(blockIdx.y) * kBN + kBN < N ? int64_t(blockIdx.y) * kBN + kBN : N;
   for (int64_t n = int64_t(blockIdx.y) * kBN + warp; n < n_end; n += kThreads / 32) {
-    const T* wr = W + n * ld_w;
+    const auto* wr = W + n * ld_w;
+    float row_scale = 0.f;          // fp8: the row's scale times 2^8
+    const uint16_t* row_groups = nullptr;  // int4: the row's group scales
+    if constexpr (F == MoeWeightFormat::kFp8) row_scale = mul_rn(static_cast<const float*>(g.scale)[n], 256.f);
+    if constexpr (F == MoeWeightFormat::kInt4)
+      row_groups = static_cast<const uint16_t*>(g.scale) + n * ((K + p.group - 1) / p.group);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       float acc[8] = {};
       const T* ar[8];
 #pragma unroll
       for (int r = 0; r < 8; ++r) ar[r] = m0 + r < M ? a_row<T, kUp>(p, w, s0, m0 + r) : nullptr;
       for (int64_t k = lane; k < K; k += 32) {
-        const float wv = to_float(wr[k]);
+        const float wv = simt_weight<T, F>(p, wr, row_scale, row_groups, k);
 #pragma unroll
         for (int r = 0; r < 8; ++r)
           if (ar[r] != nullptr) acc[r] += to_float(ar[r][k]) * wv;
@@ -275,13 +389,23 @@ __global__ void moe_combine_kernel(MoeParams p, Ws w) {
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
-// The tensor-core path reads 16-byte chunks of every A and weight row.
-bool mma_ok(const MoeParams& p) {
-  return p.dtype != DType::kFloat32 && p.hidden % 8 == 0 && p.inter % 8 == 0 && p.x_stride % 8 == 0 &&
-         p.up_stride_n % 8 == 0 && p.up_stride_e % 8 == 0 && p.down_stride_n % 8 == 0 && p.down_stride_e % 8 == 0 &&
-         aligned16(p.x) && aligned16(p.w_up) && aligned16(p.w_down);
+// Both GEMMs of one weight format (S: int4's scale type; unused otherwise) on the path moe_cuda_path chose.
+template <typename T, MoeWeightFormat F, typename S>
+Status launch_gemms(const MoeParams& p, const Ws& w, cudaStream_t s, dim3 up_grid, dim3 down_grid) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (moe_cuda_path(p) == MoeCudaPath::kMma) {
+      const int64_t smem = moe_cuda::mma_smem_bytes(F, moe_int4_groups(p));
+      if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, true>>(smem) != cudaSuccess ||
+          ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, false>>(smem) != cudaSuccess)
+        return Status::kLaunchFailed;
+      moe_gemm_mma_kernel<T, F, S, true><<<up_grid, kThreads, smem, s>>>(p, w);
+      moe_gemm_mma_kernel<T, F, S, false><<<down_grid, kThreads, smem, s>>>(p, w);
+      return Status::kOk;
+    }
+  }
+  moe_gemm_simt_kernel<T, F, true><<<up_grid, kThreads, 0, s>>>(p, w);
+  moe_gemm_simt_kernel<T, F, false><<<down_grid, kThreads, 0, s>>>(p, w);
+  return Status::kOk;
 }
 
 template <typename T>
@@ -290,21 +414,17 @@ Status launch(const MoeParams& p, const Ws& w, cudaStream_t s) {
   const unsigned slots = unsigned(p.experts < n ? p.experts : n);
   if (slots > 0) {
     const dim3 up_grid(slots, unsigned((p.inter + kBN - 1) / kBN)), down_grid(slots, unsigned((p.hidden + kBN - 1) / kBN));
-    if constexpr (!std::is_same_v<T, float>) {
-      if (mma_ok(p)) {
-        if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, true>>(kMmaSmemBytes) != cudaSuccess ||
-            ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, false>>(kMmaSmemBytes) != cudaSuccess)
-          return Status::kLaunchFailed;
-        moe_gemm_mma_kernel<T, true><<<up_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
-        moe_gemm_mma_kernel<T, false><<<down_grid, kThreads, kMmaSmemBytes, s>>>(p, w);
-      } else {
-        moe_gemm_simt_kernel<T, true><<<up_grid, kThreads, 0, s>>>(p, w);
-        moe_gemm_simt_kernel<T, false><<<down_grid, kThreads, 0, s>>>(p, w);
-      }
-    } else {
-      moe_gemm_simt_kernel<T, true><<<up_grid, kThreads, 0, s>>>(p, w);
-      moe_gemm_simt_kernel<T, false><<<down_grid, kThreads, 0, s>>>(p, w);
+    using F = MoeWeightFormat;
+    Status st = Status::kOk;
+    switch (p.format) {
+      case F::kDense: st = launch_gemms<T, F::kDense, T>(p, w, s, up_grid, down_grid); break;
+      case F::kFp8: st = launch_gemms<T, F::kFp8, float>(p, w, s, up_grid, down_grid); break;
+      case F::kInt4:
+        st = p.scale_dtype == DType::kBFloat16 ? launch_gemms<T, F::kInt4, __nv_bfloat16>(p, w, s, up_grid, down_grid)
+                                               : launch_gemms<T, F::kInt4, __half>(p, w, s, up_grid, down_grid);
+        break;
     }
+    if (st != Status::kOk) return st;
   }
   moe_combine_kernel<T><<<unsigned(p.tokens), 256, 0, s>>>(p, w);
   return Status::kOk;
@@ -323,6 +443,7 @@ int64_t moe_cuda_error_offset(const MoeParams& p) {
 Status moe_experts_cuda(const MoeParams& p, void* workspace, void* stream) {
   if (p.tokens == 0) return Status::kOk;
   if (p.experts > kMoeCudaMaxExperts || p.tokens > INT32_MAX) return Status::kUnsupportedShape;
+  if (moe_cuda_path(p) == MoeCudaPath::kUnsupported) return Status::kUnsupportedDType;  // a scale dtype
   Ws w;
   layout(p, static_cast<char*>(workspace), &w, nullptr);
   auto s = static_cast<cudaStream_t>(stream);
