@@ -327,9 +327,6 @@ void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
   const auto& p = plan.p;
   TORCH_CHECK(p.experts <= tt::kMoeCudaMaxExperts, "twotower: w_up has ", p.experts, " experts; the CUDA kernel takes at most ",
               tt::kMoeCudaMaxExperts);
-  // QUANTISED-ON-CUDA GUARD (engineer qcuda removes it when moe_cuda.cu dequantises fp8 / int4 weights):
-  TORCH_CHECK(p.format == tt::MoeWeightFormat::kDense, "twotower: fp8 / int4 expert weights are not implemented on "
-              "CUDA in this build (moe_experts needs w_up / w_down in x's dtype there)");
   if (p.tokens == 0) return;
   auto ws = at::empty({tt::moe_cuda_workspace_bytes(p)}, x.options().dtype(at::kByte));
   check_status(tt::moe_experts_cuda(p, ws.data_ptr(), current_stream(x)), "moe_experts");
