@@ -102,7 +102,8 @@ struct MoeCpuBuffers {
 struct MoeCpuScratch {
   std::vector<float> c;          // GEMM output tile
   std::vector<double> acc;       // the down phase's fp64 combine [T, tile]
-  std::vector<float> wa, wb;     // fp32 operands for the matrix library path
+  std::vector<float> wa;         // the matrix library path's fp32 x rows
+  std::vector<float> wb;         // weight rows widened (library path) or dequantised (quantised formats)
 };
 
 Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, const MoeUpItem& item,
@@ -114,6 +115,21 @@ Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuC
 // contiguous in k, ldb apart; row(m) = a_rows[m] or m when a_rows is null; C rows ldc apart).
 void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
                  int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc);
+// `rows` consecutive rows of one quantised expert matrix [N, K] (moe_dequant_cpu.cpp).
+struct MoeQuantRows {
+  MoeWeightFormat format;        // kFp8 | kInt4
+  const uint8_t* data;           // the first row's bytes
+  int64_t ld;                    // bytes between rows
+  const void* scale;             // the first row's scales, contiguous: fp8 one per row; int4 ceil(k/group) per row
+  DType scale_dtype;
+  int64_t group;                 // int4 group size (even); unused for fp8
+  int64_t rows, k;
+};
+// Dequantises q into dst [rows, k] (rows k apart): round_to(dt, float(q) * float(scale)), exactly quant.dequantize,
+// stored in dt, or (wide, the matrix-library path) as fp32 holding those dt values. Vectorised per `isa`.
+void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst);
+// Stored bytes (data + scales) of one expert matrix [n, k] in p's format and dtype.
+int64_t moe_weight_bytes(const MoeParams& p, int64_t n, int64_t k);
 // The best ISA this CPU runs (cpuid), and whether `isa` runs here.
 MoeCpuIsa moe_cpu_best_isa();
 bool moe_cpu_isa_supported(MoeCpuIsa isa);

@@ -98,6 +98,31 @@ const float* fp32_rows(DType dt, const void* w, int64_t ld, int64_t rows, int64_
   return buf.data();
 }
 
+// Expert e's weight rows [n0, n0 + rows) of w_up (up) or w_down as a GEMM's B operand (rows contiguous, *ldb
+// elements apart): in x's dtype for the microkernel, or (wide) in fp32 holding x's dtype's values for the matrix
+// library. Dense weights are used in place where they already are that, else widened into buf; quantised ones are
+// dequantised into buf, one tile (or library chunk) at a time, never a whole expert.
+const void* weight_rows(const MoeParams& p, MoeCpuIsa isa, bool up, int64_t e, int64_t n0, int64_t rows, bool wide,
+                        std::vector<float>& buf, int64_t* ldb) {
+  const int64_t K = up ? p.hidden : p.inter, N = up ? p.inter : p.hidden;
+  const int64_t se = up ? p.up_stride_e : p.down_stride_e, sn = up ? p.up_stride_n : p.down_stride_n;
+  if (p.format == MoeWeightFormat::kDense) {
+    const void* w = static_cast<const char*>(up ? p.w_up : p.w_down) + (e * se + n0 * sn) * elem_size(p.dtype);
+    if (wide) return fp32_rows(p.dtype, w, sn, rows, K, buf, ldb);
+    *ldb = sn;
+    return w;
+  }
+  const int64_t per_row = p.format == MoeWeightFormat::kFp8 ? 1 : (K + p.group - 1) / p.group;
+  const MoeQuantRows q{p.format, static_cast<const uint8_t*>(up ? p.w_up : p.w_down) + e * se + n0 * sn, sn,
+                       static_cast<const char*>(up ? p.up_scale : p.down_scale) +
+                           (e * N + n0) * per_row * elem_size(p.scale_dtype),
+                       p.scale_dtype, p.group, rows, K};
+  buf.resize((rows * K * (wide ? 4 : elem_size(p.dtype)) + 3) / 4);
+  moe_dequant_rows(isa, q, p.dtype, wide, buf.data());
+  *ldb = K;
+  return buf.data();
+}
+
 // The matrix library on fp32 operands: C[M, N] = A[M, K] @ B[N, K]^T.
 void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
@@ -161,12 +186,12 @@ Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuCon
   const int64_t a = item.a, e = pl.active[a], s0 = pl.begin[a], M = pl.begin[a + 1] - s0;
   const int64_t H = p.hidden, I = p.inter, es = elem_size(p.dtype);
   const int32_t* tok = pl.slot_token.data() + s0;
-  const char* wup = static_cast<const char*>(p.w_up) + e * p.up_stride_e * es;
+  int64_t ldb = 0;
   if (item.tile >= 0) {  // microkernel: x rows read in place through the token list
     const int64_t n0 = item.tile * pl.tile_up, nt = std::min(pl.tile_up, I - n0);
     s.c.resize(M * nt);
-    moe_gemm_nt(cfg.isa, p.dtype, M, nt, H, p.x, tok, p.x_stride, wup + n0 * p.up_stride_n * es, p.up_stride_n,
-                s.c.data(), nt);
+    const void* b = weight_rows(p, cfg.isa, true, e, n0, nt, false, s.wb, &ldb);
+    moe_gemm_nt(cfg.isa, p.dtype, M, nt, H, p.x, tok, p.x_stride, b, ldb, s.c.data(), nt);
     for (int64_t i = 0; i < M; ++i) {
       const float* c = s.c.data() + i * nt;
       store_rounded(p.dtype, static_cast<char*>(buf.hidden) + ((s0 + i) * I + n0) * es, nt,
@@ -181,8 +206,7 @@ Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuCon
   s.c.resize(M * chunk);
   for (int64_t n0 = 0; n0 < I; n0 += chunk) {
     const int64_t nt = std::min(chunk, I - n0);
-    int64_t ldb = 0;
-    const float* b = fp32_rows(p.dtype, wup + n0 * p.up_stride_n * es, p.up_stride_n, nt, H, s.wb, &ldb);
+    const float* b = static_cast<const float*>(weight_rows(p, cfg.isa, true, e, n0, nt, true, s.wb, &ldb));
     library_nt(cfg.library, M, nt, H, s.wa.data(), H, b, ldb, s.c.data(), nt);
     for (int64_t i = 0; i < M; ++i) {
       const float* c = s.c.data() + i * nt;
@@ -201,15 +225,14 @@ Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuC
   const int64_t na = int64_t(pl.active.size());
   for (int64_t a = 0; a < na; ++a) {
     const int64_t e = pl.active[a], s0 = pl.begin[a], M = pl.begin[a + 1] - s0;
-    const char* w = static_cast<const char*>(p.w_down) + (e * p.down_stride_e + n0 * p.down_stride_n) * es;
     s.c.resize(M * nt);
+    int64_t ldb = 0;
+    const void* b = weight_rows(p, cfg.isa, false, e, n0, nt, pl.library[a], s.wb, &ldb);
     if (!pl.library[a]) {
-      moe_gemm_nt(cfg.isa, p.dtype, M, nt, I, static_cast<const char*>(buf.hidden) + s0 * I * es, nullptr, I, w,
-                  p.down_stride_n, s.c.data(), nt);
+      moe_gemm_nt(cfg.isa, p.dtype, M, nt, I, static_cast<const char*>(buf.hidden) + s0 * I * es, nullptr, I, b, ldb,
+                  s.c.data(), nt);
     } else {
-      int64_t ldb = 0;
-      const float* b = fp32_rows(p.dtype, w, p.down_stride_n, nt, I, s.wb, &ldb);
-      library_nt(cfg.library, M, nt, I, buf.hidden32 + s0 * I, I, b, ldb, s.c.data(), nt);
+      library_nt(cfg.library, M, nt, I, buf.hidden32 + s0 * I, I, static_cast<const float*>(b), ldb, s.c.data(), nt);
     }
     // The combine: each slot's output, times its weight, into its token's fp64 row.
     for (int64_t i = 0; i < M; ++i) {

@@ -24,11 +24,7 @@
 
 #include "common/half_cpu.h"
 #include "moe/moe.h"
-
-#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define TT_MOE_X86 1
-#include <immintrin.h>
-#endif
+#include "moe/moe_isa_cpu.h"
 
 namespace tt {
 namespace {
@@ -101,9 +97,6 @@ void kernel_avx2(int64_t K, const typename Tag::raw* const* a, const typename Ta
 
 // ---------------------------------------------------------------------------------------------------
 // AVX-512: 32 zmm registers; k tails by masked loads.
-
-#define TT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define TT_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 template <class Tag> TT_AVX512 inline __m512 load16(const typename Tag::raw* p, __mmask16 mask) {
   if constexpr (std::is_same_v<Tag, F32>) return _mm512_maskz_loadu_ps(mask, p);

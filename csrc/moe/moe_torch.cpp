@@ -1,8 +1,10 @@
 // Torch-side adapter of moe_experts / moe_experts_out: argument checks (messages name the argument), the params,
 // the CPU / CUDA entry points and their registrations. The schemas are in csrc/registry.cpp; the math in moe.h.
 //
-// moe_experts(x [T,H], expert_ids [T,k] int32|int64, expert_weights [T,k] fp32|fp64, w_up [E,I,H], w_down [E,H,I])
-//   -> y [T,H] in x's dtype. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
+// moe_experts(x [T,H], expert_ids [T,k] int32|int64, expert_weights [T,k] fp32|fp64, w_up [E,I,H], w_down [E,H,I],
+//             w_up_scale, w_down_scale, group_size) -> y [T,H] in x's dtype. Weights dense in x's dtype (no scales,
+//   group_size 0), fp8 (float8_e4m3fn, fp32 scales [E,I] / [E,H]) or int4 (uint8 [E,I,ceil(H/2)] / [E,H,ceil(I/2)],
+//   bf16|fp16 scales [E,I,ceil(H/group)] / [E,H,ceil(I/group)]): python/twotower_ext/quant.py. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
 // every path has read x before it writes out, so out may be x.
 // Environment (tests and benchmarks): TWOTOWER_MOE_CPU_ISA=scalar|avx2|avx512|avx512_bf16 forces the CPU
 // microkernel's instruction set (default: the best this CPU runs); TWOTOWER_MOE_CPU_GEMM=micro|library forces
@@ -21,6 +23,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 
 #include "common/cpu_gemm_torch.h"
 #include "common/torch_checks.h"
@@ -37,16 +41,91 @@ void moe_check_shape(const Tensor& t, const char* name, at::IntArrayRef want, co
 
 struct MoePlan {
   tt::MoeParams p{};
-  Tensor ids, weights, out;  // keep-alive (ids / weights made contiguous)
+  Tensor ids, weights, out, up_scale, down_scale;  // keep-alive (made contiguous)
 };
+
+std::string int4_scale_layout(const char* n, const char* k) {
+  return std::string("[experts, ") + n + ", ceil(" + k + " / group_size)] (one scale per group of w_" +
+         (n[0] == 'i' ? "up" : "down") + "'s rows)";
+}
+
+// The weight format from w_up's dtype, and the checks of w_up / w_down / the scales / group_size for it (the
+// layouts are python/twotower_ext/quant.py's). Dense: w_up, w_down in x's dtype, no scales, group_size 0.
+// Returns the scales, contiguous (undefined for dense).
+std::pair<Tensor, Tensor> check_weights(const Tensor& x, const Tensor& w_up, const Tensor& w_down,
+                                        const std::optional<Tensor>& w_up_scale,
+                                        const std::optional<Tensor>& w_down_scale, int64_t group, tt::MoeParams& p) {
+  const int64_t H = x.size(1);
+  const auto wt = w_up.scalar_type();
+  p.format = wt == at::kFloat8_e4m3fn ? tt::MoeWeightFormat::kFp8
+           : wt == at::kByte          ? tt::MoeWeightFormat::kInt4
+                                      : tt::MoeWeightFormat::kDense;
+  const bool dense = p.format == tt::MoeWeightFormat::kDense, int4 = p.format == tt::MoeWeightFormat::kInt4;
+  const char* fmt = dense ? "dense" : int4 ? "int4" : "fp8";
+  TORCH_CHECK_TYPE(!dense || wt == x.scalar_type(), "twotower: w_up must be ", x.scalar_type(),
+                   " (x's dtype), Float8_e4m3fn (fp8) or Byte (int4, two per byte), got ", wt);
+  TORCH_CHECK_TYPE(w_down.scalar_type() == wt, "twotower: w_down must be ", wt, " like w_up (", fmt,
+                   " expert weights), got ", w_down.scalar_type());
+  check_same_device(w_up, "w_up", x, "x");
+  check_same_device(w_down, "w_down", x, "x");
+  // int4 packs two k per byte: the stored last dimension is ceil(k / 2).
+  const int64_t up_k = int4 ? (H + 1) / 2 : H;
+  TORCH_CHECK(w_up.dim() == 3 && w_up.size(2) == up_k && w_up.size(0) >= 1 && w_up.size(1) >= 1,
+              "twotower: w_up must be [experts, inter, ", int4 ? "ceil(hidden / 2)" : "hidden", "] with hidden = ", H,
+              " (x's), got shape ", w_up.sizes());
+  check_last_dim_contiguous(w_up, "w_up");
+  const int64_t E = w_up.size(0), I = w_up.size(1);
+  if (int4) {
+    moe_check_shape(w_down, "w_down", {E, H, (I + 1) / 2},
+                    "[experts, hidden, ceil(inter / 2)] (w_up's experts and inter, x's hidden)");
+  } else {
+    moe_check_shape(w_down, "w_down", {E, H, I}, "[experts, hidden, inter] (w_up's experts and inter, x's hidden)");
+  }
+  check_last_dim_contiguous(w_down, "w_down");
+  if (dense) {
+    TORCH_CHECK_VALUE(!w_up_scale.has_value(), "twotower: w_up_scale must be None for dense (", wt,
+                      ") expert weights");
+    TORCH_CHECK_VALUE(!w_down_scale.has_value(), "twotower: w_down_scale must be None for dense (", wt,
+                      ") expert weights");
+    TORCH_CHECK_VALUE(group == 0, "twotower: group_size must be 0 for dense expert weights, got ", group);
+    return {};
+  }
+  TORCH_CHECK_VALUE(w_up_scale.has_value(), "twotower: w_up_scale is required for ", fmt, " expert weights (w_up is ",
+                    wt, ")");
+  TORCH_CHECK_VALUE(w_down_scale.has_value(), "twotower: w_down_scale is required for ", fmt,
+                    " expert weights (w_up is ", wt, ")");
+  const Tensor& us = *w_up_scale;
+  const Tensor& ds = *w_down_scale;
+  check_same_device(us, "w_up_scale", x, "x");
+  check_same_device(ds, "w_down_scale", x, "x");
+  if (int4) {
+    TORCH_CHECK_VALUE(group >= 2 && group % 2 == 0, "twotower: group_size must be an even number >= 2 for int4 "
+                      "expert weights (w_up is uint8), got ", group);
+    TORCH_CHECK_TYPE(us.scalar_type() == at::kBFloat16 || us.scalar_type() == at::kHalf,
+                     "twotower: w_up_scale must be bfloat16 or float16 for int4 expert weights, got ", us.scalar_type());
+    check_dtype(ds, us.scalar_type(), "w_down_scale");
+    moe_check_shape(us, "w_up_scale", {E, I, (H + group - 1) / group}, int4_scale_layout("inter", "hidden").c_str());
+    moe_check_shape(ds, "w_down_scale", {E, H, (I + group - 1) / group}, int4_scale_layout("hidden", "inter").c_str());
+  } else {
+    TORCH_CHECK_VALUE(group == 0, "twotower: group_size must be 0 for fp8 expert weights (one scale per output "
+                      "channel), got ", group);
+    check_dtype(us, at::kFloat, "w_up_scale");
+    check_dtype(ds, at::kFloat, "w_down_scale");
+    moe_check_shape(us, "w_up_scale", {E, I}, "[experts, inter] (one scale per output channel of w_up)");
+    moe_check_shape(ds, "w_down_scale", {E, H}, "[experts, hidden] (one scale per output channel of w_down)");
+  }
+  Tensor usc = us.contiguous(), dsc = ds.contiguous();
+  p.up_scale = usc.data_ptr();
+  p.down_scale = dsc.data_ptr();
+  p.group = int4 ? group : 0;
+  p.scale_dtype = kernel_dtype(usc, "w_up_scale");
+  return {usc, dsc};
+}
 
 MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
                  const Tensor& w_down, const Tensor* out, const std::optional<Tensor>& w_up_scale,
                  const std::optional<Tensor>& w_down_scale, int64_t group_size) {
   const auto dt = kernel_dtype(x, "x");
-  // TEMPORARY (the quantised kernels replace this before it lands): dense weights only.
-  TORCH_CHECK_VALUE(!w_up_scale.has_value() && !w_down_scale.has_value() && group_size == 0,
-                    "twotower: quantised expert weights are not implemented in this build");
   TORCH_CHECK(x.dim() == 2, "twotower: x must be [tokens, hidden] (2-D), got shape ", x.sizes());
   check_last_dim_contiguous(x, "x");
   const int64_t T = x.size(0), H = x.size(1);
@@ -60,21 +139,14 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
                    "twotower: expert_weights must be float32 or float64, got ", expert_weights.scalar_type());
   check_same_device(expert_weights, "expert_weights", x, "x");
   moe_check_shape(expert_weights, "expert_weights", {T, k}, "[tokens, k] (expert_ids' shape)");
-  check_dtype(w_up, x.scalar_type(), "w_up");
-  check_same_device(w_up, "w_up", x, "x");
-  TORCH_CHECK(w_up.dim() == 3 && w_up.size(2) == H && w_up.size(0) >= 1 && w_up.size(1) >= 1,
-              "twotower: w_up must be [experts, inter, hidden] with hidden = ", H, " (x's), got shape ", w_up.sizes());
-  check_last_dim_contiguous(w_up, "w_up");
+  MoePlan plan;
+  auto& p = plan.p;
+  std::tie(plan.up_scale, plan.down_scale) = check_weights(x, w_up, w_down, w_up_scale, w_down_scale, group_size, p);
   const int64_t E = w_up.size(0), I = w_up.size(1);
-  check_dtype(w_down, x.scalar_type(), "w_down");
-  check_same_device(w_down, "w_down", x, "x");
-  moe_check_shape(w_down, "w_down", {E, H, I}, "[experts, hidden, inter] (w_up's experts and inter, x's hidden)");
-  check_last_dim_contiguous(w_down, "w_down");
   TORCH_CHECK_VALUE(k <= E, "twotower: expert_ids has k = ", k, " choices per token but there are only ", E,
                     " experts (w_up's first dim)");
   TORCH_CHECK(T * k < INT32_MAX && E < INT32_MAX, "twotower: expert_ids must have fewer than 2^31 entries, got shape ",
               expert_ids.sizes());
-  MoePlan plan;
   if (out != nullptr) {
     check_dtype(*out, x.scalar_type(), "out");
     check_same_device(*out, "out", x, "x");
@@ -86,7 +158,6 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
   }
   plan.ids = expert_ids.contiguous();
   plan.weights = expert_weights.contiguous();
-  auto& p = plan.p;
   p.x = x.data_ptr();
   p.expert_ids = plan.ids.data_ptr();
   p.expert_weights = plan.weights.data_ptr();
@@ -100,7 +171,7 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
   p.inter = I;
   p.x_stride = x.stride(0);
   p.y_stride = plan.out.stride(0);
-  p.up_stride_e = w_up.stride(0);
+  p.up_stride_e = w_up.stride(0);  // elements: bytes for both quantised formats (one-byte storage)
   p.up_stride_n = w_up.stride(1);
   p.down_stride_e = w_down.stride(0);
   p.down_stride_n = w_down.stride(1);
@@ -218,8 +289,8 @@ void run_moe_cpu(const tt::MoeParams& p) {
                     : pl.any_library ? at::empty({p.tokens * p.topk, p.inter}, opts.dtype(at::kFloat))
                                      : Tensor();
   const tt::MoeCpuBuffers buf{hidden.data_ptr(), hidden32.defined() ? hidden32.data_ptr<float>() : nullptr};
-  const int64_t es = p.dtype == tt::DType::kFloat32 ? 4 : 2;
-  const bool parallel = int64_t(pl.active.size()) * 2 * p.hidden * p.inter * es >= kParallelMinBytes;
+  const int64_t expert_bytes = tt::moe_weight_bytes(p, p.inter, p.hidden) + tt::moe_weight_bytes(p, p.hidden, p.inter);
+  const bool parallel = int64_t(pl.active.size()) * expert_bytes >= kParallelMinBytes;
   const int64_t n_up = int64_t(pl.up_items.size());
   run_phases(n_up, tt::moe_down_tiles(p, pl), parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
     check_status(i < n_up ? tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s)
@@ -256,6 +327,9 @@ void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
   const auto& p = plan.p;
   TORCH_CHECK(p.experts <= tt::kMoeCudaMaxExperts, "twotower: w_up has ", p.experts, " experts; the CUDA kernel takes at most ",
               tt::kMoeCudaMaxExperts);
+  // QUANTISED-ON-CUDA GUARD (engineer qcuda removes it when moe_cuda.cu dequantises fp8 / int4 weights):
+  TORCH_CHECK(p.format == tt::MoeWeightFormat::kDense, "twotower: fp8 / int4 expert weights are not implemented on "
+              "CUDA in this build (moe_experts needs w_up / w_down in x's dtype there)");
   if (p.tokens == 0) return;
   auto ws = at::empty({tt::moe_cuda_workspace_bytes(p)}, x.options().dtype(at::kByte));
   check_status(tt::moe_experts_cuda(p, ws.data_ptr(), current_stream(x)), "moe_experts");

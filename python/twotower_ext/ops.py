@@ -196,15 +196,35 @@ def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_bloc
 
 
 @torch.library.register_fake("twotower::moe_experts")
-def _moe_experts_fake(x, expert_ids, expert_weights, w_up, w_down):
+def _moe_experts_fake(x, expert_ids, expert_weights, w_up, w_down, w_up_scale=None, w_down_scale=None, group_size=0):
     torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("twotower::moe_experts_out")
-def _moe_experts_out_fake(x, expert_ids, expert_weights, w_up, w_down, out):
+def _moe_experts_out_fake(x, expert_ids, expert_weights, w_up, w_down, out, w_up_scale=None, w_down_scale=None,
+                          group_size=0):
     torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
     return None  # out is written in place
+
+
+def _quantized_args(x, w_up, w_down) -> tuple:
+    """(w_up, w_down, w_up_scale, w_down_scale, group_size) for the op: the tensors themselves when dense, the
+    QuantizedExperts' storage otherwise (both must be quantised, in one format, with the op's k's)."""
+    from .quant import QuantizedExperts
+    qu, qd = isinstance(w_up, QuantizedExperts), isinstance(w_down, QuantizedExperts)
+    if not (qu or qd):
+        return w_up, w_down, None, None, 0
+    if not (qu and qd):
+        raise TypeError("twotower: w_up and w_down must both be QuantizedExperts or both tensors, got "
+                        f"{type(w_up).__name__} and {type(w_down).__name__}")
+    if w_up.fmt != w_down.fmt or w_up.group != w_down.group:
+        raise ValueError(f"twotower: w_up and w_down must have one format, got w_up {w_up.fmt} (group {w_up.group}) "
+                         f"and w_down {w_down.fmt} (group {w_down.group})")
+    if w_up.k != x.shape[-1] or w_down.k != w_up.shape[1]:
+        raise ValueError(f"twotower: w_up's k must be hidden = {x.shape[-1]} (x's) and w_down's k inter = "
+                         f"{w_up.shape[1]} (w_up's), got {w_up.k} and {w_down.k}")
+    return w_up.data, w_down.data, w_up.scale, w_down.scale, w_up.group
 
 
 def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.Tensor:
@@ -218,18 +238,16 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.
     chose are read, each once; no host synchronisation. Out-of-range ids raise on CPU; on CUDA they are skipped
     (contribute 0) unless TWOTOWER_MOE_DEBUG=1 (synchronises, raises).
 
-    w_up / w_down may instead both be `quant.QuantizedExperts` (fp8 or int4, see quant.py for the formats and the
-    dequantisation contract).
+    w_up / w_down may instead both be `quant.QuantizedExperts` of one format (fp8 or int4, see quant.py for the
+    formats and the dequantisation contract): the kernel dequantises tile by tile in its inner loop.
     """
-    from .quant import QuantizedExperts
-    if isinstance(w_up, QuantizedExperts) or isinstance(w_down, QuantizedExperts):
-        # TEMPORARY (replaced by the quantised kernel before this lands): dequantise and run the reference.
-        return reference.moe_experts(x, expert_ids, expert_weights, w_up, w_down, out)
+    ref_up, ref_down = w_up, w_down
+    w_up, w_down, up_scale, down_scale, group = _quantized_args(x, w_up, w_down)
     if not _has_kernel("moe_experts", x.device):
         if out is not None:
             _check_out(out, x)
-        return reference.moe_experts(x, expert_ids, expert_weights, w_up, w_down, out)
+        return reference.moe_experts(x, expert_ids, expert_weights, ref_up, ref_down, out)
     if out is None:
-        return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down)
-    torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out)
+        return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down, up_scale, down_scale, group)
+    torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out, up_scale, down_scale, group)
     return out

@@ -1,0 +1,232 @@
+// Dequantisation of fp8 / int4 expert weight rows on the CPU (torch-free), for the MoE kernel's tiles (moe.h).
+// The contract is python/twotower_ext/quant.py's dequantize, bit for bit: w' = round_to(dt, float(q) * float(scale)),
+// one fp32 product rounded once (round to nearest even) to x's dtype; no FMA, no flush of denormals.
+//   - fp8 e4m3fn -> fp32 exactly through fp16: the byte's 7 magnitude bits shifted left by 7 are the fp16 with the
+//     same mantissa and an exponent 8 lower (bias 15 vs 7, subnormals included), so fp16 -> fp32 (vcvtph2ps)
+//     times 2^8 is exact; e4m3fn has no infinities and its NaN is |b| = 0x7F, patched in.
+//   - int4: the nibble (even k low) minus 8, as an integer converted to fp32, times its group's scale.
+// Paths by moe_cpu_isa (the same switch as the GEMM's): AVX-512 16 wide with masked tails, AVX2 + F16C 8 wide
+// with the scalar tail, scalar.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/half_cpu.h"
+#include "moe/moe.h"
+#include "moe/moe_isa_cpu.h"
+
+namespace tt {
+namespace {
+
+// What a dequantised row is stored as: x's dtype, or fp32 holding x's dtype's values (the library path).
+enum class Out { kF32, kBF16, kF16, kF32RoundBF16, kF32RoundF16 };
+
+constexpr int64_t out_bytes(Out o) { return o == Out::kBF16 || o == Out::kF16 ? 2 : 4; }
+
+float scale_value(DType dt, const void* s, int64_t i) {
+  switch (dt) {
+    case DType::kFloat32: return static_cast<const float*>(s)[i];
+    case DType::kBFloat16: return to_float(static_cast<const bf16_t*>(s)[i]);
+    case DType::kFloat16: return to_float(static_cast<const fp16_t*>(s)[i]);
+  }
+  return NAN;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar
+
+inline float fp8_value(uint8_t b) {
+  if ((b & 0x7F) == 0x7F) return NAN;
+  return to_float(fp16_t{uint16_t((b & 0x7F) << 7 | (b & 0x80) << 8)}) * 256.f;
+}
+
+inline float int4_value(const uint8_t* d, int64_t k) { return float(int((d[k >> 1] >> ((k & 1) * 4)) & 0xF) - 8); }
+
+template <Out O> inline void store1(void* dst, int64_t i, float v) {
+  if constexpr (O == Out::kF32) static_cast<float*>(dst)[i] = v;
+  else if constexpr (O == Out::kBF16) static_cast<bf16_t*>(dst)[i] = from_float<bf16_t>(v);
+  else if constexpr (O == Out::kF16) static_cast<fp16_t*>(dst)[i] = from_float<fp16_t>(v);
+  else if constexpr (O == Out::kF32RoundBF16) static_cast<float*>(dst)[i] = to_float(from_float<bf16_t>(v));
+  else static_cast<float*>(dst)[i] = to_float(from_float<fp16_t>(v));
+}
+
+// Elements [k0, k1) of one row; for int4 all of them in one group of scale s.
+template <Out O> void fp8_scalar(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {
+  for (int64_t k = k0; k < k1; ++k) store1<O>(dst, k, fp8_value(d[k]) * s);
+}
+
+template <Out O> void int4_scalar(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {
+  for (int64_t k = k0; k < k1; ++k) store1<O>(dst, k, int4_value(d, k) * s);
+}
+
+#ifdef TT_MOE_X86
+// ---------------------------------------------------------------------------------------------------
+// AVX2 + F16C (the objects' baseline, no attributes needed)
+
+inline __m256 fp8x8_avx2(const uint8_t* p) {
+  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i mag = _mm_and_si128(w, _mm_set1_epi16(0x7F));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
+  const __m256 f = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F))));
+  return _mm256_blendv_ps(f, _mm256_set1_ps(NAN), nan);
+}
+
+inline __m256 int4x8_avx2(const uint8_t* p) {  // 8 elements from 4 bytes
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  const __m128i b = _mm_cvtsi32_si128(v), m = _mm_set1_epi8(0x0F);
+  const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)));
+}
+
+// fp32 -> bf16 bits in the low half of each lane, round to nearest even, NaN quietened (half_cpu.h's rule).
+inline __m256i bf16_rne_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i hi = _mm256_srli_epi32(u, 16);
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+
+inline __m128i narrow16_avx2(__m256i r) {  // the low 16 bits of 8 lanes (each < 2^16)
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+constexpr int kRneF16 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+template <Out O> inline void store8_avx2(void* dst, int64_t k, __m256 v) {
+  if constexpr (O == Out::kF32) {
+    _mm256_storeu_ps(static_cast<float*>(dst) + k, v);
+  } else if constexpr (O == Out::kBF16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), narrow16_avx2(bf16_rne_avx2(v)));
+  } else if constexpr (O == Out::kF16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), _mm256_cvtps_ph(v, kRneF16));
+  } else if constexpr (O == Out::kF32RoundBF16) {
+    _mm256_storeu_ps(static_cast<float*>(dst) + k, _mm256_castsi256_ps(_mm256_slli_epi32(bf16_rne_avx2(v), 16)));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(dst) + k, _mm256_cvtph_ps(_mm256_cvtps_ph(v, kRneF16)));
+  }
+}
+
+template <Out O> void fp8_avx2(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) store8_avx2<O>(dst, k, _mm256_mul_ps(fp8x8_avx2(d + k), sv));
+  fp8_scalar<O>(d, s, k, k1, dst);
+}
+
+template <Out O> void int4_avx2(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {  // k0 even
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) store8_avx2<O>(dst, k, _mm256_mul_ps(int4x8_avx2(d + k / 2), sv));
+  int4_scalar<O>(d, s, k, k1, dst);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 (16 wide, masked tails)
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+TT_AVX512 inline __m512 fp8x16_avx512(const uint8_t* p, __mmask16 m) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p));
+  const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7F));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                                    _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
+  const __m512 f = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+  return _mm512_mask_mov_ps(f, _mm256_cmpeq_epi16_mask(mag, _mm256_set1_epi16(0x7F)), _mm512_set1_ps(NAN));
+}
+
+TT_AVX512 inline __m512 int4x16_avx512(const uint8_t* p, __mmask16 bytes) {  // 16 elements from 8 bytes
+  const __m128i b = _mm_maskz_loadu_epi8(bytes, p), m = _mm_set1_epi8(0x0F);
+  const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(nib), _mm512_set1_epi32(8)));
+}
+
+TT_AVX512 inline __m512i bf16_rne_avx512(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+template <Out O> TT_AVX512 inline void store16_avx512(void* dst, int64_t k, __m512 v, __mmask16 m) {
+  if constexpr (O == Out::kF32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(dst) + k, m, v);
+  } else if constexpr (O == Out::kBF16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + k, m, _mm512_cvtepi32_epi16(bf16_rne_avx512(v)));
+  } else if constexpr (O == Out::kF16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + k, m, _mm512_cvtps_ph(v, kRneF16));
+  } else if constexpr (O == Out::kF32RoundBF16) {
+    _mm512_mask_storeu_ps(static_cast<float*>(dst) + k, m,
+                          _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rne_avx512(v), 16)));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(dst) + k, m, _mm512_cvtph_ps(_mm512_cvtps_ph(v, kRneF16)));
+  }
+}
+
+template <Out O> TT_AVX512 void fp8_avx512(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 m = mask16(k1 - k);
+    store16_avx512<O>(dst, k, _mm512_mul_ps(fp8x16_avx512(d + k, m), sv), m);
+  }
+}
+
+template <Out O> TT_AVX512 void int4_avx512(const uint8_t* d, float s, int64_t k0, int64_t k1, void* dst) {  // k0 even
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t k = k0; k < k1; k += 16) {
+    const int64_t n = std::min<int64_t>(16, k1 - k);
+    const __mmask16 m = mask16(n);
+    store16_avx512<O>(dst, k, _mm512_mul_ps(int4x16_avx512(d + k / 2, mask16((n + 1) / 2)), sv), m);
+  }
+}
+#endif  // TT_MOE_X86
+
+// ---------------------------------------------------------------------------------------------------
+// Rows: per row, fp8 has one scale; int4 one per group of `group` k (group even, so each group starts on a byte).
+
+using SpanFn = void (*)(const uint8_t*, float, int64_t, int64_t, void*);
+
+template <Out O> void dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, void* dst) {
+  const bool fp8 = q.format == MoeWeightFormat::kFp8;
+  SpanFn fn = fp8 ? &fp8_scalar<O> : &int4_scalar<O>;
+#ifdef TT_MOE_X86
+  if (isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16) fn = fp8 ? &fp8_avx512<O> : &int4_avx512<O>;
+  else if (isa == MoeCpuIsa::kAvx2) fn = fp8 ? &fp8_avx2<O> : &int4_avx2<O>;
+#else
+  (void)isa;
+#endif
+  const int64_t K = q.k, groups = fp8 ? 1 : (K + q.group - 1) / q.group, gk = fp8 ? K : q.group;
+  for (int64_t r = 0; r < q.rows; ++r) {
+    const uint8_t* d = q.data + r * q.ld;
+    void* out = static_cast<char*>(dst) + r * K * out_bytes(O);
+    for (int64_t g = 0; g < groups; ++g)
+      fn(d, scale_value(q.scale_dtype, q.scale, r * groups + g), g * gk, std::min(K, (g + 1) * gk), out);
+  }
+}
+
+}  // namespace
+
+void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst) {
+  switch (dt) {
+    case DType::kFloat32: return dequant_rows<Out::kF32>(isa, q, dst);
+    case DType::kBFloat16:
+      return wide ? dequant_rows<Out::kF32RoundBF16>(isa, q, dst) : dequant_rows<Out::kBF16>(isa, q, dst);
+    case DType::kFloat16:
+      return wide ? dequant_rows<Out::kF32RoundF16>(isa, q, dst) : dequant_rows<Out::kF16>(isa, q, dst);
+  }
+}
+
+int64_t moe_weight_bytes(const MoeParams& p, int64_t n, int64_t k) {
+  switch (p.format) {
+    case MoeWeightFormat::kDense: return n * k * (p.dtype == DType::kFloat32 ? 4 : 2);
+    case MoeWeightFormat::kFp8: return n * k + n * 4;
+    case MoeWeightFormat::kInt4: return n * ((k + 1) / 2) + n * ((k + p.group - 1) / p.group) * 2;
+  }
+  return 0;
+}
+
+}  // namespace tt
