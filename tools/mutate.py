@@ -87,6 +87,17 @@ MUTATIONS = [
     M("engine: a partial last block keeps its surplus", "engine.py",
       "keep = tokens[i][: args.max_new_tokens - (len(out[b]) - len(prompts[b]))]", "keep = tokens[i]",
       "tests/test_engine.py", "-k", "partial_last_block"),
+    # --- quant.py (the quantised formats' definition), judged by the round-trip bounds and by the kernel's
+    #     dequantisation bit for bit (the C++ dequantisers were mutated by hand: see tests/test_quant.py)
+    M("quant int4: high nibble first (odd k in the low nibble)", "quant.py",
+      "torch.stack([lo, hi], dim=-1)", "torch.stack([hi, lo], dim=-1)",
+      "tests/test_quant.py", "-k", "bit_identical or round_trip"),
+    M("quant int4: scales aligned to the end (the short last group's scale shifted)", "quant.py",
+      "repeat_interleave(q.group, dim=-1)[..., :q.k]", "repeat_interleave(q.group, dim=-1)[..., -q.k:]",
+      "tests/test_quant.py", "-k", "bit_identical or round_trip"),
+    M("quant int4: quantiser truncates instead of rounding to nearest", "quant.py",
+      "qi = torch.round(wg / scale.float()[..., None])", "qi = torch.trunc(wg / scale.float()[..., None])",
+      "tests/test_quant.py", "-k", "round_trip"),
     # --- reference.py (the fallback and the clarity baseline), judged by tests/oracle.py
     M("reference attention: V of the block from k_blk", "reference.py",
       "v = torch.cat([v_ctx[b, :n], v_blk[b]], dim=0)", "v = torch.cat([v_ctx[b, :n], k_blk[b]], dim=0)",

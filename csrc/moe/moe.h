@@ -56,6 +56,9 @@ struct MoeParams {
 // and the fp64 combine of all tokens for them (each y element is written once, no [T*k, H] scratch, no
 // third parallel region). Experts with many tokens go to the matrix library instead (moe_micro_max_rows):
 // one up item per such expert, its x rows gathered and widened to fp32 once, its hidden rows kept in fp32.
+// Quantised weights are dequantised where a tile is consumed, never a whole expert: the microkernel's 48 weight
+// rows x K into a per-thread scratch in x's dtype (then the same GEMM as dense weights), the library path's
+// row chunks into fp32 holding x's dtype's values (moe_dequant_rows).
 
 // Which inner GEMM the CPU kernel uses (see moe_gemm_cpu.cpp for why the defaults are what they are).
 enum class MoeCpuIsa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
