@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--out", help="results directory (default bench/results)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--allow-busy", action="store_true", help="save even if other processes used the CPU (marked busy)")
     a = ap.parse_args(argv)
     import torch
 
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     title = "peak host memory of tt.load per routed-expert format (fresh process each; RSS peak above the start)"
     harness.print_table(title, rows, COLUMNS)
     if not a.no_save:
-        out = harness.write_results("load_memory", title, rows, COLUMNS, {"width": a.width}, out_dir=a.out)
+        out = harness.write_results("load_memory", title, rows, COLUMNS, {"width": a.width}, out_dir=a.out,
+                                     allow_busy=a.allow_busy or None)
         print(f"(written to {out}/load_memory.md/.json)")
     return 0
 

@@ -1,6 +1,6 @@
 """Quality of quantised routed experts (fp8 / int4) against the unquantised model in the same dtype.
 
-  python -m bench.bench_quant_quality [--prompts 32] [--prompt-len 64] [--new-tokens 64] [--width 0.125]
+  python -m bench.bench_quant_quality [--prompts 32] [--prompt-len 64] [--new-tokens 64] [--width 0.0625]
 
 Two models: the shipped one (trained) and a random-weight model of the real layer pattern (all 52 layers of
 models/random_init.REAL_PATTERN at `--width` of the real widths, bf16 checkpoint, the shipped tokenizer's
@@ -129,11 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--width", type=float, default=0.125, help="random model's width relative to the real one")
+    ap.add_argument("--width", type=float, default=0.0625, help="random model's width relative to the real one")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="results directory (default bench/results)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--allow-busy", action="store_true", help="save even if other processes used the CPU (marked busy)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     import twotower_ext as tt
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     if not a.no_save:
         extra = {"prompts": len(prompts), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "dtype": a.dtype,
                  "width": a.width, "seconds": time.perf_counter() - t0}
-        out = harness.write_results("quant_quality", title, rows, COLUMNS, extra, out_dir=a.out)
+        out = harness.write_results("quant_quality", title, rows, COLUMNS, extra, out_dir=a.out,
+                                     allow_busy=a.allow_busy or None)
         print(f"(written to {out}/quant_quality.md/.json)")
     return 0
 
