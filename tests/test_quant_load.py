@@ -171,3 +171,25 @@ def test_cli_generate_with_fp8_experts(capsys):
     assert cli.main(["generate", "--model", PARITY, "--prompt-ids", "1,5,7", "--max-new-tokens", "8",
                      "--experts", "fp8"]) == 0
     assert "fp8 experts" in capsys.readouterr().err
+
+
+def test_readme_quant_sections_come_from_the_json(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import harness, readme
+
+    out = str(tmp_path)
+    assert readme.quant_quality_section(out) == "(no results yet: run `python -m bench.bench_quant_quality`)"
+    row = {"device": "cpu", "dtype": "bfloat16", "weights": "fp8", "T": 1, "experts": 6.0, "MB": 60.0,
+           "median_ms": 2.5, "GB/s": 24.0, "%copy_bw": 90.0, "vs_bf16": 1.9}
+    harness.write_results("moe-cpu", "t", [row, {**row, "T": 64}], list(row), out_dir=out, timings=[])
+    q = {"model": "m", "experts": "fp8", "mode": "ar", "first_div_mean": 40.0, "first_div_median": 64,
+         "identical": 0.8, "ll_ratio": 0.999, "top1_tf": 0.99, "kl": 0.0004, "tokens_per_nfe": 1.0}
+    harness.write_results("quant_quality", "t", [q], list(q), out_dir=out, timings=[])
+    speed = readme.quant_speed_section(out)
+    assert "| fp8 | 1 | 6 | 60 | 2.5 | 24 | 90 | 1.9 |" in speed and "| 64 |" not in speed   # T = 1 and 16 only
+    quality = readme.quant_quality_section(out)
+    assert "| m | fp8 | ar | 40 | 64 | 0.8 | 0.999 | 0.99 | 0.0004 | 1 |" in quality
+    assert "run `python -m bench.bench_load_memory`" in quality
+    assert "| int4 | 28.23 | 8.29 | 36.52 | 70.8 | 537 rows |" in readme.memory_section(out)
