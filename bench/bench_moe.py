@@ -9,6 +9,11 @@ several), so the touched weights are not left in the cache by the previous call.
 Baselines side by side: the per-expert Python loop the engine ran before this op (tokens grouped by expert,
 counts read on the host, one matmul pair per active expert, fp64 combine) and the dense path (every expert over
 every token, only run for T <= 16: it does E / (distinct experts) times the work).
+
+Quantised rows (weights fp8 / int4, quant.py; bf16 activations, T = 1 and 16): the same bf16 stacks quantised
+expert by expert, timed in the same run on the same routings; MB and GB/s count the stored bytes of the touched
+experts (data + scales), so GB/s is the effective weight bandwidth, and vs_bf16 is the bf16 row's median over
+this one's: the speed-up a bandwidth-bound decode step gets from the format.
 """
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ import torch.nn.functional as F
 
 from . import harness
 
-COLUMNS = ["device", "dtype", "T", "experts", "MB", "median_ms", "p10-p90_us", "GB/s", "%read_bw", "%copy_bw",
-           "loop_ms", "vs_loop", "dense_ms", "vs_dense"]
+COLUMNS = ["device", "dtype", "weights", "T", "experts", "MB", "median_ms", "p10-p90_us", "GB/s", "%read_bw",
+           "%copy_bw", "vs_bf16", "loop_ms", "vs_loop", "dense_ms", "vs_dense"]
 
-E, K, H, I = 128, 6, 2688, 1856
+E, K, H, I = 128, 6, 2688, 1856   # models/random_init.REAL_CONFIG's
+QUANT_FORMATS = ("fp8", "int4")
+QUANT_TOKENS = (1, 16)
 ROUTINGS = 12  # expert sets cycled through (12 x 6 experts x 20 MB > the 480 MB L3 of the Xeon we measure on)
 
 
@@ -54,11 +61,11 @@ def dense_baseline(x, idx, weights, up, down):
     return torch.einsum("te,eth->th", gates, outs).to(x.dtype)
 
 
-def measure_read_bandwidth(device: str, nbytes: int) -> float:
-    """GB/s of summing a large fp32 tensor (bytes read only)."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    t = harness.time_fn(lambda i: (lambda: buf.sum()), device, budget_s=0.5, min_reps=5)
-    return nbytes / t.median_s / 1e9
+def bandwidth_fields(nbytes: float, t, read_bw: float, copy_bw: float) -> dict:
+    """MB, median, spread, GB/s of the stored weight bytes and their share of the read / copy bandwidth."""
+    gbps = nbytes / t.median_s / 1e9
+    return {"MB": nbytes / 1e6, "median_ms": t.median_s * 1e3, "p10-p90_us": t.spread, "GB/s": gbps,
+            "%read_bw": 100 * gbps / read_bw, "%copy_bw": 100 * gbps / copy_bw}
 
 
 def routings(T, gen, device):
@@ -79,11 +86,29 @@ def cycling(fn, x, sets, up, down):
     return call
 
 
+def quantized_stack(w, fmt):
+    """quant.quantize(w, fmt), expert by expert (as the loader does), so no fp32 copy of the whole stack exists."""
+    from twotower_ext import quant
+
+    q = quant.empty(fmt, w.shape, w.device)
+    for e in range(w.shape[0]):
+        quant.quantize_into(q, e, w[e])
+    return q
+
+
+def stored_bytes(fmt, es: int) -> int:
+    """Bytes of one expert (up [I, H] + down [H, I]) as stored: es per weight, or data + scales of `fmt`."""
+    from twotower_ext.quant import expert_bytes
+
+    f = None if fmt in ("bfloat16", "float32") else fmt
+    return expert_bytes(f, I, H, es) + expert_bytes(f, H, I, es)
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
 
     big = 768 << 20
-    read_bw = measure_read_bandwidth(device, big)
+    read_bw = harness.measure_read_bandwidth(device, big)
     copy_bw = harness.measure_copy_bandwidth(device, big)
     gen = torch.Generator().manual_seed(0)
     tokens = [1, 16] if quick else [1, 16, 64, 256]
@@ -94,24 +119,34 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         up = (torch.randn(E, I, H, generator=gen) / H ** 0.5).to(dtype).to(device)
         down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype).to(device)
         es = up.element_size()
+        name = str(dtype).replace("torch.", "")
+        quantized = ({f: (quantized_stack(up, f), quantized_stack(down, f)) for f in QUANT_FORMATS}
+                     if dtype == torch.bfloat16 else {})
         for T in tokens:
             x = torch.randn(T, H, generator=gen).to(dtype).to(device)
             sets = routings(T, gen, device)
             touched = sum(len(torch.unique(i)) for i, _ in sets) / len(sets)
-            nbytes = touched * 2 * H * I * es
+            nbytes = touched * stored_bytes(name, es)
             t = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, up, down), device,
                                 budget_s=1.0, min_reps=ROUTINGS)
             tl = harness.time_fn(lambda i: cycling(loop_baseline, x, sets, up, down), device, **slow)
-            row = {"device": device, "dtype": str(dtype).replace("torch.", ""), "T": T, "experts": touched,
-                   "MB": nbytes / 1e6, "median_ms": t.median_s * 1e3, "p10-p90_us": t.spread,
-                   "GB/s": nbytes / t.median_s / 1e9, "%read_bw": 100 * nbytes / t.median_s / 1e9 / read_bw,
-                   "%copy_bw": 100 * nbytes / t.median_s / 1e9 / copy_bw, "loop_ms": tl.median_s * 1e3,
+            row = {"device": device, "dtype": name, "weights": name, "T": T, "experts": touched,
+                   **bandwidth_fields(nbytes, t, read_bw, copy_bw), "vs_bf16": "-", "loop_ms": tl.median_s * 1e3,
                    "vs_loop": tl.median_s / t.median_s, "dense_ms": "-", "vs_dense": "-"}
             if T <= 16:
                 td = harness.time_fn(lambda i: cycling(dense_baseline, x, sets, up, down), device, **slow)
                 row.update({"dense_ms": td.median_s * 1e3, "vs_dense": td.median_s / t.median_s})
             rows.append(row)
-        del up, down
+            if T not in QUANT_TOKENS:
+                continue
+            for fmt, (qu, qd) in quantized.items():   # same x, same routings, side by side with the bf16 row
+                tq = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, qu, qd), device,
+                                     budget_s=1.0, min_reps=ROUTINGS)
+                qbytes = touched * stored_bytes(fmt, es)
+                rows.append({"device": device, "dtype": name, "weights": fmt, "T": T, "experts": touched,
+                             **bandwidth_fields(qbytes, tq, read_bw, copy_bw), "vs_bf16": t.median_s / tq.median_s,
+                             "loop_ms": "-", "vs_loop": "-", "dense_ms": "-", "vs_dense": "-"})
+        del up, down, quantized
     load = "load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "load unknown"
     harness.print_table(f"moe_experts on {device}, {torch.get_num_threads()} threads (E={E} k={K} H={H} I={I}; "
                         f"read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s measured now; {load})", rows, COLUMNS)

@@ -201,6 +201,12 @@ def _cpu_model() -> str | None:
         return None
 
 
+def _main_module() -> str:
+    """The module `python -m` ran (bench, bench.bench_quality, ...), for the command line in the results."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.removesuffix(".__main__") if spec is not None else "bench"
+
+
 def machine_info() -> dict:
     info = {
         "python": sys.version.split()[0],
@@ -208,7 +214,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", _main_module(), *sys.argv[1:]]),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -97,7 +97,51 @@ def quality_section(results: str) -> str:
     return f"{provenance(d)}\n\n{table(d['rows'], QUALITY_COLUMNS, 'quality')}"
 
 
-SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section}
+QUANT_SPEED_COLUMNS = ["weights", "T", "experts", "MB", "median_ms", "GB/s", "%copy_bw", "vs_bf16"]
+QUANT_QUALITY_COLUMNS = ["model", "experts", "mode", "first_div_mean", "first_div_median", "identical", "ll_ratio",
+                         "top1_tf", "kl", "tokens_per_nfe"]
+LOAD_MEMORY_COLUMNS = ["model", "checkpoint_MB", "experts", "weights_MB", "peak_above_start_MB", "peak/weights"]
+
+
+def _optional(name: str, results: str, command: str):
+    try:
+        return load(name, results), None
+    except FileNotFoundError:
+        return None, f"(no results yet: run `{command}`)"
+
+
+def memory_section(results: str) -> str:
+    """The real config's memory per expert format: computed (twotower_ext.memory), not measured."""
+    from twotower_ext.memory import format_memory_table, memory_rows, reserve_note
+    from twotower_ext.models.config import NemotronHConfig
+    from twotower_ext.models.random_init import REAL_CONFIG
+
+    del results
+    return (f"`twotower info --real-config` (bf16 model):\n\n"
+            f"{format_memory_table(memory_rows(NemotronHConfig.from_dict(REAL_CONFIG)))}\n\n{reserve_note()}.")
+
+
+def quant_speed_section(results: str, device: str = "cpu") -> str:
+    d, missing = _optional(f"moe-{device}", results, "python -m bench moe")
+    if d is None:
+        return missing
+    rows = [r for r in d["rows"] if r.get("dtype") == "bfloat16" and r.get("T") in (1, 16)]
+    return f"{provenance(d)}\n\n{table(rows, QUANT_SPEED_COLUMNS, 'moe')}"
+
+
+def quant_quality_section(results: str) -> str:
+    d, missing = _optional("quant_quality", results, "python -m bench.bench_quant_quality")
+    if d is None:
+        return missing
+    text = [provenance(d), "", table(d["rows"], QUANT_QUALITY_COLUMNS, "quant_quality")]
+    lm, ld = _optional("load_memory", results, "python -m bench.bench_load_memory")
+    text += ["", "Peak host memory while loading (`python -m bench.bench_load_memory`, a fresh process per load, bf16):",
+             "", ld or table(lm["rows"], LOAD_MEMORY_COLUMNS, "load_memory")]
+    return "\n".join(text)
+
+
+SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
+            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

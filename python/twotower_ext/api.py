@@ -112,14 +112,23 @@ class TwoTowerLM:
                 cuda_graphs=cuda_graphs, device_loop=device_loop)
 
 
-def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None) -> TwoTowerLM:
+def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,
+         experts: str | None = None) -> TwoTowerLM:
     """Load an NVIDIA-format two-tower checkpoint directory (config.json + safetensors, single or
     sharded; tokenizer.json optional); `twotower_ext.default_model_path()` is the small model shipped with
     the package. dtype None: `default_dtype(device)` (fp32 on the CPU, bf16 on CUDA). `denoiser_device`
     places the denoiser tower elsewhere. threads: torch's intra-op threads while generating (None: the
     per-model-size choice of `threads.recommended_threads`, 1 for small models on the CPU (docs/threads.md); 0: leave torch's
-    setting alone); it is set around each generate call and restored after."""
+    setting alone); it is set around each generate call and restored after.
+
+    experts: how the routed experts of both towers are stored (they are ~94% of the real model's bytes, and
+    decoding reads them every pass): None or "bf16" (the default: unquantised, in the model dtype `dtype`,
+    which on the CPU is fp32 unless asked otherwise), "fp8" (e4m3, one fp32 scale per output channel) or
+    "int4" (symmetric, groups of 128 inputs, a bf16 scale per group); quantised while streaming the
+    checkpoint, so host memory peaks near the quantised size. Everything else stays in `dtype`. Formats:
+    twotower_ext.quant; memory per choice: `twotower info`."""
     from .models import TwoTowerModel
+    from .models.weights import expert_format
 
     dev = check_device(device)
     if denoiser_device is not None:
@@ -130,8 +139,9 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
             or not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"load: {path!r} is not a checkpoint directory (no config.json)")
     path = os.fspath(path)
+    experts = expert_format(experts, "load: experts")   # before reading anything
     model = TwoTowerModel.from_pretrained(path, dtype=_dtype(dtype, dev), device=device,
-                                          denoiser_device=denoiser_device)
+                                          denoiser_device=denoiser_device, experts=experts)
     if threads is None:
         threads = recommended_threads(model.config, dev)
     return TwoTowerLM(model, load_tokenizer(path), path, threads or None)

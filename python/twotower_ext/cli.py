@@ -1,7 +1,7 @@
 """`twotower` command line: generate text (streamed block by block) or describe a checkpoint.
 
   twotower generate [--model DIR] [--prompt TEXT | --prompt-ids 1,2,3] [--mode ...] [options]
-  twotower info [--model DIR] [--roofline [--device h100|h200|cpu]] | --roofline --real-config
+  twotower info [--model DIR | --real-config] [--roofline [--device h100|h200|cpu] [--experts bf16|fp8|int4]]
   twotower serve [--model DIR] [--host 127.0.0.1 --port 8000 --max-batch 16 --max-queue 64]
 
 Without --model both use the small model shipped with the package (twotower_ext.default_model_path()).
@@ -76,6 +76,13 @@ def _model_path(a) -> str:
     return path
 
 
+def add_experts_argument(p: argparse.ArgumentParser) -> None:
+    """--experts for every command that loads a model (the `experts=` of twotower_ext.load)."""
+    p.add_argument("--experts", default="bf16", choices=["bf16", "fp8", "int4"], help="routed-expert storage: "
+                   "bf16 = unquantised, in --dtype; fp8 (e4m3, per-channel scale) or int4 (groups of 128), "
+                   "quantised while loading; `twotower info` shows the memory of each (default: %(default)s)")
+
+
 # ------------------------------------------------------------------------------------------------- generate
 def _generate_args(g: argparse.ArgumentParser) -> None:
     from .engine import MODES, GenerateArgs as D
@@ -105,6 +112,7 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
                    "auto: fp32 on the CPU, bf16 on CUDA, as the API's load (default: %(default)s)")
     g.add_argument("--threads", type=_int_at_least(0), default=0, help="CPU threads; 0: the API's per-model-size "
                    "choice (twotower_ext.threads; 1 for small models) (default: %(default)s)")
+    add_experts_argument(g)
     g.add_argument("--reference-compat", action="store_true", help="reproduce NVIDIA's reference decode exactly "
                    "(batch-mean t, whole blocks, EOS block appended; see docs/semantics.md)")
 
@@ -117,7 +125,7 @@ def _cmd_generate(a) -> int:
 
     check_device(a.device, "--device")
     lm = load(_model_path(a), device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-              threads=a.threads or None)
+              threads=a.threads or None, experts=a.experts)
     if a.prompt_ids is not None:
         prompt, vocab = a.prompt_ids, lm.config.vocab_size
         if max(prompt) >= vocab:
@@ -147,7 +155,7 @@ def _cmd_generate(a) -> int:
     s = res.stats
     print(f"\n[{s['mode']}] {s['tokens']} tokens, {s['nfe']} NFE ({s['tokens_per_nfe']:.2f} tokens/NFE), "
           f"{s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s on {torch.device(a.device)}, "
-          f"{lm.model.dtype}, {lm.threads or torch.get_num_threads()} thread(s)", file=sys.stderr)
+          f"{lm.model.dtype}, {a.experts} experts, {lm.threads or torch.get_num_threads()} thread(s)", file=sys.stderr)
     return 0
 
 
@@ -160,12 +168,21 @@ def _info_args(i: argparse.ArgumentParser) -> None:
     add_info_arguments(i)   # --roofline, --real-config, --device, ...: the cost model's table
 
 
-@command("info", "print a checkpoint's config, parameter counts and cache sizes (checks its tensors against "
-         "the config, as loading does)", _info_args)
+@command("info", "print a checkpoint's config, parameter counts, cache sizes and memory per expert format "
+         "(checks its tensors against the config, as loading does)", _info_args)
 def _cmd_info(a) -> int:
-    if a.roofline or a.real_config:
+    if a.roofline:
         from .costmodel import print_roofline
         return print_roofline(a)
+    if a.real_config:
+        if a.model:
+            raise CliError("--real-config and --model are exclusive")
+        from .models import NemotronHConfig
+        from .models.random_init import REAL_CONFIG
+
+        print("model: Nemotron-TwoTower-30B-A3B (real config, no weights)")
+        _print_memory(NemotronHConfig.from_dict(REAL_CONFIG), a.dtype)
+        return 0
     from .models import NemotronHConfig
     from .models.cache import cache_row_bytes
     from .models.weights import check_checkpoint, checkpoint_index, expected_tensors
@@ -189,7 +206,20 @@ def _cmd_info(a) -> int:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
+    _print_memory(cfg, a.dtype)
     return 0
+
+
+def _print_memory(cfg, dtype: str) -> None:
+    """The memory table of twotower_ext.memory (weights per expert format, cache per 4K row, GPUs that fit)."""
+    from .costmodel import DTYPE_BYTES
+    from .memory import format_memory_table, memory_rows, reserve_note
+
+    if dtype not in DTYPE_BYTES:
+        raise CliError(f"argument --dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    print(f"\nmemory on one device, both towers ({dtype} model; --experts at load time):\n")
+    print(format_memory_table(memory_rows(cfg, DTYPE_BYTES[dtype])))
+    print(f"\n{reserve_note()}")
 
 
 def _param_counts(index: dict) -> dict:

@@ -126,6 +126,22 @@ def _expert_params(cfg) -> int:
     return 2 * cfg.moe_intermediate_size * cfg.hidden_size          # up [I, H] + down [H, I]
 
 
+EXPERT_FORMATS = ("bf16", "fp8", "int4")   # bf16: unquantised, stored like every other weight
+
+
+def expert_bytes_per_pass(cfg, experts: str, weight_bytes: float) -> float:
+    """Stored bytes of one routed expert (up + down, data + scales) in `experts` format (quant.expert_bytes;
+    bf16 = unquantised: weight_bytes per weight)."""
+    from .quant import expert_bytes
+
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    if experts == "bf16":
+        return _expert_params(cfg) * weight_bytes
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return float(expert_bytes(experts, I, H) + expert_bytes(experts, H, I))
+
+
 def _time_weights(cfg) -> tuple[list, list]:
     """adaLN-single time conditioning of the denoiser: t_embedder (256 -> H -> H), t_block (H -> 3H), tables."""
     from .models.weights import T_FREQ_DIM
@@ -168,10 +184,11 @@ PARTS = ("weights", "experts", "embeddings", "lm_head", "kv", "mamba_state", "ac
 
 
 def pass_cost(cfg, batch: int, new: int, ctx_len: int, weight_bytes: float, *, logits_per_row: int,
-              time_cond: bool, writes_cache: bool, causal: bool) -> dict:
+              time_cond: bool, writes_cache: bool, causal: bool, experts: str = "bf16") -> dict:
     """Bytes by part (PARTS), total bytes, FLOPs and distinct experts per MoE layer of one pass over `new`
     tokens per row of `batch` rows, after `ctx_len` context tokens. K/V, conv state and activations are
-    stored in the model dtype (at least 2 bytes), the SSM state in fp32."""
+    stored in the model dtype (at least 2 bytes), the SSM state in fp32; routed experts in `experts`
+    (bf16 | fp8 | int4, see expert_bytes_per_pass)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     T = batch * new
     act = max(2, weight_bytes)
@@ -187,6 +204,7 @@ def pass_cost(cfg, batch: int, new: int, ctx_len: int, weight_bytes: float, *, l
         b["weights"] += sum(n * (4 if fp32 else weight_bytes) for n, fp32 in vecs)
 
     has_moe = "moe" in cfg.layer_kinds
+    per_expert = expert_bytes_per_pass(cfg, experts, weight_bytes) if has_moe else 0.0
     distinct = expected_distinct_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, T) if has_moe else 0.0
     for kind in cfg.layer_kinds:
         read(*_mixer_weights(cfg, kind), T)
@@ -202,7 +220,7 @@ def pass_cost(cfg, batch: int, new: int, ctx_len: int, weight_bytes: float, *, l
             flops += 4 * cfg.num_attention_heads * cfg.head_dim * T * keys
         elif kind == "moe":
             k, I = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-            b["experts"] += distinct * _expert_params(cfg) * weight_bytes
+            b["experts"] += distinct * per_expert
             b["activations"] += 2 * T * k * (H + I) * act
             flops += 2 * T * k * _expert_params(cfg)
     b["embeddings"] += T * H * weight_bytes
@@ -232,12 +250,13 @@ def _positive(name: str, v, optional: bool = True):
     return float(v)
 
 
-def estimate(config, batch=1, ctx_len=4096, block_size=16, weight_bytes=2, bandwidth=None, flops=None) -> dict:
+def estimate(config, batch=1, ctx_len=4096, block_size=16, weight_bytes=2, bandwidth=None, flops=None,
+             experts: str = "bf16") -> dict:
     """Bytes and FLOPs of an AR step (`ar_step_*`), a denoiser pass (`nfe_*`), a block extension
     (`extension_*`) and a mock-AR token (`mock_ar_token_*`: the denoiser over one token plus a one-token
     extension), for `batch` rows after `ctx_len` context tokens, with `weight_bytes` per weight (2: bf16).
     `*_parts` break the bytes down (PARTS); `distinct_experts_*` is the expected distinct experts per MoE
-    layer. Given `bandwidth` (bytes/s), and optionally `flops` (FLOP/s), also the roofline `*_ms`, which
+    layer. `experts`: the routed experts' storage (bf16 = unquantised, fp8, int4). Given `bandwidth` (bytes/s), and optionally `flops` (FLOP/s), also the roofline `*_ms`, which
     limit binds (`*_bound`), and `break_even_tokens_per_nfe` (inf: diffusion never wins)."""
     cfg = _config(config)
     batch = _positive_int("batch", batch)
@@ -245,17 +264,17 @@ def estimate(config, batch=1, ctx_len=4096, block_size=16, weight_bytes=2, bandw
     S = _positive_int("block_size", block_size)
     weight_bytes = _positive("weight_bytes", weight_bytes, optional=False)
     bandwidth, flops = _positive("bandwidth", bandwidth), _positive("flops", flops)
-    ctx = dict(time_cond=False, writes_cache=True, causal=True)
+    ctx = dict(time_cond=False, writes_cache=True, causal=True, experts=experts)
     passes = {
         "ar_step": pass_cost(cfg, batch, 1, ctx_len, weight_bytes, logits_per_row=1, **ctx),
         "nfe": pass_cost(cfg, batch, S, ctx_len, weight_bytes, logits_per_row=S, time_cond=True,
-                         writes_cache=False, causal=False),
+                         writes_cache=False, causal=False, experts=experts),
         "extension": pass_cost(cfg, batch, S, ctx_len, weight_bytes, logits_per_row=0, **ctx),
         "mock_ar_denoiser": pass_cost(cfg, batch, 1, max(0, ctx_len - 1), weight_bytes, logits_per_row=1,
-                                      time_cond=False, writes_cache=False, causal=True),
+                                      time_cond=False, writes_cache=False, causal=True, experts=experts),
         "mock_ar_extension": pass_cost(cfg, batch, 1, ctx_len, weight_bytes, logits_per_row=0, **ctx),
     }
-    out = {"batch": batch, "ctx_len": ctx_len, "block_size": S, "weight_bytes": weight_bytes,
+    out = {"batch": batch, "ctx_len": ctx_len, "block_size": S, "weight_bytes": weight_bytes, "experts": experts,
            **{f"params_{k}": v for k, v in param_counts(cfg).items()}}
     for name in ("ar_step", "nfe", "extension"):
         p = passes[name]
@@ -325,12 +344,12 @@ def distinct_experts(expert_ids, n_experts: int):
 
 
 def roofline_rows(config, device: Device, weight_bytes: float = 2, ctx_len: int = 4096, block_size: int = 16,
-                  batches=BATCHES, tokens_per_nfe: float = 3.0) -> list[dict]:
+                  batches=BATCHES, tokens_per_nfe: float = 3.0, experts: str = "bf16") -> list[dict]:
     """One row per batch: bytes and predicted ms of each pass, the binding limit, the break-even tokens per
     pass and the predicted speed-up over AR at `tokens_per_nfe`."""
     rows = []
     for b in batches:
-        e = estimate(config, b, ctx_len, block_size, weight_bytes, device.bandwidth, device.flops)
+        e = estimate(config, b, ctx_len, block_size, weight_bytes, device.bandwidth, device.flops, experts)
         be = e["break_even_tokens_per_nfe"]
         rows.append({"batch": b, "AR step GB": e["ar_step_bytes"] / 1e9, "AR ms": e["ar_step_ms"],
                      "pass GB": e["nfe_bytes"] / 1e9, "pass ms": e["nfe_ms"],
@@ -362,6 +381,8 @@ def add_info_arguments(parser) -> None:
     g.add_argument("--dtype", default="bf16", help="weight dtype: bf16 | fp32 (default bf16)")
     g.add_argument("--ctx-len", type=int, default=4096, help="context tokens before each pass (default 4096)")
     g.add_argument("--block-size", type=int, default=16, help="diffusion block size (default 16)")
+    g.add_argument("--experts", default="bf16", choices=EXPERT_FORMATS, help="routed-expert storage the bytes "
+                   "per pass count: bf16 (= --dtype, unquantised) | fp8 | int4 (default bf16)")
 
 
 def print_roofline(args) -> int:
@@ -393,7 +414,8 @@ def print_roofline(args) -> int:
     print(f"model: {what}: {p['tower'] / 1e9:.3g}B parameters per tower, {p['active_per_token'] / 1e9:.3g}B "
           f"active per AR token")
     print(f"device: {dev.name}: {dev.bandwidth / 1e9:.1f} GB/s, {dev.flops / 1e12:.3g} TFLOP/s ({dev.source})")
-    print(f"{args.dtype} weights, context {args.ctx_len} tokens, block {args.block_size}; roofline = "
+    print(f"{args.dtype} weights, {args.experts} routed experts, context {args.ctx_len} tokens, block {args.block_size}; roofline = "
           f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound; bound: m = bandwidth, c = compute")
-    print(format_table(roofline_rows(cfg, dev, DTYPE_BYTES[args.dtype], args.ctx_len, args.block_size)))
+    print(format_table(roofline_rows(cfg, dev, DTYPE_BYTES[args.dtype], args.ctx_len, args.block_size,
+                                     experts=args.experts)))
     return 0

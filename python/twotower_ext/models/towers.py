@@ -53,14 +53,15 @@ class TwoTowerModel:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        denoiser_device=None) -> "TwoTowerModel":
+                        denoiser_device=None, experts: str | None = None) -> "TwoTowerModel":
         """Load NVIDIA's checkpoint directory (config.json + model.safetensors or sharded + index). The
         context tower and context_lm_head go to `device`, the denoiser (and lm_head, time conditioning)
-        to `denoiser_device` (default: the same)."""
+        to `denoiser_device` (default: the same). experts: None / "bf16" (unquantised, in `dtype`), "fp8" or
+        "int4": the routed experts of both towers quantised while loading (models/weights.py, quant.py)."""
         cfg_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         config = NemotronHConfig.from_json(cfg_dir)
         den = device if denoiser_device is None else denoiser_device
-        return cls(config, load_weights(path, config, dtype, device, den), dtype, device, den)
+        return cls(config, load_weights(path, config, dtype, device, den, experts), dtype, device, den)
 
     def new_cache(self, batch: int, capacity: int, snapshot: bool = False, mirror: bool | None = None) -> ContextCache:
         """A zeroed ContextCache for `batch` rows of up to `capacity` tokens; `snapshot=True` keeps the

@@ -6,6 +6,13 @@ unexpected and mis-shaped name listed. Then each tensor is allocated once on its
 target dtype and streamed from the memory-mapped file (see safetensors_io.copy_into); routed experts go
 straight into stacked [E, out, in] tensors. A_log, D, dt_bias, the router weight and its correction bias
 stay fp32 whatever the model dtype.
+
+With `experts="fp8" | "int4"` the routed experts of both towers are quantised while loading (quant.py has the
+formats): their stacks are preallocated in the quantised format (quant.empty) and each checkpoint expert
+matrix is streamed into a small scratch one expert big, rounded to the model dtype there, and quantised
+straight into its slot (quant.quantize_into), so host memory never holds the unquantised stack. The result
+equals quant.quantize of the experts `experts=None` loads in the same dtype, bit for bit. Everything else
+(shared experts, attention, Mamba, embeddings, heads) stays in the model dtype.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import quant
 from .config import NemotronHConfig
 from .safetensors_io import SafetensorsFile, TensorInfo, read_header
 
@@ -56,8 +64,8 @@ class MLPWeights:
 class MoEWeights:
     router: torch.Tensor      # [E, hidden] fp32
     bias: torch.Tensor        # [E] fp32 (e_score_correction_bias)
-    up: torch.Tensor          # [E, I, hidden]
-    down: torch.Tensor        # [E, hidden, I]
+    up: torch.Tensor          # [E, I, hidden] (a quant.QuantizedExperts when loaded with experts=fp8/int4)
+    down: torch.Tensor        # [E, hidden, I] (likewise)
     shared: MLPWeights
 
 
@@ -94,12 +102,38 @@ class TwoTowerWeights:
     time: TimeWeights
 
 
+EXPERT_FORMATS = (None, "bf16", *quant.FORMATS)   # None / "bf16": unquantised, in the model dtype
+
+
+def expert_format(experts, name: str = "experts") -> str | None:
+    """The routed-expert storage format for an `experts=` argument: None (unquantised; "bf16" means the
+    same: the experts stay in the model dtype) or one of quant.FORMATS; anything else is a ValueError
+    naming `name`."""
+    if experts is None or experts == "bf16":
+        return None
+    if isinstance(experts, str) and experts in quant.FORMATS:
+        return experts
+    raise ValueError(f"{name} must be None, 'bf16', 'fp8' or 'int4', got {experts!r}")
+
+
+@dataclass(frozen=True)
+class QuantSlot:
+    """A checkpoint tensor that is quantised into expert e of a QuantizedExperts stack while loading."""
+    q: quant.QuantizedExperts
+    e: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.q.shape[1:])
+
+
 class _Allocator:
     """Creates tensors on one device and records which checkpoint name fills each one (as a view in the
-    checkpoint's own shape)."""
+    checkpoint's own shape, or a QuantSlot for quantised routed experts)."""
 
-    def __init__(self, dtype: torch.dtype, device, targets: dict):
+    def __init__(self, dtype: torch.dtype, device, targets: dict, experts: str | None = None):
         self.dtype, self.device, self.targets = dtype, torch.device(device), targets
+        self.experts = experts
 
     def __call__(self, name: str, shape, fp32: bool = False, ckpt_shape=None) -> torch.Tensor:
         t = torch.empty(shape, dtype=torch.float32 if fp32 else self.dtype, device=self.device)
@@ -111,6 +145,17 @@ class _Allocator:
         for i, name in enumerate(names):
             self.targets[name] = t[i]
         return t
+
+    def experts_stack(self, names: list[str], shape):
+        """A routed-expert stack [E, *shape]: dense in the model dtype, or quantised (QuantSlot targets).
+        int4 scales are fp16 for an fp16 model, else bf16."""
+        if self.experts is None:
+            return self.stacked(names, shape)
+        scale_dtype = torch.float16 if self.dtype == torch.float16 else torch.bfloat16
+        q = quant.empty(self.experts, (len(names), *shape), self.device, scale_dtype=scale_dtype)
+        for i, name in enumerate(names):
+            self.targets[name] = QuantSlot(q, i)
+        return q
 
 
 def _build_tower(cfg: NemotronHConfig, a: _Allocator, prefix: str, head: str) -> TowerWeights:
@@ -139,8 +184,8 @@ def _build_tower(cfg: NemotronHConfig, a: _Allocator, prefix: str, head: str) ->
             mixer = MoEWeights(
                 router=a(f"{m}.gate.weight", (E, H), fp32=True),
                 bias=a(f"{m}.gate.e_score_correction_bias", (E,), fp32=True),
-                up=a.stacked([f"{m}.experts.{e}.up_proj.weight" for e in range(E)], (I, H)),
-                down=a.stacked([f"{m}.experts.{e}.down_proj.weight" for e in range(E)], (H, I)),
+                up=a.experts_stack([f"{m}.experts.{e}.up_proj.weight" for e in range(E)], (I, H)),
+                down=a.experts_stack([f"{m}.experts.{e}.down_proj.weight" for e in range(E)], (H, I)),
                 shared=MLPWeights(up=a(f"{m}.shared_experts.up_proj.weight", (Is, H)),
                                   down=a(f"{m}.shared_experts.down_proj.weight", (H, Is))))
         else:
@@ -151,11 +196,14 @@ def _build_tower(cfg: NemotronHConfig, a: _Allocator, prefix: str, head: str) ->
                         norm_f=a(f"{prefix}.norm_f.weight", (H,)), lm_head=a(head, (cfg.vocab_size, H)))
 
 
-def build_weights(cfg: NemotronHConfig, dtype: torch.dtype, ctx_device, den_device) -> tuple[TwoTowerWeights, dict]:
+def build_weights(cfg: NemotronHConfig, dtype: torch.dtype, ctx_device, den_device,
+                  experts: str | None = None) -> tuple[TwoTowerWeights, dict]:
     """Uninitialised weights (context tower + context_lm_head on ctx_device; denoiser, lm_head and the
-    time conditioning on den_device) and {checkpoint name: tensor view to fill}."""
-    targets: dict[str, torch.Tensor] = {}
-    ctx, den = _Allocator(dtype, ctx_device, targets), _Allocator(dtype, den_device, targets)
+    time conditioning on den_device) and {checkpoint name: tensor view to fill, or a QuantSlot for a routed
+    expert when `experts` is a quant format}."""
+    targets: dict[str, torch.Tensor | QuantSlot] = {}
+    experts = expert_format(experts)
+    ctx, den = _Allocator(dtype, ctx_device, targets, experts), _Allocator(dtype, den_device, targets, experts)
     H = cfg.hidden_size
     time = TimeWeights(
         emb0_w=den("t_embedder.mlp.0.weight", (H, T_FREQ_DIM)), emb0_b=den("t_embedder.mlp.0.bias", (H,)),
@@ -244,19 +292,31 @@ def check_checkpoint(index: dict[str, tuple[str, TensorInfo]], expected: dict[st
 
 
 def load_weights(path: str, cfg: NemotronHConfig, dtype: torch.dtype = torch.bfloat16, ctx_device="cpu",
-                 den_device=None) -> TwoTowerWeights:
-    """Load a checkpoint (file, or directory: single-file or sharded) by NVIDIA's names."""
+                 den_device=None, experts: str | None = None) -> TwoTowerWeights:
+    """Load a checkpoint (file, or directory: single-file or sharded) by NVIDIA's names. experts: None or
+    "bf16" (the routed experts unquantised, in `dtype` like every other weight), "fp8" or "int4" (quantised
+    while streaming, see the module docstring)."""
     den_device = ctx_device if den_device is None else den_device
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    experts = expert_format(experts)
     index = checkpoint_index(path)
     check_checkpoint(index, expected_tensors(cfg), path)
-    weights, targets = build_weights(cfg, dtype, ctx_device, den_device)
+    weights, targets = build_weights(cfg, dtype, ctx_device, den_device, experts)
     by_file = defaultdict(list)
     for name, (file, info) in index.items():
         by_file[file].append((info.begin, name))
+    scratch: dict = {}   # (shape, device) -> one expert matrix in the model dtype, reused for every expert
     for file, entries in by_file.items():
         with SafetensorsFile(file) as f:
             for _, name in sorted(entries):  # file order: sequential reads
-                f.copy_to(name, targets[name])
+                t = targets[name]
+                if isinstance(t, QuantSlot):
+                    key = (tuple(t.shape), t.q.device)
+                    if key not in scratch:
+                        scratch[key] = torch.empty(t.shape, dtype=dtype, device=t.q.device)
+                    f.copy_to(name, scratch[key])
+                    quant.quantize_into(t.q, t.e, scratch[key])
+                else:
+                    f.copy_to(name, t)
     return weights

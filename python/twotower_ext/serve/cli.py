@@ -10,7 +10,7 @@ import sys
 import threading
 
 
-from ..cli import command
+from ..cli import add_experts_argument, command
 
 
 def _arguments(s) -> None:
@@ -23,6 +23,7 @@ def _arguments(s) -> None:
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and cache (default fp32)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the per-model-size rule of twotower_ext.threads, 1 for small models)")
+    add_experts_argument(s)
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
@@ -120,7 +121,7 @@ def run(a) -> int:
     path = a.model or default_model_path()
     if path is None:
         raise SystemExit("twotower: no --model given and this installation ships no default model")
-    lm = load(path, device=a.device, dtype=a.dtype)
+    lm = load(path, device=a.device, dtype=a.dtype, experts=a.experts)
     threads = a.threads or recommended_threads(lm.config, a.device)   # the rule `twotower generate` uses
     if threads:
         torch.set_num_threads(threads)   # process-wide: the scheduler thread's passes run with it

@@ -358,4 +358,7 @@ def _moe(h, w: MoEWeights, cfg: NemotronHConfig, loads: dict | None, i: int) -> 
         with torch.no_grad():
             idx, _ = route(h.reshape(-1, h.shape[-1]), w, cfg)
             loads[i] = loads.get(i, 0) + torch.bincount(idx.reshape(-1), minlength=cfg.n_routed_experts)
+    if torch.is_grad_enabled() and not isinstance(w.up, torch.Tensor):   # a QuantizedExperts has no gradient
+        raise ValueError("training needs unquantised routed experts: load the checkpoint with experts=None "
+                         "(fp8 / int4 experts are for inference only)")
     return moe(h, w, cfg, experts=reference.moe_experts)   # differentiable (the kernel op has no backward)
