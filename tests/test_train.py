@@ -131,6 +131,10 @@ def test_checkpoint_is_nvidia_format_and_generates(random_pair):
     cfg = json.loads(text)
     assert cfg["architectures"] == ["NemotronHTwoTowerForCausalLM"] and cfg["model_type"] == "nemotron_h"
     assert not {"extra", "unset"} & set(cfg), "the config's bookkeeping fields must not reach config.json"
+    # a config.json saved by an earlier version with the leaked field: read, and not carried on as an extra
+    assert "unset" not in NemotronHConfig.from_dict({**cfg, "unset": {}}).extra
+    with open(os.path.join(tt.default_model_path(), "config.json")) as f:
+        assert "unset" not in json.load(f)
     assert_checkpoint_holds(path, m)
     # greedy AR through the engine == argmax of the training forward, token by token
     ids = [5, 6, 7, 8, 9]

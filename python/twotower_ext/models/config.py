@@ -103,7 +103,8 @@ class NemotronHConfig:
         pattern = kw["hybrid_override_pattern"]
         if "head_dim" not in kw and "num_attention_heads" in kw and "*" in str(pattern):
             kw["head_dim"] = kw["hidden_size"] // max(1, int(kw["num_attention_heads"]))
-        cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names}, unset=unset)
+        # "unset" in a config.json is this class's own bookkeeping field, leaked by earlier saves: not an extra.
+        cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names and k != "unset"}, unset=unset)
         cfg.validate()
         return cfg
 
