@@ -126,20 +126,12 @@ def _expert_params(cfg) -> int:
     return 2 * cfg.moe_intermediate_size * cfg.hidden_size          # up [I, H] + down [H, I]
 
 
-EXPERT_FORMATS = ("bf16", "fp8", "int4")   # bf16: unquantised, stored like every other weight
-
-
 def expert_bytes_per_pass(cfg, experts: str, weight_bytes: float) -> float:
-    """Stored bytes of one routed expert (up + down, data + scales) in `experts` format (quant.expert_bytes;
+    """Stored bytes of one routed expert (up + down, data + scales) in `experts` format (quant.expert_pair_bytes;
     bf16 = unquantised: weight_bytes per weight)."""
-    from .quant import expert_bytes
+    from .quant import expert_pair_bytes
 
-    if experts not in EXPERT_FORMATS:
-        raise ValueError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
-    if experts == "bf16":
-        return _expert_params(cfg) * weight_bytes
-    H, I = cfg.hidden_size, cfg.moe_intermediate_size
-    return float(expert_bytes(experts, I, H) + expert_bytes(experts, H, I))
+    return float(expert_pair_bytes(experts, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes))
 
 
 def _time_weights(cfg) -> tuple[list, list]:
@@ -372,6 +364,8 @@ def format_table(rows: list[dict]) -> str:
 
 def add_info_arguments(parser) -> None:
     """The roofline options of `twotower info`."""
+    from .quant import CHOICES
+
     g = parser.add_argument_group("roofline (predicted cost of each pass; see twotower_ext.costmodel)")
     g.add_argument("--roofline", action="store_true", help="print the roofline table for batch 1..64")
     g.add_argument("--real-config", action="store_true",
@@ -381,7 +375,7 @@ def add_info_arguments(parser) -> None:
     g.add_argument("--dtype", default="bf16", help="weight dtype: bf16 | fp32 (default bf16)")
     g.add_argument("--ctx-len", type=int, default=4096, help="context tokens before each pass (default 4096)")
     g.add_argument("--block-size", type=int, default=16, help="diffusion block size (default 16)")
-    g.add_argument("--experts", default="bf16", choices=EXPERT_FORMATS, help="routed-expert storage the bytes "
+    g.add_argument("--experts", default="bf16", choices=CHOICES, help="routed-expert storage the bytes "
                    "per pass count: bf16 (= --dtype, unquantised) | fp8 | int4 (default bf16)")
 
 

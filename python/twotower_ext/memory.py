@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 GIB = 1 << 30
 MIB = 1 << 20
-FORMATS = ("bf16", "fp8", "int4")      # bf16: unquantised (the model dtype)
 ROW_TOKENS = 4096
 RESERVE_FRACTION = 0.05                # of the device memory: allocator fragmentation, graph pools
 RESERVE_BYTES = 2 * GIB                # CUDA context + cuBLAS / kernel workspaces + a pass's logits
@@ -45,20 +44,12 @@ GPUS = (
 )
 
 
-def _expert_format(fmt: str) -> str | None:
-    if fmt not in FORMATS:
-        raise ValueError(f"experts must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return None if fmt == "bf16" else fmt
-
-
 def routed_expert_bytes(cfg, fmt: str, dtype_bytes: int = 2) -> int:
     """Bytes of the routed experts of both towers stored in `fmt` (bf16: unquantised, dtype_bytes each)."""
-    from .quant import expert_bytes
+    from .quant import expert_pair_bytes
 
-    f = _expert_format(fmt)
-    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    per_expert = expert_bytes(f, I, H, dtype_bytes) + expert_bytes(f, H, I, dtype_bytes)
-    return 2 * cfg.layer_kinds.count("moe") * E * per_expert
+    per_expert = expert_pair_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size, dtype_bytes)
+    return 2 * cfg.layer_kinds.count("moe") * cfg.n_routed_experts * per_expert
 
 
 def other_weight_bytes(cfg, dtype_bytes: int = 2) -> int:
@@ -78,12 +69,13 @@ def memory_rows(cfg, dtype_bytes: int = 2, row_tokens: int = ROW_TOKENS, gpus=GP
     per GPU, how many cache rows fit beside the weights (-1: the weights alone do not fit). dtype_bytes:
     the model dtype (2: bf16, 4: fp32) of the unquantised experts, every other weight and the cache."""
     from .models.cache import cache_row_bytes
+    from .quant import CHOICES
 
     kv, state = cache_row_bytes(cfg, dtype_bytes)
     row = kv * row_tokens + state
     other = other_weight_bytes(cfg, dtype_bytes)
     rows = []
-    for fmt in FORMATS:
+    for fmt in CHOICES:
         routed = routed_expert_bytes(cfg, fmt, dtype_bytes)
         total = routed + other
         fits = {g.name: (g.usable() - total) // row if g.usable() >= total else -1 for g in gpus}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 FORMATS = ("fp8", "int4")
+CHOICES = ("bf16", *FORMATS)  # what `--experts` / the cost and memory tables take; bf16 = unquantised
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_MAX = 7     # symmetric range used by the quantiser: [-7, 7] (q = -8 is representable, never produced)
 DEFAULT_GROUP = 128
@@ -52,11 +53,6 @@ class QuantizedExperts:
 
     def to(self, device) -> "QuantizedExperts":
         return QuantizedExperts(self.fmt, self.data.to(device), self.scale.to(device), self.k, self.group)
-
-    def __getitem__(self, e) -> torch.Tensor:
-        """Expert e dequantised, fp32 [N, K] (the reference's per-expert view)."""
-        return dequantize(QuantizedExperts(self.fmt, self.data[e:e + 1], self.scale[e:e + 1], self.k,
-                                           self.group), torch.float32)[0]
 
 
 def empty(fmt: str, shape, device="cpu", group: int = DEFAULT_GROUP,
@@ -138,14 +134,6 @@ def dequantize(q: QuantizedExperts, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def bytes_per_weight(fmt: str | None, dtype_bytes: int = 2, group: int = DEFAULT_GROUP) -> float:
-    """Average stored bytes per expert weight (data + scales; the fp8 per-channel scale is negligible and
-    counted as 0 per weight here, see expert_bytes for the exact figure)."""
-    if fmt is None:
-        return float(dtype_bytes)
-    return 1.0 if fmt == "fp8" else 0.5 + 2.0 / group
-
-
 def expert_bytes(fmt: str | None, n: int, k: int, dtype_bytes: int = 2, group: int = DEFAULT_GROUP) -> int:
     """Exact bytes of one expert matrix [n, k] in `fmt` (None: unquantised, dtype_bytes per weight)."""
     if fmt is None:
@@ -153,3 +141,16 @@ def expert_bytes(fmt: str | None, n: int, k: int, dtype_bytes: int = 2, group: i
     if fmt == "fp8":
         return n * k + n * 4
     return n * ((k + 1) // 2) + n * (-(-k // group)) * 2
+
+
+def storage_format(choice: str) -> str | None:
+    """The quantised format of an experts choice (CHOICES): None for "bf16" (unquantised, in the model dtype)."""
+    if choice not in CHOICES:
+        raise ValueError(f"experts must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return None if choice == "bf16" else choice
+
+
+def expert_pair_bytes(choice: str, hidden: int, inter: int, dtype_bytes: float = 2) -> float:
+    """Stored bytes of one routed expert, up [inter, hidden] + down [hidden, inter], for an experts choice."""
+    fmt = storage_format(choice)
+    return expert_bytes(fmt, inter, hidden, dtype_bytes) + expert_bytes(fmt, hidden, inter, dtype_bytes)

@@ -102,9 +102,6 @@ class TwoTowerWeights:
     time: TimeWeights
 
 
-EXPERT_FORMATS = (None, "bf16", *quant.FORMATS)   # None / "bf16": unquantised, in the model dtype
-
-
 def expert_format(experts, name: str = "experts") -> str | None:
     """The routed-expert storage format for an `experts=` argument: None (unquantised; "bf16" means the
     same: the experts stay in the model dtype) or one of quant.FORMATS; anything else is a ValueError
