@@ -14,7 +14,8 @@ import sys
 BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
            "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask", "e2e": "bench_e2e",
            "prefill": "bench_prefill", "moe": "bench_moe", "serve": "bench_serve",
-           "roofline": "bench_roofline"}   # roofline: each pass measured vs the cost model's prediction
+           "roofline": "bench_roofline",   # roofline: each pass measured vs the cost model's prediction
+           "passes": "bench_passes"}       # passes: each CPU pass vs max(FLOPs / matmul rate, bytes / read rate)
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         if not args.no_save:
             try:
                 out = harness.write_results(f"{name}-{args.device}", f"{name} on {args.device}", rows,
-                                            mod.COLUMNS,
+                                            mod.COLUMNS, extra=getattr(mod, "EXTRA", None),
                                             allow_busy=args.allow_busy or None, timings=harness.TIMINGS[start:])
             except harness.BusyMachineError as e:
                 print(f"python -m bench: {e}", file=sys.stderr)

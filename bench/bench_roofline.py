@@ -49,7 +49,7 @@ def _models(quick: bool):
 
 
 @contextlib.contextmanager
-def _expert_tally(n_experts: int):
+def expert_tally(n_experts: int):
     """Counts the distinct experts of every routing call on the device (read once when the block ends)."""
     from twotower_ext import costmodel
     from twotower_ext.models import layers
@@ -110,7 +110,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             for label, fn in passes.items():
                 key = label.split(",")[0]
                 t = time_it(fn)
-                with _expert_tally(cfg.n_routed_experts) as counts:
+                with expert_tally(cfg.n_routed_experts) as counts:
                     fn()
                 touched = torch.stack(counts).double().mean().item() if counts else float("nan")
                 ms[label] = t.median_s * 1e3

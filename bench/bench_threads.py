@@ -17,13 +17,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 import twotower_ext as tt
 
-DEFAULT_CKPT = "/tmp/twotower_w8e128"
+DEFAULT_CKPT = os.path.join(tempfile.gettempdir(), "twotower_w8e128")   # bench_passes.checkpoint's
 
 
 def _policy() -> str:
@@ -61,11 +62,9 @@ def ops(threads: int) -> dict:
 def e2e(path: str):
     """ms per denoiser pass (the mean over one 16-token block at threshold 1.0: 16 passes) after a 64-token
     prompt, for 1 and 2 threads, without and with one extra process busy on a core."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from twotower_ext.models.random_init import random_checkpoint, scaled_config
+    from .bench_passes import checkpoint
 
-        random_checkpoint(path, scaled_config(width=1 / 8, n_routed_experts=128), seed=1, dtype=torch.bfloat16)
-    lm = tt.load(path, dtype=torch.float32, threads=0)
+    lm = tt.load(checkpoint(path), dtype=torch.float32, threads=0)
     prompt = list(range(5, 69))
     lm.generate(prompt, max_new_tokens=4, threshold=1.0)   # warm-up
     for busy in (False, True):

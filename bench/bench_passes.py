@@ -1,0 +1,154 @@
+"""Each CPU pass next to its roofline: ms per denoiser pass, AR step and block extension on the width-1/8
+real-pattern random model (hidden 336, 52 layers, 128 experts top-6, vocab 131072; written once as a bf16
+checkpoint, see `checkpoint`), batch 1 after a 100-token context, at 1 and 2 threads, fp32 and bf16.
+
+The bound of a pass is max(FLOPs / matmul rate, weight bytes / read rate), both rates measured in this run at
+the row's thread count: the matmul rate by a 1024^3 matmul in the row's dtype, the read rate by a pure read of
+256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the Mamba scan, counted by
+`twotower_ext.costmodel`; weight bytes: the tower's dense weights, the LM head when the pass has logits, and
+the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
+`%bound` = bound / measured. The profile of one denoiser pass (1 thread, torch.profiler, ops by self time)
+goes into the results beside the table.
+
+  python -m bench passes                  # results/passes-cpu.{md,json}
+  python -m bench.bench_passes --before   # results/passes_before-cpu.{md,json}: run on the code before a change,
+                                          # which `python -m bench.readme` puts next to the current numbers
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+
+import torch
+
+from . import harness
+from .bench_roofline import expert_tally
+
+COLUMNS = ["pass", "dtype", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
+           "read_GB/s", "bound_ms", "bound", "%bound", "other_cores", "load1"]
+PASSES = ("denoiser pass (16 tokens)", "AR step", "block extension (16 tokens)")
+CTX = 100
+BLOCK = 16
+PROFILE_TOP = 10
+EXTRA: dict = {}   # the profiles, saved beside the rows (bench/__main__.py passes it to write_results)
+
+
+def checkpoint(path: str | None = None) -> str:
+    """The width-1/8 real-pattern random checkpoint with 128 experts (bf16), written into `path` (default:
+    <tmp>/twotower_w8e128) unless a complete one is there already (config.json is written last)."""
+    from twotower_ext.models.random_init import random_checkpoint, scaled_config
+
+    path = path or os.path.join(tempfile.gettempdir(), "twotower_w8e128")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        random_checkpoint(path, scaled_config(width=1 / 8, n_routed_experts=128), seed=1, dtype=torch.bfloat16)
+    return path
+
+
+def _passes(model, cfg):
+    """{label: (fn, cost key, tokens in the pass)} on a cache holding CTX tokens; the AR step and the extension
+    reset the length after each call so every call sees the same context."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, cfg.vocab_size, (1, CTX), generator=g)
+    cache = model.new_cache(1, CTX + BLOCK + 1)
+    model.prefill(prompt, cache, logits=False)
+
+    def reset():
+        cache.lens.fill_(CTX)
+        cache.lens_host[:] = [CTX]
+
+    block = torch.randint(4, cfg.vocab_size, (1, BLOCK), generator=g)
+    half = torch.where(torch.arange(BLOCK) % 2 == 0, block, torch.full_like(block, 3))   # a typical later pass
+    return {PASSES[0]: (lambda: model.denoise(half, cache, 0.5), "nfe"),
+            PASSES[1]: (lambda: (model.decode(block[:, 0], cache), reset()), "ar_step"),
+            PASSES[2]: (lambda: (model.extend(block, cache), reset()), "extension")}
+
+
+def _weight_bytes(est: dict, key: str, touched: float) -> float:
+    """The pass's weight bytes with the routed experts it touched (the cost model assumes uniform routing)."""
+    parts = est[f"{key}_parts"]
+    expected = est[f"distinct_experts_{key}"]
+    experts = parts["experts"] * touched / expected if expected else 0.0
+    return parts["weights"] + parts["embeddings"] + parts["lm_head"] + experts
+
+
+def _profile(fn) -> list[dict]:
+    """The ops of one call of fn by self CPU time (torch.profiler), the top PROFILE_TOP."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+             "%": 100 * e.self_cpu_time_total / total} for e in events[:PROFILE_TOP]]
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    import twotower_ext as tt
+    from twotower_ext import costmodel
+
+    if device != "cpu":
+        raise SystemExit("bench passes: CPU only (the GPU passes are in bench roofline)")
+    path = checkpoint()
+    threads_before = torch.get_num_threads()
+    rows, EXTRA["profile"] = [], {}
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = tt.load(path, dtype=dtype, threads=0)
+        model, cfg = lm.model, lm.config
+        dname = str(dtype).removeprefix("torch.")
+        est = costmodel.estimate(cfg, 1, CTX, BLOCK, torch.finfo(dtype).bits // 8)
+        passes = _passes(model, cfg)
+        for threads in (1,) if quick else (1, 2):
+            torch.set_num_threads(threads)
+            mm = harness.measure_matmul_rate(1024, 1024, 1024, dtype) * 1e12
+            read = harness.measure_read_bandwidth() * 1e9
+            for label, (fn, key) in passes.items():
+                t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
+                with expert_tally(cfg.n_routed_experts) as counts:
+                    fn()
+                touched = torch.stack(counts).double().mean().item()
+                flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
+                compute, memory = flops / mm, wbytes / read
+                bound = max(compute, memory)
+                rows.append({"pass": label, "dtype": dname, "threads": threads, "ms": t.median_s * 1e3,
+                             "spread_us": t.spread, "GFLOP": flops / 1e9, "weight_MB": wbytes / 1e6,
+                             "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9, "read_GB/s": read / 1e9,
+                             "bound_ms": bound * 1e3, "bound": "compute" if compute >= memory else "memory",
+                             "%bound": 100 * bound / t.median_s, **harness.load_fields(t)})
+        torch.set_num_threads(1)
+        EXTRA["profile"][dname] = _profile(passes[PASSES[0]][0])
+        del lm, model, passes
+        gc.collect()
+    torch.set_num_threads(threads_before)
+    harness.print_table("each pass next to its bound (width-1/8 real pattern, 128 experts, vocab 131072, batch 1, "
+                        f"context {CTX})", rows, COLUMNS)
+    for dname, ops in EXTRA["profile"].items():
+        harness.print_table(f"one denoiser pass, {dname}, 1 thread: ops by self time", ops,
+                            ["op", "calls", "self_ms", "%"])
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_passes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", action="store_true",
+                    help="save as results/passes_before-cpu (the numbers of the code before a change)")
+    ap.add_argument("--allow-busy", action="store_true", help="save even if other processes used the CPU")
+    a = ap.parse_args(argv)
+    rows = run()
+    name = "passes_before-cpu" if a.before else "passes-cpu"
+    try:
+        harness.write_results(name, f"passes on cpu{' (before)' if a.before else ''}", rows, COLUMNS, extra=EXTRA,
+                              allow_busy=a.allow_busy or None)
+    except harness.BusyMachineError as e:
+        print(f"python -m bench.bench_passes: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
