@@ -29,6 +29,10 @@ TORCH_LIBRARY(twotower, m) {
         "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
         "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
+  // Dense linear on packed weights (CPU; csrc/linear/linear.h): y [M, n] = x [M, K] @ W^T.
+  m.def("linear(Tensor x, Tensor w, int n) -> Tensor");
+  // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.
+  m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads, bool forced=False) -> str");
   // Host-side view of the CUDA MoE (no tensors, no GPU needed): the grouped-GEMM kernel a call would get.
   m.def("cuda_moe_path(ScalarType dtype, str format, int hidden, int inter, int group_size=0, "
         "ScalarType? scale_dtype=None, int[] strides=[], int pointer_offset=0) -> str");

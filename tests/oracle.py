@@ -190,6 +190,19 @@ def route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, norm_t
     return ids, w * scaling
 
 
+def linear(x, w):
+    """y = x W^T in fp64 from the plain (unpacked) weight W [N, K], with the rigorous bound on an fp32-accumulated
+    result rounded to `x`'s dtype: every product is exact in fp32 (the inputs have at most 24-bit significands),
+    each of the <= K + 1 additions rounds by at most u = 2^-24 relative to the running sum, which is bounded by
+    sum_k |x_k w_k| (so |error| <= (K + 1) u |x| |W|^T, inner products of absolute values), and the final
+    rounding to bf16 adds at most 2^-8 |y| (its unit roundoff; none for fp32). Returns (y [.., N] fp64, bound [.., N] fp64)."""
+    x64, w64 = _f64(x), _f64(w)
+    K = x64.shape[-1]
+    out_rel = 2.0 ** -8 if x.dtype == torch.bfloat16 else 0.0
+    y = x64 @ w64.T
+    return y, (K + 1) * 2.0 ** -24 * (x64.abs() @ w64.abs().T) * (1 + out_rel) + out_rel * y.abs()
+
+
 def relu2_mlp(x, up, down):
     return torch.relu(x @ _f64(up).T).square() @ _f64(down).T
 

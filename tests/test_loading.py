@@ -13,6 +13,8 @@ import torch
 
 from twotower_ext.models import (CheckpointError, ConfigError, NemotronHConfig, SafetensorsError, SafetensorsFile,
                                  expected_tensors, load_weights, save_file)
+from twotower_ext.models.weights import build_weights
+from twotower_ext.packed import PackedLinear, unpack
 
 HERE = os.path.dirname(__file__)
 CKPT = os.path.join(HERE, "data", "parity", "checkpoint")
@@ -166,13 +168,44 @@ def test_bf16_load_keeps_the_fp32_parameters_fp32():
         for i, layer in enumerate(tower.layers):
             for fld in dataclasses.fields(layer.mixer):
                 t = getattr(layer.mixer, fld.name)
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, (torch.Tensor, PackedLinear)):
                     assert t.dtype == (torch.float32 if fld.name in kept else torch.bfloat16), (i, fld.name)
         m = tower.layers[0].mixer
         assert torch.equal(m.A_log, raw[f"{prefix}.layers.0.mixer.A_log"])
-        assert torch.equal(m.in_proj, raw[f"{prefix}.layers.0.mixer.in_proj.weight"].bfloat16())
+        assert torch.equal(unpack(m.in_proj), raw[f"{prefix}.layers.0.mixer.in_proj.weight"].bfloat16())
         assert torch.equal(tower.layers[2].mixer.bias, raw[f"{prefix}.layers.2.mixer.gate.e_score_correction_bias"])
     assert w.time.tables.dtype == torch.bfloat16
+
+
+LINEARS = {"mamba": ("in_proj", "out_proj"), "attention": ("q", "k", "v", "o"), "moe": (), "mlp": ("up", "down")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_load_packs_every_dense_linear(dtype):
+    """Every dense linear of both towers (and both LM heads) is packed for ops.linear on the CPU, holding exactly
+    the checkpoint's values in the model dtype; pack=False (and build_weights, for training) keeps plain tensors."""
+    cfg = NemotronHConfig.from_json(CKPT)
+    w, plain = load_weights(CKPT, cfg, dtype), load_weights(CKPT, cfg, dtype, pack=False)
+    raw = read_all()
+    names = {"in_proj": "in_proj", "out_proj": "out_proj", "q": "q_proj", "k": "k_proj", "v": "v_proj",
+             "o": "o_proj", "up": "up_proj", "down": "down_proj"}
+    checked = 0
+    for tower, flat, prefix, head in ((w.context, plain.context, "context_tower", "context_lm_head.weight"),
+                                      (w.denoiser, plain.denoiser, "denoiser_tower", "lm_head.weight")):
+        pairs = [(tower.lm_head, flat.lm_head, head)]
+        for i, (layer, flat_layer) in enumerate(zip(tower.layers, flat.layers)):
+            mixer = f"{prefix}.layers.{i}.mixer"
+            pairs += [(getattr(layer.mixer, f), getattr(flat_layer.mixer, f), f"{mixer}.{names[f]}.weight")
+                      for f in LINEARS[layer.kind]]
+            if layer.kind == "moe":
+                pairs += [(getattr(layer.mixer.shared, f), getattr(flat_layer.mixer.shared, f),
+                           f"{mixer}.shared_experts.{f}_proj.weight") for f in ("up", "down")]
+        for p, t, name in pairs:
+            assert isinstance(p, PackedLinear) and isinstance(t, torch.Tensor), name
+            assert torch.equal(unpack(p), raw[name].to(dtype)) and torch.equal(t, raw[name].to(dtype)), name
+            checked += 1
+    assert checked > 10
+    assert all(isinstance(t, torch.Tensor) for t in build_weights(cfg, dtype, "cpu", "cpu")[1].values())
 
 
 def test_placement_splits_the_towers():

@@ -12,6 +12,7 @@ import twotower_ext as tt
 from twotower_ext.models import expected_tensors
 from twotower_ext.models.config import NemotronHConfig
 from twotower_ext.models.safetensors_io import SafetensorsFile, read_header
+from twotower_ext.packed import unpack
 from twotower_ext.train.data import BOS, EOS, MASK, SPECIAL_TOKENS, batch_at, is_heldout, train_tokenizer
 from twotower_ext.train.model import TrainModel, context_forward, denoiser_forward, make_config
 from twotower_ext.train.trainer import PhaseArgs, diffusion_loss, lm_loss, run_phase
@@ -150,7 +151,8 @@ def test_checkpoint_is_nvidia_format_and_generates(random_pair):
     assert infos["context_tower.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
     assert_checkpoint_holds(path + "-bf16", m, torch.bfloat16)
     lm16 = tt.load(path + "-bf16", dtype=torch.float32)   # the bf16 values, widened exactly
-    assert torch.equal(lm16.model.weights.context.lm_head, m.named_tensors()["context_lm_head.weight"].bfloat16().float())
+    assert torch.equal(unpack(lm16.model.weights.context.lm_head),
+                       m.named_tensors()["context_lm_head.weight"].bfloat16().float())
 
 
 def _stream(n=6000):

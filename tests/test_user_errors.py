@@ -99,22 +99,23 @@ def test_garbage_tokenizer_is_a_clear_error(tmp_path):
 
 def test_nan_weights_name_the_tower_and_layer(lm):
     """A NaN weight surfaces as the NaN-logits error plus the first tower/layer whose output is non-finite."""
-    den = lm.model.weights.denoiser.layers[3].mixer     # the denoiser's second Mamba layer
-    keep = den.out_proj.clone()
+    # out_proj is packed (twotower_ext.packed): its element [0, 0] is the first of the packed data
+    den = lm.model.weights.denoiser.layers[3].mixer.out_proj.data     # the denoiser's second Mamba layer
+    keep = den.clone()
     try:
-        den.out_proj[0, 0] = float("nan")
+        den.view(-1)[0] = float("nan")
         with pytest.raises(ValueError, match=r"must not contain NaN.*the denoiser tower: layer 3 \(mamba\)"):
             lm.generate(PROMPTS["p0"], max_new_tokens=16)
     finally:
-        den.out_proj.copy_(keep)
-    ctx = lm.model.weights.context.layers[0].mixer      # the context tower's first layer (Mamba)
-    keep = ctx.out_proj.clone()
+        den.copy_(keep)
+    ctx = lm.model.weights.context.layers[0].mixer.out_proj.data      # the context tower's first layer (Mamba)
+    keep = ctx.clone()
     try:
-        ctx.out_proj[0, 0] = float("nan")                # its output, so layer 1 (attention) caches NaN K/V
+        ctx.view(-1)[0] = float("nan")                   # its output, so layer 1 (attention) caches NaN K/V
         with pytest.raises(ValueError, match=r"the context tower: layer 1 \(attention\)"):
             lm.generate(PROMPTS["p0"], max_new_tokens=16)
     finally:
-        ctx.out_proj.copy_(keep)
+        ctx.copy_(keep)
     assert lm.generate(PROMPTS["p0"], max_new_tokens=16).stats["tokens"] == 16
 
 

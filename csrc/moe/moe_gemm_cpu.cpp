@@ -22,9 +22,9 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cpu_isa.h"
 #include "common/half_cpu.h"
 #include "moe/moe.h"
-#include "moe/moe_isa_cpu.h"
 
 namespace tt {
 namespace {
@@ -58,7 +58,7 @@ void kernel_scalar(int64_t K, const typename Tag::raw* const* a, const typename 
     TT_UNROLL for (int n = 0; n < NR; ++n) c[m * ldc + n] = dot_tail<Tag>(a[m], b + n * ldb, 0, K);
 }
 
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + FMA: 16 ymm registers hold MR*NR accumulators + NR weight vectors + 1 activation vector.
 
@@ -142,7 +142,7 @@ TT_AVX512BF16 void kernel_avx512bf16(int64_t K, const uint16_t* const* a, const 
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) c[m * ldc + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
-#endif  // TT_MOE_X86
+#endif  // TT_X86
 
 // ---------------------------------------------------------------------------------------------------
 // Blocking: MR x NR tiles over C; the NR weight rows of one column block are read from memory by its first
@@ -165,7 +165,7 @@ template <class Tag, int MaxMR, int MaxNR, template <class, int, int> class K> s
     }                                                                                                      \
   };
 TT_MOE_KERNEL_ADAPTER(ScalarK, kernel_scalar)
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 TT_MOE_KERNEL_ADAPTER(Avx2K, kernel_avx2)
 TT_MOE_KERNEL_ADAPTER(Avx512K, kernel_avx512)
 template <class Tag, int MR, int NR> struct Avx512Bf16K {
@@ -204,7 +204,7 @@ void drive(int64_t M, int64_t N, int64_t Kd, const void* A, const int32_t* a_row
 template <class Tag>
 void gemm_typed(MoeCpuIsa isa, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows, int64_t lda,
                 const void* B, int64_t ldb, float* C, int64_t ldc) {
-#ifdef TT_MOE_X86
+#ifdef TT_X86
   if constexpr (std::is_same_v<Tag, BF16>) {
     if (isa == MoeCpuIsa::kAvx512Bf16) return drive<Tag, 4, 6, Avx512Bf16K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
   }
@@ -224,28 +224,6 @@ void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const
     case DType::kBFloat16: return gemm_typed<BF16>(isa, M, N, K, A, a_rows, lda, B, ldb, C, ldc);
     case DType::kFloat16: return gemm_typed<F16>(isa, M, N, K, A, a_rows, lda, B, ldb, C, ldc);
   }
-}
-
-bool moe_cpu_isa_supported(MoeCpuIsa isa) {
-#ifdef TT_MOE_X86
-  switch (isa) {
-    case MoeCpuIsa::kScalar: return true;
-    case MoeCpuIsa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case MoeCpuIsa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    case MoeCpuIsa::kAvx512Bf16: return moe_cpu_isa_supported(MoeCpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
-  }
-  return false;
-#else
-  return isa == MoeCpuIsa::kScalar;
-#endif
-}
-
-MoeCpuIsa moe_cpu_best_isa() {
-  for (MoeCpuIsa isa : {MoeCpuIsa::kAvx512Bf16, MoeCpuIsa::kAvx512, MoeCpuIsa::kAvx2})
-    if (moe_cpu_isa_supported(isa)) return isa;
-  return MoeCpuIsa::kScalar;
 }
 
 // Measured on this project's Xeon (1 thread, one expert, [M x 2688] up + down, GFLOP/s micro vs MKL sgemm on

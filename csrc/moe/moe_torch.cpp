@@ -27,6 +27,7 @@
 #include <utility>
 
 #include "common/cpu_gemm_torch.h"
+#include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
 #include "moe/moe.h"
 
@@ -184,19 +185,6 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
 // ---------------------------------------------------------------------------------------------------
 // CPU
 
-tt::MoeCpuIsa moe_cpu_isa() {
-  const char* env = std::getenv("TWOTOWER_MOE_CPU_ISA");
-  if (env == nullptr || env[0] == '\0') return tt::moe_cpu_best_isa();
-  const std::string v(env);
-  const tt::MoeCpuIsa isa = v == "scalar" ? tt::MoeCpuIsa::kScalar : v == "avx2" ? tt::MoeCpuIsa::kAvx2
-                          : v == "avx512" ? tt::MoeCpuIsa::kAvx512 : v == "avx512_bf16" ? tt::MoeCpuIsa::kAvx512Bf16
-                          : tt::MoeCpuIsa(-1);
-  TORCH_CHECK_VALUE(int32_t(isa) >= 0, "twotower: TWOTOWER_MOE_CPU_ISA must be scalar, avx2, avx512 or avx512_bf16, "
-                    "got '", v, "'");
-  TORCH_CHECK_VALUE(tt::moe_cpu_isa_supported(isa), "twotower: TWOTOWER_MOE_CPU_ISA=", v, " but this CPU does not run it");
-  return isa;
-}
-
 tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   const char* env = std::getenv("TWOTOWER_MOE_CPU_GEMM");
   if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return tt::MoeCpuGemmChoice::kAuto;
@@ -274,7 +262,7 @@ void run_moe_cpu(const tt::MoeParams& p) {
   if (p.tokens == 0) return;
   CpuGemmCtx gctx;
   tt::MoeCpuConfig cfg;
-  cfg.isa = moe_cpu_isa();
+  cfg.isa = cpu_isa_from_env("TWOTOWER_MOE_CPU_ISA", tt::kMoeCpuIsaMax);
   cfg.gemm = moe_cpu_gemm_choice();
   cfg.library = make_cpu_gemm(at::kFloat, gctx);
   const auto pl = tt::moe_cpu_plan(p, cfg);

@@ -6,10 +6,12 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
+from .packed import PackedLinear
 
-OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts"]
+OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,3 +253,30 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.
         return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down, up_scale, down_scale, group)
     torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out, up_scale, down_scale, group)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear
+
+
+@torch.library.register_fake("twotower::linear")
+def _linear_fake(x, w, n):
+    torch._check(x.dim() == 2, lambda: "x must be [rows, in_features]")
+    return x.new_empty((x.shape[0], n))
+
+
+def linear(x, w) -> torch.Tensor:
+    """F.linear(x, w) without bias: x [..., K] @ w^T -> [..., N] in x's dtype (fp32 accumulation, rounded once).
+
+    w is a plain [N, K] tensor (then this is F.linear: CUDA, training, fp16, anything not packed) or a
+    `packed.PackedLinear` (the CPU inference weights, packed at load): then x (float32 / bfloat16, w's dtype, on
+    the CPU) goes through the register-blocked kernel of csrc/linear/linear.h, which picks its instruction set
+    and, for many rows (prefill), the matrix library (`linear_cpu_plan`). No host synchronisation."""
+    if not isinstance(w, PackedLinear):
+        return F.linear(x, w)
+    if not _has_kernel("linear", x.device):
+        return reference.linear(x, w)
+    if x.shape[-1] != w.k:
+        raise ValueError(f"twotower: x's last dim must be w's in_features = {w.k}, got shape {tuple(x.shape)}")
+    y = torch.ops.twotower.linear(x.reshape(-1, w.k), w.data, w.n)
+    return y.view(*x.shape[:-1], w.n)

@@ -317,3 +317,15 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None):
         y.index_add_(0, tok[sel], o.double() * wts[sel, None])
     y = y.to(acc).to(x.dtype)
     return y if out is None else out.copy_(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear
+
+
+def linear(x, w):
+    """y = x @ W^T for a `packed.PackedLinear` w (csrc/linear/linear.h): the weight unpacked, products summed in fp32
+    (fp64 for fp64 x: the tests' oracle route), y rounded once to x's dtype. x [..., K]; returns [..., N]."""
+    from .packed import unpack
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(acc) @ unpack(w).to(device=x.device, dtype=acc).t()).to(x.dtype)

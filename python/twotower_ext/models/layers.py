@@ -32,8 +32,8 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor, group: int
     return (g.view(shape) * w.float()).to(y.dtype)
 
 
-def relu2_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(torch.square(F.relu(F.linear(x, up))), down)
+def relu2_mlp(x: torch.Tensor, up, down) -> torch.Tensor:
+    return ops.linear(torch.square(F.relu(ops.linear(x, up))), down)
 
 
 def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
@@ -47,13 +47,13 @@ def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_sta
     [B, H, P, N] (fp32); with write_state the final states are written back into those tensors. The scan
     is the seeded op (token by token), or with chunk_size the chunked SSD form (ssd.py: batched matmuls,
     faster for long passes; equal up to fp32 rounding)."""
-    z, xbc, dt = F.linear(h, w.in_proj).split([cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads], dim=-1)
+    z, xbc, dt = ops.linear(h, w.in_proj).split([cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads], dim=-1)
     lo, hi = cfg.time_step_limit
     outs = (conv_state, ssm_state) if write_state else (None, None)
     scan = ops.mamba_block_scan if chunk_size is None else partial(mamba_chunked_scan, chunk_size=chunk_size)
     y = scan(xbc, dt, conv_state, ssm_state, w.conv_w, w.conv_b, w.dt_bias, w.A_log, w.D, seq_lens, lo, hi, *outs)
     y = gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon)
-    return F.linear(y, w.out_proj)
+    return ops.linear(y, w.out_proj)
 
 
 # ----------------------------------------------------------------------------------------------------

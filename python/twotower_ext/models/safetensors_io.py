@@ -106,6 +106,17 @@ class SafetensorsFile:
         begin = self.tensors[name].begin
         copy_into(dst, self.get(name), chunk_bytes, lambda lo, hi: self._release(begin + lo, begin + hi))
 
+    def row_chunks(self, name: str, rows_multiple: int = 1, chunk_bytes: int = COPY_CHUNK_BYTES):
+        """Tensor `name` (at least 1-D) as zero-copy views of consecutive row blocks: yields (first row, rows),
+        each block a multiple of `rows_multiple` rows (but the last) and about chunk_bytes; a block's resident
+        source pages are dropped once the consumer asks for the next one (as in copy_to)."""
+        t, begin = self.get(name), self.tensors[name].begin
+        row_bytes = max(1, t[0].numel() * t.element_size()) if len(t) else 1
+        step = max(rows_multiple, chunk_bytes // row_bytes // rows_multiple * rows_multiple)
+        for r in range(0, len(t), step):
+            yield r, t[r:r + step]
+            self._release(begin + r * row_bytes, begin + min(len(t), r + step) * row_bytes)
+
     def _release(self, lo: int, hi: int) -> None:
         # Whole pages around the range: the mapping is never written, so a dropped page that also holds
         # bytes of a neighbouring tensor is simply read back from the file when that tensor is copied.

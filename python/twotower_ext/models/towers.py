@@ -149,7 +149,7 @@ class TwoTowerModel:
 
     def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights.context
-        return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
+        return ops.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
 
     def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
                       dense_moe: bool = False):
@@ -179,9 +179,9 @@ class TwoTowerModel:
                 r.put(st.ssm[i], ssm)
             elif layer.kind == "attention":
                 a = layer.mixer
-                q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
-                k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                q = ops.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
+                k = ops.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                v = ops.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                 st.write_kv(i, r, pos, k, v)
                 if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
                     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -190,7 +190,7 @@ class TwoTowerModel:
                 else:      # the cached keys [0, lens) then the new ones, causal among those
                     o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), lens,
                                                cfg.head_dim ** -0.5, causal=True)
-                out = F.linear(o.reshape(n, L, -1), a.o)
+                out = ops.linear(o.reshape(n, L, -1), a.o)
             elif layer.kind == "moe":
                 out = moe(h, layer.mixer, cfg, dense=dense_moe)
             else:
@@ -266,11 +266,11 @@ class TwoTowerModel:
                 out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))
             elif layer.kind == "attention":
                 a = layer.mixer
-                q = F.linear(h, a.q).view(B, S, cfg.num_attention_heads, cfg.head_dim)
-                k = F.linear(h, a.k).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
-                v = F.linear(h, a.v).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
+                q = ops.linear(h, a.q).view(B, S, cfg.num_attention_heads, cfg.head_dim)
+                k = ops.linear(h, a.k).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
+                v = ops.linear(h, a.v).view(B, S, cfg.num_key_value_heads, cfg.head_dim)
                 o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), ctx_lens, cfg.head_dim ** -0.5)
-                out = F.linear(o.reshape(B, S, -1), a.o)
+                out = ops.linear(o.reshape(B, S, -1), a.o)
             elif layer.kind == "moe":
                 out = moe(h, layer.mixer, cfg, dense=dense_moe)
             else:
@@ -280,4 +280,4 @@ class TwoTowerModel:
             x = res + out
             if probe is not None:
                 probe(i, layer.kind, x)
-        return F.linear(rms_norm(x, w.norm_f, eps).to(self.dtype), w.lm_head).float()
+        return ops.linear(rms_norm(x, w.norm_f, eps).to(self.dtype), w.lm_head).float()

@@ -13,6 +13,12 @@ matrix is streamed into a small scratch one expert big, rounded to the model dty
 straight into its slot (quant.quantize_into), so host memory never holds the unquantised stack. The result
 equals quant.quantize of the experts `experts=None` loads in the same dtype, bit for bit. Everything else
 (shared experts, attention, Mamba, embeddings, heads) stays in the model dtype.
+
+On the CPU (float32 / bfloat16) `load_weights` packs the dense linear weights (Mamba in/out projections,
+attention q/k/v/o, shared-expert and MLP up/down, both LM heads) for `ops.linear` (packed.py): each is
+allocated packed (packed.empty) and filled from the checkpoint a block of rows at a time (pack_rows_into), so
+the unpacked weight never exists in memory beside it. `build_weights` alone (training, hf.patch, the expected
+shapes) keeps plain tensors.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant
+from .. import packed, quant
 from .config import NemotronHConfig
 from .safetensors_io import SafetensorsFile, TensorInfo, read_header
 
@@ -34,30 +40,34 @@ class CheckpointError(ValueError):
     """The checkpoint's tensors do not match what the config describes."""
 
 
+# Dense linear weights [out, in] (Linear below) are packed.PackedLinear when load_weights packs them (CPU).
+Linear = torch.Tensor | packed.PackedLinear
+
+
 @dataclass
 class MambaWeights:
-    in_proj: torch.Tensor     # [d_inner + conv_dim + H, hidden]
+    in_proj: Linear           # [d_inner + conv_dim + H, hidden]
     conv_w: torch.Tensor      # [conv_dim, K]
     conv_b: torch.Tensor | None
     dt_bias: torch.Tensor     # [H] fp32
     A_log: torch.Tensor       # [H] fp32
     D: torch.Tensor           # [H] fp32
     norm: torch.Tensor        # [d_inner]
-    out_proj: torch.Tensor    # [hidden, d_inner]
+    out_proj: Linear          # [hidden, d_inner]
 
 
 @dataclass
 class AttentionWeights:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
 
 
 @dataclass
 class MLPWeights:
-    up: torch.Tensor          # [I, hidden]
-    down: torch.Tensor        # [hidden, I]
+    up: Linear                # [I, hidden]
+    down: Linear              # [hidden, I]
 
 
 @dataclass
@@ -81,7 +91,7 @@ class TowerWeights:
     embeddings: torch.Tensor
     layers: list
     norm_f: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Linear
 
 
 @dataclass
@@ -124,18 +134,37 @@ class QuantSlot:
         return torch.Size(self.q.shape[1:])
 
 
+@dataclass(frozen=True)
+class PackSlot:
+    """A checkpoint tensor that is packed into a PackedLinear while loading."""
+    p: packed.PackedLinear
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.p.shape)
+
+
 class _Allocator:
     """Creates tensors on one device and records which checkpoint name fills each one (as a view in the
-    checkpoint's own shape, or a QuantSlot for quantised routed experts)."""
+    checkpoint's own shape, a QuantSlot for quantised routed experts, or a PackSlot for packed linears)."""
 
-    def __init__(self, dtype: torch.dtype, device, targets: dict, experts: str | None = None):
+    def __init__(self, dtype: torch.dtype, device, targets: dict, experts: str | None = None, pack: bool = False):
         self.dtype, self.device, self.targets = dtype, torch.device(device), targets
         self.experts = experts
+        self.pack = pack and packed.packable((1, 1), dtype, device)
 
     def __call__(self, name: str, shape, fp32: bool = False, ckpt_shape=None) -> torch.Tensor:
         t = torch.empty(shape, dtype=torch.float32 if fp32 else self.dtype, device=self.device)
         self.targets[name] = t.view(ckpt_shape) if ckpt_shape is not None else t
         return t
+
+    def linear(self, name: str, shape):
+        """A dense linear weight [out, in]: packed for ops.linear when this allocator packs, else plain."""
+        if not self.pack:
+            return self(name, shape)
+        p = packed.empty(*shape, self.dtype, self.device)
+        self.targets[name] = PackSlot(p)
+        return p
 
     def stacked(self, names: list[str], shape, fp32: bool = False) -> torch.Tensor:
         t = torch.empty((len(names), *shape), dtype=torch.float32 if fp32 else self.dtype, device=self.device)
@@ -164,18 +193,18 @@ def _build_tower(cfg: NemotronHConfig, a: _Allocator, prefix: str, head: str) ->
         if kind == "mamba":
             C, K, nh = cfg.conv_dim, cfg.conv_kernel, cfg.mamba_num_heads
             mixer = MambaWeights(
-                in_proj=a(f"{m}.in_proj.weight", (cfg.in_proj_dim, H)),
+                in_proj=a.linear(f"{m}.in_proj.weight", (cfg.in_proj_dim, H)),
                 conv_w=a(f"{m}.conv1d.weight", (C, K), ckpt_shape=(C, 1, K)),
                 conv_b=a(f"{m}.conv1d.bias", (C,)) if cfg.use_conv_bias else None,
                 dt_bias=a(f"{m}.dt_bias", (nh,), fp32=True),
                 A_log=a(f"{m}.A_log", (nh,), fp32=True),
                 D=a(f"{m}.D", (nh,), fp32=True),
                 norm=a(f"{m}.norm.weight", (cfg.d_inner,)),
-                out_proj=a(f"{m}.out_proj.weight", (H, cfg.d_inner)))
+                out_proj=a.linear(f"{m}.out_proj.weight", (H, cfg.d_inner)))
         elif kind == "attention":
             qd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-            mixer = AttentionWeights(q=a(f"{m}.q_proj.weight", (qd, H)), k=a(f"{m}.k_proj.weight", (kd, H)),
-                                     v=a(f"{m}.v_proj.weight", (kd, H)), o=a(f"{m}.o_proj.weight", (H, qd)))
+            mixer = AttentionWeights(q=a.linear(f"{m}.q_proj.weight", (qd, H)), k=a.linear(f"{m}.k_proj.weight", (kd, H)),
+                                     v=a.linear(f"{m}.v_proj.weight", (kd, H)), o=a.linear(f"{m}.o_proj.weight", (H, qd)))
         elif kind == "moe":
             E, I, Is = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_shared_expert_intermediate_size
             mixer = MoEWeights(
@@ -183,24 +212,26 @@ def _build_tower(cfg: NemotronHConfig, a: _Allocator, prefix: str, head: str) ->
                 bias=a(f"{m}.gate.e_score_correction_bias", (E,), fp32=True),
                 up=a.experts_stack([f"{m}.experts.{e}.up_proj.weight" for e in range(E)], (I, H)),
                 down=a.experts_stack([f"{m}.experts.{e}.down_proj.weight" for e in range(E)], (H, I)),
-                shared=MLPWeights(up=a(f"{m}.shared_experts.up_proj.weight", (Is, H)),
-                                  down=a(f"{m}.shared_experts.down_proj.weight", (H, Is))))
+                shared=MLPWeights(up=a.linear(f"{m}.shared_experts.up_proj.weight", (Is, H)),
+                                  down=a.linear(f"{m}.shared_experts.down_proj.weight", (H, Is))))
         else:
             I = cfg.intermediate_size
-            mixer = MLPWeights(up=a(f"{m}.up_proj.weight", (I, H)), down=a(f"{m}.down_proj.weight", (H, I)))
+            mixer = MLPWeights(up=a.linear(f"{m}.up_proj.weight", (I, H)), down=a.linear(f"{m}.down_proj.weight", (H, I)))
         layers.append(Layer(kind, norm, mixer))
     return TowerWeights(embeddings=a(f"{prefix}.embeddings.weight", (cfg.vocab_size, H)), layers=layers,
-                        norm_f=a(f"{prefix}.norm_f.weight", (H,)), lm_head=a(head, (cfg.vocab_size, H)))
+                        norm_f=a(f"{prefix}.norm_f.weight", (H,)), lm_head=a.linear(head, (cfg.vocab_size, H)))
 
 
 def build_weights(cfg: NemotronHConfig, dtype: torch.dtype, ctx_device, den_device,
-                  experts: str | None = None) -> tuple[TwoTowerWeights, dict]:
+                  experts: str | None = None, pack: bool = False) -> tuple[TwoTowerWeights, dict]:
     """Uninitialised weights (context tower + context_lm_head on ctx_device; denoiser, lm_head and the
-    time conditioning on den_device) and {checkpoint name: tensor view to fill, or a QuantSlot for a routed
-    expert when `experts` is a quant format}."""
-    targets: dict[str, torch.Tensor | QuantSlot] = {}
+    time conditioning on den_device) and {checkpoint name: tensor view to fill, a QuantSlot for a routed
+    expert when `experts` is a quant format, or a PackSlot for a dense linear packed with `pack` (on the CPU,
+    float32 / bfloat16)}."""
+    targets: dict[str, torch.Tensor | QuantSlot | PackSlot] = {}
     experts = expert_format(experts)
-    ctx, den = _Allocator(dtype, ctx_device, targets, experts), _Allocator(dtype, den_device, targets, experts)
+    ctx = _Allocator(dtype, ctx_device, targets, experts, pack)
+    den = _Allocator(dtype, den_device, targets, experts, pack)
     H = cfg.hidden_size
     time = TimeWeights(
         emb0_w=den("t_embedder.mlp.0.weight", (H, T_FREQ_DIM)), emb0_b=den("t_embedder.mlp.0.bias", (H,)),
@@ -289,17 +320,18 @@ def check_checkpoint(index: dict[str, tuple[str, TensorInfo]], expected: dict[st
 
 
 def load_weights(path: str, cfg: NemotronHConfig, dtype: torch.dtype = torch.bfloat16, ctx_device="cpu",
-                 den_device=None, experts: str | None = None) -> TwoTowerWeights:
+                 den_device=None, experts: str | None = None, pack: bool = True) -> TwoTowerWeights:
     """Load a checkpoint (file, or directory: single-file or sharded) by NVIDIA's names. experts: None or
     "bf16" (the routed experts unquantised, in `dtype` like every other weight), "fp8" or "int4" (quantised
-    while streaming, see the module docstring)."""
+    while streaming, see the module docstring). pack: the dense linears of a tower on the CPU packed for
+    ops.linear (see the module docstring); False keeps them plain tensors."""
     den_device = ctx_device if den_device is None else den_device
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     experts = expert_format(experts)
     index = checkpoint_index(path)
     check_checkpoint(index, expected_tensors(cfg), path)
-    weights, targets = build_weights(cfg, dtype, ctx_device, den_device, experts)
+    weights, targets = build_weights(cfg, dtype, ctx_device, den_device, experts, pack)
     by_file = defaultdict(list)
     for name, (file, info) in index.items():
         by_file[file].append((info.begin, name))
@@ -314,6 +346,9 @@ def load_weights(path: str, cfg: NemotronHConfig, dtype: torch.dtype = torch.bfl
                         scratch[key] = torch.empty(t.shape, dtype=dtype, device=t.q.device)
                     f.copy_to(name, scratch[key])
                     quant.quantize_into(t.q, t.e, scratch[key])
+                elif isinstance(t, PackSlot):
+                    for row0, rows in f.row_chunks(name, packed.PANEL):
+                        packed.pack_rows_into(t.p, row0, rows)
                 else:
                     f.copy_to(name, t)
     return weights

@@ -23,7 +23,7 @@ from dataclasses import fields, is_dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import ops, reference
 from ..models.config import NemotronHConfig
 from ..models.layers import gated_rms_norm, mlp, modulate, moe, rms_norm, route, time_modulation
 from ..models.random_init import write_checkpoint
@@ -232,7 +232,7 @@ def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: i
     B, L, _ = h.shape
     K, C, H, P = cfg.conv_kernel, cfg.conv_dim, cfg.mamba_num_heads, cfg.mamba_head_dim
     G, N = cfg.n_groups, cfg.ssm_state_size
-    z, xbc, dt = F.linear(h, w.in_proj).split([cfg.d_inner, C, H], dim=-1)
+    z, xbc, dt = ops.linear(h, w.in_proj).split([cfg.d_inner, C, H], dim=-1)
     if conv_state is None:
         conv_state = xbc.new_zeros(B, K - 1, C)
     raw = torch.cat([conv_state.to(xbc.dtype), xbc], dim=1)                 # [B, K-1+L, C]
@@ -252,7 +252,7 @@ def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: i
     y, _, ssm = ssd_chunked_scan(x4.float(), dt, A, Bm.reshape(B, L, G, N).float(), Cm.reshape(B, L, G, N).float(),
                                  w.D, ssm_state, chunk, return_chunk_states=True)
     y = y.reshape(B, L, -1).to(h.dtype)
-    out = F.linear(gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon), w.out_proj)
+    out = ops.linear(gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon), w.out_proj)
     if not states:
         return out
     conv_states = raw[:, :L].unfold(1, K - 1, chunk).transpose(-1, -2)      # [B, L/chunk, K-1, C]
@@ -265,9 +265,9 @@ def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: i
 
 def _qkv(h, a: AttentionWeights, cfg: NemotronHConfig):
     B, L, _ = h.shape
-    q = F.linear(h, a.q).view(B, L, cfg.num_attention_heads, cfg.head_dim)
-    k = F.linear(h, a.k).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
-    v = F.linear(h, a.v).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
+    q = ops.linear(h, a.q).view(B, L, cfg.num_attention_heads, cfg.head_dim)
+    k = ops.linear(h, a.k).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
+    v = ops.linear(h, a.v).view(B, L, cfg.num_key_value_heads, cfg.head_dim)
     return q, k, v
 
 
@@ -275,7 +275,7 @@ def _attend(q, k, v, a: AttentionWeights, cfg: NemotronHConfig, mask=None, causa
     B, L = q.shape[:2]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=causal, scale=cfg.head_dim ** -0.5, enable_gqa=True)
-    return F.linear(o.transpose(1, 2).reshape(B, L, -1), a.o)
+    return ops.linear(o.transpose(1, 2).reshape(B, L, -1), a.o)
 
 
 def context_forward(w: TwoTowerWeights, cfg: NemotronHConfig, ids: torch.Tensor, block: int = 16,
@@ -304,7 +304,7 @@ def context_forward(w: TwoTowerWeights, cfg: NemotronHConfig, ids: torch.Tensor,
         else:
             out = mlp(h, layer.mixer)
         x = x + out
-    logits = F.linear(rms_norm(x, tw.norm_f, eps), tw.lm_head).float()
+    logits = ops.linear(rms_norm(x, tw.norm_f, eps), tw.lm_head).float()
     return (logits, kv, mstates) if collect else logits
 
 
@@ -350,7 +350,7 @@ def denoiser_forward(w: TwoTowerWeights, cfg: NemotronHConfig, noisy: torch.Tens
         else:
             out = mlp(h, layer.mixer)
         x = x + gate.unsqueeze(1) * out
-    return F.linear(rms_norm(x, dw.norm_f, eps), dw.lm_head).float().view(B, L, -1)
+    return ops.linear(rms_norm(x, dw.norm_f, eps), dw.lm_head).float().view(B, L, -1)
 
 
 def _moe(h, w: MoEWeights, cfg: NemotronHConfig, loads: dict | None, i: int) -> torch.Tensor:

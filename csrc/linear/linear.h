@@ -1,0 +1,67 @@
+// Dense linear layers on the CPU (torch-free): y[M, N] = x[M, K] @ W[N, K]^T with fp32 accumulation, y rounded
+// once to x's dtype (F.linear's result), for the small M of a decode pass (1..16 tokens per row, times the batch:
+// up to a few hundred), with W packed once at load into 16-column panels:
+//   fp32: [P, K, 16]             element (n, k) at ((n / 16) * K + k) * 16 + n % 16
+//   bf16: [P, ceil(K / 2), 16, 2] element (n, k) at (((n / 16) * ceil(K / 2) + k / 2) * 16 + n % 16) * 2 + k % 2
+// P = ceil(N / 16); the padding (columns n >= N, and k = K of an odd K in bf16) is zero. The reference of both
+// layouts is python/twotower_ext/packed.py.
+//
+// Why panels: one panel row (16 outputs at one k) is one AVX-512 vector (two AVX2 ones), so the kernels broadcast
+// x[m, k] into FMAs over whole output rows: no horizontal sums, every weight read once per call from one
+// sequential stream per panel, and an MR x NR block of outputs in registers reuses each weight vector MR times.
+// The bf16 k-pairs are the operand layout of vdpbf16ps and of AMX's B tiles (16 pair-rows of a panel are one
+// 1 KB tile), so one packed layout serves every instruction set.
+//
+// Numerics: each output is an fp32 sum over k in order: one FMA per k (fp32; bf16 widened exactly by a shift),
+// or per pair of k with the pair's products summed first (vdpbf16ps, AMX: the products of two bf16 are exact in
+// fp32; these two flush bf16 denormals, < 1.2e-38). The scalar, AVX2 and AVX-512 paths round identically (same
+// order, FMA in each), so they agree bit for bit. NaN or inf anywhere in a row's inputs reaches its outputs.
+//
+// Threads split the output panels (linear_cpu_panels over [p0, p1)); see linear_cpu_plan for when the matrix
+// library is faster (large M: prefill) and which instruction set runs.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/platform.h"
+
+namespace tt {
+
+constexpr int64_t kLinearPanel = 16;
+inline int64_t linear_panels(int64_t n) { return (n + kLinearPanel - 1) / kLinearPanel; }
+
+struct LinearParams {
+  const void* x;                    // [M, K] in dtype, rows x_stride apart
+  const void* w;                    // packed as above, in dtype
+  void* y;                          // [M, N] in dtype, rows y_stride apart
+  int64_t M, N, K, x_stride, y_stride;
+  DType dtype;                      // kFloat32 | kBFloat16
+  const uint16_t* x_amx = nullptr;  // the AMX path's x: linear_amx_pad_x's copy
+};
+
+// The micro kernel of `isa` for output panels [p0, p1) of every row. The instruction set must run here and have
+// code for the dtype: fp32 runs on scalar, avx2 and avx512 (kAvx512Bf16 and kAmx mean avx512 for it); bf16 on
+// every one (scalar, avx2 and avx512 widen it to fp32, avx512_bf16 runs vdpbf16ps, amx tiles).
+void linear_cpu_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t p1);
+
+// AMX reads x as whole 16-row x 32-column tiles: a zero-padded copy [ceil(M / 16) * 16, linear_amx_ld(K)] (bf16),
+// made once per call before the threads start (so no tile ever reads past x, and a NaN past K cannot reach a sum).
+inline int64_t linear_amx_ld(int64_t K) { return (K + 31) / 32 * 32; }
+inline int64_t linear_amx_x_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * linear_amx_ld(K); }
+void linear_amx_pad_x(const LinearParams& p, uint16_t* dst);
+
+// For the matrix library: panels [p0, p1) of W as an fp32 [K, (p1 - p0) * 16] row-major matrix (bf16 widened,
+// exact), i.e. B of C = x @ B for those 16 * (p1 - p0) columns, the padding columns zero.
+void linear_unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, float* dst);
+
+// The plan of one call (pure: unit-tested through the linear_cpu_plan op).
+enum class LinearPath : int32_t { kMicro = 0, kLibrary = 1 };
+struct LinearPlan {
+  LinearPath path = LinearPath::kMicro;
+  CpuIsa isa = CpuIsa::kScalar;   // the micro kernel's instruction set
+};
+// isa: the best instruction set allowed (this CPU's, or the one TWOTOWER_LINEAR_CPU_ISA forces: then exactly it,
+// forced = true); threads: the intra-op threads the call may use.
+LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, bool forced, int64_t threads);
+
+}  // namespace tt

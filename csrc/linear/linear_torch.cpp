@@ -1,0 +1,151 @@
+// Torch-side adapter of linear(x, w, n): argument checks (messages name the argument), the plan, the threads'
+// split over output panels, the matrix library path, and the registrations. The schemas are in
+// csrc/registry.cpp; the layout and the math in linear.h.
+//
+// linear(x [M, K] fp32|bf16 (last dim contiguous), w packed (linear.h; python/twotower_ext/packed.py) in x's
+//   dtype, n) -> y [M, n] in x's dtype. CPU only: on CUDA the model keeps F.linear (cuBLAS) on plain weights.
+// linear_cpu_plan(m, n, k, dtype, isa, threads, forced) -> "micro:<isa>" | "library": the plan a call would get
+//   (a pure function, any machine; isa "" means this CPU's best).
+// Environment (tests and benchmarks): TWOTOWER_LINEAR_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx forces the
+// micro kernel's instruction set; TWOTOWER_LINEAR_CPU_GEMM=micro|library forces the path (default auto: the plan).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "common/cpu_gemm_torch.h"
+#include "common/cpu_isa_torch.h"
+#include "common/parallel_cpu.h"
+#include "common/torch_checks.h"
+#include "linear/linear.h"
+
+namespace {
+
+using at::Tensor;
+using namespace tt::torch_glue;
+
+// Output panels per work item of the threads' split: a multiple of every family's block width (6, 4, 3, 2).
+constexpr int64_t kItemPanels = 12;
+// fp32 weights per matrix-library call on the library path (its panels unpacked into a scratch this big).
+constexpr int64_t kLibraryChunkElems = int64_t(1) << 18;
+
+std::vector<int64_t> packed_shape(int64_t n, int64_t k, at::ScalarType st) {
+  const int64_t P = tt::linear_panels(n);
+  return st == at::kFloat ? std::vector<int64_t>{P, k, tt::kLinearPanel}
+                          : std::vector<int64_t>{P, (k + 1) / 2, tt::kLinearPanel, 2};
+}
+
+tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                   "twotower: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "twotower: x must be [rows, in_features] (2-D), got shape ", x.sizes());
+  check_last_dim_contiguous(x, "x");
+  TORCH_CHECK_VALUE(n >= 1, "twotower: n (out_features) must be >= 1, got ", n);
+  check_dtype(w, x.scalar_type(), "w");
+  check_same_device(w, "w", x, "x");
+  const int64_t K = x.size(1);
+  const auto want = packed_shape(n, K, x.scalar_type());
+  const char* layout = x.scalar_type() == at::kFloat ? "[ceil(n / 16), in_features, 16]"
+                                                     : "[ceil(n / 16), ceil(in_features / 2), 16, 2]";
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: w must be a linear weight packed by "
+              "twotower_ext.packed.pack for n = ", n, " outputs and x's in_features = ", K, ": a contiguous ", layout,
+              " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
+              w.sizes());
+  tt::LinearParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.M = x.size(0);
+  p.N = n;
+  p.K = K;
+  p.x_stride = x.stride(0);
+  p.dtype = kernel_dtype(x, "x");
+  return p;
+}
+
+void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
+  Tensor xa;
+  if (isa == tt::CpuIsa::kAmx && p.dtype == tt::DType::kBFloat16) {
+    xa = at::empty({tt::linear_amx_x_elems(p.M, p.K)}, at::TensorOptions().dtype(at::kBFloat16));
+    tt::linear_amx_pad_x(p, static_cast<uint16_t*>(xa.data_ptr()));
+    p.x_amx = static_cast<const uint16_t*>(xa.data_ptr());
+  }
+  const int64_t panels = tt::linear_panels(p.N), items = (panels + kItemPanels - 1) / kItemPanels;
+  // An item's work in elements: its weights, read again from the cache by every block of 8 rows.
+  const int64_t work = kItemPanels * tt::kLinearPanel * p.K * (1 + p.M / 8);
+  tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
+    tt::linear_cpu_panels(isa, p, b * kItemPanels, std::min(panels, e * kItemPanels));
+  });
+}
+
+// The matrix library (MKL sgemm through ATen) on fp32 operands: the weights unpacked (bf16 widened) a chunk of
+// panels at a time, x widened once; bf16 results rounded once at the end, like the micro kernels'.
+void run_library(const Tensor& x, const Tensor& y, const tt::LinearParams& p) {
+  CpuGemmCtx ctx;
+  const tt::CpuGemm g = make_cpu_gemm(at::kFloat, ctx);
+  const bool fp32 = p.dtype == tt::DType::kFloat32;
+  const Tensor x32 = fp32 ? x : x.to(at::kFloat);
+  const Tensor y32 = fp32 ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+  const int64_t panels = tt::linear_panels(p.N);
+  const int64_t chunk = std::max<int64_t>(1, kLibraryChunkElems / (p.K * tt::kLinearPanel));
+  Tensor b = at::empty({p.K * std::min(chunk, panels) * tt::kLinearPanel}, x32.options());
+  for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+    const int64_t p1 = std::min(panels, p0 + chunk), n0 = p0 * tt::kLinearPanel;
+    const int64_t cols = std::min(p.N, p1 * tt::kLinearPanel) - n0;
+    tt::linear_unpack_panels(p, p0, p1, b.data_ptr<float>());
+    g.fn(g.ctx, tt::DType::kFloat32, p.M, cols, p.K, x32.data_ptr<float>(), x32.stride(0), b.data_ptr<float>(),
+         (p1 - p0) * tt::kLinearPanel, false, y32.data_ptr<float>() + n0, y32.stride(0), false);
+  }
+  if (!fp32) y.copy_(y32);
+}
+
+bool env_set(const char* var) {
+  const char* v = std::getenv(var);
+  return v != nullptr && v[0] != '\0';
+}
+
+tt::LinearPath forced_path(tt::LinearPath planned) {
+  const char* env = std::getenv("TWOTOWER_LINEAR_CPU_GEMM");
+  if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return planned;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "micro" || v == "library", "twotower: TWOTOWER_LINEAR_CPU_GEMM must be auto, micro or "
+                    "library, got '", v, "'");
+  return v == "micro" ? tt::LinearPath::kMicro : tt::LinearPath::kLibrary;
+}
+
+Tensor linear_cpu(const Tensor& x, const Tensor& w, int64_t n) {
+  tt::LinearParams p = check_linear(x, w, n);
+  Tensor y = at::empty({p.M, n}, x.options());
+  p.y = y.data_ptr();
+  p.y_stride = n;
+  if (p.M == 0) return y;
+  const char* isa_var = "TWOTOWER_LINEAR_CPU_ISA";
+  const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype, cpu_isa_from_env(isa_var, tt::CpuIsa::kAmx),
+                                        env_set(isa_var), at::get_num_threads());
+  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, y, p);
+  else run_micro(plan.isa, p);
+  return y;
+}
+
+std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, std::string isa, int64_t threads,
+                               bool forced) {
+  TORCH_CHECK_VALUE(m >= 0 && n >= 1 && k >= 0 && threads >= 1, "twotower: linear_cpu_plan needs m >= 0, n >= 1, "
+                    "k >= 0 and threads >= 1, got m = ", m, ", n = ", n, ", k = ", k, ", threads = ", threads);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, "twotower: dtype must be float32 or bfloat16, got ",
+                   dtype);
+  tt::CpuIsa best = tt::cpu_best_isa();
+  TORCH_CHECK_VALUE(isa.empty() || tt::cpu_isa_from_name(isa.c_str(), &best), "twotower: isa must be '' (this CPU's "
+                    "best), scalar, avx2, avx512, avx512_bf16 or amx, got '", isa, "'");
+  const auto dt = dtype == at::kFloat ? tt::DType::kFloat32 : tt::DType::kBFloat16;
+  const auto plan = tt::linear_cpu_plan(m, n, k, dt, best, forced, threads);
+  return plan.path == tt::LinearPath::kLibrary ? std::string("library")
+                                               : std::string("micro:") + tt::cpu_isa_name(plan.isa);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(twotower, CPU, m) { m.impl("linear", &linear_cpu); }
+TORCH_LIBRARY_IMPL(twotower, CompositeExplicitAutograd, m) { m.impl("linear_cpu_plan", &linear_cpu_plan_op); }

@@ -1,0 +1,267 @@
+"""linear on packed weights (csrc/linear/linear.h, twotower_ext.packed): the kernels against the fp64 oracle's
+rigorous error bound at odd sizes, fp32 / bf16, every instruction set and both paths (micro kernel, matrix
+library) this CPU runs; the paths that must round identically do; the threads' split changes nothing; the packed
+layout and its round trip; NaN; bad input; the plan; opcheck and torch.compile."""
+import pytest
+import torch
+
+import twotower_ext as tt
+from twotower_ext import ops, packed, reference
+
+import oracle
+
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
+SIZES = [(1, 37, 53), (3, 16, 16), (16, 100, 33), (17, 200, 320), (100, 47, 130), (5, 1, 1)]   # (M, N, K)
+
+
+def isa_skip_reason(isa):
+    """Why `isa` cannot be forced here (the op says so when asked), or None."""
+    x, w = torch.ones(1, 2), packed.pack(torch.ones(1, 2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
+        try:
+            ops.linear(x, w)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+FORCED = [pytest.param(i, marks=pytest.mark.skipif(isa_skip_reason(i) is not None, reason=str(isa_skip_reason(i))))
+          for i in ISAS]
+
+
+def make(M, N, K, dtype, gen):
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+    return x, w
+
+
+def check(y, x, w):
+    want, bound = oracle.linear(x, w)
+    assert y.dtype == x.dtype and y.shape == want.shape
+    err = (y.double() - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound.clamp_min(1e-300)).max().item():.3g}"
+
+
+@pytest.mark.parametrize("isa", FORCED)
+@pytest.mark.parametrize("gemm", ["micro", "library"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", SIZES)
+def test_every_path_within_fp32_rounding(M, N, K, dtype, gemm, isa, monkeypatch, gen):
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_GEMM", gemm)
+    x, w = make(M, N, K, dtype, gen)
+    check(ops.linear(x, packed.pack(w)), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_plan_and_leading_dims(dtype, gen):
+    """The plan's own choice over M from 1 to 300 rows; x [..., K] keeps its leading dims; a strided x (a row
+    slice) is read in place."""
+    for M in (1, 2, 7, 16, 33, 64, 300):
+        x, w = make(M, 70, 90, dtype, gen)
+        check(ops.linear(x, packed.pack(w)), x, w)
+    x, w = make(24, 40, 33, dtype, gen)
+    y = ops.linear(x.view(2, 3, 4, 33), packed.pack(w))
+    assert y.shape == (2, 3, 4, 40)
+    check(y.view(24, 40), x, w)
+    wide = torch.randn(6, 50, generator=gen).to(dtype)
+    check(ops.linear(wide[:, 10:43], packed.pack(w)), wide[:, 10:43], w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widening_paths_round_identically(dtype, monkeypatch, gen):
+    """scalar, avx2 and avx512 sum each output in k order with one FMA per k (bf16 widened exactly): bit for bit
+    the same results, whatever the blocking (M from 1 to 20 covers every row block of each)."""
+    isas = [i for i in ("scalar", "avx2", "avx512") if isa_skip_reason(i) is None]
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_GEMM", "micro")
+    for M in (1, 2, 3, 5, 8, 9, 13, 20):
+        x, w = make(M, 203, 77, dtype, gen)
+        p = packed.pack(w)
+        ys = []
+        for isa in isas:
+            monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
+            ys.append(ops.linear(x, p))
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), M
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_split_changes_nothing(dtype, gen):
+    """Rows of several threads' items (the LM-head shape at a small width): the same bits on 1 and 2 threads, and
+    a row's result does not depend on the other rows (batch invariance of the engine)."""
+    x, w = make(16, 4100, 64, dtype, gen)
+    p = packed.pack(w)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear(x, p)
+        torch.set_num_threads(2)
+        two = ops.linear(x, p)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    assert torch.equal(ops.linear(x[5:6], p), one[5:6])
+    check(one, x, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the packed layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(1, 1), (16, 16), (17, 3), (37, 53), (64, 320)])
+def test_packing_round_trip_and_layout(N, K, dtype, gen):
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    p = packed.pack(w)
+    assert p.shape == (N, K) and p.dtype == dtype and p.data.shape == packed.packed_shape(N, K, dtype)
+    assert torch.equal(packed.unpack(p), w)
+    n, k = torch.meshgrid(torch.arange(N), torch.arange(K), indexing="ij")
+    if dtype == torch.float32:
+        assert torch.equal(p.data[n // 16, k, n % 16], w)
+    else:
+        assert torch.equal(p.data[n // 16, k // 2, n % 16, k % 2], w)
+    flat = p.data.reshape(-1)
+    assert int((flat != 0).sum()) == int((w != 0).sum())   # the padding is zero
+    # streamed in blocks of whole panels (the loader), rows of another dtype rounded to the packed one
+    q = packed.empty(N, K, dtype)
+    src = w.double()
+    for r in range(0, N, 32):
+        packed.pack_rows_into(q, r, src[r:r + 32])
+    assert torch.equal(q.data, p.data)
+
+
+def test_pack_rows_into_refuses_rows_that_split_a_panel():
+    p = packed.empty(40, 8, torch.float32)
+    for row0, rows in ((8, torch.zeros(16, 8)), (0, torch.zeros(20, 8)), (32, torch.zeros(16, 8)),
+                       (0, torch.zeros(16, 9))):
+        with pytest.raises(ValueError, match="pack_rows_into"):
+            packed.pack_rows_into(p, row0, rows)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        packed.empty(4, 4, torch.float16)
+
+
+def test_plain_weights_and_other_devices_keep_f_linear(gen):
+    """A plain weight (training, CUDA, fp16) is F.linear; a packed weight where no kernel runs is the reference."""
+    x, w = make(3, 20, 30, torch.float32, gen)
+    assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))
+    h = x.half()
+    assert torch.equal(ops.linear(h, w.half()), torch.nn.functional.linear(h, w.half()))
+    old = ops.use_reference(True)
+    try:
+        check(ops.linear(x, packed.pack(w)), x, w)
+    finally:
+        ops.use_reference(old)
+    check(reference.linear(x, packed.pack(w)), x, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN, bad input
+
+
+@pytest.mark.parametrize("isa", FORCED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_reaches_exactly_its_outputs(dtype, isa, monkeypatch, gen):
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_GEMM", "micro")
+    x, w = make(5, 40, 35, dtype, gen)
+    x[1, 34] = float("nan")           # an odd K's last column: the bf16 kernels' lone tail k
+    w[7, 3] = float("nan")
+    y = ops.linear(x, packed.pack(w))
+    nan = torch.zeros(5, 40, dtype=torch.bool)
+    nan[1, :] = True
+    nan[:, 7] = True
+    assert torch.equal(y.isnan(), nan)
+
+
+def test_bad_inputs_name_the_argument(gen):
+    x, w = make(4, 20, 30, torch.float32, gen)
+    p = packed.pack(w)
+    op = torch.ops.twotower.linear
+    cases = [
+        (lambda: op(x, w, 20), RuntimeError, r"w must be a linear weight packed .* got shape \[20, 30\]"),  # unpacked
+        (lambda: op(x, p.data, 33), RuntimeError, r"w must be a linear weight packed .*n = 33"),
+        (lambda: op(x[:, :29], p.data, 20), RuntimeError, r"w must be .*in_features = 29"),
+        (lambda: op(x.bfloat16(), p.data, 20), TypeError, r"w must be BFloat16"),
+        (lambda: op(x.half(), p.data, 20), TypeError, r"x must be float32 or bfloat16"),
+        (lambda: op(x[0], p.data, 20), RuntimeError, r"x must be \[rows, in_features\]"),
+        (lambda: op(x.t().contiguous().t(), p.data, 20), RuntimeError, r"x must have a contiguous last dimension"),
+        (lambda: op(x, p.data.transpose(0, 1), 20), RuntimeError, r"w must be .*non-contiguous"),
+        (lambda: op(x, p.data, 0), ValueError, r"n \(out_features\) must be >= 1"),
+        (lambda: ops.linear(x[:, :29], p), ValueError, r"x's last dim must be w's in_features = 30"),
+    ]
+    for call, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            call()
+
+
+def test_forced_isa_and_path_are_checked(monkeypatch):
+    x, p = torch.ones(2, 3), packed.pack(torch.ones(4, 3))
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match="TWOTOWER_LINEAR_CPU_ISA must be scalar, avx2, avx512, avx512_bf16 or amx"):
+        ops.linear(x, p)
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", "scalar")
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_GEMM", "blas")
+    with pytest.raises(ValueError, match="TWOTOWER_LINEAR_CPU_GEMM must be auto, micro or library"):
+        ops.linear(x, p)
+
+
+def test_no_rows():
+    y = ops.linear(torch.ones(0, 3), packed.pack(torch.ones(4, 3)))
+    assert y.shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the plan (a pure function: what each CPU gets, asked from any machine)
+
+
+def plan(m, n=1288, k=320, dtype=torch.float32, isa="amx", threads=1, forced=False):
+    return torch.ops.twotower.linear_cpu_plan(m, n, k, dtype, isa, threads, forced)
+
+
+def test_plan_choices():
+    # fp32 never runs on the bf16 units; bf16 on AMX from a few rows, on vdpbf16ps where there is no AMX
+    assert plan(1) == "micro:avx512" and plan(16, isa="avx512_bf16") == "micro:avx512"
+    assert plan(16, dtype=torch.bfloat16) == "micro:amx"
+    assert plan(16, dtype=torch.bfloat16, isa="avx512_bf16") == "micro:avx512_bf16"
+    assert plan(1, dtype=torch.bfloat16, isa="avx2") == "micro:avx2"
+    # a forced instruction set is used as it is, for every M
+    assert plan(1, dtype=torch.bfloat16, isa="amx", forced=True) == "micro:amx"
+    assert plan(16, dtype=torch.float32, isa="scalar", forced=True) == "micro:scalar"
+    # prefill-sized M goes to the matrix library (fp32), never the decode sizes (1..16 rows x a small batch)
+    for isa in ("avx2", "avx512", "amx"):
+        assert plan(8192, isa=isa) == "library"
+        assert plan(64, isa=isa) == plan(16, isa=isa) == plan(1, isa=isa) != "library"
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="isa must be"):
+        plan(1, isa="sse")
+    with pytest.raises(ValueError, match="m >= 0, n >= 1"):
+        plan(-1)
+    with pytest.raises(TypeError, match="dtype must be float32 or bfloat16"):
+        plan(1, dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the op under torch
+
+
+def test_opcheck(gen):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = make(5, 20, 33, dtype, gen)
+        torch.library.opcheck(torch.ops.twotower.linear.default, (x, packed.pack(w).data, 20))
+
+
+def test_compiles_under_torch_compile(gen):
+    x, w = make(5, 20, 33, torch.float32, gen)
+    p = packed.pack(w)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return torch.ops.twotower.linear(x * 2, p.data, 20) + 1
+
+    torch.testing.assert_close(f(x), ops.linear(x * 2, p) + 1, rtol=0, atol=0)
+
+
+def test_build_lists_the_op():
+    assert "CPU" in tt.build_info()["ops"]["linear"]
