@@ -7,8 +7,10 @@ the row's thread count: the matmul rate by a 1024^3 matmul in the row's dtype, t
 256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the Mamba scan, counted by
 `twotower_ext.costmodel`; weight bytes: the tower's dense weights, the LM head when the pass has logits, and
 the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
-`%bound` = bound / measured. The profile of one denoiser pass (1 thread, torch.profiler, ops by self time)
-goes into the results beside the table.
+`%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
+model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
+before): a baseline under the same machine load. The profile of one denoiser pass (packed, 1 thread,
+torch.profiler, ops by self time) goes into the results beside the table.
 
   python -m bench passes                  # results/passes-cpu.{md,json}
   python -m bench.bench_passes --before   # results/passes_before-cpu.{md,json}: run on the code before a change,
@@ -17,6 +19,7 @@ goes into the results beside the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -27,7 +30,7 @@ import torch
 from . import harness
 from .bench_roofline import expert_tally
 
-COLUMNS = ["pass", "dtype", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
+COLUMNS = ["pass", "dtype", "linears", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
            "read_GB/s", "bound_ms", "bound", "%bound", "other_cores", "load1"]
 PASSES = ("denoiser pass (16 tokens)", "AR step", "block extension (16 tokens)")
 CTX = 100
@@ -74,6 +77,22 @@ def _weight_bytes(est: dict, key: str, touched: float) -> float:
     return parts["weights"] + parts["embeddings"] + parts["lm_head"] + experts
 
 
+def unpack_linears(obj) -> None:
+    """Every packed linear weight in a weights dataclass tree replaced by its plain tensor (ops.linear is then
+    F.linear)."""
+    from twotower_ext import packed
+
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, packed.PackedLinear):
+            setattr(obj, f.name, packed.unpack(v))
+        elif dataclasses.is_dataclass(v):
+            unpack_linears(v)
+        elif isinstance(v, list):
+            for item in v:
+                unpack_linears(item)
+
+
 def _profile(fn) -> list[dict]:
     """The ops of one call of fn by self CPU time (torch.profiler), the top PROFILE_TOP."""
     from torch.profiler import ProfilerActivity, profile
@@ -102,25 +121,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         dname = str(dtype).removeprefix("torch.")
         est = costmodel.estimate(cfg, 1, CTX, BLOCK, torch.finfo(dtype).bits // 8)
         passes = _passes(model, cfg)
-        for threads in (1,) if quick else (1, 2):
-            torch.set_num_threads(threads)
-            mm = harness.measure_matmul_rate(1024, 1024, 1024, dtype) * 1e12
-            read = harness.measure_read_bandwidth() * 1e9
-            for label, (fn, key) in passes.items():
-                t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
-                with expert_tally(cfg.n_routed_experts) as counts:
-                    fn()
-                touched = torch.stack(counts).double().mean().item()
-                flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
-                compute, memory = flops / mm, wbytes / read
-                bound = max(compute, memory)
-                rows.append({"pass": label, "dtype": dname, "threads": threads, "ms": t.median_s * 1e3,
-                             "spread_us": t.spread, "GFLOP": flops / 1e9, "weight_MB": wbytes / 1e6,
-                             "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9, "read_GB/s": read / 1e9,
-                             "bound_ms": bound * 1e3, "bound": "compute" if compute >= memory else "memory",
-                             "%bound": 100 * bound / t.median_s, **harness.load_fields(t)})
         torch.set_num_threads(1)
         EXTRA["profile"][dname] = _profile(passes[PASSES[0]][0])
+        for linears in ("packed", "F.linear"):
+            if linears == "F.linear":
+                unpack_linears(model.weights)
+            rows += _time_passes(passes, dtype, linears, est, cfg, (1,) if quick else (1, 2))
         del lm, model, passes
         gc.collect()
     torch.set_num_threads(threads_before)
@@ -131,6 +137,29 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                             ["op", "calls", "self_ms", "%"])
     return rows
 
+
+def _time_passes(passes, dtype, linears: str, est: dict, cfg, thread_counts) -> list[dict]:
+    """One row per (threads, pass): its median time next to its bound, both rates measured now."""
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        mm = harness.measure_matmul_rate(1024, 1024, 1024, dtype) * 1e12
+        read = harness.measure_read_bandwidth() * 1e9
+        for label, (fn, key) in passes.items():
+            t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
+            with expert_tally(cfg.n_routed_experts) as counts:
+                fn()
+            touched = torch.stack(counts).double().mean().item()
+            flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
+            compute, memory = flops / mm, wbytes / read
+            bound = max(compute, memory)
+            rows.append({"pass": label, "dtype": str(dtype).removeprefix("torch."), "linears": linears,
+                         "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
+                         "weight_MB": wbytes / 1e6, "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9,
+                         "read_GB/s": read / 1e9, "bound_ms": bound * 1e3,
+                         "bound": "compute" if compute >= memory else "memory", "%bound": 100 * bound / t.median_s,
+                         **harness.load_fields(t)})
+    return rows
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_passes", description=__doc__,

@@ -35,6 +35,10 @@ KERNELS = {
                          "same bytes"),
     "prefill": (["dtype", "L", "chunk", "chunked_ms", "GFLOP/s", "%fp32_mm", "op_ms", "speedup"],
                 "the chunked SSD prefill (PyTorch matmuls) against the seeded scan op; limit: the fp32 matmul rate"),
+    "linear": (["dtype", "weight", "M", "path", "median_us", "GB/s", "GFLOP/s", "bound_us", "%bound", "F.linear_us",
+                "speedup"],
+               "baseline: F.linear on the plain weight; limit: max(FLOPs / matmul rate, weight bytes / read rate), "
+               "weights cycled through copies larger than the cache"),
 }
 E2E_COLUMNS = ["model", "mode", "gamma", "rows", "tokens/row_nfe", "tokens/s", "ms/pass", "ms/row_nfe", "pass/ar_step",
                "pytorch_tokens/s", "speedup_vs_pytorch"]
@@ -140,7 +144,41 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
+PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "F.linear ms", "ms", "speedup", "bound ms", "bound",
+                  "before %bound", "%bound"]
+
+
+def passes_section(results: str, device: str = "cpu") -> str:
+    """Each pass against its bound: the linears on packed weights (ms), the same run with them plain (F.linear
+    ms), and the run on the code before the packed linears (passes_before); then the op profile of one denoiser
+    pass, before and now."""
+    after, missing = _optional(f"passes-{device}", results, "python -m bench passes")
+    if after is None:
+        return missing
+    before, _ = _optional(f"passes_before-{device}", results, "python -m bench.bench_passes --before")
+    key = lambda r: (r["pass"], r["dtype"], r["threads"])  # noqa: E731
+    old = {key(r): r for r in before["rows"]} if before else {}
+    plain = {key(r): r for r in after["rows"] if r.get("linears") == "F.linear"}
+    rows = []
+    for r in after["rows"]:
+        if r.get("linears", "packed") != "packed":
+            continue
+        b, f = old.get(key(r), {}), plain.get(key(r), {})
+        rows.append({**r, "before ms": b.get("ms", ""), "F.linear ms": f.get("ms", ""),
+                     "speedup": b["ms"] / r["ms"] if b else "", "before %bound": b.get("%bound", ""),
+                     "bound ms": r["bound_ms"]})
+    text = [f"Now: {provenance(after)}"] + ([f"Before: {provenance(before)}"] if before else [])
+    text += ["", table(rows, PASSES_COLUMNS, "passes")]
+    for dtype, ops in after.get("profile", {}).items():
+        prev = (before or {}).get("profile", {}).get(dtype, [])
+        prof = [{"before: op": b.get("op", ""), "ms ": b.get("self_ms", ""), "now: op": a.get("op", ""),
+                 "ms": a.get("self_ms", "")} for a, b in zip(ops, prev + [{}] * len(ops))]
+        text += ["", f"One denoiser pass, {dtype}, 1 thread: the ops by self time (torch.profiler, profiled run):", "",
+                 table(prof, ["before: op", "ms ", "now: op", "ms"], "passes profile")]
+    return "\n".join(text)
+
+
+SECTIONS = {"kernels-cpu": kernels_section, "passes-cpu": passes_section, "e2e-cpu": e2e_section, "quality": quality_section,
             "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section}
 
 

@@ -219,18 +219,24 @@ def plan(m, n=1288, k=320, dtype=torch.float32, isa="amx", threads=1, forced=Fal
 
 
 def test_plan_choices():
-    # fp32 never runs on the bf16 units; bf16 on AMX from a few rows, on vdpbf16ps where there is no AMX
-    assert plan(1) == "micro:avx512" and plan(16, isa="avx512_bf16") == "micro:avx512"
+    # fp32 never runs on the bf16 units; bf16 on AMX, else vdpbf16ps, else widened
+    assert plan(1) == plan(16, isa="avx512_bf16") == "micro:avx512"
     assert plan(16, dtype=torch.bfloat16) == "micro:amx"
     assert plan(16, dtype=torch.bfloat16, isa="avx512_bf16") == "micro:avx512_bf16"
     assert plan(1, dtype=torch.bfloat16, isa="avx2") == "micro:avx2"
-    # a forced instruction set is used as it is, for every M
-    assert plan(1, dtype=torch.bfloat16, isa="amx", forced=True) == "micro:amx"
-    assert plan(16, dtype=torch.float32, isa="scalar", forced=True) == "micro:scalar"
-    # prefill-sized M goes to the matrix library (fp32), never the decode sizes (1..16 rows x a small batch)
-    for isa in ("avx2", "avx512", "amx"):
-        assert plan(8192, isa=isa) == "library"
-        assert plan(64, isa=isa) == plan(16, isa=isa) == plan(1, isa=isa) != "library"
+    assert plan(16, isa="scalar", forced=True) == "micro:scalar"
+    # the instruction set never depends on M (batch invariance); decode sizes (1..16 rows x a batch) stay on the
+    # micro kernel, prefill sizes go to the matrix library: later for fp32 than for bf16, earliest for widened bf16
+    for dtype, isa, last_micro in ((torch.float32, "amx", 1024), (torch.float32, "avx2", 1024),
+                                   (torch.bfloat16, "amx", 512), (torch.bfloat16, "avx512_bf16", 512),
+                                   (torch.bfloat16, "avx512", 128), (torch.bfloat16, "avx2", 128)):
+        micro = {plan(m, dtype=dtype, isa=isa) for m in (1, 16, 64, last_micro)}
+        assert len(micro) == 1 and micro.pop().startswith("micro:"), (dtype, isa)
+        assert plan(last_micro + 1, dtype=dtype, isa=isa) == "library", (dtype, isa)
+    # a matrix too narrow for every thread to get an item of 12 panels: the library once the rows make it
+    # compute-bound (it splits the rows too)
+    assert plan(256, n=320, threads=4) == "library" and plan(64, n=320, threads=4) == "micro:avx512"
+    assert plan(256, n=320, threads=2) == "micro:avx512"
 
 
 def test_plan_rejects_bad_arguments():

@@ -28,6 +28,9 @@
 namespace tt {
 
 constexpr int64_t kLinearPanel = 16;
+// Output panels per work item of the threads' split: a multiple of every kernel family's block width (6, 4, 3, 2),
+// so an item has no narrow block.
+constexpr int64_t kLinearItemPanels = 12;
 inline int64_t linear_panels(int64_t n) { return (n + kLinearPanel - 1) / kLinearPanel; }
 
 struct LinearParams {
@@ -50,9 +53,9 @@ inline int64_t linear_amx_ld(int64_t K) { return (K + 31) / 32 * 32; }
 inline int64_t linear_amx_x_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * linear_amx_ld(K); }
 void linear_amx_pad_x(const LinearParams& p, uint16_t* dst);
 
-// For the matrix library: panels [p0, p1) of W as an fp32 [K, (p1 - p0) * 16] row-major matrix (bf16 widened,
-// exact), i.e. B of C = x @ B for those 16 * (p1 - p0) columns, the padding columns zero.
-void linear_unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, float* dst);
+// For the matrix library: panels [p0, p1) of W as a [K, (p1 - p0) * 16] row-major matrix in W's dtype, i.e. B of
+// C = x @ B for those 16 * (p1 - p0) columns (the padding columns zero).
+void linear_unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, void* dst);
 
 // The plan of one call (pure: unit-tested through the linear_cpu_plan op).
 enum class LinearPath : int32_t { kMicro = 0, kLibrary = 1 };
@@ -61,7 +64,8 @@ struct LinearPlan {
   CpuIsa isa = CpuIsa::kScalar;   // the micro kernel's instruction set
 };
 // isa: the best instruction set allowed (this CPU's, or the one TWOTOWER_LINEAR_CPU_ISA forces: then exactly it,
-// forced = true); threads: the intra-op threads the call may use.
+// forced = true); threads: the intra-op threads the call may use. The library path multiplies in bf16 where the
+// CPU has bf16 dot products (the plan's isa is avx512_bf16 or amx), else in fp32 (bf16 widened).
 LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, bool forced, int64_t threads);
 
 }  // namespace tt

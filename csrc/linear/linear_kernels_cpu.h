@@ -99,7 +99,7 @@ template <class F, int... I> constexpr auto make_table(std::integer_sequence<int
   return t;
 }
 
-// Rows in balanced blocks of at most kMaxMR (M = 17 with kMaxMR 16: 9 + 8, not 16 + 1); output panels in groups of
+// Rows in balanced blocks of at most kMaxMR (M = 9 with kMaxMR 8: 5 + 4, not 8 + 1); output panels in groups of
 // nr(largest block), each group's weights in cache for all its row blocks: the first row block of a group
 // prefetches the next group (the others re-prefetch their own group's lines, already cached: no branch).
 template <class F> void drive(const LinearParams& p, int64_t p0, int64_t p1) {

@@ -10,6 +10,7 @@
 // micro kernel's instruction set; TWOTOWER_LINEAR_CPU_GEMM=micro|library forces the path (default auto: the plan).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,7 +18,6 @@
 #include <string>
 #include <vector>
 
-#include "common/cpu_gemm_torch.h"
 #include "common/cpu_isa_torch.h"
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
@@ -28,9 +28,7 @@ namespace {
 using at::Tensor;
 using namespace tt::torch_glue;
 
-// Output panels per work item of the threads' split: a multiple of every family's block width (6, 4, 3, 2).
-constexpr int64_t kItemPanels = 12;
-// fp32 weights per matrix-library call on the library path (its panels unpacked into a scratch this big).
+// Weights per matrix-library call on the library path (its panels unpacked into a scratch this big).
 constexpr int64_t kLibraryChunkElems = int64_t(1) << 18;
 
 std::vector<int64_t> packed_shape(int64_t n, int64_t k, at::ScalarType st) {
@@ -73,33 +71,33 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
     tt::linear_amx_pad_x(p, static_cast<uint16_t*>(xa.data_ptr()));
     p.x_amx = static_cast<const uint16_t*>(xa.data_ptr());
   }
-  const int64_t panels = tt::linear_panels(p.N), items = (panels + kItemPanels - 1) / kItemPanels;
+  const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
   // An item's work in elements: its weights, read again from the cache by every block of 8 rows.
-  const int64_t work = kItemPanels * tt::kLinearPanel * p.K * (1 + p.M / 8);
+  const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (1 + p.M / 8);
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
-    tt::linear_cpu_panels(isa, p, b * kItemPanels, std::min(panels, e * kItemPanels));
+    tt::linear_cpu_panels(isa, p, b * tt::kLinearItemPanels, std::min(panels, e * tt::kLinearItemPanels));
   });
 }
 
-// The matrix library (MKL sgemm through ATen) on fp32 operands: the weights unpacked (bf16 widened) a chunk of
-// panels at a time, x widened once; bf16 results rounded once at the end, like the micro kernels'.
-void run_library(const Tensor& x, const Tensor& y, const tt::LinearParams& p) {
-  CpuGemmCtx ctx;
-  const tt::CpuGemm g = make_cpu_gemm(at::kFloat, ctx);
-  const bool fp32 = p.dtype == tt::DType::kFloat32;
-  const Tensor x32 = fp32 ? x : x.to(at::kFloat);
-  const Tensor y32 = fp32 ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+// The matrix library through ATen (MKL sgemm; oneDNN for bf16 on CPUs with bf16 dot products, AMX where there is
+// one), a chunk of panels unpacked at a time into y's columns; elsewhere bf16 is widened to fp32 (exact) and the
+// results rounded once, like the micro kernels'.
+void run_library(const Tensor& x, const Tensor& y, const tt::LinearParams& p, tt::CpuIsa isa) {
+  const bool widen = p.dtype == tt::DType::kBFloat16 && int32_t(isa) < int32_t(tt::CpuIsa::kAvx512Bf16);
+  const Tensor xin = widen ? x.to(at::kFloat) : x;
+  const Tensor out = widen ? at::empty(y.sizes(), y.options().dtype(at::kFloat)) : y;
   const int64_t panels = tt::linear_panels(p.N);
   const int64_t chunk = std::max<int64_t>(1, kLibraryChunkElems / (p.K * tt::kLinearPanel));
-  Tensor b = at::empty({p.K * std::min(chunk, panels) * tt::kLinearPanel}, x32.options());
+  const Tensor b = at::empty({p.K * std::min(chunk, panels) * tt::kLinearPanel}, x.options());
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t p1 = std::min(panels, p0 + chunk), n0 = p0 * tt::kLinearPanel;
-    const int64_t cols = std::min(p.N, p1 * tt::kLinearPanel) - n0;
-    tt::linear_unpack_panels(p, p0, p1, b.data_ptr<float>());
-    g.fn(g.ctx, tt::DType::kFloat32, p.M, cols, p.K, x32.data_ptr<float>(), x32.stride(0), b.data_ptr<float>(),
-         (p1 - p0) * tt::kLinearPanel, false, y32.data_ptr<float>() + n0, y32.stride(0), false);
+    const int64_t width = (p1 - p0) * tt::kLinearPanel, cols = std::min(p.N, p1 * tt::kLinearPanel) - n0;
+    tt::linear_unpack_panels(p, p0, p1, b.data_ptr());
+    const Tensor bc = b.narrow(0, 0, p.K * width).view({p.K, width}).narrow(1, 0, cols);
+    Tensor o = out.narrow(1, n0, cols);
+    at::mm_out(o, xin, widen ? bc.to(at::kFloat) : bc);
   }
-  if (!fp32) y.copy_(y32);
+  if (widen) y.copy_(out);
 }
 
 bool env_set(const char* var) {
@@ -125,7 +123,7 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, int64_t n) {
   const char* isa_var = "TWOTOWER_LINEAR_CPU_ISA";
   const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype, cpu_isa_from_env(isa_var, tt::CpuIsa::kAmx),
                                         env_set(isa_var), at::get_num_threads());
-  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, y, p);
+  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, y, p, plan.isa);
   else run_micro(plan.isa, p);
   return y;
 }
