@@ -29,7 +29,7 @@ TORCH_LIBRARY(twotower, m) {
         "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
         "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
-  // Dense linear on packed weights (CPU; csrc/linear/linear.h): y [M, n] = x [M, K] @ W^T.
+  // Dense linear on packed weights (CPU; csrc/linear/linear.h): y [..., n] = x [..., K] @ W^T.
   m.def("linear(Tensor x, Tensor w, int n) -> Tensor");
   // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.
   m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads, bool forced=False) -> str");

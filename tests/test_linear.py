@@ -183,11 +183,11 @@ def test_bad_inputs_name_the_argument(gen):
         (lambda: op(x[:, :29], p.data, 20), RuntimeError, r"w must be .*in_features = 29"),
         (lambda: op(x.bfloat16(), p.data, 20), TypeError, r"w must be BFloat16"),
         (lambda: op(x.half(), p.data, 20), TypeError, r"x must be float32 or bfloat16"),
-        (lambda: op(x[0], p.data, 20), RuntimeError, r"x must be \[rows, in_features\]"),
+        (lambda: op(x[0, 0], p.data, 20), RuntimeError, r"x must be \[..., in_features\], got a 0-d tensor"),
         (lambda: op(x.t().contiguous().t(), p.data, 20), RuntimeError, r"x must have a contiguous last dimension"),
         (lambda: op(x, p.data.transpose(0, 1), 20), RuntimeError, r"w must be .*non-contiguous"),
         (lambda: op(x, p.data, 0), ValueError, r"n \(out_features\) must be >= 1"),
-        (lambda: ops.linear(x[:, :29], p), ValueError, r"x's last dim must be w's in_features = 30"),
+        (lambda: ops.linear(x[:, :29], p), RuntimeError, r"w must be .*in_features = 29"),
     ]
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -270,4 +270,4 @@ def test_compiles_under_torch_compile(gen):
 
 
 def test_build_lists_the_op():
-    assert "CPU" in tt.build_info()["ops"]["linear"]
+    assert tt.build_info()["ops"]["linear"] == ["CPU"]   # ops.linear routes every non-CPU packed weight to the reference

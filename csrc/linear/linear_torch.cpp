@@ -2,8 +2,8 @@
 // split over output panels, the matrix library path, and the registrations. The schemas are in
 // csrc/registry.cpp; the layout and the math in linear.h.
 //
-// linear(x [M, K] fp32|bf16 (last dim contiguous), w packed (linear.h; python/twotower_ext/packed.py) in x's
-//   dtype, n) -> y [M, n] in x's dtype. CPU only: on CUDA the model keeps F.linear (cuBLAS) on plain weights.
+// linear(x [..., K] fp32|bf16 (last dim contiguous), w packed (linear.h; python/twotower_ext/packed.py) in x's
+//   dtype, n) -> y [..., n] in x's dtype. CPU only: on CUDA the model keeps F.linear (cuBLAS) on plain weights.
 // linear_cpu_plan(m, n, k, dtype, isa, threads, forced) -> "micro:<isa>" | "library": the plan a call would get
 //   (a pure function, any machine; isa "" means this CPU's best).
 // Environment (tests and benchmarks): TWOTOWER_LINEAR_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx forces the
@@ -40,7 +40,8 @@ std::vector<int64_t> packed_shape(int64_t n, int64_t k, at::ScalarType st) {
 tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                    "twotower: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "twotower: x must be [rows, in_features] (2-D), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "twotower: x must be [rows, in_features] (its leading dims flattened), got shape ",
+              x.sizes());
   check_last_dim_contiguous(x, "x");
   TORCH_CHECK_VALUE(n >= 1, "twotower: n (out_features) must be >= 1, got ", n);
   check_dtype(w, x.scalar_type(), "w");
@@ -114,18 +115,23 @@ tt::LinearPath forced_path(tt::LinearPath planned) {
   return v == "micro" ? tt::LinearPath::kMicro : tt::LinearPath::kLibrary;
 }
 
-Tensor linear_cpu(const Tensor& x, const Tensor& w, int64_t n) {
+Tensor linear_cpu(const Tensor& x_in, const Tensor& w, int64_t n) {
+  TORCH_CHECK(x_in.dim() >= 1, "twotower: x must be [..., in_features], got a 0-d tensor");
+  const Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});  // a view where the rows allow it
   tt::LinearParams p = check_linear(x, w, n);
-  Tensor y = at::empty({p.M, n}, x.options());
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  Tensor y = at::empty(shape, x.options());
   p.y = y.data_ptr();
   p.y_stride = n;
   if (p.M == 0) return y;
+  y = y.view({p.M, n});
   const char* isa_var = "TWOTOWER_LINEAR_CPU_ISA";
   const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype, cpu_isa_from_env(isa_var, tt::CpuIsa::kAmx),
                                         env_set(isa_var), at::get_num_threads());
   if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, y, p, plan.isa);
   else run_micro(plan.isa, p);
-  return y;
+  return y.view(shape);
 }
 
 std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, std::string isa, int64_t threads,
