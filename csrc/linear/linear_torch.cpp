@@ -73,8 +73,11 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
     p.x_amx = static_cast<const uint16_t*>(xa.data_ptr());
   }
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
-  // An item's work in elements: its weights, read again from the cache by every block of 8 rows.
-  const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (1 + p.M / 8);
+  // An item's work for parallel_chunks, which counts elements (~50-150 us per 2^18 of them in the other kernels):
+  // the bytes of its weights, read again from the cache by every block of 8 rows. A weight byte streams in well
+  // under a nanosecond, so a second thread joins from ~0.5 MB of weights (~30 us on one thread).
+  const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
+                       (1 + p.M / 8);
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
     tt::linear_cpu_panels(isa, p, b * tt::kLinearItemPanels, std::min(panels, e * tt::kLinearItemPanels));
   });
