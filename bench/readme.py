@@ -140,8 +140,20 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
+SCALE_COLUMNS = ["run", "router", "replicas", "threads", "tokens/s", "vs_1x1", "%limit", "p50_s", "replica_cores",
+                 "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
+
+
+def scale_section(results: str, device: str = "cpu") -> str:
+    d, missing = _optional(f"scale-{device}", results, "python -m bench scale")
+    if d is None:
+        return missing
+    return f"{provenance(d)}\n\n{table(d['rows'], SCALE_COLUMNS, 'scale')}"
+
+
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
-            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section}
+            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section,
+            "scale-cpu": scale_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

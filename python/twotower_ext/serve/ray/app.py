@@ -27,9 +27,10 @@ def build_app(args: dict | None = None):
         max_ongoing_requests=opts.max_batch + opts.max_queue, max_queued_requests=opts.max_queue,
         graceful_shutdown_timeout_s=opts.shutdown_timeout_s,
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER,
-            request_router_kwargs={"prefix_chars": opts.prefix_chars, "prefix_tokens": opts.prefix_tokens,
-                                   "max_imbalance": opts.max_imbalance}),
+            request_router_class=opts.request_router or ROUTER,
+            request_router_kwargs={} if opts.request_router else {
+                "prefix_chars": opts.prefix_chars, "prefix_tokens": opts.prefix_tokens,
+                "max_imbalance": opts.max_imbalance}),
         **scaling,
     ).bind(dataclasses.asdict(opts), board)
     return TwoTowerIngress.options(num_replicas=opts.ingress_replicas).bind(replicas, board, opts.retries)

@@ -29,7 +29,7 @@ class Relay(Response):
 
     def __init__(self, head: list[dict], rest):
         self.head, self.rest = head, rest
-        self.background = None
+        self.status_code, self.background = head[0]["status"], None
         headers = dict(head[0].get("headers", []))
         self.sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
 

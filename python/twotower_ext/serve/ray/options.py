@@ -26,6 +26,9 @@ class FleetOptions:
     prefix_chars: int = DEFAULT_PREFIX_CHARS
     prefix_tokens: int = DEFAULT_PREFIX_TOKENS
     max_imbalance: int = DEFAULT_MAX_IMBALANCE
+    # the replicas' RequestRouter (import path; None: prefix affinity, router.PrefixAffinityRouter, with the
+    # three settings above); e.g. ray.serve.experimental.round_robin_router.RoundRobinRouter to compare
+    request_router: str | None = None
     retries: int = 2                  # re-sends of a request whose replica died before it answered anything
     metrics_period_s: float = 1.0     # how often each replica publishes its /metrics to the fleet's
     shutdown_timeout_s: float = 30.0  # a stopping replica's in-flight requests get this long to finish
@@ -49,7 +52,7 @@ class FleetOptions:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("model", "name"):
+        for name in ("model", "name", "request_router"):
             need(name, getattr(self, name) is None or isinstance(getattr(self, name), str), "a string")
         need("dtype", self.dtype in ("fp32", "bf16"), "fp32 or bf16")
         need("experts", self.experts in ("bf16", "fp8", "int4"), "bf16, fp8 or int4")

@@ -80,14 +80,17 @@ class TwoTowerReplica:
             await asyncio.sleep(self.opts.metrics_period_s)
 
     async def check_health(self) -> None:
-        """Ray's periodic health check: the scheduler answers (a failure restarts the replica)."""
+        """Ray's periodic health check (the first comes right after the constructor): a scheduler that has
+        stopped accepting outside a shutdown fails it, and Ray replaces the replica."""
         self.start_publishing()
-        self.scheduler.load()
+        if not self.scheduler.load()["accepting"]:
+            raise RuntimeError(f"replica {self.replica}: the scheduler no longer accepts requests")
 
     def __del__(self):   # Ray Serve's graceful shutdown, after ongoing requests finished or timed out
-        if self.publisher is not None:
+        if getattr(self, "publisher", None) is not None:
             self.publisher.cancel()
-        self.scheduler.shutdown(grace_s=0.0)
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.shutdown(grace_s=0.0)
 
 
 def get_scope(path: str) -> dict:
