@@ -204,6 +204,22 @@ def test_fleet_options_autoscaling_and_devices():
         ("cpu", None), ("cuda:0", None), ("cuda:0", "cuda:1")]
 
 
+def test_twotower_serve_ray_arguments_become_fleet_options(monkeypatch):
+    from twotower_ext.cli import build_parser
+    from twotower_ext.serve.ray import cli
+
+    a = build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--max-replicas", "6", "--device", "cuda",
+                                   "--max-batch", "32", "--max-imbalance", "2", "--threads", "2"])
+    opts = FleetOptions.from_dict(cli.fleet_options(a))
+    assert (opts.replicas, opts.max_replicas, opts.gpus_per_replica, opts.max_batch, opts.max_imbalance, opts.threads) \
+        == (3, 6, 1, 32, 2, 2)
+    assert opts.autoscaling_config()["target_ongoing_requests"] == 32
+    assert FleetOptions.from_dict(cli.fleet_options(build_parser().parse_args(["serve", "--ray"]))) == FleetOptions()
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"serve --ray needs the ray extra: pip install 'twotower_ext\[ray\]'"):
+        cli.run_ray(a)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the ASGI bridge: create_app's app run on (scope, body), as a replica runs it
 

@@ -100,7 +100,8 @@ def get_scope(path: str) -> dict:
             "server": ("127.0.0.1", 0), "client": ("127.0.0.1", 0)}
 
 
-@serve.deployment(name="TwoTowerMetrics", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(name="TwoTowerMetrics", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  logging_config={"enable_access_log": False})   # a put per replica per second: not worth a line
 class MetricsBoard:
     """The fleet's /metrics: the last text each replica published, for `stale_s` seconds (a dead replica's
     series leave with it; its replacement publishes under its own id)."""
