@@ -9,7 +9,8 @@ reach on two cores. Each row also says where the CPU went: the replicas' process
 ingress and its router, controller), from /proc.
 
 Routing: 8 prompt prefixes (a shared ~600-character head each) x 8 requests with distinct endings, shuffled,
-at concurrency 16 over 2 replicas, with the prefix-affinity router and with Ray's round robin; per request,
+at concurrency 16 over 2 replicas, with the prefix-affinity router (its default imbalance bound of 8 ongoing
+requests, and a bound past the concurrency: affinity alone) and with Ray's round robin; per request,
 whether it landed on the replica that served its prefix's previous request (what an LRU prefix cache of one
 entry per prefix would hit) and on a replica that had served its prefix at all, and the replicas each prefix
 touched (its prefills: 1 is ideal).
@@ -23,10 +24,12 @@ import statistics
 import threading
 import time
 
+from twotower_ext.serve.ray.policy import DEFAULT_MAX_IMBALANCE
+
 from . import harness
 
-COLUMNS = ["run", "router", "replicas", "threads", "concurrency", "requests", "tokens/s", "vs_1x1", "%limit",
-           "p50_s", "p99_s", "replica_cores", "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
+COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "concurrency", "requests", "tokens/s", "vs_1x1",
+           "%limit", "p50_s", "p99_s", "replica_cores", "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
 CONCURRENCY = 16
 ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
 NEW_TOKENS = 32
@@ -200,40 +203,45 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             r.raise_for_status()
             return r.headers["x-twotower-replica"], r.json()["usage"]["completion_tokens"]
 
-        def deploy(replicas, threads, router=None):
+        def deploy(replicas, threads, router=None, imbalance=DEFAULT_MAX_IMBALANCE):
             serve.run(build_app({"replicas": replicas, "threads": threads, "max_batch": CONCURRENCY,
                                  "max_queue": 2 * CONCURRENCY, "max_len": 512, "gpus_per_replica": gpus,
-                                 "request_router": router}), name="bench", route_prefix="/")
-            for b in bodies[:4]:
-                send(b)                          # warm every replica's first passes
+                                 "request_router": router, "max_imbalance": imbalance}), name="bench", route_prefix="/")
+            for b in bodies[:8]:
+                send(b)                          # warm the replicas' first passes
 
         base, deployed = None, None
         try:
             for replicas, threads in configs:
                 deploy(replicas, threads)
-                deployed = (replicas, threads, None)
+                deployed = (replicas, threads, None, DEFAULT_MAX_IMBALANCE)
                 answers, lat, wall, mon = _closed_loop(send, bodies, CONCURRENCY)
                 tps = sum(n for _, n in answers) / wall
                 base = base or tps
-                rows.append({"run": "throughput", "router": "prefix affinity", "replicas": replicas, "threads": threads,
-                             "concurrency": CONCURRENCY, "requests": n_req, "tokens/s": tps, "vs_1x1": tps / base,
+                rows.append({"run": "throughput", "router": "prefix affinity", "max_imbalance": DEFAULT_MAX_IMBALANCE,
+                             "replicas": replicas, "threads": threads, "concurrency": CONCURRENCY, "requests": n_req,
+                             "tokens/s": tps, "vs_1x1": tps / base,
                              "%limit": 100 * tps / limit if limit and replicas * threads == 2 else "",
                              "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99),
                              "replica_cores": mon.replica_cores, "ray_cores": mon.ray_cores})
                 print(f"  {replicas} replica(s) x {threads} thread(s): {tps:.1f} tokens/s (replicas "
                       f"{mon.replica_cores:.2f} cores, Ray {mon.ray_cores:.2f})", flush=True)
             prefix_bodies = _prefix_bodies(4 if quick else 8, 4 if quick else 8, seed=2)
-            for name, router in [("prefix affinity", None)] + ([] if quick else [("round robin", ROUND_ROBIN)]):
-                if deployed != (2, 1, router):
-                    deploy(2, 1, router)
-                    deployed = (2, 1, router)
+            routers = [("prefix affinity", None, DEFAULT_MAX_IMBALANCE)]
+            if not quick:   # a bound past the concurrency: affinity alone; and Ray's round robin
+                routers += [("prefix affinity", None, 2 * CONCURRENCY), ("round robin", ROUND_ROBIN, None)]
+            for name, router, imbalance in routers:
+                setting = (2, 1, router, DEFAULT_MAX_IMBALANCE if imbalance is None else imbalance)
+                if deployed != setting:
+                    deploy(*setting)
+                    deployed = setting
                 answers, lat, wall, mon = _closed_loop(send, prefix_bodies, CONCURRENCY)
-                rows.append({"run": "shared prefixes", "router": name, "replicas": 2, "threads": 1,
-                             "concurrency": CONCURRENCY, "requests": len(prefix_bodies),
+                rows.append({"run": "shared prefixes", "router": name, "max_imbalance": "" if imbalance is None else imbalance,
+                             "replicas": 2, "threads": 1, "concurrency": CONCURRENCY, "requests": len(prefix_bodies),
                              "tokens/s": sum(n for _, n in answers) / wall, "p50_s": _pct(lat, 0.5),
                              "p99_s": _pct(lat, 0.99), "replica_cores": mon.replica_cores, "ray_cores": mon.ray_cores,
                              **prefix_hits(prefix_bodies, [r for r, _ in answers])})
-                print(f"  shared prefixes, {name}: {rows[-1]['hit_prev']:.0%} on the previous replica, "
+                print(f"  shared prefixes, {name} ({imbalance}): {rows[-1]['hit_prev']:.0%} on the previous replica, "
                       f"{rows[-1]['replicas/prefix']:.2f} replicas per prefix", flush=True)
         finally:
             client.close()

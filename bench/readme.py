@@ -140,7 +140,7 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-SCALE_COLUMNS = ["run", "router", "replicas", "threads", "tokens/s", "vs_1x1", "%limit", "p50_s", "replica_cores",
+SCALE_COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "tokens/s", "vs_1x1", "%limit", "p50_s", "replica_cores",
                  "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
 
 

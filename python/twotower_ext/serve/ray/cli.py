@@ -41,8 +41,9 @@ def add_ray_arguments(s) -> None:
                    help="routing: characters of a text prompt's head that key its replica (default 256)")
     g.add_argument("--prefix-tokens", type=_positive, default=None,
                    help="routing: token ids of a token-id prompt's head that key its replica (default 64)")
-    g.add_argument("--max-imbalance", type=int, default=None, help="routing: ongoing requests a prompt's replica may "
-                   "have above the least loaded replica before the request goes there instead (default 8)")
+    g.add_argument("--max-imbalance", type=int, default=None, help="routing: how many more ongoing requests than the "
+                   "least loaded replica a prompt's own replica may have; past that the least loaded one takes it "
+                   "(default 8)")
 
 
 def fleet_options(a) -> dict:

@@ -39,7 +39,7 @@ class FleetOptions:
         known = {f.name: f for f in dataclasses.fields(cls)}
         for k in args:
             if k not in known:
-                raise ValueError(f"twotower ray: unknown argument {k!r} (known: {', '.join(known)})")
+                raise ValueError(f"serve.ray: unknown argument {k!r} (known: {', '.join(known)})")
         opts = cls(**args)
         opts.check()
         return opts
@@ -47,7 +47,7 @@ class FleetOptions:
     def check(self) -> None:
         def need(name, ok, what):
             if not ok:
-                raise ValueError(f"twotower ray: {name} must be {what}, got {getattr(self, name)!r}")
+                raise ValueError(f"serve.ray: {name} must be {what}, got {getattr(self, name)!r}")
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)

@@ -31,7 +31,7 @@ def load_scheduler(opts: FleetOptions):
 
     path = opts.model or default_model_path()
     if path is None:
-        raise ValueError("twotower ray: no model given and this installation ships no default model")
+        raise ValueError("serve.ray: no model given and this installation ships no default model")
     device, denoiser_device = opts.devices()
     lm = load(path, device=device, dtype=opts.dtype, denoiser_device=denoiser_device, experts=opts.experts)
     threads = opts.threads or recommended_threads(lm.config, device)
