@@ -9,8 +9,8 @@ reach on two cores. Each row also says where the CPU went: the replicas' process
 ingress and its router, controller), from /proc.
 
 Routing: 8 prompt prefixes (a shared ~600-character head each) x 8 requests with distinct endings, shuffled,
-at concurrency 16 over 2 replicas, with the prefix-affinity router (its default imbalance bound of 8 ongoing
-requests, and a bound past the concurrency: affinity alone) and with Ray's round robin; per request,
+at concurrency 16 over 2 replicas, with the prefix-affinity router (its default imbalance bound, max_batch = 16
+ongoing requests, and a tight one of 4) and with Ray's round robin; per request,
 whether it landed on the replica that served its prefix's previous request (what an LRU prefix cache of one
 entry per prefix would hit) and on a replica that had served its prefix at all, and the replicas each prefix
 touched (its prefills: 1 is ideal).
@@ -23,8 +23,6 @@ import random
 import statistics
 import threading
 import time
-
-from twotower_ext.serve.ray.policy import DEFAULT_MAX_IMBALANCE
 
 from . import harness
 
@@ -203,7 +201,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             r.raise_for_status()
             return r.headers["x-twotower-replica"], r.json()["usage"]["completion_tokens"]
 
-        def deploy(replicas, threads, router=None, imbalance=DEFAULT_MAX_IMBALANCE):
+        def deploy(replicas, threads, router=None, imbalance=None):
             serve.run(build_app({"replicas": replicas, "threads": threads, "max_batch": CONCURRENCY,
                                  "max_queue": 2 * CONCURRENCY, "max_len": 512, "gpus_per_replica": gpus,
                                  "request_router": router, "max_imbalance": imbalance}), name="bench", route_prefix="/")
@@ -214,11 +212,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         try:
             for replicas, threads in configs:
                 deploy(replicas, threads)
-                deployed = (replicas, threads, None, DEFAULT_MAX_IMBALANCE)
+                deployed = (replicas, threads, None, None)
                 answers, lat, wall, mon = _closed_loop(send, bodies, CONCURRENCY)
                 tps = sum(n for _, n in answers) / wall
                 base = base or tps
-                rows.append({"run": "throughput", "router": "prefix affinity", "max_imbalance": DEFAULT_MAX_IMBALANCE,
+                rows.append({"run": "throughput", "router": "prefix affinity", "max_imbalance": CONCURRENCY,
                              "replicas": replicas, "threads": threads, "concurrency": CONCURRENCY, "requests": n_req,
                              "tokens/s": tps, "vs_1x1": tps / base,
                              "%limit": 100 * tps / limit if limit and replicas * threads == 2 else "",
@@ -227,16 +225,17 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 print(f"  {replicas} replica(s) x {threads} thread(s): {tps:.1f} tokens/s (replicas "
                       f"{mon.replica_cores:.2f} cores, Ray {mon.ray_cores:.2f})", flush=True)
             prefix_bodies = _prefix_bodies(4 if quick else 8, 4 if quick else 8, seed=2)
-            routers = [("prefix affinity", None, DEFAULT_MAX_IMBALANCE)]
-            if not quick:   # a bound past the concurrency: affinity alone; and Ray's round robin
-                routers += [("prefix affinity", None, 2 * CONCURRENCY), ("round robin", ROUND_ROBIN, None)]
+            routers = [("prefix affinity", None, None)]
+            if not quick:   # a tight bound (balance first), and Ray's round robin
+                routers += [("prefix affinity", None, 4), ("round robin", ROUND_ROBIN, None)]
             for name, router, imbalance in routers:
-                setting = (2, 1, router, DEFAULT_MAX_IMBALANCE if imbalance is None else imbalance)
+                setting = (2, 1, router, imbalance)
                 if deployed != setting:
                     deploy(*setting)
                     deployed = setting
                 answers, lat, wall, mon = _closed_loop(send, prefix_bodies, CONCURRENCY)
-                rows.append({"run": "shared prefixes", "router": name, "max_imbalance": "" if imbalance is None else imbalance,
+                rows.append({"run": "shared prefixes", "router": name,
+                             "max_imbalance": "" if router else imbalance or CONCURRENCY,
                              "replicas": 2, "threads": 1, "concurrency": CONCURRENCY, "requests": len(prefix_bodies),
                              "tokens/s": sum(n for _, n in answers) / wall, "p50_s": _pct(lat, 0.5),
                              "p99_s": _pct(lat, 0.99), "replica_cores": mon.replica_cores, "ray_cores": mon.ray_cores,

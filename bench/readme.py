@@ -148,7 +148,20 @@ def scale_section(results: str, device: str = "cpu") -> str:
     d, missing = _optional(f"scale-{device}", results, "python -m bench scale")
     if d is None:
         return missing
-    return f"{provenance(d)}\n\n{table(d['rows'], SCALE_COLUMNS, 'scale')}"
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, SCALE_COLUMNS, "scale"), ""]
+    two = next((r for r in rows if r["run"] == "throughput" and r["replicas"] == 2), None)
+    if two is not None:
+        text.append(f"- 2 replicas x 1 thread: {two['vs_1x1']:.2f}x one replica's tokens/s"
+                    + (f" ({two['%limit']:.0f}% of twice the in-process scheduler)" if two.get("%limit") != "" else "")
+                    + f"; the replicas used {two['replica_cores']:.2f} cores and Ray's proxy, ingress and router "
+                    f"{two['ray_cores']:.2f}, on a 2-core machine.")
+    for r in rows:
+        if r["run"] == "shared prefixes":
+            bound = f" (bound {r['max_imbalance']})" if r.get("max_imbalance") != "" else ""
+            text.append(f"- {r['router']}{bound}: {r['hit_prev']:.0%} of the shared-prefix requests on the replica of "
+                        f"their prefix's previous request, {r['replicas/prefix']:.2f} replicas per prefix.")
+    return "\n".join(text)
 
 
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,

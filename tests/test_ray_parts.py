@@ -185,7 +185,7 @@ def test_fleet_options_name_a_bad_argument():
     assert FleetOptions.from_dict(None) == FleetOptions()
     for args, msg in (({"replica": 2}, "unknown argument 'replica'"), ({"replicas": 0}, "replicas must be an int >= 1"),
                       ({"gpus_per_replica": 3}, "gpus_per_replica must be 0, 1 or 2"),
-                      ({"max_imbalance": -1}, "max_imbalance must be"), ({"threads": True}, "threads must be"),
+                      ({"max_imbalance": -1}, "max_imbalance must be None or an int >= 0"), ({"threads": True}, "threads must be"),
                       ({"dtype": "fp16"}, "dtype must be fp32 or bf16"),
                       ({"min_replicas": 3, "max_replicas": 2}, "max_replicas must be"),
                       ({"max_replicas": 2, "replicas": 3}, "replicas must be within"),

@@ -30,7 +30,7 @@ def build_app(args: dict | None = None):
             request_router_class=opts.request_router or ROUTER,
             request_router_kwargs={} if opts.request_router else {
                 "prefix_chars": opts.prefix_chars, "prefix_tokens": opts.prefix_tokens,
-                "max_imbalance": opts.max_imbalance}),
+                "max_imbalance": opts.imbalance_bound}),
         **scaling,
     ).bind(dataclasses.asdict(opts), board)
     return TwoTowerIngress.options(num_replicas=opts.ingress_replicas).bind(replicas, board, opts.retries)

@@ -43,7 +43,7 @@ def add_ray_arguments(s) -> None:
                    help="routing: token ids of a token-id prompt's head that key its replica (default 64)")
     g.add_argument("--max-imbalance", type=int, default=None, help="routing: how many more ongoing requests than the "
                    "least loaded replica a prompt's own replica may have; past that the least loaded one takes it "
-                   "(default 8)")
+                   "(default: --max-batch)")
 
 
 def fleet_options(a) -> dict:

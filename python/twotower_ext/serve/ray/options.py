@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .policy import DEFAULT_MAX_IMBALANCE, DEFAULT_PREFIX_CHARS, DEFAULT_PREFIX_TOKENS
+from .policy import DEFAULT_PREFIX_CHARS, DEFAULT_PREFIX_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class FleetOptions:
     ingress_replicas: int = 1
     prefix_chars: int = DEFAULT_PREFIX_CHARS
     prefix_tokens: int = DEFAULT_PREFIX_TOKENS
-    max_imbalance: int = DEFAULT_MAX_IMBALANCE
+    max_imbalance: int | None = None  # routing bound, ongoing requests (None: max_batch)
     # the replicas' RequestRouter (import path; None: prefix affinity, router.PrefixAffinityRouter, with the
     # three settings above); e.g. ray.serve.experimental.round_robin_router.RoundRobinRouter to compare
     request_router: str | None = None
@@ -58,12 +58,12 @@ class FleetOptions:
         need("experts", self.experts in ("bf16", "fp8", "int4"), "bf16, fp8 or int4")
         need("gpus_per_replica", self.gpus_per_replica in (0, 1, 2) and is_int(self.gpus_per_replica), "0, 1 or 2")
         for name, lo in (("threads", 0), ("max_batch", 1), ("max_queue", 0), ("max_len", 2), ("replicas", 1),
-                         ("ingress_replicas", 1), ("prefix_chars", 1), ("prefix_tokens", 1), ("max_imbalance", 0),
+                         ("ingress_replicas", 1), ("prefix_chars", 1), ("prefix_tokens", 1),
                          ("retries", 0)):
             need(name, is_int(getattr(self, name)) and getattr(self, name) >= lo, f"an int >= {lo}")
-        for name in ("min_replicas", "max_replicas", "target_ongoing_requests"):
-            v = getattr(self, name)
-            need(name, v is None or (is_int(v) and v >= (0 if name == "min_replicas" else 1)), "None or a positive int")
+        for name in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_imbalance"):
+            v, lo = getattr(self, name), 0 if name in ("min_replicas", "max_imbalance") else 1
+            need(name, v is None or (is_int(v) and v >= lo), f"None or an int >= {lo}")
         for name in ("metrics_period_s", "shutdown_timeout_s"):
             v = getattr(self, name)
             need(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
@@ -84,6 +84,11 @@ class FleetOptions:
                 "max_replicas": self.max_replicas or max(self.replicas, self.min_replicas or 1),
                 "initial_replicas": self.replicas,
                 "target_ongoing_requests": self.target_ongoing_requests or self.max_batch}
+
+    @property
+    def imbalance_bound(self) -> int:
+        """How many more ongoing requests than the least loaded replica a prompt's replica may have."""
+        return self.max_batch if self.max_imbalance is None else self.max_imbalance
 
     def devices(self) -> tuple[str, str | None]:
         """(device, denoiser_device) inside a replica (Ray shows it only its own GPUs, from cuda:0)."""

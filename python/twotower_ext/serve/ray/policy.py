@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 DEFAULT_PREFIX_CHARS = 256     # ~64 tokens of BPE text
 DEFAULT_PREFIX_TOKENS = 64
-DEFAULT_MAX_IMBALANCE = 8      # ongoing requests
+DEFAULT_MAX_IMBALANCE = 16     # ongoing requests: a batch of `twotower serve`'s default --max-batch (the fleet uses
+                               # each replica's max_batch: its rows, nearly free to fill on a GPU)
 
 
 def _digest(data: bytes) -> int:
