@@ -134,10 +134,10 @@ MUTATIONS = [
       "order = torch.sort(ranked, dim=1, descending=True, stable=True)", "order = torch.sort(ranked, dim=1, descending=False, stable=True)",
       "tests/test_threshold_unmask.py", "-k", "matches_reference and random and 111"),
     M("unmask: the mask id not excluded from the prediction", "reference.py",
-      '    l[..., mask_id] = float("-inf")\n    pred = l.argmax(-1)', "    pred = l.argmax(-1)",
+      '    if mask_id >= 0:\n        l[..., mask_id] = float("-inf")\n', "",
       "tests/test_threshold_unmask.py", "-k", "special_values"),
     M("unmask sampling: logits * T instead of / T", "reference.py",
-      "score = l / torch.full_like(l, temperature)", "score = l * torch.full_like(l, temperature)",
+      "score = l[rows] / temperature[rows]", "score = l[rows] * temperature[rows]",
       "tests/test_threshold_unmask.py", "-k", "sampling_matches_reference and 111"),
 ]
 
