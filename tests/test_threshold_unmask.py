@@ -614,6 +614,12 @@ def test_logprob_matches_fp64_oracle_and_the_commits(device, dtype, V, gen):
     xo, _, _, lp = run_op(logits, x, params, device)
     committed = masked & (xo != MASK)
     assert torch.equal(lp[committed], lp_all[committed]) and (lp[~committed] == SENTINEL).all()
+    for p, want_x in ((last, xa), (params, xo)):   # the reference's logprob: the oracle's, where it commits
+        xr, lr = x.clone(), torch.full(x.shape, SENTINEL)
+        reference.threshold_unmask(logits, xr, MASK, **p, out_logprob=lr)
+        done_r = masked & (xr != MASK)
+        torch.testing.assert_close(lr[done_r].double(), want[done_r], rtol=tol, atol=tol)
+        assert (lr[~done_r] == SENTINEL).all()
     conf = lp_all.double().exp()
     rule = oracle.commit_rule(conf, masked, params["gamma"], params["step"], params["steps_per_block"])
     for b in range(B):

@@ -139,6 +139,17 @@ MUTATIONS = [
     M("unmask sampling: logits * T instead of / T", "reference.py",
       "score = l[rows] / temperature[rows]", "score = l[rows] * temperature[rows]",
       "tests/test_threshold_unmask.py", "-k", "sampling_matches_reference and 111"),
+    M("unmask sampling: the row's slot in the Philox counter", "reference.py",
+      "c1 = torch.arange(seq, **i64).view(1, seq, 1).expand(shape)",
+      "c1 = (torch.arange(seq, **i64).view(1, seq, 1) | (torch.arange(batch, **i64).view(batch, 1, 1) << 6)).expand(shape)",
+      "tests/test_threshold_unmask.py", "-k", "mask_id_minus_one"),
+    M("unmask kept: counts and done over every position", "reference.py",
+      "in_kept = torch.arange(S, device=dev) < kept.unsqueeze(1)", "in_kept = torch.ones_like(masked)",
+      "tests/test_threshold_unmask.py", "-k", "per_row_parameters and 16"),
+    M("unmask logprob: written at every masked position", "reference.py",
+      "out_logprob.copy_(torch.where(commit, logprob, out_logprob))",
+      "out_logprob.copy_(torch.where(masked, logprob, out_logprob))",
+      "tests/test_threshold_unmask.py", "-k", "logprob"),
 ]
 
 
