@@ -262,17 +262,17 @@ def test_a_replica_killed_during_a_burst(fleet, lm):
         t.start()
         return t
 
-    # on the replica to be killed: a long stream and two long plain requests, all decoding when it dies; on
-    # both replicas: a burst of short requests, streamed and not
+    # on the replica to be killed: a long stream and two long plain requests, all decoding when it dies; then
+    # a burst of short requests to both replicas, streamed and not, in flight as it dies
     ar = {"mode": "ar", "eos_token_id": None}
     threads = [start("victim_stream", {"prompt": long_prompts[0], "max_tokens": 1000, **ar}),
                *(start("victim_plain", {"prompt": long_prompts[1], "max_tokens": 600, **ar}) for _ in range(2))]
-    threads += [start("stream" if j % 2 else "plain", {"prompt": p, "max_tokens": 32, "eos_token_id": None})
-                for prompts in short_prompts.values() for j, p in enumerate(prompts)]
     end = time.monotonic() + TIMEOUT
     while fleet.gauge("twotower_live_rows", target) < 3:   # published every 0.5 s
         assert time.monotonic() < end, "the long requests did not reach their replica"
         time.sleep(0.05)
+    threads += [start("stream" if j % 2 else "plain", {"prompt": p, "max_tokens": 32, "eos_token_id": None})
+                for prompts in short_prompts.values() for j, p in enumerate(prompts)]
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].endswith(f"#{target}") and "TwoTowerReplica" in a["name"])
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
