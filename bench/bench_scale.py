@@ -1,19 +1,19 @@
 """Scaling out with Ray Serve (twotower_ext.serve.ray): throughput of 1 vs 2 replicas, and how well the
 prefix-affinity routing keeps a prompt prefix on one replica (what a prefix cache needs) against round robin.
 
-Throughput: 16 closed-loop HTTP clients (each sends a request, waits for the answer, sends the next) of
-distinct prompts to the fleet's OpenAI route, on the shipped model: 1 replica with 1 thread, 1 replica with 2
-threads, 2 replicas with 1 thread each; side by side, the same requests to one in-process Scheduler with 1
-thread (no HTTP, no Ray: the replica's own work) and twice its rate as the limit two 1-thread replicas can
-reach on two cores. Each row also says where the CPU went: the replicas' processes against Ray's (proxy,
-ingress and its router, controller), from /proc.
+Throughput (the median of 3 runs): 16 closed-loop HTTP clients (each sends a request, waits for the answer,
+sends the next) of distinct prompts to the fleet's OpenAI route, on the shipped model: 1 replica with 1
+thread, 1 replica with 2 threads, 2 replicas with 1 thread each; side by side, the same requests to one
+in-process Scheduler with 1 thread (no HTTP, no Ray: the replica's own work), twice whose rate is the limit
+two 1-thread replicas can reach on two cores. Each row also says where the CPU went: the replicas' processes
+against Ray's (proxy, ingress and its router, controller), from /proc.
 
 Routing: 8 prompt prefixes (a shared ~600-character head each) x 8 requests with distinct endings, shuffled,
-at concurrency 16 over 2 replicas, with the prefix-affinity router (its default imbalance bound, max_batch = 16
-ongoing requests, and a tight one of 4) and with Ray's round robin; per request,
-whether it landed on the replica that served its prefix's previous request (what an LRU prefix cache of one
-entry per prefix would hit) and on a replica that had served its prefix at all, and the replicas each prefix
-touched (its prefills: 1 is ideal).
+at concurrency 16 over 2 replicas, with the prefix-affinity router (its default imbalance bound, max_batch =
+16 ongoing requests, and a tight one of 4) and with Ray's round robin; per request, whether it landed on the
+replica that served its prefix's previous request (what an LRU prefix cache of one entry per prefix would
+hit) and on a replica that had served its prefix at all, and the replicas each prefix touched (its prefills:
+1 is ideal).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "concurrency
 CONCURRENCY = 16
 ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
 NEW_TOKENS = 32
+REPS = 3             # throughput: the median of 3 runs of each configuration (the machine is shared)
 
 
 def _cpu_s(pid: int) -> float:
@@ -130,6 +131,12 @@ def _closed_loop(send, bodies: list[dict], concurrency: int):
     return answers, lat, wall, mon
 
 
+def _median_run(send, bodies: list[dict], reps: int, tokens):
+    """The closed loop `reps` times; the run of median tokens/s (`tokens(answers)` counts a run's tokens)."""
+    runs = sorted((_closed_loop(send, bodies, CONCURRENCY) for _ in range(reps)), key=lambda r: tokens(r[0]) / r[2])
+    return runs[len(runs) // 2]
+
+
 def _distinct_bodies(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": f"def task_{rng.randrange(10**6)}(x, y):\n    # {rng.random():.6f}\n", "max_tokens": NEW_TOKENS,
@@ -146,7 +153,7 @@ def _prefix_bodies(prefixes: int, per: int, seed: int) -> list[dict]:
     return bodies
 
 
-def _in_process(bodies: list[dict]) -> tuple[float, list[float]]:
+def _in_process(bodies: list[dict], reps: int) -> tuple[float, list[float]]:
     """tokens/s and latencies of the same requests on one in-process Scheduler with 1 thread."""
     import torch
 
@@ -160,9 +167,10 @@ def _in_process(bodies: list[dict]) -> tuple[float, list[float]]:
     try:
         params = lambda b: {"max_tokens": b["max_tokens"], "eos_token_id": None}   # noqa: E731
         sched.submit(bodies[0]["prompt"], **params(bodies[0])).result()          # warm
-        answers, lat, wall, _ = _closed_loop(lambda b: sched.submit(b["prompt"], **params(b)).result(timeout=600),
-                                             bodies, CONCURRENCY)
-        return sum(len(h.tokens) for h in answers) / wall, lat
+        count = lambda answers: sum(len(h.tokens) for h in answers)   # noqa: E731
+        answers, lat, wall, _ = _median_run(lambda b: sched.submit(b["prompt"], **params(b)).result(timeout=600),
+                                            bodies, reps, count)
+        return count(answers) / wall, lat
     finally:
         sched.shutdown()
         torch.set_num_threads(old)
@@ -182,7 +190,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = None
     if not quick:
-        tps, lat = _in_process(bodies)
+        tps, lat = _in_process(bodies, REPS)
         limit = 2 * tps
         rows.append({"run": "throughput", "router": "in-process Scheduler (no HTTP, no Ray)", "replicas": 1,
                      "threads": 1, "concurrency": CONCURRENCY, "requests": n_req, "tokens/s": tps,
@@ -213,7 +221,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             for replicas, threads in configs:
                 deploy(replicas, threads)
                 deployed = (replicas, threads, None, None)
-                answers, lat, wall, mon = _closed_loop(send, bodies, CONCURRENCY)
+                answers, lat, wall, mon = _median_run(send, bodies, 1 if quick else REPS,
+                                                      lambda answers: sum(n for _, n in answers))
                 tps = sum(n for _, n in answers) / wall
                 base = base or tps
                 rows.append({"run": "throughput", "router": "prefix affinity", "max_imbalance": CONCURRENCY,
