@@ -140,7 +140,7 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-SCALE_COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "tokens/s", "vs_1x1", "%limit", "p50_s", "replica_cores",
+SCALE_COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "tokens/s", "vs_1x1", "%linear", "p50_s", "replica_cores",
                  "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
 
 
@@ -152,10 +152,9 @@ def scale_section(results: str, device: str = "cpu") -> str:
     text = [provenance(d), "", table(rows, SCALE_COLUMNS, "scale"), ""]
     two = next((r for r in rows if r["run"] == "throughput" and r["replicas"] == 2), None)
     if two is not None:
-        text.append(f"- 2 replicas x 1 thread: {two['vs_1x1']:.2f}x one replica's tokens/s"
-                    + (f" ({two['%limit']:.0f}% of twice the in-process scheduler)" if two.get("%limit") != "" else "")
-                    + f"; the replicas used {two['replica_cores']:.2f} cores and Ray's proxy, ingress and router "
-                    f"{two['ray_cores']:.2f}, on a 2-core machine.")
+        text.append(f"- 2 replicas x 1 thread: {two['vs_1x1']:.2f}x one replica's tokens/s ({two['%linear']:.0f}% of "
+                    f"linear scaling); the replicas used {two['replica_cores']:.2f} cores and Ray's proxy, ingress "
+                    f"and router {two['ray_cores']:.2f}, of the machine's 2.")
     for r in rows:
         if r["run"] == "shared prefixes":
             bound = f" (bound {r['max_imbalance']})" if r.get("max_imbalance") != "" else ""
