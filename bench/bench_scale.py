@@ -222,11 +222,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 answers, lat, wall, mon = _median_run(send, bodies, 1 if quick else REPS,
                                                       lambda answers: sum(n for _, n in answers))
                 tps = sum(n for _, n in answers) / wall
-                base = base or tps
+                if (replicas, threads) == (1, 1):
+                    base = tps
                 rows.append({"run": "throughput", "router": "prefix affinity", "max_imbalance": CONCURRENCY,
                              "replicas": replicas, "threads": threads, "concurrency": CONCURRENCY, "requests": n_req,
-                             "tokens/s": tps, "vs_1x1": tps / base,
-                             "%linear": 100 * tps / (base * replicas * threads),
+                             "tokens/s": tps, "vs_1x1": tps / base if base else "",
+                             "%linear": 100 * tps / (base * replicas * threads) if base else "",
                              "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99),
                              "replica_cores": mon.replica_cores, "ray_cores": mon.ray_cores})
                 print(f"  {replicas} replica(s) x {threads} thread(s): {tps:.1f} tokens/s (replicas "
