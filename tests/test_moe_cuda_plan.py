@@ -114,6 +114,13 @@ def test_every_plan_fits_the_gpus_shared_memory(gpu, fmt):
             assert pl["ctas_per_sm"] * (pl["gemm_smem"] + pl["route_smem"] + 1024) <= per_sm
 
 
+def test_tiles_too_big_for_the_gpu_take_simt():
+    """int4 with 128 groups per row at K = 16384: 2 stages of 64 A rows need ~109 KiB, over a 99 KiB GPU's limit."""
+    assert PATHS[plan("int4", 256, h=16384, i=1856, gpu="H100", group=128)["path"]] == "mma"
+    pl = plan("int4", 256, h=16384, i=1856, gpu="RTX", group=128)
+    assert PATHS[pl["path"]] == "simt" and pl["stages"] == 0
+
+
 def test_simt_plan_has_no_tiles():
     pl = plan("fp8", 16, torch.float32)
     assert PATHS[pl["path"]] == "simt" and pl["stages"] == 0 and pl["up_in_flight"] == 0

@@ -134,10 +134,14 @@ PY
   { nvidia-smi -L 2>&1 || echo "no nvidia-smi"; nvcc --version 2>&1 | tail -n 1; } >>"$logs/env.log"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
   note "- compute-sanitizer: ${sanitizer:-none found}"
-  pytest_timeout=$("$py" -c "import pytest_timeout" 2>/dev/null && echo "-p timeout --timeout=100" || echo "")
-  # pytest-xdist: the tests' fp64 oracles and tiny models run on the CPU, so 4 processes sharing the GPU finish sooner
-  pytest_xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-p xdist -n 4" || echo "")
-  note "- pytest-xdist: ${pytest_xdist:-not installed (the kernel tests run in one process)}"
+  # pytest-timeout and pytest-xdist where pytest has them (plugins load by their entry points; only options here).
+  # xdist: the tests' fp64 oracles and tiny models run on the CPU, so 4 processes sharing the GPU finish sooner.
+  local help
+  help=$("$py" -m pytest --help 2>/dev/null)
+  pytest_timeout=$(grep -q -- "--timeout=" <<<"$help" && echo "--timeout=100" || echo "")
+  pytest_xdist=$(grep -q -- "--numprocesses" <<<"$help" && echo "-n 4" || echo "")
+  if [ -n "$pytest_xdist" ]; then note "- pytest-xdist: yes (4 test processes)"
+  else note "- pytest-xdist: no (each test group runs in one process)"; fi
   if [ -n "$pytest_timeout" ]; then note "- pytest-timeout: yes (a test stuck 100 s fails alone)"
   else note "- pytest-timeout: no (a stuck test ends its group at the time limit of the group)"; fi
   # The CUTLASS headers: only the opt-in sm_90a wgmma attention kernel needs them.
@@ -196,6 +200,7 @@ phase_build() {
     return 1
   fi
   grep -E "twotower_ext: " "$logs/build.log" | sed 's/^-- /- /' | tee -a "$summary"
+  [ "$mode" = full ] || note "- (a dry run: the build took what $(nproc) cores here take; the budget is the GPU machine's, 16 cores)"
   lib=$(ls "$build"/_C*.so)
   export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}" TWOTOWER_EXT_LIB="$lib"
   "$py" - >>"$logs/build.log" 2>&1 <<'PY'

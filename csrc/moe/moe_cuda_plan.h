@@ -157,7 +157,8 @@ struct MoeCudaPlan {
   int ctas_per_sm = 0;                   // resident mma CTAs per SM (shared memory, registers, threads)
 };
 
-// The plan of a call with these params on `dev`. Decode-sized chunks (mean rows per expert <= 4, so an expert
+// The plan of a call with these params on `dev` (its path: moe_cuda_path's, or SIMT where the mma kernel's tiles do
+// not fit the GPU's shared memory at all). Decode-sized chunks (mean rows per expert <= 4, so an expert
 // rarely has more than 16 rows) stage 16 A rows per pass and as many stages as kInFlightPerCta needs; prefill
 // chunks stage 64 rows and 3 stages where two CTAs still fit an SM, else 2 (compute-bound: the tiles are reused
 // across the rows).
@@ -191,6 +192,12 @@ inline MoeCudaPlan moe_cuda_plan(const MoeParams& p, const BaCudaDevice& dev) {
     pl.stages = fits(3, 2) ? 3 : 2;
   }
   pl.gemm_smem = moe_cuda::mma_smem_bytes(f, pl.bm, pl.stages, groups);
+  if (pl.gemm_smem + pl.route_smem > dev.smem_optin) {  // even 2 stages too big for this GPU (int4, very long K)
+    pl.path = MoeCudaPath::kSimt;
+    pl.bm = pl.stages = pl.k_tile = 0;
+    pl.gemm_smem = 0;
+    return pl;
+  }
   const int64_t by_smem = per_sm / (pl.gemm_smem + pl.route_smem + 1024);
   int64_t c = 2048 / moe_cuda::kThreads;
   if (c > moe_cuda::kMmaCtasPerSmRegs) c = moe_cuda::kMmaCtasPerSmRegs;
