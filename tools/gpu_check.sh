@@ -410,9 +410,10 @@ if [ "$n" -gt 8 ] || [ "$deep" -gt 0 ] || [ "$odd" -gt 0 ]; then
   layout_ok=0
 fi
 if [ "$mode" = dry ]; then
-  tar tzf "$tarball" | grep -q "logs/gpu_check_summary.md" || { echo "twotower: the log tarball lacks the summary" >&2; layout_ok=0; }
+  listing=$(tar tzf "$tarball")  # (not piped into grep -q: with pipefail, tar's SIGPIPE would fail the test)
+  grep -q "logs/gpu_check_summary.md" <<<"$listing" || { echo "twotower: the log tarball lacks the summary" >&2; layout_ok=0; }
   echo
-  echo "dry run: output folder $out: $(ls "$out" | tr '\n' ' ')($n files; the tarball holds $(tar tzf "$tarball" | grep -c '\.log$') logs)"
+  echo "dry run: output folder $out: $(ls "$out" | tr '\n' ' ')($n files; the tarball holds $(grep -c '\.log$' <<<"$listing") logs)"
 fi
 echo
 cat "$summary"
