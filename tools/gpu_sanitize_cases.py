@@ -7,7 +7,8 @@ this project's kernels. Each call prints a `sanitize:` line (for attention: the 
 attention: every path this GPU has (simt, mma, wgmma on sm_90 with a build that has it): a row with one split
   (direct write) and a causal row with several (merge); the model's heads at B = 1 over a 1K context (a wave of
   splits: 4 row blocks x many splits, then the merge); a batch that fills the SMs (128-row CTAs, no merge).
-merge, unmask, mamba: merge_states, threshold_unmask, mamba_block_scan once each.
+merge, mamba: merge_states, mamba_block_scan once each. unmask: threshold_unmask with numbers, with per-row values
+  (one row's gamma out of range, kept past S) and logprob, and as the AR step uses it (mask -1).
 moe: dense, fp8 and int4 expert weights on the mma path (aligned sizes) and the SIMT one (odd sizes) with the route
   fused into the up GEMM (few slots), the route in its own launch (many slots), and a prefill long enough to be
   cut into two chunks (moe_cuda_plan.h)."""
@@ -64,12 +65,26 @@ def merge_cases(g):
 
 
 def unmask_cases(g):
-    def run():
-        MASK, V = 7, 300
-        logits = torch.randn(2, 16, V, generator=g).to(DEV)
-        x = torch.full((2, 16), MASK, dtype=torch.int64).to(DEV)
-        tt.threshold_unmask(logits, x, MASK, 0.5, 3, 8, 0.9, 11, 5)
-    return [("threshold_unmask", run)]
+    MASK, V = 7, 300
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32).to(DEV)  # noqa: E731
+
+    def scalars():
+        tt.threshold_unmask(rnd(2, 16, V), torch.full((2, 16), MASK, dtype=torch.int64).to(DEV), MASK, 0.5, 3, 8,
+                            0.9, 11, 5)
+
+    def per_row():  # row 2: gamma out of range, left untouched; kept past S, clamped; logprob
+        tt.threshold_unmask(rnd(3, 16, V), torch.full((3, 16), MASK, dtype=torch.int64).to(DEV), MASK,
+                            torch.tensor([0.5, 0.9, 1.5]).to(DEV), i32(0, 7, 1), i32(4, 8, 2),
+                            torch.tensor([0.0, 0.7, 1.0]).to(DEV), torch.tensor([1, -2, 3]).to(DEV),
+                            torch.tensor([0, 2**40, 5]).to(DEV), i32(16, 5, 20),
+                            out_logprob=torch.zeros(3, 16, device=DEV))
+
+    def ar():  # AR use (mask -1)
+        tt.threshold_unmask(rnd(3, 1, V), torch.full((3, 1), -1, dtype=torch.int64).to(DEV), -1, 0.9, 0, 1,
+                            torch.tensor([0.0, 0.8, 1.2]).to(DEV), 11, torch.tensor([4, 5, 6]).to(DEV))
+    return [("threshold_unmask", scalars), ("threshold_unmask per-row values, logprob", per_row),
+            ("threshold_unmask AR use (mask -1)", ar)]
 
 
 def mamba_cases(g):
