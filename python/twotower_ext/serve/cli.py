@@ -11,6 +11,7 @@ import threading
 
 
 from ..cli import add_experts_argument, command
+from .ray.cli import add_ray_arguments, run_ray
 
 
 def _arguments(s) -> None:
@@ -27,6 +28,7 @@ def _arguments(s) -> None:
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
+    add_ray_arguments(s)
 
 
 def _port(v: str) -> int:
@@ -118,6 +120,8 @@ def run(a) -> int:
         raise SystemExit(f"twotower: serve needs the serve extra: pip install 'twotower_ext[serve]' ({e})") from None
     if a.threads < 0:
         raise ValueError(f"serve: --threads must be >= 0 (0: the default), got {a.threads}")
+    if a.ray:
+        return run_ray(a)
     path = a.model or default_model_path()
     if path is None:
         raise SystemExit("twotower: no --model given and this installation ships no default model")
