@@ -87,9 +87,9 @@ def test_widening_paths_round_identically(dtype, monkeypatch, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_threads_split_changes_nothing(dtype, gen):
-    """Rows of several threads' items (the LM-head shape at a small width): the same bits on 1 and 2 threads, and
+    """A weight big enough to be split over the threads (an LM head's kind): the same bits on 1 and 2 threads, and
     a row's result does not depend on the other rows (batch invariance of the engine)."""
-    x, w = make(16, 4100, 64, dtype, gen)
+    x, w = make(16, 20000, 256, dtype, gen)
     p = packed.pack(w)
     old = torch.get_num_threads()
     try:

@@ -73,11 +73,15 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
     p.x_amx = static_cast<const uint16_t*>(xa.data_ptr());
   }
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
-  // An item's work for parallel_chunks, which counts elements (~50-150 us per 2^18 of them in the other kernels):
-  // the bytes of its weights, read again from the cache by every block of 8 rows. A weight byte streams in well
-  // under a nanosecond, so a second thread joins from ~0.5 MB of weights (~30 us on one thread).
+  // An item's work for parallel_chunks, which adds a thread per 2^18 units (and splits nothing below twice that):
+  // its weight bytes, times the blocks of 8 rows that read them again from the cache, over kBytesPerWorkUnit. So a
+  // second thread joins from ~8 MB-equivalents (~0.4 ms on one thread: the LM heads, the real model's
+  // projections), not for the hundred small linears of a pass: a helper woken per call costs more than half of
+  // such a call saves (the 2-core VM, 2 threads, fp32 16-token pass of the width-1/8 model: 118 ms with every
+  // linear from 0.5 MB split, 104 ms with F.linear, whose library keeps small GEMMs on one thread).
+  constexpr int64_t kBytesPerWorkUnit = 16;
   const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
-                       (1 + p.M / 8);
+                       (1 + p.M / 8) / kBytesPerWorkUnit;
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
     tt::linear_cpu_panels(isa, p, b * tt::kLinearItemPanels, std::min(panels, e * tt::kLinearItemPanels));
   });
