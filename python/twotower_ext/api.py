@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from .engine import Engine, GenerateArgs, GenerationResult
+from .runtime import DecodeParams, GenerationResult, Generator
 from .threads import recommended_threads, using_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -68,8 +68,8 @@ class TwoTowerLM:
     def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
-        self.engine = Engine(model)
-        self._lock = threading.Lock()   # one generate at a time: the engine's pooled cache and graphs are shared
+        self.generator = Generator(model)
+        self._lock = threading.Lock()   # one generate at a time: the generator's pooled core is shared
 
     @property
     def config(self):
@@ -85,18 +85,23 @@ class TwoTowerLM:
             raise ValueError("this checkpoint has no tokenizer.json (or `tokenizers` is not installed)")
         return self.tokenizer.decode(ids)
 
-    def generate(self, input_ids, mode: str = "diffusion", max_new_tokens: int = GenerateArgs.max_new_tokens,
-                 block_size: int = 16,
-                 steps_per_block: int = 16, threshold: float = 0.8, temperature: float = 0.0, seed: int = 0,
-                 eos_token_id: int | None = 2, reference_compat: bool = False, *, mask_token_id: int = 3,
-                 cuda_graphs: bool = True, device_loop: bool = False, callback=None) -> GenerationResult:
+    def generate(self, input_ids, mode="diffusion", max_new_tokens=DecodeParams.max_new_tokens,
+                 block_size=DecodeParams.block_size, steps_per_block=DecodeParams.steps_per_block,
+                 threshold=DecodeParams.threshold, temperature=DecodeParams.temperature, seed=DecodeParams.seed,
+                 eos_token_id=DecodeParams.eos_token_id, reference_compat: bool = False, *,
+                 mask_token_id=DecodeParams.mask_token_id, cuda_graphs: bool = True, device_loop: bool = False,
+                 callback=None) -> GenerationResult:
         """Generate continuations of `input_ids` (a list of ints, a list of lists for ragged prompts, a
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
 
-        mode: "diffusion" (block mask diffusion), "mock_ar" or "ar". threshold: the confidence gamma.
-        reference_compat=True reproduces NVIDIA's reference semantics exactly (docs/semantics.md).
-        callback(event: dict) is called after every committed block (diffusion) or token (AR modes) with
-        the tokens so far, for streaming. cuda_graphs / device_loop: see twotower_ext.graphs.
+        Every decode parameter (mode, max_new_tokens, block_size, steps_per_block, threshold, temperature,
+        seed, eos_token_id, mask_token_id) is one value for every row or a list with one value per prompt;
+        each row's result is the one it gets alone. mode: "diffusion" (block mask diffusion), "mock_ar" or
+        "ar". threshold: the confidence gamma. reference_compat=True reproduces NVIDIA's reference semantics
+        exactly (docs/semantics.md). callback(event: dict) is called with every committed block (diffusion)
+        or token (AR modes) of a row: {"row", "block" | "token_index", "tokens", "sequences"}.
+        cuda_graphs: capture the passes in CUDA graphs (on CUDA); device_loop: a whole block per graph
+        (twotower_ext.runtime.runner).
 
         Thread-safe: concurrent calls on one TwoTowerLM run one after another (a lock serialises them);
         for concurrent requests batched together use `twotower_ext.serve.Scheduler`."""
@@ -105,11 +110,11 @@ class TwoTowerLM:
             texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
             input_ids = [self.encode(t) for t in texts]
         with self._lock, using_threads(self.threads):
-            return self.engine.generate(
-                input_ids, callback=callback, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
+            return self.generator.generate(
+                input_ids, callback=callback, reference_compat=reference_compat, cuda_graphs=cuda_graphs,
+                device_loop=device_loop, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
-                eos_token_id=eos_token_id, mask_token_id=mask_token_id, reference_compat=reference_compat,
-                cuda_graphs=cuda_graphs, device_loop=device_loop)
+                eos_token_id=eos_token_id, mask_token_id=mask_token_id)
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,

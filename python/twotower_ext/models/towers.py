@@ -107,21 +107,19 @@ class TwoTowerModel:
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,
-               snapshot: bool = False, dense_moe: bool = False):
+               snapshot: bool = False):
         """Append committed tokens [n, S] to the rows (causal over them, KV appended, Mamba states
         advanced). snapshot=True first keeps the current Mamba states (see ContextCache.snapshot).
         Returns context_lm_head logits [n, V] of the last token with logits=True, else None. No host read
-        and no data-dependent shape (with dense_moe=True while the MoE layer reads expert counts)."""
+        and no data-dependent shape."""
         tokens, r = self.check_extend(tokens, cache, rows)
-        out = self.extend_step(tokens, cache, r, logits, snapshot, dense_moe)
+        out = self.extend_step(tokens, cache, r, logits, snapshot)
         cache.count_appended(r, tokens.shape[1])
         return out
 
-    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False,
-               dense_moe: bool = False) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False) -> torch.Tensor:
         """AR step: append one token per row ([n]) and return context_lm_head logits [n, V] fp32."""
-        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot,
-                           dense_moe=dense_moe)
+        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot)
 
     def check_extend(self, tokens, cache: ContextCache, rows) -> tuple[torch.Tensor, Rows]:
         """extend's argument checks (host-side: shapes and the host lengths): (tokens long on the context
@@ -138,13 +136,16 @@ class TwoTowerModel:
 
     @torch.no_grad()
     def extend_step(self, tokens: torch.Tensor, cache: ContextCache, r: Rows, logits: bool = False,
-                    snapshot: bool = False, dense_moe: bool = False):
+                    snapshot: bool = False, active: torch.Tensor | None = None):
         """The device work of `extend` (checked tokens [n, S] long, Rows r): what a CUDA graph captures. It
         reads the rows' lengths on the device and advances them there; the caller counts the appended tokens
-        on the host (`cache.count_appended`)."""
+        on the host (`cache.count_appended`). active (bool [n] on the device, or None = every row): rows
+        where it is False are inert — their K/V, Mamba states (snapshot included) and lengths stay as they
+        were, whatever the pass computes for them — so a captured graph of a padded batch bucket can run
+        over rows that belong to nobody or to another group (runtime/runner.py)."""
         if snapshot:
-            cache.snapshot(r)
-        x = self._context_pass(tokens, cache, r, dense_moe=dense_moe)
+            cache.snapshot(r, active)
+        x = self._context_pass(tokens, cache, r, active=active)
         return self._context_logits(x[:, -1]) if logits else None
 
     def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,13 +153,13 @@ class TwoTowerModel:
         return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
 
     def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
-                      dense_moe: bool = False):
+                      active: torch.Tensor | None = None):
         """Context tower over ids [n, L] appended at each row's current length, read on the device; updates
         the cache's device state in place (K/V, Mamba states, lengths) and returns the final hidden states
         [n, L, H]. new_lens (prefill of fresh rows only): row b's first new_lens[b] tokens are real, attention
         is plain causal SDPA over the pass; None (an extension or AR step): all L tokens are real and attention
         is the causal block_attention kernel over [the row's cached K/V | the L new keys], which needs no mask,
-        no slice sized from the lengths and no host read."""
+        no slice sized from the lengths and no host read. active: see extend_step (extensions only)."""
         cfg, w, st = self.config, self.weights.context, cache.ctx
         n, L = ids.shape
         dev = self.ctx_device
@@ -166,6 +167,8 @@ class TwoTowerModel:
         lens = r.take(st.lens)                                   # [n] int32: tokens before this pass
         pos = lens.long()[:, None] + torch.arange(L, device=dev)  # [n, L] cache positions of the new tokens
         seq_lens = None if not fresh or min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        if active is not None:   # inert rows scan no token: their Mamba states stay
+            seq_lens = active.to(torch.int32) * L
         eps = cfg.layer_norm_epsilon
         chunk = self.prefill_chunk_size if L >= self.prefill_chunked_min_len else None
         x = F.embedding(ids, w.embeddings)
@@ -182,7 +185,7 @@ class TwoTowerModel:
                 q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
                 k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                 v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                st.write_kv(i, r, pos, k, v)
+                st.write_kv(i, r, pos, k, v, active)
                 if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
                     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                        is_causal=True, scale=cfg.head_dim ** -0.5,
@@ -192,12 +195,14 @@ class TwoTowerModel:
                                                cfg.head_dim ** -0.5, causal=True)
                 out = F.linear(o.reshape(n, L, -1), a.o)
             elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg, dense=dense_moe)
+                out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
             x = res + out
         # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
         added = L if not fresh else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        if active is not None:
+            added = active.to(torch.int32) * L
         r.put(st.lens, lens + added)
         cache.sync_mirror(r, min(cache.lens_host[b] for b in r.host),
                           max(cache.lens_host[b] for b in r.host) + L)
@@ -207,14 +212,13 @@ class TwoTowerModel:
     # denoiser tower
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, dense_moe: bool = False,
-                probe=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, probe=None) -> torch.Tensor:
         """One denoiser pass over blocks x [B, S] (token ids; mask id for masked positions) of the cache
         rows `rows`, with per-row time t ([B] tensor or a float: fraction of the block still masked).
         Attention: one softmax over [the row's context KV | the block], no mask. Mamba: seeded from the
         row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
-        The cache is not modified. With contiguous rows and dense_moe=True the pass has no host syncs and
-        no data-dependent shapes (CUDA-graph capturable once the attention kernel is registered).
+        The cache is not modified. With contiguous rows the pass has no host syncs and no data-dependent
+        shapes (CUDA-graph capturable).
         probe(layer index, kind, hidden states) is called after every layer (diagnose.py's NaN scan)."""
         r = cache.rows(rows)
         x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
@@ -225,10 +229,10 @@ class TwoTowerModel:
             raise ValueError(f"denoise: t must be a float or [{x.shape[0]}], got shape {tuple(t.shape)}")
         st = cache.den
         mod = time_modulation(t, self.weights.time, self.dtype)
-        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, dense_moe, probe)
+        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, probe)
 
     @torch.no_grad()
-    def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None, dense_moe: bool = False) -> torch.Tensor:
+    def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None) -> torch.Tensor:
         """Mock-AR step: the denoiser without time conditioning over each row's last committed token
         ([B]; it sits at position len-1) with context KV[:len-1] and the Mamba states from before that
         token (the cache's snapshot). Returns logits [B, V] fp32 for the next token."""
@@ -239,14 +243,14 @@ class TwoTowerModel:
         self._check_block(x, r)
         st = cache.den
         ctx_lens = r.take(st.lens) - 1
-        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st, dense_moe)[:, 0]
+        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st)[:, 0]
 
     def _check_block(self, x: torch.Tensor, r: Rows) -> None:
         if x.dim() != 2 or x.shape[0] != len(r):
             raise ValueError(f"denoiser input must be [{len(r)}, S] for the {len(r)} selected rows, "
                              f"got shape {tuple(x.shape)}")
 
-    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, dense_moe, probe=None):
+    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, probe=None):
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
@@ -272,7 +276,7 @@ class TwoTowerModel:
                 o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), ctx_lens, cfg.head_dim ** -0.5)
                 out = F.linear(o.reshape(B, S, -1), a.o)
             elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg, dense=dense_moe)
+                out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
             if mod is not None:
