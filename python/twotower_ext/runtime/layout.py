@@ -17,13 +17,13 @@ def plan_layout(placed: dict[int, Hashable], new: dict[Hashable, int], order: li
     moves = (src, dst) lists (a row's data goes from src[j] to dst[j]; every source is read before any
     destination is written), slices = group -> (lo, n) with the groups packed from row 0 in `order`, and
     new_rows = group -> the rows its new requests take (ascending)."""
+    if set(placed.values()) | set(new) != set(order) or len(order) != len(set(order)):
+        raise ValueError("plan_layout: order must list every group of placed and new exactly once")
     count = {g: 0 for g in order}
     for g in placed.values():
         count[g] += 1
     for g, k in new.items():
         count[g] += k
-    if set(count) != set(order) or len(order) != len(set(order)):
-        raise ValueError("plan_layout: order must list every group of placed and new exactly once")
     total = sum(count.values())
     if total > max_rows:
         raise ValueError(f"plan_layout: {total} rows do not fit in {max_rows}")

@@ -1,0 +1,153 @@
+"""The decode core (runtime/): batch invariance under mixed per-row parameters (each row equals that row alone,
+submitted at once or staggered), one commit call per group per pass, per-row parameter lists in `generate`,
+and a clean exit of a script that never shut its scheduler down."""
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import twotower_ext as tt
+from twotower_ext import ops
+from twotower_ext.runtime import DecodeCore, DecodeParams, Request
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tt.load(os.path.join(DATA, "checkpoint"), dtype=torch.float32)
+
+
+def mixed_rows(n: int, seed: int) -> list[tuple[list[int], dict]]:
+    """n rows: 4 thresholds, greedy and sampling rows with their own seeds, ragged prompts, mixed modes, block
+    sizes and steps, EOS ids that stop some rows early."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        mode = ["diffusion", "diffusion", "diffusion", "ar", "mock_ar"][i % 5]
+        p = dict(mode=mode, max_new_tokens=rng.randint(5, 40), threshold=[0.5, 0.7, 0.8, 0.95][i % 4],
+                 temperature=rng.choice([0.0, 0.0, 0.6, 1.3]), seed=rng.randint(0, 2**62),
+                 eos_token_id=rng.choice([None, 2, rng.randint(4, 511)]))
+        if mode == "diffusion":
+            p.update(block_size=rng.choice([8, 16]), steps_per_block=rng.choice([5, 16]))
+        rows.append(([1] + [rng.randint(4, 511) for _ in range(rng.randint(1, 30))], p))
+    return rows
+
+
+def alone(lm, prompt, p):
+    res = lm.generate([prompt], **p)
+    return res.new_tokens[0], res.stats["nfe"], res.nfe_per_block[0]
+
+
+def test_mixed_parameters_at_once_equal_each_row_alone(lm):
+    rows = mixed_rows(32, seed=random.randrange(2**31))
+    keys = rows[0][1].keys() | {"block_size", "steps_per_block"}
+    kw = {k: [p.get(k, getattr(DecodeParams, k)) for _, p in rows] for k in keys}
+    batch = lm.generate([prompt for prompt, _ in rows], **kw)
+    assert batch.stats["mode"] == "mixed"
+    for i, (prompt, p) in enumerate(rows):
+        tokens, nfe, blocks = alone(lm, prompt, p)
+        assert batch.new_tokens[i] == tokens, (i, p)
+        assert batch.nfe_per_block[i] == blocks, (i, p)
+
+
+def test_mixed_parameters_staggered_equal_each_row_alone(lm):
+    """A serving core smaller than the load: rows arrive over time, wait for rows, leave at EOS or their length;
+    each one's tokens and NFE are the ones it gets alone."""
+    rows = mixed_rows(32, seed=random.randrange(2**31))
+    core = DecodeCore(lm.model, max_rows=7, max_len=128, max_queue=32)
+    reqs = [Request(prompt, DecodeParams(**p).validate(512)) for prompt, p in rows]
+    todo = list(reqs)
+    rng = random.Random(0)
+    while todo or core.has_work():
+        k = rng.randint(0, 3)
+        if todo and k:
+            core.submit(todo[:k])
+            todo = todo[k:]
+        core.step()
+    for r, (prompt, p) in zip(reqs, rows):
+        tokens, nfe, blocks = alone(lm, prompt, p)
+        assert (r.tokens, r.nfe, r.nfe_per_block) == (tokens, nfe, blocks if p["mode"] == "diffusion" else []), p
+
+
+def test_one_commit_call_per_group_per_pass(lm, monkeypatch):
+    """32 diffusion rows with 4 thresholds, greedy and sampling rows, their own seeds and steps: every pass
+    commits the whole group in one threshold_unmask call (counted by the profiler), not one per sampling row."""
+    rows = mixed_rows(32, seed=3)
+    kw = dict(mode="diffusion", max_new_tokens=32, block_size=16, eos_token_id=None,
+              threshold=[p["threshold"] for _, p in rows], temperature=[p["temperature"] for _, p in rows],
+              seed=[p["seed"] for _, p in rows], steps_per_block=[[16, 12][i % 2] for i in range(32)])
+    assert len(set(kw["temperature"])) > 2
+    prompts = [prompt for prompt, _ in rows]
+    lm.generate(prompts, **kw)   # warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        res = lm.generate(prompts, **kw)
+    events = prof.key_averages()
+    unmask = sum(e.count for e in events if e.key == "twotower::threshold_unmask")
+    passes = res.stats["executed_passes"]
+    assert unmask == passes, (unmask, passes)
+
+
+def test_generate_takes_one_value_per_row(lm):
+    prompts = [[1, 5, 9], [1, 7, 8, 9], [1, 300]]
+    res = lm.generate(prompts, max_new_tokens=[5, 16, 9], threshold=[0.5, 0.9, 0.8], seed=[1, 2, 3],
+                      temperature=[0.0, 0.9, 0.0], mode=["diffusion", "diffusion", "ar"], eos_token_id=None)
+    assert [len(t) for t in res.new_tokens] == [5, 16, 9]
+    with pytest.raises(ValueError, match=r"threshold must be one value or a list of one value per prompt \(3\)"):
+        lm.generate(prompts, threshold=[0.5, 0.9])
+    with pytest.raises(ValueError, match="threshold must be a float in"):
+        lm.generate(prompts, threshold=[0.5, 0.9, 7.0])
+    with pytest.raises(ValueError, match="max_new_tokens must be one value for every row with reference_compat"):
+        lm.generate([[1, 5], [1, 6]], max_new_tokens=[16, 32], reference_compat=True)
+
+
+def test_a_core_steps_on_one_thread(lm, monkeypatch):
+    """A second thread calling step() while one is inside it is refused, not interleaved; submit works from
+    any thread meanwhile."""
+    core = DecodeCore(lm.model, max_rows=2, max_len=64, max_queue=2)
+    inside, release = threading.Event(), threading.Event()
+    real = core.runner.execute
+
+    def slow(groups):
+        inside.set()
+        release.wait(30)
+        return real(groups)
+
+    monkeypatch.setattr(core.runner, "execute", slow)
+    core.submit([Request([1, 5], DecodeParams(max_new_tokens=4))])
+    t = threading.Thread(target=core.step)
+    t.start()
+    assert inside.wait(30)
+    with pytest.raises(RuntimeError, match="already running on another thread"):
+        core.step()
+    core.submit([Request([1, 6], DecodeParams(max_new_tokens=4))])
+    release.set()
+    t.join(30)
+    while core.has_work():
+        core.step()
+
+
+SCRIPT = """
+import twotower_ext as tt, torch
+from twotower_ext.serve import Scheduler
+lm = tt.load({path!r}, dtype=torch.float32)
+s = Scheduler(lm, max_batch=2, max_queue=4, max_len=256)
+h = [s.submit([1, 5, 6], mode=m, max_tokens=100, threshold=1.0, eos_token_id=None) for m in ("diffusion", "ar")]
+h[0].result(60)
+print("ok", flush=True)
+"""
+
+
+def test_a_script_that_never_shuts_its_scheduler_down_exits_cleanly():
+    """The in-process scheduler's thread is stopped at exit (its requests cancelled), not killed inside a
+    torch op (which aborted the process: 'terminate called without an active exception', exit 134)."""
+    code = SCRIPT.format(path=os.path.join(DATA, "checkpoint"))
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-2000:])
+        assert "terminate called" not in p.stderr and "Traceback" not in p.stderr
