@@ -64,6 +64,7 @@ class Policy:
         self.groups: dict[tuple, Group] = {}   # in cache order
         self.rows: list[Request | None] = [None] * max_rows
         self.finished: list[Request] = []      # requests finished since the last take_finished()
+        self.dirty = False                     # something to drop or admit: schedule() has work beyond the passes
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -81,6 +82,9 @@ class Policy:
             raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
         if lockstep is not None and len(requests) > self.max_rows:
             raise QueueFull(f"a lockstep batch of {len(requests)} requests needs more than the {self.max_rows} rows")
+        for r in requests:
+            r.on_cancel = self.note_cancel
+        self.dirty = True
         if lockstep is not None:
             tag = next(_lockstep_ids)
             for r in requests:
@@ -101,9 +105,17 @@ class Policy:
         return (p.mode, 1, p.mask_token_id if p.mode == "mock_ar" else -1)
 
     # ------------------------------------------------------------------------------------------------
+    def note_cancel(self) -> None:
+        """A request was cancelled (from any thread): the next schedule() looks for it."""
+        self.dirty = True
+
     def schedule(self) -> Plan:
         """Drop finished and cancelled rows, admit waiting requests that fit (first come, first served),
-        lay the groups out; the plan of this iteration."""
+        lay the groups out; the plan of this iteration. When nothing finished, was cancelled or arrived, the
+        groups run as they are (no per-row work)."""
+        if not self.dirty:
+            return Plan(([], []), [], [], list(self.groups.values()))
+        self.dirty = False
         before = {i for i, r in enumerate(self.rows) if r is not None}
         for g in list(self.groups.values()):
             for r in g.requests:
@@ -120,7 +132,7 @@ class Policy:
         while self.waiting:
             unit = self.waiting[0]
             live = [r for r in unit if not r.cancelled]
-            if len(live) > free:
+            if len(live) > free:   # it waits for rows; a request that finishes frees some (and sets dirty)
                 break
             self.waiting.popleft()
             self.queued -= len(unit)
@@ -248,6 +260,7 @@ class Policy:
             return
         r.finish(reason, error)
         self.finished.append(r)
+        self.dirty = True
 
     def take_finished(self) -> list[Request]:
         out, self.finished = self.finished, []

@@ -34,6 +34,7 @@ class Request:
         self.exception: BaseException | None = None
         self.row = -1                        # its cache row while RUNNING (the policy's)
         self.group_key: tuple | None = None
+        self.on_cancel = None                # the policy's note that a cancel arrived
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None    # first committed block / token
         self.t_done: float | None = None
@@ -50,6 +51,8 @@ class Request:
     def cancel(self) -> None:
         """Ask the core to drop this request (its row is freed before the next pass)."""
         self._cancel.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -100,4 +103,4 @@ class Request:
         try:
             self._sink(ev)
         except Exception:  # noqa: BLE001  (a client that cannot take events any more: it has gone)
-            self._cancel.set()
+            self.cancel()
