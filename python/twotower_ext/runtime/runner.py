@@ -194,10 +194,8 @@ class ModelRunner:
             def member():
                 return self.batch.group[a:a + size] == g.slot
 
-            def ready():   # rows with a pending block / token; a lockstep group's rows extend together
-                m = member()
-                done = self.batch.done[a:a + size] & m
-                return done & (done | ~m).all() if g.lockstep else done
+            def ready():   # the rows with a pending block / token: the host's `pending`, seen on the device
+                return self.batch.done[a:a + size] & member()
 
             if g.device_loop and self.loop_kind == "unrolled" and not self._warned_while:
                 warnings.warn("twotower: this torch has no conditional WHILE nodes in CUDA graphs (torch >= 2.14 "
