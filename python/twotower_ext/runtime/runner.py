@@ -302,14 +302,18 @@ class ModelRunner:
         n = x.shape[0]
         counts = torch.empty(n, dtype=torch.int32, device=self.dev)
         done = torch.empty(n, dtype=torch.bool, device=self.dev)
-        step = rows.take(b.step)
-        ops.threshold_unmask(logits, x, mask, rows.take(b.gamma), step, rows.take(b.steps), rows.take(b.temperature),
-                             rows.take(b.seed), rows.take(b.block), rows.take(b.kept), out_counts=counts, out_done=done)
+        held_step = step = rows.take(b.step)
+        steps, kept = rows.take(b.steps), rows.take(b.kept)
+        if member is not None:   # rows of other groups in the bucket: values valid for this block size
+            step, steps, kept = (torch.where(member, v, torch.full_like(v, inert))
+                                 for v, inert in ((step, 0), (steps, 1), (kept, 0)))
+        ops.threshold_unmask(logits, x, mask, rows.take(b.gamma), step, steps, rows.take(b.temperature),
+                             rows.take(b.seed), rows.take(b.block), kept, out_counts=counts, out_done=done)
         live = open_before if member is None else open_before & member
         hist = rows.take(b.hist)
         at = step.long().clamp(max=hist.shape[1] - 1)[:, None]
         rows.put(b.hist, self._sel(live, hist.scatter(1, at, counts[:, None]), hist))
-        rows.put(b.step, self._sel(live, step + 1, step))
+        rows.put(b.step, self._sel(live, held_step + 1, held_step))
         rows.put(b.done, self._sel(member, done, rows.take(b.done)))
         rows.put(xs, self._sel(member, x, held))
 
