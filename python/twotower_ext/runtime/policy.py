@@ -14,6 +14,8 @@ import collections
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .layout import plan_layout
 from .request import FINISHED, RUNNING, Request
 
@@ -191,17 +193,15 @@ class Policy:
 
     def _update_ar(self, g: Group, out) -> None:
         eos_any = False
-        for r, tok in zip(g.requests, out.tokens):
+        for r, tok in zip(g.requests, out.tokens[:, 0].tolist()):
             if r.state == FINISHED:   # failed at admission: its row was inert
                 continue
-            tok = int(tok[0])
             r.nfe += 1
             r.emit([tok])
-            eos = r.params.eos_token_id is not None and tok == r.params.eos_token_id
-            eos_any |= eos
-            if eos:
+            if tok == r.params.eos_token_id:
+                eos_any = True
                 self.end(r, "stop")
-            elif r.remaining <= 0:
+            elif len(r.tokens) >= r.params.max_new_tokens:
                 self.end(r, "length")
         if g.compat and eos_any:   # NVIDIA's reference: the first EOS of any row stops the batch
             for r in g.requests:
@@ -230,9 +230,10 @@ class Policy:
                     self.end(r, "stop")
             g.pending = [r for r in g.requests if r.state != FINISHED]
             return
-        for r, done, tokens, hist, n in zip(g.requests, out.done, out.tokens, out.hist, out.passes):
-            if done and r.state != FINISHED:
-                self.commit_block(r, tokens, hist, int(n), cut=True)
+        for j in np.flatnonzero(out.done).tolist():   # only the rows that emit a block
+            r = g.requests[j]
+            if r.state != FINISHED:
+                self.commit_block(r, out.tokens[j], out.hist[j], int(out.passes[j]), cut=True)
                 if r.state != FINISHED:
                     g.pending.append(r)
 

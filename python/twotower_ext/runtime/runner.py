@@ -183,7 +183,8 @@ class ModelRunner:
         if self.graphs is None:   # eagerly: exactly the group's rows, exactly the extending rows
             exact = Rows(slice(g.lo, g.lo + n), self.max_rows)
             if pending:
-                self.clock.phase(ctx_phase, lambda: self._extend(g, Rows(pending, self.max_rows), None))
+                ext = exact if len(pending) == n else Rows(pending, self.max_rows)
+                self.clock.phase(ctx_phase, lambda: self._extend(g, ext, None))
             self.clock.phase(pass_phase, lambda: self._pass(g, exact, None, self.block_steps(g) if g.device_loop else 0))
         else:
             a, size = padded_slice(g.lo, n, self.max_rows)
@@ -297,25 +298,30 @@ class ModelRunner:
             t = (frac.mean() if member is None else (frac * member).sum() / member.sum().clamp(min=1)).expand_as(frac)
         else:
             t = frac
-        open_before = ~rows.take(b.done)
+        # rows whose kept positions were all committed before this pass: a lockstep group's, riding along
+        open_before = None if member is None and not g.lockstep else ~rows.take(b.done)
         logits = self.model.denoise(x, self.cache, t, rows)
-        n = x.shape[0]
-        counts = torch.empty(n, dtype=torch.int32, device=self.dev)
-        done = torch.empty(n, dtype=torch.bool, device=self.dev)
+        counts = torch.empty(x.shape[0], dtype=torch.int32, device=self.dev)
         held_step = step = rows.take(b.step)
         steps, kept = rows.take(b.steps), rows.take(b.kept)
         if member is not None:   # rows of other groups in the bucket: values valid for this block size
             step, steps, kept = (torch.where(member, v, torch.full_like(v, inert))
                                  for v, inert in ((step, 0), (steps, 1), (kept, 0)))
+        done = rows.take(b.done) if member is None else torch.empty_like(member)
         ops.threshold_unmask(logits, x, mask, rows.take(b.gamma), step, steps, rows.take(b.temperature),
                              rows.take(b.seed), rows.take(b.block), kept, out_counts=counts, out_done=done)
-        live = open_before if member is None else open_before & member
         hist = rows.take(b.hist)
         at = step.long().clamp(max=hist.shape[1] - 1)[:, None]
+        live = open_before if member is None else open_before & member
+        if live is None:   # eagerly, a group whose rows are all open: views of the batch, updated in place
+            hist.scatter_(1, at, counts[:, None])
+            held_step += 1
+            return
         rows.put(b.hist, self._sel(live, hist.scatter(1, at, counts[:, None]), hist))
         rows.put(b.step, self._sel(live, held_step + 1, held_step))
-        rows.put(b.done, self._sel(member, done, rows.take(b.done)))
-        rows.put(xs, self._sel(member, x, held))
+        if member is not None:
+            rows.put(b.done, self._sel(member, done, rows.take(b.done)))
+            rows.put(xs, self._sel(member, x, held))
 
     def _sample(self, g: Group, rows: Rows, member) -> None:
         """AR / mock-AR: the next token of every row, greedy and sampling rows in one call, keyed by (seed,
@@ -325,10 +331,16 @@ class ModelRunner:
             logits = self.model.mock_ar(rows.take(b.token)[:, 0], self.cache, rows)
         else:
             logits = rows.take(b.ar_logits())
-        x = sample_tokens(logits, rows.take(b.temperature), rows.take(b.seed), rows.take(b.block), g.mask_id)
+        block = rows.take(b.block)
+        x = sample_tokens(logits, rows.take(b.temperature), rows.take(b.seed), block, g.mask_id)
+        if member is None:   # eagerly the rows are the group's slice: views, updated in place
+            rows.take(b.token).copy_(x)
+            block += 1
+            rows.take(b.done).fill_(True)
+            return
         done = rows.take(b.done)
         rows.put(b.token, self._sel(member, x, rows.take(b.token)))
-        rows.put(b.block, rows.take(b.block) + (1 if member is None else member))
+        rows.put(b.block, block + member)
         rows.put(b.done, self._sel(member, torch.ones_like(done), done))
 
     def _explain(self, g: Group, e: Exception) -> Exception:
