@@ -7,6 +7,7 @@ import threading
 import torch
 
 from .runtime import DecodeParams, GenerationResult, Generator
+from .runtime.prefix_store import budget_bytes
 from .threads import recommended_threads, using_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -65,10 +66,11 @@ def load_tokenizer(path: str):
 class TwoTowerLM:
     """A loaded two-tower model with its decode engine and (when the checkpoint has one) tokenizer."""
 
-    def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None):
+    def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None,
+                 prefix_cache_gb: float = 0.0):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
-        self.generator = Generator(model)
+        self.generator = Generator(model, budget_bytes(prefix_cache_gb, "prefix_cache_gb"))
         self._lock = threading.Lock()   # one generate at a time: the generator's pooled core is shared
 
     @property
@@ -118,7 +120,7 @@ class TwoTowerLM:
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,
-         experts: str | None = None) -> TwoTowerLM:
+         experts: str | None = None, prefix_cache_gb: float = 0.0) -> TwoTowerLM:
     """Load an NVIDIA-format two-tower checkpoint directory (config.json + safetensors, single or
     sharded; tokenizer.json optional); `twotower_ext.default_model_path()` is the small model shipped with
     the package. dtype None: `default_dtype(device)` (fp32 on the CPU, bf16 on CUDA). `denoiser_device`
@@ -131,7 +133,12 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
     which on the CPU is fp32 unless asked otherwise), "fp8" (e4m3, one fp32 scale per output channel) or
     "int4" (symmetric, groups of 128 inputs, a bf16 scale per group); quantised while streaming the
     checkpoint, so host memory peaks near the quantised size. Everything else stays in `dtype`. Formats:
-    twotower_ext.quant; memory per choice: `twotower info`."""
+    twotower_ext.quant; memory per choice: `twotower info`.
+
+    prefix_cache_gb: GiB of the context tower's device for a prefix cache `generate` keeps across calls
+    (0, the default: none): a prompt that starts like an earlier one (a system prompt, a document asked
+    several questions, a growing conversation) prefills only the rest; outputs are the same with and without
+    it (docs/semantics.md, "Prefix cache")."""
     from .models import TwoTowerModel
     from .models.weights import expert_format
 
@@ -145,8 +152,9 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
         raise FileNotFoundError(f"load: {path!r} is not a checkpoint directory (no config.json)")
     path = os.fspath(path)
     experts = expert_format(experts, "load: experts")   # before reading anything
+    budget_bytes(prefix_cache_gb, "load: prefix_cache_gb")
     model = TwoTowerModel.from_pretrained(path, dtype=_dtype(dtype, dev), device=device,
                                           denoiser_device=denoiser_device, experts=experts)
     if threads is None:
         threads = recommended_threads(model.config, dev)
-    return TwoTowerLM(model, load_tokenizer(path), path, threads or None)
+    return TwoTowerLM(model, load_tokenizer(path), path, threads or None, prefix_cache_gb)

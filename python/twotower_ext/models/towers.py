@@ -21,6 +21,15 @@ from .weights import TwoTowerWeights, load_weights
 # every parity prompt (<= 40 tokens), so the golden tests keep the exact sequential path.
 PREFILL_CHUNKED_MIN_LEN = 256
 
+# Default of TwoTowerModel.prefill_segment: a prompt longer than this is prefilled as segments of this many
+# tokens (the first a fresh pass, each next an extension of the row), so the context tower's state at every
+# multiple of it is computed the same way whether a prompt starts from token 0 or from a boundary the prefix
+# cache restored (runtime/prefix_store.py); docs/semantics.md, "Prefix cache". Equal to
+# PREFILL_CHUNKED_MIN_LEN, so every whole segment runs the chunked SSD form and every shorter one (a prompt's
+# last) the exact op, whatever rows share the pass; a multiple of the SSD chunk (128), so segments split the
+# scan where its own chunks end.
+PREFILL_SEGMENT = 256
+
 
 def _as_token_rows(tokens, device) -> list[torch.Tensor]:
     """A 2-D tensor or a sequence of 1-D token sequences -> list of 1-D int64 tensors on device."""
@@ -50,6 +59,7 @@ class TwoTowerModel:
         # parity prompts, 16-token blocks, AR steps) the exact token-by-token scan op. See PREFILL_CHUNKED_MIN_LEN.
         self.prefill_chunked_min_len = PREFILL_CHUNKED_MIN_LEN
         self.prefill_chunk_size = config.chunk_size
+        self.prefill_segment = PREFILL_SEGMENT
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
@@ -73,12 +83,21 @@ class TwoTowerModel:
     # context tower
 
     @torch.no_grad()
-    def prefill(self, prompts, cache: ContextCache, rows=None, logits: bool = True, snapshot: bool = False):
+    def prefill(self, prompts, cache: ContextCache, rows=None, logits: bool = True, snapshot: bool = False,
+                start=None, on_segment=None):
         """Run the context tower over fresh prompts (ragged: a list of token sequences, or [n, L]) into
         the cache rows `rows` (previous content of those rows is discarded). Returns context_lm_head
         logits [n, V] fp32 of each prompt's last token (None with logits=False). With snapshot=True the
         prompt is run as prompt[:-1] + one extension by its last token, so the cache also holds the Mamba
-        states before the last token (the state mock-AR's first step reads)."""
+        states before the last token (the state mock-AR's first step reads).
+
+        A prompt (with snapshot: prompt[:-1]) longer than `prefill_segment` tokens runs as segments of that
+        many tokens, the first a fresh pass, each next an extension of the row; segments of the rows run
+        batched, one pass per kind (fresh or extension, whole or shorter) and round. start (one int per row,
+        multiples of prefill_segment): the row already holds the prompt's first start[i] tokens (the prefix
+        cache restored them: K/V, Mamba states, lengths) and continues from there; 0 = a fresh row.
+        on_segment(rows, ends) is called after each round with the cache rows that completed a whole segment
+        and their new lengths (the prefix cache saves their state there)."""
         r = cache.rows(rows)
         seqs = _as_token_rows(prompts, self.ctx_device)
         if len(seqs) != len(r):
@@ -88,22 +107,53 @@ class TwoTowerModel:
         if max(len(s) for s in seqs) > cache.capacity:
             raise ValueError(f"prefill: a prompt of {max(len(s) for s in seqs)} tokens exceeds the cache "
                              f"capacity {cache.capacity}")
-        cache.reset(r)
+        bodies = [s[:-1] for s in seqs] if snapshot else seqs
+        P = self.prefill_segment
+        done = [0] * len(seqs) if start is None else [int(v) for v in start]
+        if len(done) != len(seqs):
+            raise ValueError(f"prefill: start must hold one int per prompt ({len(seqs)}), got {len(done)}")
+        need_one = logits and not snapshot   # the last token's logits come from a pass
+        bad = [i for i, (d, b) in enumerate(zip(done, r.host))
+               if d % P or not 0 <= d <= len(bodies[i]) - need_one or (d and cache.lens_host[b] != d)]
+        if bad:
+            raise ValueError(f"prefill: start[i] must be a multiple of prefill_segment={P} below the prompt's "
+                             f"length, and the row must hold that many tokens; prompts {bad} do not")
+        fresh = [b for b, d in zip(r.host, done) if d == 0]
+        if fresh:
+            cache.reset(fresh)
+        last = None   # hidden state of each prompt's last token (logits without snapshot)
+        while True:
+            kinds: dict[tuple[bool, bool], list[int]] = {}
+            for i, (d, body) in enumerate(zip(done, bodies)):
+                if d < len(body):
+                    kinds.setdefault((d == 0, len(body) - d >= P), []).append(i)
+            if not kinds:
+                break
+            whole = []
+            for (first, full), idx in kinds.items():
+                segs = [bodies[i][done[i]:done[i] + P] for i in idx]
+                lens = [len(t) for t in segs]
+                rr = Rows([r.host[i] for i in idx], cache.batch)
+                x = self._context_pass(_pad(segs, self.config.pad_token_id), cache, rr, new_lens=lens, fresh=first)
+                cache.count_appended(rr, lens)
+                ending = [j for j, i in enumerate(idx) if done[i] + lens[j] == len(bodies[i])]
+                if logits and not snapshot and ending:
+                    if last is None:
+                        last = x.new_empty(len(seqs), x.shape[-1])
+                    at = torch.tensor(ending, device=x.device)
+                    last[torch.tensor([idx[j] for j in ending], device=x.device)] = \
+                        x[at, torch.tensor([lens[j] - 1 for j in ending], device=x.device)]
+                for j, i in enumerate(idx):
+                    done[i] += lens[j]
+                if full:
+                    whole += idx
+            if on_segment is not None and whole:
+                whole.sort()
+                on_segment([r.host[i] for i in whole], [done[i] for i in whole])
         if snapshot:
-            heads = [s[:-1] for s in seqs]
-            if max(len(h) for h in heads) > 0:
-                lens = [len(h) for h in heads]
-                self._context_pass(_pad(heads, self.config.pad_token_id), cache, r, new_lens=lens)
-                cache.count_appended(r, lens)
             cache.snapshot(r)
             return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
-        lens = [len(s) for s in seqs]
-        x = self._context_pass(_pad(seqs, self.config.pad_token_id), cache, r, new_lens=lens)
-        cache.count_appended(r, lens)
-        if not logits:
-            return None
-        last = torch.tensor(lens, device=self.ctx_device) - 1
-        return self._context_logits(x[torch.arange(len(r), device=self.ctx_device), last])
+        return self._context_logits(last) if logits else None
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,
@@ -153,20 +203,25 @@ class TwoTowerModel:
         return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
 
     def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
-                      active: torch.Tensor | None = None):
+                      active: torch.Tensor | None = None, fresh: bool = False):
         """Context tower over ids [n, L] appended at each row's current length, read on the device; updates
         the cache's device state in place (K/V, Mamba states, lengths) and returns the final hidden states
-        [n, L, H]. new_lens (prefill of fresh rows only): row b's first new_lens[b] tokens are real, attention
-        is plain causal SDPA over the pass; None (an extension or AR step): all L tokens are real and attention
-        is the causal block_attention kernel over [the row's cached K/V | the L new keys], which needs no mask,
-        no slice sized from the lengths and no host read. active: see extend_step (extensions only)."""
+        [n, L, H]. new_lens (prefill only): row b's first new_lens[b] tokens are real, the rest padding after
+        them; None (an extension or AR step): all L tokens are real. fresh (rows start empty): attention is
+        plain causal SDPA over the pass; else the causal block_attention kernel over [the row's cached K/V |
+        the L new keys], which needs no mask, no slice sized from the lengths and no host read. active: see
+        extend_step (extensions only)."""
         cfg, w, st = self.config, self.weights.context, cache.ctx
         n, L = ids.shape
         dev = self.ctx_device
-        fresh = new_lens is not None
         lens = r.take(st.lens)                                   # [n] int32: tokens before this pass
         pos = lens.long()[:, None] + torch.arange(L, device=dev)  # [n, L] cache positions of the new tokens
-        seq_lens = None if not fresh or min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        ragged = new_lens is not None and min(new_lens) < L
+        seq_lens = torch.tensor(new_lens, dtype=torch.int32, device=dev) if ragged else None
+        kv_at = None
+        if ragged and not fresh:   # a row's padding rewrites its last token's K/V there: nothing past its length
+            kv_at = torch.minimum(torch.arange(L, device=dev)[None], seq_lens.long()[:, None] - 1)   # [n, L]
+            pos = lens.long()[:, None] + kv_at
         if active is not None:   # inert rows scan no token: their Mamba states stay
             seq_lens = active.to(torch.int32) * L
         eps = cfg.layer_norm_epsilon
@@ -185,7 +240,11 @@ class TwoTowerModel:
                 q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
                 k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                 v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                st.write_kv(i, r, pos, k, v, active)
+                if kv_at is None:
+                    st.write_kv(i, r, pos, k, v, active)
+                else:
+                    at = kv_at[:, :, None, None].expand_as(k)
+                    st.write_kv(i, r, pos, k.gather(1, at), v.gather(1, at))
                 if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
                     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                        is_causal=True, scale=cfg.head_dim ** -0.5,
@@ -200,7 +259,7 @@ class TwoTowerModel:
                 out = mlp(h, layer.mixer)
             x = res + out
         # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
-        added = L if not fresh else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        added = L if new_lens is None else torch.tensor(new_lens, dtype=torch.int32, device=dev)
         if active is not None:
             added = active.to(torch.int32) * L
         r.put(st.lens, lens + added)

@@ -20,16 +20,18 @@ class DecodeCore:
     """max_rows: cache rows (requests decoded at once); max_len: context tokens a row may hold (prompt and
     every token appended to the context); max_queue: requests waiting beyond the free rows (QueueFull past
     it); snapshot: keep the Mamba states mock-AR reads (needed for mock-AR requests); metrics: an object with
-    pass_done(rows) and request_done(request) (serve/metrics.py), or None."""
+    pass_done(rows) and request_done(request) (serve/metrics.py), or None; prefix_cache: a
+    prefix_store.PrefixStore of this model (prompts that start like a cached one prefill only the rest), or
+    None."""
 
     def __init__(self, model, max_rows: int, max_len: int, max_queue: int = 0, snapshot: bool = True,
-                 cuda_graphs: bool = True, metrics=None):
+                 cuda_graphs: bool = True, metrics=None, prefix_cache=None):
         for name, v, lo in (("max_rows", max_rows, 1), ("max_queue", max_queue, 0), ("max_len", max_len, 2)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         self.model, self.vocab = model, model.config.vocab_size
         self.policy = Policy(max_rows, max_queue)
-        self.runner = ModelRunner(model, max_rows, max_len, snapshot, cuda_graphs)
+        self.runner = ModelRunner(model, max_rows, max_len, snapshot, cuda_graphs, prefix_cache)
         self.metrics = metrics
         self.cuda_graphs = cuda_graphs
         self._lock = threading.Lock()          # submit (any thread) against schedule (the stepping thread)
@@ -112,8 +114,14 @@ class DecodeCore:
                 self.metrics.request_done(r)
 
     def stats(self) -> dict:
-        """Counters of the runner: passes executed, graphs captured and the time capturing took."""
+        """Counters of the runner: passes executed, graphs captured and the time capturing took; with a prefix
+        cache its counters (prefix_cache.PrefixCache.stats: prompt tokens looked up and found, entries, bytes)."""
         g = self.runner.graphs
         return {"executed_passes": self.runner.executed_passes, "cuda_graphs": g is not None,
                 "graphs_captured": 0 if g is None else len(g.graphs), "capture_s": 0.0 if g is None else g.capture_s,
-                "device_loop": self.runner.device_loop_kind, **self.runner.clock.s}
+                "device_loop": self.runner.device_loop_kind, **self.runner.clock.s, **self.prefix_stats()}
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's counters ({} without one); read from any thread (the metrics endpoint)."""
+        p = self.runner.prefix
+        return {} if p is None else p.stats()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .core import DecodeCore
 from .params import DecodeParams, ParamError, normalize_prompts, per_row_params
+from .prefix_store import PrefixStore
 from .request import Request
 
 
@@ -28,11 +29,14 @@ class GenerationResult:
 
 class Generator:
     """`generate` for one model, on a decode core it keeps between calls (its cache and CUDA graphs are reused
-    while a call fits in them). Not thread-safe: TwoTowerLM serialises calls."""
+    while a call fits in them). prefix_cache_bytes > 0: a prefix cache of that budget, kept across calls and
+    cores (a prompt that starts like an earlier one prefills only the rest). Not thread-safe: TwoTowerLM
+    serialises calls."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_cache_bytes: int = 0):
         self.model = model
         self.core: DecodeCore | None = None
+        self.prefix = PrefixStore(model, prefix_cache_bytes) if prefix_cache_bytes else None
 
     def _core_for(self, rows: int, max_len: int, snapshot: bool, cuda_graphs: bool) -> DecodeCore:
         c = self.core
@@ -40,7 +44,8 @@ class Generator:
                 and c.cuda_graphs == cuda_graphs:
             return c
         self.core = None   # free the old cache before allocating the new one
-        self.core = DecodeCore(self.model, rows, max_len, max_queue=0, snapshot=snapshot, cuda_graphs=cuda_graphs)
+        self.core = DecodeCore(self.model, rows, max_len, max_queue=0, snapshot=snapshot, cuda_graphs=cuda_graphs,
+                               prefix_cache=self.prefix)
         return self.core
 
     def generate(self, input_ids, callback=None, reference_compat: bool = False, cuda_graphs: bool = True,
@@ -133,8 +138,9 @@ def _result(reqs, prompts, rows, compat: bool, before: dict, after: dict, wall: 
     stats = {"mode": modes.pop() if len(modes) == 1 else "mixed", "rows": len(reqs),
              "prompt_lens": [len(p) for p in prompts], "tokens": new, "nfe": nfe,
              "tokens_per_nfe": new / nfe if nfe else 0.0, "seconds": wall, "tokens_per_s": new / wall if wall > 0 else 0.0}
-    for k in ("context_s", "denoiser_s", "executed_passes", "capture_s"):
-        stats[k] = after[k] - before[k]
+    for k in ("context_s", "denoiser_s", "executed_passes", "capture_s", "prefix_cache_queries", "prefix_cache_hits"):
+        if k in after:
+            stats[k] = after[k] - before[k]
     stats.update(cuda_graphs=after["cuda_graphs"], graphs_captured=after["graphs_captured"],
                  device_loop=after["device_loop"])
     return GenerationResult([list(p) + r.tokens for p, r in zip(prompts, reqs)],

@@ -37,6 +37,7 @@ from . import graphs as graph_mod
 from .batch import PersistentBatch
 from .layout import padded_slice
 from .policy import Group, Plan, passes_of
+from .prefix_store import model_root
 from .sampler import sample_tokens
 
 
@@ -94,10 +95,16 @@ class PhaseClock:
 
 
 class ModelRunner:
-    def __init__(self, model, max_rows: int, max_len: int, snapshot: bool, cuda_graphs: bool = True):
+    def __init__(self, model, max_rows: int, max_len: int, snapshot: bool, cuda_graphs: bool = True, prefix=None):
         self.model, self.cfg = model, model.config
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = _allocate_cache(model, max_rows, max_len, snapshot)
+        # the prefix cache (prefix_store.PrefixStore) when one with a budget is given, and this model's root key
+        self.prefix = prefix if prefix is not None and prefix.enabled else None
+        if self.prefix is not None:
+            self.prefix.check(model)
+            _check_prefix_room(self.prefix, model.ctx_device)
+            self.prefix_root = model_root(model)
         self.dev = model.den_device
         self.batch = PersistentBatch(max_rows, self.dev, self.cfg.vocab_size)
         self.graphs = graph_mod.StepGraphs(self.dev) if use_graphs(cuda_graphs, model) else None
@@ -131,18 +138,23 @@ class ModelRunner:
 
     def _prefill(self, g: Group, rows: list[int], reqs) -> None:
         self.batch.admit(rows, [r.params for r in reqs], g.slot)
-        r = self.cache.rows(rows)
         prompts = [q.prompt for q in reqs]
 
-        def run():
-            logits = self.model.prefill(prompts, self.cache, r, logits=g.mode == "ar", snapshot=g.mode == "mock_ar")
+        def run(rows, prompts, start=None, on_segment=None):
+            r = self.cache.rows(rows)
+            logits = self.model.prefill(prompts, self.cache, r, logits=g.mode == "ar", snapshot=g.mode == "mock_ar",
+                                        start=start, on_segment=on_segment)
             if g.mode == "ar":
                 r.put(self.batch.ar_logits(), logits)
             elif g.mode == "mock_ar":   # the token the first mock-AR pass reads
                 last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=self.dev)
                 r.put(self.batch.token, last[:, None])
 
-        self.clock.phase("context_s", run)
+        if self.prefix is None:
+            self.clock.phase("context_s", lambda: run(rows, prompts))
+        else:
+            self.clock.phase("context_s", lambda: self.prefix.prefill(self.prefix_root, self.cache, rows, prompts,
+                                                                      g.mode, run))
 
     # ------------------------------------------------------------------------------------------------
     # one iteration
@@ -385,10 +397,23 @@ class ModelRunner:
         return outs
 
 
+def free_bytes(dev: torch.device) -> int:
+    return torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else host_available_bytes()
+
+
+def _check_prefix_room(prefix, dev: torch.device) -> None:
+    """The prefix cache grows into its budget as it fills: the device must have that much free beside the
+    context cache."""
+    room, free = prefix.index.budget - prefix.index.used, free_bytes(dev)
+    if room > free:
+        raise MemoryError(f"the prefix cache's budget of {prefix.index.budget / 2**30:.2f} GiB does not fit: {dev} has "
+                          f"{free / 2**30:.2f} GiB free beside the context cache; lower prefix_cache_gb")
+
+
 def _allocate_cache(model, rows: int, capacity: int, snapshot: bool):
     """The context cache, allocated whole up front so a request that cannot fit fails before any work."""
     need, dev = cache_bytes(model, rows, capacity, snapshot), model.ctx_device
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else host_available_bytes()
+    free = free_bytes(dev)
     if need > free:
         raise MemoryError(f"the context cache for {rows} rows x {capacity} tokens needs {need / 2**30:.2f} GiB "
                           f"but {dev} has {free / 2**30:.2f} GiB free; lower the rows, the prompt length or "

@@ -24,9 +24,29 @@ def _arguments(s) -> None:
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and cache (default fp32)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the per-model-size rule of twotower_ext.threads, 1 for small models)")
     add_experts_argument(s)
+    s.add_argument("--prefix-cache-gb", type=_gib, default=PREFIX_CACHE_GB,
+                   help=f"GiB for the prefix cache: prompts that start like a cached one prefill only the rest "
+                        f"(default {PREFIX_CACHE_GB})")
+    s.add_argument("--no-prefix-cache", action="store_true", help="no prefix cache (the same as --prefix-cache-gb 0)")
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
+
+
+PREFIX_CACHE_GB = 2.0
+
+
+def _gib(v: str) -> float:
+    import argparse
+    import math
+
+    try:
+        g = float(v)
+    except ValueError:
+        g = -1.0
+    if not 0 <= g < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB >= 0, got {v!r}")
+    return g
 
 
 def _port(v: str) -> int:
@@ -68,14 +88,15 @@ def _server(config, scheduler):
 
 
 def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int, name: str,
-          shutdown_timeout: float = 30.0, ready=None) -> int:
+          shutdown_timeout: float = 30.0, ready=None, prefix_cache_gb: float = 0.0) -> int:
     """Run the server until SIGTERM / SIGINT. `ready(host, port)` is called once it listens."""
     import uvicorn
 
     from .http import create_app
     from .scheduler import Scheduler
 
-    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                          prefix_cache_gb=prefix_cache_gb)
     app = create_app(scheduler, name)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -126,4 +147,5 @@ def run(a) -> int:
     if threads:
         torch.set_num_threads(threads)   # process-wide: the scheduler thread's passes run with it
     name = a.name or os.path.basename(os.path.normpath(path))
-    return serve(lm, a.host, a.port, a.max_batch, a.max_queue, a.max_len, name, a.shutdown_timeout)
+    return serve(lm, a.host, a.port, a.max_batch, a.max_queue, a.max_len, name, a.shutdown_timeout,
+                 prefix_cache_gb=0.0 if a.no_prefix_cache else a.prefix_cache_gb)

@@ -40,6 +40,7 @@ class Metrics:
         self.batch = Histogram(BATCH_BUCKETS)          # rows per forward pass
         self.ttfb = Histogram(LATENCY_BUCKETS)         # submit -> first committed block / token
         self.latency = Histogram(LATENCY_BUCKETS)      # submit -> finished
+        self.prefix_stats = None   # the core's prefix-cache counters (DecodeCore.prefix_stats), set by the Scheduler
 
     def request_done(self, h) -> None:
         with self._lock:
@@ -87,4 +88,15 @@ class Metrics:
                                     "Submit to first committed block (token in AR modes)."),
                                    ("request_latency_seconds", self.latency, "Submit to finish of completed requests.")):
                 out += [f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} histogram", *h.lines(f"{p}_{name}")]
+        pc = self.prefix_stats() if self.prefix_stats is not None else {}
+        for name, kind, key, help_ in PREFIX_SERIES if pc else ():   # vLLM's names (prefix_cache_queries / hits)
+            out.extend([f"# HELP {p}:{name} {help_}", f"# TYPE {p}:{name} {kind}", f"{p}:{name} {pc[key]}"])
         return "\n".join(out) + "\n"
+
+
+PREFIX_SERIES = (
+    ("prefix_cache_queries_total", "counter", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits_total", "counter", "prefix_cache_hits", "Prompt tokens whose context state came from the prefix cache."),
+    ("prefix_cache_usage_bytes", "gauge", "prefix_cache_bytes", "Memory the prefix cache's entries hold."),
+    ("prefix_cache_budget_bytes", "gauge", "prefix_cache_budget_bytes", "The prefix cache's memory budget."),
+)

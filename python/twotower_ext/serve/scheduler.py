@@ -16,6 +16,7 @@ import torch
 
 from ..runtime import DecodeCore, ParamError, QueueFull, Request
 from ..runtime.params import normalize_prompts
+from ..runtime.prefix_store import PrefixStore, budget_bytes
 from .metrics import Metrics
 from .request import RequestError, ShuttingDown, make_args, request_error
 
@@ -27,11 +28,12 @@ class Scheduler:
     """Owns `lm` (a TwoTowerLM)'s decode core on its own thread; `submit` from any thread.
 
     max_batch: cache rows (live requests at once); max_queue: waiting requests beyond them (a submit past it
-    raises QueueFull at once); max_len: tokens of context a row may hold (prompt + every appended token).
+    raises QueueFull at once); max_len: tokens of context a row may hold (prompt + every appended token);
+    prefix_cache_gb: GiB for a prefix cache (0: none; `twotower serve` turns one on by default).
     A process that ends without calling `shutdown()` stops the thread at exit (its requests are cancelled)."""
 
     def __init__(self, lm, max_batch: int = 8, max_queue: int = 64, max_len: int = 1024, metrics: Metrics | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, prefix_cache_gb: float = 0.0):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_len", max_len, 2)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"serve: {name} must be an int >= {lo}, got {v!r}")
@@ -39,11 +41,13 @@ class Scheduler:
         self.cfg = self.model.config
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.metrics = metrics or Metrics()
+        budget = budget_bytes(prefix_cache_gb, "serve: prefix_cache_gb")
         try:   # snapshot=True: mock-AR rows need the pre-extension Mamba states; the others ignore them
             self.core = DecodeCore(self.model, max_batch, max_len, max_queue, snapshot=True, cuda_graphs=cuda_graphs,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, prefix_cache=PrefixStore(self.model, budget) if budget else None)
         except MemoryError as e:
-            raise MemoryError(f"serve: {e} (lower --max-batch or --max-len)") from None
+            raise MemoryError(f"serve: {e} (lower --max-batch, --max-len or --prefix-cache-gb)") from None
+        self.metrics.prefix_stats = self.core.prefix_stats
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
