@@ -151,3 +151,64 @@ def test_a_script_that_never_shuts_its_scheduler_down_exits_cleanly():
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-2000:])
         assert "terminate called" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_logprobs_are_the_committing_pass_distribution(lm, monkeypatch):
+    """Each committed token's logprob is log softmax (mask excluded, temperature 1) of the logits of the pass
+    that committed it, its alternatives that distribution's k likeliest; recomputed in fp64 from the logits
+    the commit op saw. In every mode; the same rows alone and in a mixed batch agree."""
+    seen = []
+    real = ops.threshold_unmask
+
+    def spy(logits, x, mask_id, *a, **kw):
+        before = x.clone()
+        out = real(logits, x, mask_id, *a, **kw)
+        seen.append((logits.double(), before, x.clone(), mask_id))
+        return out
+
+    prompts = [[1, 5, 9, 11], [1, 300, 301, 7, 8]]
+    for mode in ("diffusion", "ar", "mock_ar"):
+        seen.clear()
+        monkeypatch.setattr(ops, "threshold_unmask", spy)
+        res = lm.generate(prompts, mode=mode, max_new_tokens=20, logprobs=3, temperature=[0.0, 0.8], seed=5,
+                          eos_token_id=None)
+        monkeypatch.setattr(ops, "threshold_unmask", real)
+        want = [[] for _ in prompts]   # per row, in commit order: (position index within the output, lp, top)
+        for logits, before, after, mask in seen:
+            lp = logits.clone()
+            if mask >= 0:
+                lp[..., mask] = float("-inf")
+            lp = torch.log_softmax(lp, -1)
+            for row in range(before.shape[0]):
+                for s in range(before.shape[1]):
+                    if before[row, s] == mask and after[row, s] != mask:
+                        top = lp[row, s].topk(3)
+                        want[row].append((s, float(lp[row, s, after[row, s]]), top.indices.tolist(), top.values))
+        for row in range(len(prompts)):
+            got, top = res.logprobs[row], res.top_logprobs[row]
+            assert len(got) == len(top) == len(res.new_tokens[row]) == 20
+            if mode == "diffusion":   # commit order within a block -> position order
+                blocks = [sorted(want[row][i:i + 16], key=lambda w: w[0]) for i in range(0, len(want[row]), 16)]
+                ordered = [w for blk in blocks for w in blk][:20]
+            else:
+                ordered = want[row]
+            for g_lp, g_top, (_, w_lp, w_ids, w_vals) in zip(got, top, ordered):
+                assert abs(g_lp - w_lp) <= 1e-5 * max(1.0, abs(w_lp)), (mode, row)
+                assert [i for i, _ in g_top] == w_ids
+                torch.testing.assert_close(torch.tensor([v for _, v in g_top], dtype=torch.float64), w_vals,
+                                           rtol=1e-5, atol=1e-5)
+        alone = lm.generate(prompts[1:], mode=mode, max_new_tokens=20, logprobs=3, temperature=0.8, seed=5,
+                            eos_token_id=None)
+        # the same tokens; the logits of a row agree alone and in a batch up to matmul blocking (fp32 rounding)
+        assert alone.new_tokens[0] == res.new_tokens[1]
+        torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(res.logprobs[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_stop_token_ids_end_a_row_like_eos(lm):
+    base = lm.generate([[1, 5, 9], [1, 7, 7]], max_new_tokens=40, eos_token_id=None)
+    stop = base.new_tokens[0][12]
+    res = lm.generate([[1, 5, 9], [1, 7, 7]], max_new_tokens=40, eos_token_id=None, stop_token_ids=[stop, 9999 % 512])
+    cut = base.new_tokens[0].index(stop) + 1
+    assert res.new_tokens[0] == base.new_tokens[0][:cut] and res.finish_reasons[0] == "stop"
+    with pytest.raises(ValueError, match="stop_token_ids must be a tuple of ints"):
+        lm.generate([1, 5], stop_token_ids=[600])

@@ -91,14 +91,18 @@ class TwoTowerLM:
                  block_size=DecodeParams.block_size, steps_per_block=DecodeParams.steps_per_block,
                  threshold=DecodeParams.threshold, temperature=DecodeParams.temperature, seed=DecodeParams.seed,
                  eos_token_id=DecodeParams.eos_token_id, reference_compat: bool = False, *,
-                 mask_token_id=DecodeParams.mask_token_id, cuda_graphs: bool = True, device_loop: bool = False,
+                 mask_token_id=DecodeParams.mask_token_id, logprobs=DecodeParams.logprobs,
+                 stop_token_ids=DecodeParams.stop_token_ids, cuda_graphs: bool = True, device_loop: bool = False,
                  callback=None) -> GenerationResult:
         """Generate continuations of `input_ids` (a list of ints, a list of lists for ragged prompts, a
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
 
         Every decode parameter (mode, max_new_tokens, block_size, steps_per_block, threshold, temperature,
-        seed, eos_token_id, mask_token_id) is one value for every row or a list with one value per prompt;
-        each row's result is the one it gets alone. mode: "diffusion" (block mask diffusion), "mock_ar" or
+        seed, eos_token_id, mask_token_id, logprobs, stop_token_ids) is one value for every row or a list with
+        one value per prompt; each row's result is the one it gets alone. logprobs=k (0-20): each generated
+        token's log-probability under the pass that committed it and its k likeliest alternatives
+        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS. mode: "diffusion"
+        (block mask diffusion), "mock_ar" or
         "ar". threshold: the confidence gamma. reference_compat=True reproduces NVIDIA's reference semantics
         exactly (docs/semantics.md). callback(event: dict) is called with every committed block (diffusion)
         or token (AR modes) of a row: {"row", "block" | "token_index", "tokens", "sequences"}.
@@ -116,7 +120,8 @@ class TwoTowerLM:
                 input_ids, callback=callback, reference_compat=reference_compat, cuda_graphs=cuda_graphs,
                 device_loop=device_loop, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
-                eos_token_id=eos_token_id, mask_token_id=mask_token_id)
+                eos_token_id=eos_token_id, mask_token_id=mask_token_id, logprobs=logprobs,
+                stop_token_ids=stop_token_ids)
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,

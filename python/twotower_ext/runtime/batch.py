@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .params import DecodeParams
+from .params import MAX_LOGPROBS, DecodeParams
 
 # Passes per block never exceed the block size (every pass commits at least one position) and a block holds
 # at most 64 positions (DecodeParams.block_size): the per-pass commit history has this many columns.
@@ -36,6 +36,11 @@ class PersistentBatch:
         self.x: dict[int, torch.Tensor] = {}          # block size -> [rows, S] block tokens (0 = inert)
         self.token = torch.zeros(rows, 1, **i64)      # AR modes: the last sampled token
         self.logits: torch.Tensor | None = None       # AR: [rows, V] next-token logits (made on first use)
+        # logprobs (made when a request first asks): each committed position's log-probability and its
+        # MAX_LOGPROBS likeliest ids and log-probabilities, written by the pass that commits the position
+        self.lp: torch.Tensor | None = None           # [rows, MAX_PASSES] fp32
+        self.top_lp: torch.Tensor | None = None       # [rows, MAX_PASSES, MAX_LOGPROBS] fp32
+        self.top_id: torch.Tensor | None = None       # [rows, MAX_PASSES, MAX_LOGPROBS] int64
 
     def block_tokens(self, size: int) -> torch.Tensor:
         if size not in self.x:
@@ -47,10 +52,18 @@ class PersistentBatch:
             self.logits = torch.zeros(self.rows, self.vocab, dtype=torch.float32, device=self.device)
         return self.logits
 
+    def logprob_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.lp is None:
+            shape = (self.rows, MAX_PASSES)
+            self.lp = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self.top_lp = torch.zeros(*shape, MAX_LOGPROBS, dtype=torch.float32, device=self.device)
+            self.top_id = torch.zeros(*shape, MAX_LOGPROBS, dtype=torch.int64, device=self.device)
+        return self.lp, self.top_lp, self.top_id
+
     def _tensors(self):
         return [self.gamma, self.temperature, self.seed, self.steps, self.step, self.block, self.max_new,
                 self.kept, self.done, self.hist, self.group, self.token, *self.x.values(),
-                *([self.logits] if self.logits is not None else [])]
+                *(t for t in (self.logits, self.lp, self.top_lp, self.top_id) if t is not None)]
 
     def admit(self, rows: list[int], params: list[DecodeParams], slot: int) -> None:
         """Set the rows' parameters and a fresh first block (all masked) for requests joining group `slot`."""

@@ -21,6 +21,9 @@ class GenerationResult:
     nfe_per_block: list[list[int]]             # per row: denoiser passes of each block (diffusion)
     commits_per_step: list[list[list[int]]]    # per row, per block: tokens committed by each pass
     stats: dict = field(default_factory=dict)  # tokens, NFE, tokens/NFE, seconds per tower, tokens/s, ...
+    logprobs: list[list[float]] | None = None  # logprobs=k: per row, each generated token's log-probability
+    top_logprobs: list | None = None           # logprobs=k > 0: per row, per token, its k likeliest (id, logprob)
+    finish_reasons: list[str] = field(default_factory=list)   # per row: "stop" (EOS / stop id) or "length"
 
     @property
     def new_tokens(self) -> list[list[int]]:
@@ -143,5 +146,8 @@ def _result(reqs, prompts, rows, compat: bool, before: dict, after: dict, wall: 
             stats[k] = after[k] - before[k]
     stats.update(cuda_graphs=after["cuda_graphs"], graphs_captured=after["graphs_captured"],
                  device_loop=after["device_loop"])
+    lp = any(p.logprobs is not None for p in rows)
     return GenerationResult([list(p) + r.tokens for p, r in zip(prompts, reqs)],
-                            [list(r.nfe_per_block) for r in reqs], [list(r.commits_per_step) for r in reqs], stats)
+                            [list(r.nfe_per_block) for r in reqs], [list(r.commits_per_step) for r in reqs], stats,
+                            [list(r.logprobs) for r in reqs] if lp else None,
+                            [list(r.top_logprobs) for r in reqs] if lp else None, [r.finish_reason for r in reqs])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 
 MODES = ("diffusion", "mock_ar", "ar")
+MAX_LOGPROBS = 20   # alternatives per token at most (OpenAI's top_logprobs bound)
 
 
 class ParamError(ValueError):
@@ -30,6 +31,8 @@ class DecodeParams:
     seed: int = 0
     eos_token_id: int | None = 2
     mask_token_id: int = 3
+    logprobs: int | None = None      # None: none; k in [0, MAX_LOGPROBS]: each token's logprob and the k likeliest
+    stop_token_ids: tuple = ()       # ids that end the request like EOS (kept in the output, finish "stop")
 
     def validate(self, vocab_size: int) -> "DecodeParams":
         """Raise ParamError naming the first bad field; return self."""
@@ -60,7 +63,16 @@ class DecodeParams:
             bad("mask_token_id", f"an int in [0, vocab_size={vocab_size})", self.mask_token_id)
         if self.eos_token_id is not None and (not is_int(self.eos_token_id) or not 0 <= self.eos_token_id < vocab_size):
             bad("eos_token_id", f"None or an int in [0, vocab_size={vocab_size})", self.eos_token_id)
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if not isinstance(self.stop_token_ids, tuple) or not all(is_int(v) and 0 <= v < vocab_size
+                                                                 for v in self.stop_token_ids):
+            bad("stop_token_ids", f"a tuple of ints in [0, vocab_size={vocab_size})", self.stop_token_ids)
         return self
+
+    def stops(self, token: int) -> bool:
+        """Whether `token` ends the request (EOS or a stop token id)."""
+        return token == self.eos_token_id or token in self.stop_token_ids
 
     def context_tokens(self, prompt_len: int, lockstep: bool = False) -> int:
         """Cache positions a request needs: its prompt and every token that may be appended to its context
@@ -79,12 +91,18 @@ FIELDS = tuple(f.name for f in fields(DecodeParams))
 
 def per_row_params(n: int, vocab_size: int, **kw) -> list[DecodeParams]:
     """n DecodeParams from keyword values that are each one value for every row or a list / tuple with one
-    value per row (as vLLM's LLM.generate takes a list of SamplingParams); each validated."""
+    value per row (as vLLM's LLM.generate takes a list of SamplingParams); each validated. stop_token_ids is
+    one list of ids for every row, or a list of one list per row."""
     rows = [{} for _ in range(n)]
     for name, v in kw.items():
         if name not in FIELDS:
             raise ParamError(name, f"{name}: unknown parameter (known: {', '.join(FIELDS)})")
-        if isinstance(v, (list, tuple)):
+        if name == "stop_token_ids":
+            per_row = isinstance(v, (list, tuple)) and bool(v) and all(isinstance(e, (list, tuple)) for e in v)
+            v = [tuple(e) for e in v] if per_row else tuple(v) if isinstance(v, (list, tuple)) else v
+        else:
+            per_row = isinstance(v, (list, tuple))
+        if per_row:
             if len(v) != n:
                 raise ParamError(name, f"{name} must be one value or a list of one value per prompt ({n}), "
                                        f"got a list of {len(v)}")

@@ -35,6 +35,7 @@ class Group:
     device_loop: bool = False    # a whole block per iteration (one graph: WHILE node or unrolled steps)
     requests: list = field(default_factory=list)   # in row order
     lo: int = 0
+    top_k: int = -1              # logprobs: -1 none asked, else the most alternatives a request asked for
     passes: int = 0              # lockstep: passes of the current block so far
     pending: list = field(default_factory=list)    # rows whose block (token) waits to be appended to the context
 
@@ -168,6 +169,7 @@ class Policy:
         for key, g in self.groups.items():
             g.lo = slices[key][0]
             g.requests.sort(key=lambda r: r.row)
+            g.top_k = max((r.params.logprobs for r in g.requests if r.params.logprobs is not None), default=-1)
         self.rows = rows
         now = {i for i, r in enumerate(rows) if r is not None}
         cleared = sorted((before | set(src)) - now)
@@ -193,12 +195,15 @@ class Policy:
 
     def _update_ar(self, g: Group, out) -> None:
         eos_any = False
-        for r, tok in zip(g.requests, out.tokens[:, 0].tolist()):
+        for j, tok in enumerate(out.tokens[:, 0].tolist()):
+            r = g.requests[j]
             if r.state == FINISHED:   # failed at admission: its row was inert
                 continue
             r.nfe += 1
+            if r.params.logprobs is not None:
+                self.record_logprobs(r, out, j, 1)
             r.emit([tok])
-            if tok == r.params.eos_token_id:
+            if r.params.stops(tok):
                 eos_any = True
                 self.end(r, "stop")
             elif len(r.tokens) >= r.params.max_new_tokens:
@@ -222,9 +227,9 @@ class Policy:
                 passes = [g.passes] * len(g.requests)
             g.passes = 0
             eos_any = False
-            for r, tokens, hist, n in zip(g.requests, out.tokens, out.hist, passes):
+            for j, (r, n) in enumerate(zip(g.requests, passes)):
                 if r.state != FINISHED:
-                    eos_any |= self.commit_block(r, tokens, hist, n, cut=not g.compat)
+                    eos_any |= self.commit_block(r, out, j, n, cut=not g.compat)
             if g.compat and eos_any:   # NVIDIA's reference: a block with EOS in any row stops the batch
                 for r in g.requests:
                     self.end(r, "stop")
@@ -233,27 +238,40 @@ class Policy:
         for j in np.flatnonzero(out.done).tolist():   # only the rows that emit a block
             r = g.requests[j]
             if r.state != FINISHED:
-                self.commit_block(r, out.tokens[j], out.hist[j], int(out.passes[j]), cut=True)
+                self.commit_block(r, out, j, int(out.passes[j]), cut=True)
                 if r.state != FINISHED:
                     g.pending.append(r)
 
-    def commit_block(self, r: Request, tokens, hist, passes: int, cut: bool) -> bool:
-        """A request's block is complete: record its passes, emit its tokens (the kept ones, cut after the
-        first EOS when `cut`), finish it at EOS or its length. Returns whether the block holds EOS."""
+    def commit_block(self, r: Request, out, j: int, passes: int, cut: bool) -> bool:
+        """Row j of a readback completed its request's block: record its passes, emit its tokens (the kept
+        ones, cut after the first EOS or stop token id when `cut`), finish it there or at its length. Returns
+        whether the block holds a stop."""
         p = r.params
-        keep = [int(t) for t in tokens[:min(len(tokens), r.remaining)]]
-        eos = p.eos_token_id is not None and p.eos_token_id in keep
+        keep = [int(t) for t in out.tokens[j][:min(out.tokens.shape[1], r.remaining)]]
+        at = next((i for i, t in enumerate(keep) if p.stops(t)), None)
+        eos = at is not None
         if eos and cut:
-            keep = keep[:keep.index(p.eos_token_id) + 1]
+            keep = keep[:at + 1]
         r.nfe += passes
         r.nfe_per_block.append(passes)
-        r.commits_per_step.append([int(c) for c in hist[:passes]])
+        r.commits_per_step.append([int(c) for c in out.hist[j][:passes]])
+        if p.logprobs is not None:
+            self.record_logprobs(r, out, j, len(keep))
         r.emit(keep)
         if eos:
             self.end(r, "stop")
         elif r.remaining <= 0:
             self.end(r, "length")
         return eos
+
+    @staticmethod
+    def record_logprobs(r: Request, out, j: int, n: int) -> None:
+        """The first n positions' log-probabilities of readback row j (and the request's k alternatives)."""
+        r.logprobs.extend(float(v) for v in out.logprob[j, :n])
+        k = r.params.logprobs
+        if k:
+            r.top_logprobs.extend([(int(i), float(v)) for i, v in zip(out.top_id[j, s, :k], out.top_lp[j, s, :k])]
+                                  for s in range(n))
 
     def end(self, r: Request, reason: str, error: BaseException | None = None) -> None:
         """Finish r (once) and note it for take_finished()."""

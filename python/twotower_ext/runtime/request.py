@@ -29,6 +29,8 @@ class Request:
         self.nfe = 0                         # forward passes this request took part in
         self.nfe_per_block: list[int] = []   # diffusion: passes of each block
         self.commits_per_step: list[list[int]] = []   # diffusion: per block, tokens committed by each pass
+        self.logprobs: list[float] = []      # params.logprobs set: each token's log-probability (written before
+        self.top_logprobs: list[list[tuple[int, float]]] = []   # its tokens event), its k likeliest alternatives
         self.finish_reason: str | None = None
         self.error: str | None = None        # the message of a failure
         self.exception: BaseException | None = None

@@ -38,7 +38,7 @@ from .batch import PersistentBatch
 from .layout import padded_slice
 from .policy import Group, Plan, passes_of
 from .prefix_store import model_root
-from .sampler import sample_tokens
+from .sampler import sample_tokens, top_logprobs
 
 
 def use_graphs(cuda_graphs: bool, model) -> bool:
@@ -320,8 +320,14 @@ class ModelRunner:
             step, steps, kept = (torch.where(member, v, torch.full_like(v, inert))
                                  for v, inert in ((step, 0), (steps, 1), (kept, 0)))
         done = rows.take(b.done) if member is None else torch.empty_like(member)
+        # logprobs: written at the positions this pass commits (rows outside the group commit nothing)
+        out_lp = rows.take(b.logprob_buffers()[0])[:, :S] if g.top_k >= 0 else None
+        was = x == mask if g.top_k > 0 else None
         ops.threshold_unmask(logits, x, mask, rows.take(b.gamma), step, steps, rows.take(b.temperature),
-                             rows.take(b.seed), rows.take(b.block), kept, out_counts=counts, out_done=done)
+                             rows.take(b.seed), rows.take(b.block), kept, out_counts=counts, out_done=done,
+                             out_logprob=out_lp)
+        if g.top_k > 0:
+            self._store_top(rows, logits, was & (x != mask), g.top_k, mask)
         hist = rows.take(b.hist)
         at = step.long().clamp(max=hist.shape[1] - 1)[:, None]
         live = open_before if member is None else open_before & member
@@ -344,16 +350,32 @@ class ModelRunner:
         else:
             logits = rows.take(b.ar_logits())
         block = rows.take(b.block)
-        x = sample_tokens(logits, rows.take(b.temperature), rows.take(b.seed), block, g.mask_id)
+        lp = rows.take(b.logprob_buffers()[0])[:, :1] if g.top_k >= 0 else None
+        out_lp = None if lp is None else lp if member is None else torch.empty_like(lp)
+        x = sample_tokens(logits, rows.take(b.temperature), rows.take(b.seed), block, g.mask_id, out_lp)
+        if g.top_k > 0:
+            sampled = torch.ones_like(x, dtype=torch.bool) if member is None else member[:, None]
+            self._store_top(rows, logits[:, None], sampled, g.top_k, g.mask_id)
         if member is None:   # eagerly the rows are the group's slice: views, updated in place
             rows.take(b.token).copy_(x)
             block += 1
             rows.take(b.done).fill_(True)
             return
+        if lp is not None:
+            lp.copy_(self._sel(member, out_lp, lp))
         done = rows.take(b.done)
         rows.put(b.token, self._sel(member, x, rows.take(b.token)))
         rows.put(b.block, block + member)
         rows.put(b.done, self._sel(member, torch.ones_like(done), done))
+
+    def _store_top(self, rows: Rows, logits: torch.Tensor, committed: torch.Tensor, k: int, exclude: int) -> None:
+        """The k likeliest alternatives of every position committed by this pass (committed: bool [n, S] of
+        logits [n, S, V]) into the batch's top_lp / top_id (rows: a slice of the batch, its views)."""
+        values, ids = top_logprobs(logits, k, exclude)
+        _, top_lp, top_id = self.batch.logprob_buffers()
+        S = logits.shape[1]
+        for store, new in ((rows.take(top_lp)[:, :S, :k], values), (rows.take(top_id)[:, :S, :k], ids)):
+            store.copy_(torch.where(committed[..., None], new, store))
 
     def _explain(self, g: Group, e: Exception) -> Exception:
         """NaN logits found by the commit step: say which tower and layer first produced a non-finite value."""
@@ -368,32 +390,44 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------
     def _readback(self, groups: list[Group]) -> list:
-        """What the host needs of every group that ran, in one device-to-host copy."""
+        """What the host needs of every group that ran, in one device-to-host copy (float64 holds the token
+        ids and counters exactly, and the log-probabilities)."""
         b = self.batch
-        parts, shapes = [], []
+        parts, layouts = [], []
         for g in groups:
             sl = slice(g.lo, g.lo + len(g.requests))
+            S, k = g.block_size, g.top_k
             if g.diffusion:
-                cols = [b.done[sl, None].long(), b.step[sl, None].long(), b.block_tokens(g.block_size)[sl],
-                        b.hist[sl, :g.block_size].long()]
+                cols = {"done": b.done[sl, None], "passes": b.step[sl, None], "tokens": b.block_tokens(S)[sl],
+                        "hist": b.hist[sl, :S]}
             else:
-                cols = [b.token[sl]]
-            part = torch.cat(cols, 1)
-            parts.append(part.reshape(-1))
-            shapes.append(part.shape)
+                cols = {"tokens": b.token[sl]}
+            if k >= 0:
+                lp, top_lp, top_id = b.logprob_buffers()
+                cols["logprob"] = lp[sl, :S]
+                if k > 0:
+                    cols["top_lp"] = top_lp[sl, :S, :k].reshape(len(g.requests), -1)
+                    cols["top_id"] = top_id[sl, :S, :k].reshape(len(g.requests), -1)
+            parts += [t.double() for t in cols.values()]
+            layouts.append((g, len(g.requests), [(name, t.shape[1]) for name, t in cols.items()]))
         if not parts:
             return []
-        host = torch.cat(parts).cpu().numpy()
+        host = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy()
         outs, at = [], 0
-        for g, shape in zip(groups, shapes):
-            m = host[at:at + shape[0] * shape[1]].reshape(shape)
-            at += m.size
+        for g, n, names in layouts:
+            out = types.SimpleNamespace()
+            for name, width in names:
+                m = host[at:at + n * width].reshape(n, width)
+                at += m.size
+                if name in ("top_lp", "top_id"):
+                    m = m.reshape(n, g.block_size, g.top_k)
+                setattr(out, name, m if name in ("logprob", "top_lp") else m.astype(np.int64))
             if g.diffusion:
-                S = g.block_size
-                outs.append((g, types.SimpleNamespace(done=m[:, 0].astype(bool), passes=m[:, 1], tokens=m[:, 2:2 + S],
-                                                      hist=m[:, 2 + S:])))
+                out.done = out.done[:, 0].astype(bool)
+                out.passes = out.passes[:, 0]
             else:
-                outs.append((g, types.SimpleNamespace(done=np.ones(shape[0], dtype=bool), tokens=m)))
+                out.done = np.ones(n, dtype=bool)
+            outs.append((g, out))
         return outs
 
 
