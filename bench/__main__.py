@@ -14,7 +14,7 @@ import sys
 BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
            "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask", "e2e": "bench_e2e",
            "prefill": "bench_prefill", "moe": "bench_moe", "serve": "bench_serve",
-           "roofline": "bench_roofline", "core": "bench_core"}   # roofline: each pass measured vs the cost model's prediction
+           "roofline": "bench_roofline", "core": "bench_core", "prefix": "bench_prefix"}   # roofline: each pass measured vs the cost model's prediction
 
 
 def main(argv=None) -> int:

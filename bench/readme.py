@@ -140,8 +140,26 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
+PREFIX_COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_tokens", "hit_%", "ttft_p50_s",
+                  "ttft_p99_s", "tokens/s", "p50_speedup"]
+
+
+def prefix_section(results: str, device: str = "cpu") -> str:
+    d, missing = _optional(f"prefix-{device}", results, "python -m bench prefix")
+    if d is None:
+        return missing
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, PREFIX_COLUMNS, "prefix"), ""]
+    for r in rows:
+        if r["cache"] == "on":
+            text.append(f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "
+                        f"{'token' if r['mode'] == 'ar' else 'block'} {r['p50_speedup']:.1f}x lower with the cache.")
+    return "\n".join(text)
+
+
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
-            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section}
+            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section,
+            "prefix-cpu": prefix_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

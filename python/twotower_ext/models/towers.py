@@ -116,19 +116,30 @@ class TwoTowerModel:
         bad = [i for i, (d, b) in enumerate(zip(done, r.host))
                if d % P or not 0 <= d <= len(bodies[i]) - need_one or (d and cache.lens_host[b] != d)]
         if bad:
-            raise ValueError(f"prefill: start[i] must be a multiple of prefill_segment={P} below the prompt's "
-                             f"length, and the row must hold that many tokens; prompts {bad} do not")
+            raise ValueError(f"prefill: start[i] must be a multiple of prefill_segment={P}, at most the prompt's "
+                             f"length (below it for logits), with the row holding that many tokens; prompts {bad} "
+                             f"are not")
         fresh = [b for b, d in zip(r.host, done) if d == 0]
         if fresh:
             cache.reset(fresh)
-        last = None   # hidden state of each prompt's last token (logits without snapshot)
+        last = self._segments(bodies, cache, r, done, need_one, on_segment)
+        if snapshot:
+            cache.snapshot(r)
+            return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
+        return self._context_logits(last) if logits else None
+
+    def _segments(self, bodies, cache: ContextCache, r: Rows, done: list[int], want_last: bool, on_segment):
+        """prefill's passes: round after round, every row with tokens left takes its next segment (from done[i]
+        on, advanced in place), one pass per kind (first segment or not, whole or shorter). Returns the hidden
+        state of each body's last token when want_last (else None)."""
+        P, last = self.prefill_segment, None
         while True:
             kinds: dict[tuple[bool, bool], list[int]] = {}
             for i, (d, body) in enumerate(zip(done, bodies)):
                 if d < len(body):
                     kinds.setdefault((d == 0, len(body) - d >= P), []).append(i)
             if not kinds:
-                break
+                return last
             whole = []
             for (first, full), idx in kinds.items():
                 segs = [bodies[i][done[i]:done[i] + P] for i in idx]
@@ -137,12 +148,12 @@ class TwoTowerModel:
                 x = self._context_pass(_pad(segs, self.config.pad_token_id), cache, rr, new_lens=lens, fresh=first)
                 cache.count_appended(rr, lens)
                 ending = [j for j, i in enumerate(idx) if done[i] + lens[j] == len(bodies[i])]
-                if logits and not snapshot and ending:
+                if want_last and ending:
                     if last is None:
-                        last = x.new_empty(len(seqs), x.shape[-1])
-                    at = torch.tensor(ending, device=x.device)
-                    last[torch.tensor([idx[j] for j in ending], device=x.device)] = \
-                        x[at, torch.tensor([lens[j] - 1 for j in ending], device=x.device)]
+                        last = x.new_empty(len(bodies), x.shape[-1])
+                    dev = x.device
+                    last[torch.tensor([idx[j] for j in ending], device=dev)] = \
+                        x[torch.tensor(ending, device=dev), torch.tensor([lens[j] - 1 for j in ending], device=dev)]
                 for j, i in enumerate(idx):
                     done[i] += lens[j]
                 if full:
@@ -150,10 +161,6 @@ class TwoTowerModel:
             if on_segment is not None and whole:
                 whole.sort()
                 on_segment([r.host[i] for i in whole], [done[i] for i in whole])
-        if snapshot:
-            cache.snapshot(r)
-            return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
-        return self._context_logits(last) if logits else None
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,

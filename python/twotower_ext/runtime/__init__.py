@@ -7,6 +7,8 @@
   batch.py    the persistent per-row state as device tensors
   runner.py   owns the model's cache, the batch and the CUDA graphs; executes a plan
   graphs.py   the capture protocol (eager warm-up, capture, replay) and the WHILE node
+  prefix_cache.py  the prefix cache's chained keys, LRU under a budget, pins (no torch)
+  prefix_store.py  its tensors and its part of a prefill (restore a row, save segments)
   core.py     DecodeCore: submit from any thread, step on one
   llm.py      generate: submit every prompt, step until done
 """

@@ -24,8 +24,8 @@ from .. import quant
 from ..models.cache import Rows
 from .prefix_cache import PrefixCache, chunk_keys, plan_waves, root_key
 
-# Elements of each context-tower tensor that enter the model's fingerprint (evenly spaced).
-FINGERPRINT_SAMPLES = 64
+# Bytes of each context-tower tensor that enter the model's fingerprint (evenly spaced).
+FINGERPRINT_SAMPLES = 256
 
 
 def _tensors(obj):
@@ -54,14 +54,14 @@ def expert_format(model) -> str:
 
 def model_root(model) -> bytes:
     """The root key of a model's entries: its config, dtype, expert format, segment size and a fingerprint of
-    its context-tower weights (shape, dtype and FINGERPRINT_SAMPLES evenly spaced elements of each tensor,
-    read in one device-to-host copy)."""
+    its context-tower weights (shape, dtype and FINGERPRINT_SAMPLES evenly spaced bytes of each tensor, read
+    in one device-to-host copy)."""
     shapes, samples = [], []
     for t in _tensors(model.weights.context):
-        flat = t.reshape(-1)
-        idx = torch.linspace(0, max(0, flat.numel() - 1), min(FINGERPRINT_SAMPLES, flat.numel()),
-                             device=flat.device).long()
-        samples.append(flat[idx].contiguous().view(torch.uint8))
+        raw = t.reshape(-1).view(torch.uint8)   # bytes: any dtype (fp8, packed int4) indexes on any device
+        idx = torch.linspace(0, max(0, raw.numel() - 1), min(FINGERPRINT_SAMPLES, raw.numel()),
+                             device=raw.device).long()
+        samples.append(raw[idx])
         shapes.append((tuple(t.shape), str(t.dtype)))
     data = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
     cfg = sorted((k, repr(v)) for k, v in vars(model.config).items())
