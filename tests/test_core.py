@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import twotower_ext as tt
+from conftest import step_staggered
 from twotower_ext import ops
 from twotower_ext.runtime import DecodeCore, DecodeParams, Request
 
@@ -62,14 +63,7 @@ def test_mixed_parameters_staggered_equal_each_row_alone(lm):
     rows = mixed_rows(32, seed=random.randrange(2**31))
     core = DecodeCore(lm.model, max_rows=7, max_len=128, max_queue=32)
     reqs = [Request(prompt, DecodeParams(**p).validate(512)) for prompt, p in rows]
-    todo = list(reqs)
-    rng = random.Random(0)
-    while todo or core.has_work():
-        k = rng.randint(0, 3)
-        if todo and k:
-            core.submit(todo[:k])
-            todo = todo[k:]
-        core.step()
+    step_staggered(core, reqs)
     for r, (prompt, p) in zip(reqs, rows):
         tokens, nfe, blocks = alone(lm, prompt, p)
         assert (r.tokens, r.nfe, r.nfe_per_block) == (tokens, nfe, blocks if p["mode"] == "diffusion" else []), p

@@ -64,9 +64,12 @@ def model_root(model) -> bytes:
         samples.append(raw[idx])
         shapes.append((tuple(t.shape), str(t.dtype)))
     data = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
-    cfg = sorted((k, repr(v)) for k, v in vars(model.config).items())
-    return root_key("twotower-prefix-v1", cfg, str(model.dtype), expert_format(model), model.prefill_segment,
-                    shapes, data)
+    return root_key("twotower-prefix-v1", _config_items(model), str(model.dtype), expert_format(model),
+                    model.prefill_segment, shapes, data)
+
+
+def _config_items(model) -> list:
+    return sorted((k, repr(v)) for k, v in vars(model.config).items())
 
 
 def budget_bytes(gb, name: str) -> int:
@@ -97,8 +100,7 @@ class PrefixStore:
 
     @staticmethod
     def _layout(model) -> tuple:
-        return (sorted((k, repr(v)) for k, v in vars(model.config).items()), model.dtype, model.ctx_device,
-                model.prefill_segment)
+        return _config_items(model), model.dtype, model.ctx_device, model.prefill_segment
 
     @property
     def enabled(self) -> bool:
