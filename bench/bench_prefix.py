@@ -9,7 +9,7 @@ with the prefix cache off and on, side by side in one process:
 AR (16 new tokens, the first token timed) and diffusion (one 16-token block at gamma 0.8, the first block
 timed), greedy, no EOS stop. Per row: p50 / p99 of submit -> first token (block), generated tokens per second
 over the workload's wall time, the share of prompt tokens the cache supplied, and on the cache-on row the
-p50 speedup over cache-off. Models: the shipped model and a random-weight model of the real 52-layer pattern
+p50 speedup over cache-off and whether every request's tokens equal its cache-off tokens. Models: the shipped model and a random-weight model of the real 52-layer pattern
 at width 1/8 (vocab 8192), fp32.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from . import harness
 
 COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_tokens", "hit_%", "ttft_p50_s", "ttft_p99_s",
-           "tokens/s", "wall_s", "p50_speedup", "other_cores", "load1"]
+           "tokens/s", "wall_s", "p50_speedup", "same_output", "threads", "other_cores", "load1"]
 NEW_TOKENS = 16
 CACHE_GB = 4.0
 
@@ -113,7 +113,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 speed = point["off"]["ttft_p50_s"] / point["on"]["ttft_p50_s"]
                 for cache in ("off", "on"):
                     rows.append({"model": name, "workload": workload, "mode": mode, "cache": cache,
-                                 **point[cache], "p50_speedup": speed if cache == "on" else ""})
+                                 **point[cache], "p50_speedup": speed if cache == "on" else "",
+                                 "same_output": ("yes" if same else "NO") if cache == "on" else "",
+                                 "threads": torch.get_num_threads()})
                 summary.append(f"{name}, {workload}, {mode}: p50 time to the first "
                                f"{'token' if mode == 'ar' else 'block'} {speed:.1f}x lower with the cache; "
                                f"outputs {'identical' if same else 'DIFFERENT'}")

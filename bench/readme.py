@@ -141,7 +141,7 @@ def quant_quality_section(results: str) -> str:
 
 
 PREFIX_COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_tokens", "hit_%", "ttft_p50_s",
-                  "ttft_p99_s", "tokens/s", "p50_speedup"]
+                  "ttft_p99_s", "tokens/s", "p50_speedup", "same_output"]
 
 
 def prefix_section(results: str, device: str = "cpu") -> str:
@@ -149,7 +149,9 @@ def prefix_section(results: str, device: str = "cpu") -> str:
     if d is None:
         return missing
     rows = d["rows"]
-    text = [provenance(d), "", table(rows, PREFIX_COLUMNS, "prefix"), ""]
+    threads = sorted({r["threads"] for r in rows})
+    text = [f"{provenance(d)} Torch threads during the runs: {', '.join(map(str, threads))}.", "",
+            table(rows, PREFIX_COLUMNS, "prefix"), ""]
     for r in rows:
         if r["cache"] == "on":
             text.append(f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "

@@ -75,6 +75,8 @@ def test_bad_arguments_print_one_line_naming_the_argument(tmp_path):
         (["generate", "--model", CKPT, "--prompt", "x"], ["no tokenizer.json", "--prompt-ids"]),
         (["info", "--model", wrong], ["does not match the config", "mis-shaped"]),
         (["generate", "--modle", CKPT], ["unrecognized arguments: --modle"]),
+        (["serve", "--prefix-cache-gb=-1"], ["argument --prefix-cache-gb", "GiB >= 0", "'-1'"]),
+        (["serve", "--prefix-cache-gb", "x"], ["argument --prefix-cache-gb", "GiB >= 0", "'x'"]),
         (["info", "--model", CKPT], None),   # a matching checkpoint: rc 0
         (gen, None),
     ]
