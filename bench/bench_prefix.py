@@ -1,7 +1,8 @@
 """Prefix caching: time to the first token (AR) / first block (diffusion) and throughput, cache on vs off.
 
-Two workloads, on the serving scheduler (serve.Scheduler: the decode core `twotower serve` runs), each run
-with the prefix cache off and on, side by side in one process:
+Two workloads, on the decode core (runtime.DecodeCore: what `twotower serve`'s scheduler thread steps,
+stepped here by the bench's thread so a burst is one admission), each run with the prefix cache off and on,
+side by side in one process:
 - shared prefix: 32 requests submitted at once, sharing a 2,000-token prefix (a system prompt, a document)
   and each with its own 20-token suffix, on an empty cache;
 - conversation: one conversation of 8 turns: each turn's prompt is the previous prompt, its answer and a new
@@ -9,15 +10,14 @@ with the prefix cache off and on, side by side in one process:
 AR (16 new tokens, the first token timed) and diffusion (one 16-token block at gamma 0.8, the first block
 timed), greedy, no EOS stop. Per row: p50 / p99 of submit -> first token (block), generated tokens per second
 over the workload's wall time, the share of prompt tokens the cache supplied, and on the cache-on row the
-p50 speedup over cache-off and whether every request's tokens equal its cache-off tokens. Models: the shipped model and a random-weight model of the real 52-layer pattern
-at width 1/8 (vocab 8192), fp32.
+p50 speedup over cache-off and whether every request's tokens equal its cache-off tokens. Models: the
+shipped model and a random-weight model of the real 52-layer pattern at width 1/8 (vocab 8192), fp32.
 """
 from __future__ import annotations
 
 import os
 import random
 import tempfile
-import time
 
 import torch
 
@@ -46,36 +46,44 @@ def _pct(v: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def _shared_prefix(sched, rng, V: int, params: dict, n: int, prefix_len: int):
+def _serve(core, prompts, params) -> list:
+    """Submit every prompt at once (one admission) and step the core until they are done."""
+    from twotower_ext.runtime import Request
+
+    reqs = [Request(p, params) for p in prompts]
+    core.submit(reqs)
+    while core.step():
+        pass
+    return reqs
+
+
+def _shared_prefix(core, params, rng, V: int, n: int, prefix_len: int) -> list:
     prefix = [1] + [rng.randrange(4, V) for _ in range(prefix_len - 1)]
-    prompts = [prefix + [rng.randrange(4, V) for _ in range(20)] for _ in range(n)]
-    hs = [sched.submit(p, **params) for p in prompts]
-    return [h.result(timeout=7200) for h in hs]
+    return _serve(core, [prefix + [rng.randrange(4, V) for _ in range(20)] for _ in range(n)], params)
 
 
-def _conversation(sched, rng, V: int, params: dict, turns: int, system_len: int):
+def _conversation(core, params, rng, V: int, turns: int, system_len: int) -> list:
     prompt, done = [1] + [rng.randrange(4, V) for _ in range(system_len - 1)], []
     for _ in range(turns):
         prompt = prompt + [rng.randrange(4, V) for _ in range(64)]
-        h = sched.submit(prompt, **params).result(timeout=7200)
-        done.append(h)
-        prompt = prompt + h.tokens
+        done += _serve(core, [prompt], params)
+        prompt = prompt + done[-1].tokens
     return done
 
 
-def _measure(sched, workload, seed: int, V: int, params: dict, quick: bool) -> dict:
-    before = sched.core.prefix_stats()
+def _measure(core, params, workload, seed: int, V: int, quick: bool) -> dict:
+    before = core.prefix_stats()
     out = {}
 
     def go():
         rng = random.Random(seed)   # the same prompts with the cache on and off
         if workload == "shared prefix":
-            out["done"] = _shared_prefix(sched, rng, V, params, 8 if quick else 32, 600 if quick else 2000)
+            out["done"] = _shared_prefix(core, params, rng, V, 8 if quick else 32, 600 if quick else 2000)
         else:
-            out["done"] = _conversation(sched, rng, V, params, 4 if quick else 8, 200 if quick else 500)
+            out["done"] = _conversation(core, params, rng, V, 4 if quick else 8, 200 if quick else 500)
 
     t = harness.time_calls(go, reps=1)
-    done, after = out["done"], sched.core.prefix_stats()
+    done, after = out["done"], core.prefix_stats()
     ttft = [h.t_first - h.t_submit for h in done]
     prompt_tokens = sum(len(h.prompt) for h in done)
     hits = after.get("prefix_cache_hits", 0) - before.get("prefix_cache_hits", 0)
@@ -87,7 +95,8 @@ def _measure(sched, workload, seed: int, V: int, params: dict, quick: bool) -> d
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
-    from twotower_ext.serve import Scheduler
+    from twotower_ext.runtime import DecodeCore, DecodeParams
+    from twotower_ext.runtime.prefix_store import PrefixStore, budget_bytes
 
     rows, summary = [], []
     old_threads = torch.get_num_threads()
@@ -99,16 +108,15 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         try:
             points = [(w, m) for w in ("shared prefix", "conversation") for m in ("ar", "diffusion")]
             for seed, (workload, mode) in enumerate(points):
-                params = dict(mode=mode, max_tokens=NEW_TOKENS, eos_token_id=None, threshold=0.8)
+                params = DecodeParams(mode=mode, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                      threshold=0.8).validate(V)
                 point = {}
-                for cache in ("off", "on"):   # a fresh scheduler each: an empty cache, the same prompts
-                    sched = Scheduler(lm, max_batch=32, max_queue=32, max_len=2048 + 1024,
-                                      prefix_cache_gb=CACHE_GB if cache == "on" else 0.0)
-                    try:
-                        sched.submit([1, 5, 6, 7], mode=mode, max_tokens=4).result()   # warm
-                        point[cache] = _measure(sched, workload, seed, V, params, quick)
-                    finally:
-                        sched.shutdown()
+                for cache in ("off", "on"):   # a fresh core each: an empty cache, the same prompts
+                    store = PrefixStore(lm.model, budget_bytes(CACHE_GB, "bench")) if cache == "on" else None
+                    core = DecodeCore(lm.model, max_rows=32, max_len=2048 + 1024, max_queue=32, prefix_cache=store)
+                    _serve(core, [[1, 5, 6, 7]], params)   # warm
+                    point[cache] = _measure(core, params, workload, seed, V, quick)
+                    del core, store
                 same = point["on"].pop("tokens") == point["off"].pop("tokens")
                 speed = point["off"]["ttft_p50_s"] / point["on"]["ttft_p50_s"]
                 for cache in ("off", "on"):
