@@ -39,6 +39,14 @@ def lm():
     return lm
 
 
+@pytest.fixture
+def rng():
+    """Fresh prompts every run (the seed is printed with a failure's output)."""
+    seed = random.randrange(2**31)
+    print(f"prompt seed: {seed}")
+    return random.Random(seed)
+
+
 def with_cache(lm, budget: int = 1 << 24) -> Generator:
     return Generator(lm.model, budget)
 
@@ -124,14 +132,14 @@ def test_a_pinned_entry_is_not_evicted():
     pc.release(lease)
 
 
-def test_a_zero_budget_disables_the_cache(lm):
+def test_a_zero_budget_disables_the_cache(lm, rng):
     pc = PrefixCache(0)
     assert not pc.enabled
     keys = chunk_keys(root_key("m"), list(range(8)), 4)
     lease = pc.acquire(root_key("m"), keys, [list(range(4)), list(range(4, 8))], 8)
     assert not pc.insert(lease, 0, "kv", 1)
     g = with_cache(lm, 0)
-    prompts = shared_prompts(random.Random(0), 2)
+    prompts = shared_prompts(rng, 2)
     res = gen(g, prompts)
     assert g.core.runner.prefix is None and "prefix_cache_hits" not in res.stats
     assert res.new_tokens == gen(Generator(lm.model), prompts).new_tokens
@@ -152,15 +160,15 @@ def test_plan_waves_computes_shared_segments_once():
 # exactness
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar", "mock_ar"])
-def test_restored_rows_hold_the_state_a_cache_off_prefill_computes(lm, mode):
+def test_restored_rows_hold_the_state_a_cache_off_prefill_computes(lm, mode, rng):
     """A prompt prefilled from a cached boundary: every cache tensor of its row (K/V up to its length, Mamba
     states, mock-AR's states before the last token, the length) and AR's logits are bit for bit those of a
     cache-off prefill of the prompt alone."""
     model = lm.model
     store = PrefixStore(model, 1 << 24)
     root = model_root(model)
-    rng = random.Random(1)
-    first, second = shared_prompts(rng, 2, shared_len=70, suffix=(5, 30))
+    first = shared_prompts(rng, 1, shared_len=70, suffix=(0, 0))[0]   # 70 tokens: 4 whole segments (64)
+    second = first + [rng.randrange(4, 512) for _ in range(rng.randint(5, 30))]
     snap = mode == "mock_ar"
 
     def prefill(cache, prompt, via_store):
@@ -193,8 +201,7 @@ def test_restored_rows_hold_the_state_a_cache_off_prefill_computes(lm, mode):
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar", "mock_ar"])
-def test_cache_on_equals_cache_off_alone_and_in_a_batch(lm, mode):
-    rng = random.Random(2)
+def test_cache_on_equals_cache_off_alone_and_in_a_batch(lm, mode, rng):
     prompts = shared_prompts(rng, 6)
     prompts.append(prompts[0][:48])              # a prompt that ends on a boundary
     prompts.append(prompts[1] + [9] * 20)        # one that extends another
@@ -239,11 +246,11 @@ def test_parity_fixture_gives_the_same_tokens_with_the_cache(lm):
 # ------------------------------------------------------------------------------------------------------
 # safety
 
-def test_two_models_dtypes_and_expert_formats_never_share_entries(lm):
+def test_two_models_dtypes_and_expert_formats_never_share_entries(lm, rng):
     """One store shared by the parity model and a copy with perturbed context weights, or with fp8 experts:
     different roots, no hits across; a bf16 model cannot use an fp32 model's store at all."""
     store = PrefixStore(lm.model, 1 << 24)
-    prompts = shared_prompts(random.Random(3), 3)   # the second saves a state where it leaves the first's chain
+    prompts = shared_prompts(rng, 3)   # the second saves a state where it leaves the first's chain
     base = DecodeCore(lm.model, 3, 128, prefix_cache=store)
     for p in prompts:
         base.submit([Request(p, DecodeParams(max_new_tokens=8).validate(512))])
@@ -274,12 +281,11 @@ def test_two_models_dtypes_and_expert_formats_never_share_entries(lm):
 
 
 @pytest.mark.parametrize("budget_entries", [1000, 6])
-def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries):
+def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries, rng):
     """A serving core smaller than the load: a conversation that grows turn by turn, requests that share its
     prefix and extend it, arriving over time, in every mode; each one's tokens are the ones it gets alone
     with the cache off. With a budget of 6 entries, entries are evicted while other rows' prefills read and
     write theirs."""
-    rng = random.Random(4)
     turn = [1] + [rng.randrange(4, 512) for _ in range(30)]
     prompts = []
     for _ in range(6):
@@ -291,7 +297,7 @@ def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries):
     store = PrefixStore(lm.model, budget_entries * SEGMENT * kv + 2 * state)
     core = DecodeCore(lm.model, max_rows=5, max_len=256, max_queue=64, prefix_cache=store)
     reqs = [Request(p, DecodeParams(**kw).validate(512)) for p, kw in rows]
-    step_staggered(core, reqs, seed=5)
+    step_staggered(core, reqs, seed=rng.randrange(2**31))
     off = Generator(lm.model)
     for r, (p, kw) in zip(reqs, rows):
         res = off.generate([p], **kw)
@@ -303,10 +309,10 @@ def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries):
         assert stats["prefix_cache_evictions"] > 0
 
 
-def test_metrics_report_queries_hits_and_memory(lm):
+def test_metrics_report_queries_hits_and_memory(lm, rng):
     sched = Scheduler(lm, max_batch=2, max_len=128, prefix_cache_gb=0.01)
     try:
-        prompt = shared_prompts(random.Random(6), 1)[0]
+        prompt = shared_prompts(rng, 1)[0]
         for _ in range(2):
             sched.submit(prompt, max_tokens=4).result(timeout=60)
         text = sched.metrics.text()
@@ -321,13 +327,13 @@ def test_metrics_report_queries_hits_and_memory(lm):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_on_equals_cache_off_on_cuda(dtype):
+def test_cache_on_equals_cache_off_on_cuda(dtype, rng):
     """On a GPU with CUDA graphs, at the default 256-token segments: 600-token prompts that share 520 tokens,
     one at a time in every mode, give the same tokens with the cache on as off (bf16 too: a request alone runs
     the same passes either way); in fp32 (TF32 off) also all at once on an empty cache."""
     torch.backends.cuda.matmul.allow_tf32 = False
     lm = tt.load(CKPT, device="cuda", dtype=dtype)
-    prompts = shared_prompts(random.Random(7), 4, shared_len=520, suffix=(60, 90))
+    prompts = shared_prompts(rng, 4, shared_len=520, suffix=(60, 90))
     off, on = Generator(lm.model), with_cache(lm)
     for mode in ("diffusion", "ar", "mock_ar"):
         want = [gen(off, [p], mode=mode).new_tokens[0] for p in prompts]
