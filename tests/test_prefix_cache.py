@@ -283,14 +283,15 @@ def test_two_models_dtypes_and_expert_formats_never_share_entries(lm, rng):
 @pytest.mark.parametrize("budget_entries", [1000, 6])
 def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries, rng):
     """A serving core smaller than the load: a conversation that grows turn by turn, requests that share its
-    prefix and extend it, arriving over time, in every mode; each one's tokens are the ones it gets alone
-    with the cache off. With a budget of 6 entries, entries are evicted while other rows' prefills read and
-    write theirs."""
+    prefix and extend it, and unrelated ones, arriving over time, in every mode; each one's tokens are the
+    ones it gets alone with the cache off. With a budget of 6 segments, entries are evicted while other rows'
+    prefills read and write theirs (pinned: never theirs)."""
     turn = [1] + [rng.randrange(4, 512) for _ in range(30)]
     prompts = []
     for _ in range(6):
         turn = turn + [rng.randrange(4, 512) for _ in range(rng.randint(5, 25))]
-        prompts += [turn, turn + [rng.randrange(4, 512) for _ in range(rng.randint(1, 9))]]
+        prompts += [turn, turn + [rng.randrange(4, 512) for _ in range(rng.randint(1, 9))],
+                    [1] + [rng.randrange(4, 512) for _ in range(rng.randint(33, 47))]]   # and an unrelated one
     rows = [(p, dict(mode=["diffusion", "ar", "mock_ar"][i % 3], max_new_tokens=rng.randint(4, 12),
                      temperature=rng.choice([0.0, 0.8]), seed=i)) for i, p in enumerate(prompts)]
     kv, state = cache_row_bytes(lm.model.config, 4)
