@@ -7,10 +7,10 @@ batch with NVIDIA's batch semantics; device_loop=True one lockstep batch that ru
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .core import DecodeCore
-from .params import DecodeParams, ParamError, normalize_prompts, per_row_params
+from .params import DecodeParams, ParamError, derive_seed, normalize_prompts, per_row_params
 from .request import Request
 
 
@@ -47,11 +47,16 @@ class Generator:
         return self.core
 
     def generate(self, input_ids, callback=None, reference_compat: bool = False, cuda_graphs: bool = True,
-                 device_loop: bool = False, **params) -> GenerationResult:
+                 device_loop: bool = False, n: int = 1, **params) -> GenerationResult:
         V = self.model.config.vocab_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
         try:
             prompts = normalize_prompts(input_ids, V)
             rows = per_row_params(len(prompts), V, **params)
+            if n > 1:   # n samples of every prompt, next to each other, each with its own derived seed
+                prompts = [p for p in prompts for _ in range(n)]
+                rows = [replace(r, seed=derive_seed(r.seed, j)) for r in rows for j in range(n)]
         except ParamError as e:
             raise ValueError(f"generate: {e}") from None
         except (ValueError, TypeError) as e:

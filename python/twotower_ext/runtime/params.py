@@ -89,6 +89,18 @@ class DecodeParams:
 FIELDS = tuple(f.name for f in fields(DecodeParams))
 
 
+def derive_seed(seed: int, j: int) -> int:
+    """The seed of the j-th of n samples of one request (OpenAI's `n`, generate's `n`): the request's own seed
+    for j = 0, else a splitmix64 mix of (seed, j) in [0, 2**63): independent streams, reproducible from the
+    request's seed."""
+    if j == 0:
+        return seed
+    z = (seed + j * 0x9E3779B97F4A7C15) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
 def per_row_params(n: int, vocab_size: int, **kw) -> list[DecodeParams]:
     """n DecodeParams from keyword values that are each one value for every row or a list / tuple with one
     value per row (as vLLM's LLM.generate takes a list of SamplingParams); each validated. stop_token_ids is
