@@ -226,7 +226,7 @@ def parse_request(body, chat: bool, defaults: dict, model_name: str) -> ParsedRe
 def refuse_decode_rules(req: ParsedRequest) -> None:
     """A 400 naming the first decode rule the request asks for that the scheduler does not apply yet."""
     rules = [("n", req.n != 1), ("stop", bool(req.stop)), ("stop_token_ids", bool(req.stop_token_ids)),
-             ("logprobs", req.logprobs is not None), ("top_logprobs", req.top_logprobs is not None)]
+             ("top_logprobs", req.top_logprobs is not None), ("logprobs", req.logprobs is not None)]
     for name, asked in rules:
         if asked:
             what = ("only the model's EOS token stops generation (eos_token_id)" if name.startswith("stop") else
