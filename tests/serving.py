@@ -75,8 +75,12 @@ def serve_subprocess(*args, model=PARITY, name="parity"):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "twotower_ext.cli", "serve", "--model", model, "--port", "0",
                              "--name", name, *args], stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stderr.readline()
-    if f"serving {name}" not in line:
-        proc.kill()
-        raise AssertionError(f"the server did not start: {line}{proc.stderr.read()}")
-    return proc, line.split(" on ")[1].split()[0]
+    proc.startup_log = ""       # what it printed before it listened (warnings)
+    while True:
+        line = proc.stderr.readline()
+        if f"serving {name}" in line:
+            return proc, line.split(" on ")[1].split()[0]
+        proc.startup_log += line
+        if not line:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.startup_log}")

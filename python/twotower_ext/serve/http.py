@@ -62,7 +62,7 @@ class Lifecycle:
         self.draining = False
         self.handles: set = set()   # requests submitted through this app and not finished
         self.active = 0             # /v1 exchanges in progress (a stream counts until its last byte)
-        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="twotower-tokenize")   # text work
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="twotower-text")   # tokenising, templates
 
     def cut(self) -> None:
         """Cancel every request in flight now (their clients get a 503 or an SSE error event)."""
@@ -188,8 +188,12 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
             if n > max_body_bytes:
                 raise too_big
             chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            return json.loads(b"".join(chunks).decode("utf-8", "surrogateescape"), parse_constant=_reject_constant)
+            try:
+                return json.loads(raw, parse_constant=_reject_constant)
+            except UnicodeDecodeError:   # not UTF-8: kept as surrogates, refused naming the field that holds it
+                return json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
             raise bad(None, f"the body is not valid JSON ({e})") from None
 
@@ -203,13 +207,20 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
             if nbytes > max_len * max_token_bytes:
                 raise bad(param, f"{param}: {nbytes} bytes of text are at least {-(-nbytes // max_token_bytes)} tokens, "
                                  f"more than this server's max_len={max_len}")
-            ids = await asyncio.get_running_loop().run_in_executor(pool, lm.encode, prompt)
+            n, ids = await asyncio.get_running_loop().run_in_executor(pool, tokenize, prompt)
         else:
-            ids = prompt
-        if len(ids) >= max_len:
-            raise bad(param, f"{param}: {len(ids)} tokens leave no room to generate within this server's "
-                             f"max_len={max_len}")
+            n, ids = len(prompt), prompt
+        if n >= max_len:
+            raise bad(param, f"{param}: {n} tokens leave no room to generate within this server's max_len={max_len}")
         return ids
+
+    def tokenize(text: str) -> tuple[int, list[int] | None]:
+        """(token count, ids; None when they cannot fit), on the pool. tokenizers' encode_batch lets go of the
+        GIL while it works (encode holds it throughout); the _fast variant skips the character offsets (less to
+        build, and to free with the GIL held); the ids of a text too long to serve are never turned into a
+        Python list (for a long text, that alone holds the GIL for tens of milliseconds)."""
+        enc = lm.tokenizer.encode_batch_fast([text])[0]
+        return len(enc), (enc.ids if len(enc) < scheduler.max_len else None)
 
     def usage(h) -> dict:
         return {"prompt_tokens": len(h.prompt), "completion_tokens": len(h.tokens),
