@@ -120,6 +120,22 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events whose request is released however the exchange ends, even when the client is gone
+    before the first event (then the generator never starts, and its own `finally` never runs)."""
+
+    def __init__(self, events, release):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -288,11 +304,13 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
                         break
                     yield "data: [DONE]\n\n"
                 finally:   # a client that went away (the generator is closed or cancelled) frees its row
-                    h.cancel()
-                    life.handles.discard(h)
+                    release()
 
-            return StreamingResponse(sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def release():
+                h.cancel()
+                life.handles.discard(h)
+
+            return _EventStream(sse(), release)
 
         async def finished():
             while (await events.get())[0] != "done":
