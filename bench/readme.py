@@ -155,7 +155,7 @@ def demo_section(results: str) -> str:
                f"and no phrase dominates (the most repeated, `{r['top_phrase'].strip()}`, covers "
                f"{r['top_phrase_share']:.0%} of the {r['tokens']} tokens)")
     text = [f"{provenance(d)}", "", "```", f"$ twotower generate --prompt {r['prompt']!r}", shown, "```",
-            f"The shipped model (a {r['dtype']} 5M-parameter model trained for minutes on 2 CPU cores, see below) writes "
+            f"The shipped model (\"The shipped model\" below says what it is and how it was trained) writes "
             f"`{r['first_line']}` and {repeats}. It took {r['nfe']} denoiser passes: {r['tokens/nfe']:.2f} tokens per "
             f"pass at gamma {r['threshold']} on this one prompt."]
     q, _ = _optional("quality", results, "python -m bench.bench_quality")

@@ -133,6 +133,10 @@ def test_neutral_values_and_metadata_are_accepted(chat):
                                   best_of=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, user="u1",
                                   extra_body={"stop_token_ids": [], "logprobs": None})
     assert r.choices[0].text == want
+    r = client.completions.create(model="chat", prompt="def ", max_tokens=40, extra_body={"ignore_eos": True})
+    assert r.choices[0].token_ids == lm.generate("def ", max_new_tokens=40, eos_token_id=None).new_tokens[0]
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        client.completions.create(model="chat", prompt="def ", extra_body={"ignore_eos": True, "eos_token_id": 2})
     r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": [{"type": "text",
                                                                                             "text": "hi"}]}],
                                        max_completion_tokens=8, tools=[], tool_choice="none", logprobs=False,

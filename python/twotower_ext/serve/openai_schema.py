@@ -51,7 +51,8 @@ NEUTRAL = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "t
            "metadata": (None, {}), "service_tier": (None, "auto", "default"), "web_search_options": (None,),
            "verbosity": (None,), "prompt_cache_key": (None,), "safety_identifier": (None,)}
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "seed", "n", "stop", "stop_token_ids",
-          "logprobs", "user", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", *SERVE_FIELDS}
+          "logprobs", "user", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos",
+          *SERVE_FIELDS}
 FIELDS = {False: COMMON | {"prompt", "echo", "best_of", "suffix"},
           True: COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                           "function_call", "response_format", "parallel_tool_calls", "modalities", "audio",
@@ -197,6 +198,10 @@ def parse_request(body, chat: bool, defaults: dict, model_name: str) -> ParsedRe
     p = {k: body[k] for k in SERVE_FIELDS if body.get(k) is not None}
     if "eos_token_id" in body:          # explicit null: no EOS stop
         p["eos_token_id"] = body["eos_token_id"]
+    if _bool(body, "ignore_eos"):       # vLLM's name for the same (load tools send it to get exact lengths)
+        if "eos_token_id" in body:
+            raise bad("ignore_eos", "ignore_eos: send either ignore_eos or eos_token_id, not both")
+        p["eos_token_id"] = None
     if chat and body.get("max_completion_tokens") is not None:
         p["max_tokens"] = body["max_completion_tokens"]
     params = {**defaults, **p}
