@@ -32,9 +32,9 @@ def wait_for(pred, timeout=10.0):
 
 class Server:
     """The app on 127.0.0.1 at an ephemeral port, uvicorn in a thread (the server `twotower serve` runs,
-    without its signal handling: `drain()` does what SIGTERM does)."""
+    without its signal handling)."""
 
-    def __init__(self, lm, name, grace_s: float = 0.0, app_kw: dict | None = None, **kw):
+    def __init__(self, lm, name, app_kw: dict | None = None, **kw):
         from twotower_ext.serve import Metrics, Scheduler
         from twotower_ext.serve.cli import make_server
         from twotower_ext.serve.http import create_app
@@ -49,14 +49,10 @@ class Server:
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        self.server = make_server(config, self.app.state.lifecycle, grace_s)
+        self.server = make_server(config, self.app.state.lifecycle, 0.0)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        wait_for(lambda: self.server.started and self.server.loop is not None)
-
-    def drain(self):
-        """Start the shutdown SIGTERM starts (returns at once; the server stops when it is done)."""
-        self.server.loop.call_soon_threadsafe(self.server.start_drain)
+        wait_for(lambda: self.server.started)
 
     def close(self):
         self.server.should_exit = True
