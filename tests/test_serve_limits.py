@@ -176,3 +176,26 @@ def test_sigterm_under_load_every_client_gets_a_well_formed_answer():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@http
+def test_a_second_signal_cuts_the_grace_period_short():
+    proc, url = serve_subprocess("--max-batch", "2", "--max-len", "512", "--shutdown-timeout", "600")
+    long = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 500, "threshold": 1.0, "eos_token_id": None}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(read_stream, url, long)
+            wait_for(lambda: httpx.get(url + "/health").json()["live_rows"] == 1, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(url + "/health").status_code == 503)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)         # not 600 s: the request is cut now, and answered
+            s = stream.result(timeout=60)
+            assert s["done"] and s["events"][-1]["error"]["code"] == "shutting_down", s
+        assert proc.wait(timeout=30) == 0 and time.monotonic() - t0 < 30
+        log = proc.stderr.read()
+        assert "second signal" in log and "Traceback" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
