@@ -380,9 +380,9 @@ def test_http_chat_with_a_template(tmp_path):
 
 @http
 def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
-    proc, url = serve_subprocess("--max-batch", "2", "--max-queue", "4", "--max-len", "256")
-    try:
-        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 120, "threshold": 1.0, "eos_token_id": None}
+    proc, url = serve_subprocess("--max-batch", "2", "--max-queue", "4", "--max-len", "1024", "--shutdown-timeout", "120")
+    try:   # one token per pass (threshold 1): long enough that both are surely live together
+        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 1000, "threshold": 1.0, "eos_token_id": None}
         with ThreadPoolExecutor(2) as pool:
             futs = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
             wait_for(lambda: httpx.get(url + "/health").json()["live_rows"] == 2, timeout=30)
@@ -392,7 +392,7 @@ def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
             assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
             for f in futs:                         # in-flight requests still complete, whole
                 resp = f.result()
-                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 120
+                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 1000
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
         assert "server stopped" in log and "Traceback" not in log, log

@@ -118,9 +118,10 @@ def read_stream(url: str, body: dict) -> dict:
 
 @http
 def test_sigterm_under_load_every_client_gets_a_well_formed_answer():
-    proc, url = serve_subprocess("--max-batch", "4", "--max-queue", "16", "--max-len", "512", "--shutdown-timeout",
+    proc, url = serve_subprocess("--max-batch", "4", "--max-queue", "16", "--max-len", "2048", "--shutdown-timeout",
                                  "1", "--threads", "100000")
-    long = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 500, "threshold": 1.0, "eos_token_id": None}
+    # one token per pass (threshold 1): seconds per request, so the three streams are surely live together
+    long = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 2000, "threshold": 1.0, "eos_token_id": None}
     short = {"prompt": [1, 7], "mode": "ar", "max_tokens": 8, "eos_token_id": None}
     try:
         with ThreadPoolExecutor(16) as pool:
@@ -132,7 +133,7 @@ def test_sigterm_under_load_every_client_gets_a_well_formed_answer():
             def openai_stream():
                 got = []
                 try:
-                    for c in client.completions.create(model="parity", prompt=[1, 9], max_tokens=500, stream=True,
+                    for c in client.completions.create(model="parity", prompt=[1, 9], max_tokens=2000, stream=True,
                                                        extra_body={"threshold": 1.0, "eos_token_id": None}):
                         got.append(c)
                     return "finished", got
@@ -166,7 +167,7 @@ def test_sigterm_under_load_every_client_gets_a_well_formed_answer():
                     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
             outcome, got = official.result()
             assert outcome == "finished" or outcome.startswith("error: the server is shutting down"), outcome
-            assert cut >= 3    # the queued ones at least: 500 tokens at one per pass outlast a 1 s grace
+            assert cut >= 3    # the queued ones at least: 2000 tokens at one per pass outlast a 1 s grace
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
         assert "server stopped" in log and "--threads 100000 is more than" in proc.startup_log, proc.startup_log
@@ -180,8 +181,8 @@ def test_sigterm_under_load_every_client_gets_a_well_formed_answer():
 
 @http
 def test_a_second_signal_cuts_the_grace_period_short():
-    proc, url = serve_subprocess("--max-batch", "2", "--max-len", "512", "--shutdown-timeout", "600")
-    long = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 500, "threshold": 1.0, "eos_token_id": None}
+    proc, url = serve_subprocess("--max-batch", "2", "--max-len", "2048", "--shutdown-timeout", "600")
+    long = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 2000, "threshold": 1.0, "eos_token_id": None}
     try:
         with ThreadPoolExecutor(1) as pool:
             stream = pool.submit(read_stream, url, long)
