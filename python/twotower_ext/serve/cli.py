@@ -17,6 +17,7 @@ import threading
 from ..cli import add_experts_argument, command, int_at_least
 
 CLOSE_S = 2.0   # after the drain: how long uvicorn may take to close the (idle) connections
+BACKLOG = 2048  # uvicorn's default
 
 
 def _seconds(v: str) -> float:
@@ -130,6 +131,7 @@ def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int
         app = create_app(scheduler, name, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(BACKLOG)   # before "serving ... on" is printed: from then on a client is queued, not refused
     except OSError as e:
         scheduler.shutdown(0)
         sock.close()
@@ -140,7 +142,7 @@ def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int
         raise
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=CLOSE_S, lifespan="off",
-                            access_log=False)
+                            access_log=False, backlog=BACKLOG)
     server = make_server(config, app.state.lifecycle, shutdown_timeout)
     print(f"twotower: serving {name} on http://{host}:{bound} (max_batch={max_batch}, max_queue={max_queue}, "
           f"max_len={max_len})", file=sys.stderr, flush=True)
