@@ -185,9 +185,35 @@ def soak_section(results: str) -> str:
             f"the end.")
 
 
+SCALE_COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "tokens/s", "vs_1x1", "%linear", "p50_s", "replica_cores",
+                 "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
+
+
+def scale_section(results: str, device: str = "cpu") -> str:
+    d, missing = _optional(f"scale-{device}", results, "python -m bench scale")
+    if d is None:
+        return missing
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, SCALE_COLUMNS, "scale"), ""]
+    two = next((r for r in rows if r["run"] == "throughput" and r["replicas"] == 2), None)
+    if two is not None:
+        text.append(f"- 2 replicas x 1 thread: {two['vs_1x1']:.2f}x one replica's tokens/s ({two['%linear']:.0f}% of "
+                    f"linear scaling); the replicas used {two['replica_cores']:.2f} cores and Ray's proxy, ingress "
+                    f"and router {two['ray_cores']:.2f}, of the machine's 2.")
+    for r in rows:
+        if r["run"] == "shared prefixes":
+            bound = f" (bound {r['max_imbalance']})" if r.get("max_imbalance") != "" else ""
+            text.append(f"- {r['router']}{bound}: {r['hit_prev']:.0%} of the shared-prefix requests on the replica of "
+                        f"their prefix's previous request, {r['replicas/prefix']:.2f} replicas per prefix.")
+    return "\n".join(text)
+
+
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
             "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section,
-            "demo": demo_section, "soak-cpu": soak_section}
+            "demo": demo_section, "soak-cpu": soak_section, "scale-cpu": scale_section}
+
+
+            "scale-cpu": scale_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

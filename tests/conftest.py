@@ -8,6 +8,8 @@ CUDA = torch.cuda.is_available()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "core_cuda: the decode core's bucketed CUDA graphs (needs a CUDA device; "
+                            "tools/gpu_check.sh runs them in their own step)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" in item.keywords or "core_cuda" in item.keywords:
             item.add_marker(skip)
 
 

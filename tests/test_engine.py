@@ -197,8 +197,9 @@ def test_request_that_cannot_fit_fails_before_work(lm):
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_match_eager():
-    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the tensor-core kernels under capture
+def test_cuda_graphs_match_eager(dtype):
+    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=dtype)
     prompts = [PROMPTS["p0"], PROMPTS["p1"], PROMPTS["p2"]]
     eager = lm.generate(prompts, max_new_tokens=48, cuda_graphs=False)
     with warnings.catch_warnings():
@@ -214,11 +215,12 @@ def test_cuda_graphs_match_eager():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
-def test_cuda_graphs_match_eager_ar_modes(mode):
+def test_cuda_graphs_match_eager_ar_modes(mode, dtype):
     """The captured AR step (mock-AR: extension + pass) replayed token by token, rows leaving at EOS (several
     live-row counts), gives the eager tokens."""
-    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=torch.float32)
+    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=dtype)
     prompts = [PROMPTS["p0"], PROMPTS["p1"], PROMPTS["p2"]]
     base = lm.generate(prompts, mode=mode, max_new_tokens=24, eos_token_id=None, cuda_graphs=False)
     eos = base.new_tokens[0][6]

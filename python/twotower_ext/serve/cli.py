@@ -15,6 +15,7 @@ import sys
 import threading
 
 from ..cli import add_experts_argument, command, int_at_least
+from .ray.cli import add_ray_arguments, run_ray
 
 CLOSE_S = 2.0   # after the drain: how long uvicorn may take to close the (idle) connections
 BACKLOG = 2048  # uvicorn's default
@@ -62,6 +63,7 @@ def _arguments(s) -> None:
     s.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled "
                         "(default %(default)s)")
+    add_ray_arguments(s)
 
 
 def make_server(config, lifecycle, grace_s: float):
@@ -174,6 +176,8 @@ def run(a) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"twotower: serve needs the serve extra: pip install 'twotower_ext[serve]' ({e})") from None
+    if a.ray:
+        return run_ray(a)
     path = a.model or default_model_path()
     if path is None:
         raise SystemExit("twotower: no --model given and this installation ships no default model")
