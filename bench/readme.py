@@ -213,9 +213,6 @@ SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": q
             "demo": demo_section, "soak-cpu": soak_section, "scale-cpu": scale_section}
 
 
-            "scale-cpu": scale_section}
-
-
 def render(text: str, results: str = RESULTS) -> str:
     """text with every benchmark section rewritten from the JSON in `results`."""
     for name, fn in SECTIONS.items():
