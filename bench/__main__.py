@@ -15,6 +15,8 @@ BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan
            "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask", "e2e": "bench_e2e",
            "prefill": "bench_prefill", "moe": "bench_moe", "serve": "bench_serve",
            "roofline": "bench_roofline",   # roofline: each pass measured vs the cost model's prediction
+           "soak": "bench_soak",           # soak: a `twotower serve` subprocess under load, disconnects, bad input
+           "demo": "bench_demo",           # demo: what `twotower generate --prompt "def "` prints (README)
            "scale": "bench_scale"}         # scale: replicas on Ray Serve (needs the ray extra)
 
 

@@ -301,6 +301,7 @@ class Scheduler:
             if eos:
                 keep = keep[: keep.index(a.eos_token_id) + 1]
             r.h._emit(keep)
+            self.metrics.tokens_emitted(r.h, len(keep))
             if eos or r.n_new >= a.max_new_tokens:
                 self._finish(r, "stop" if eos else "length")
             else:
@@ -331,6 +332,7 @@ class Scheduler:
         for j, (r, tok) in enumerate(zip(rows, toks)):
             r.h.nfe += 1
             r.h._emit([tok])
+            self.metrics.tokens_emitted(r.h, 1)
             a = r.args
             if a.eos_token_id is not None and tok == a.eos_token_id:
                 self._finish(r, "stop")
