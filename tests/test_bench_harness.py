@@ -58,3 +58,13 @@ def test_readme_tables_come_from_the_json(tmp_path):
     assert readme.render(out, str(tmp_path)) == out
     with pytest.raises(SystemExit, match="no <!-- bench:quality --> section"):
         readme.render(text.replace("bench:quality", "bench:other"), str(tmp_path))
+
+
+def test_scale_prefix_hits_count_each_prefix_after_its_first_request():
+    from bench.bench_scale import prefix_hits
+
+    bodies = [{"prefix": p} for p in (0, 1, 0, 0, 1, 2, 0)]
+    got = prefix_hits(bodies, ["a", "x", "b", "a", "x", "y", "b"])
+    # requests after their prefix's first: 0@b (prev a: miss, seen {a}: miss), 0@a (prev b: miss, seen: hit),
+    # 1@x (prev x: hit, hit), 0@b (prev a: miss, seen: hit)
+    assert got == {"hit_prev": 1 / 4, "hit_any": 3 / 4, "replicas/prefix": (2 + 1 + 1) / 3}

@@ -20,7 +20,7 @@ class DecodeCore:
     """max_rows: cache rows (requests decoded at once); max_len: context tokens a row may hold (prompt and
     every token appended to the context); max_queue: requests waiting beyond the free rows (QueueFull past
     it); snapshot: keep the Mamba states mock-AR reads (needed for mock-AR requests); metrics: an object with
-    pass_done(rows) and request_done(request) (serve/metrics.py), or None."""
+    pass_done(rows), tokens_emitted(request, n) and request_done(request) (serve/metrics.py), or None."""
 
     def __init__(self, model, max_rows: int, max_len: int, max_queue: int = 0, snapshot: bool = True,
                  cuda_graphs: bool = True, metrics=None):
@@ -93,8 +93,10 @@ class DecodeCore:
             for g, e in failures:
                 for r in g.requests:
                     self.policy.end(r, "error", e)
-            finished = self.policy.take_finished()
+            emitted, finished = self.policy.take_emitted(), self.policy.take_finished()
             if self.metrics is not None:
+                for r, n in emitted:
+                    self.metrics.tokens_emitted(r, n)
                 for r in finished:
                     self.metrics.request_done(r)
             with self._lock:

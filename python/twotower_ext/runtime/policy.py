@@ -67,6 +67,7 @@ class Policy:
         self.groups: dict[tuple, Group] = {}   # in cache order
         self.rows: list[Request | None] = [None] * max_rows
         self.finished: list[Request] = []      # requests finished since the last take_finished()
+        self.emitted: list[tuple[Request, int]] = []   # (request, tokens) emitted since the last take_emitted()
         self.dirty = False                     # something to drop or admit: schedule() has work beyond the passes
 
     # ------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class Policy:
             r.nfe += 1
             if r.params.logprobs is not None:
                 self.record_logprobs(r, out, j, 1)
-            r.emit([tok])
+            self.deliver(r, [tok])
             if r.params.stops(tok):
                 eos_any = True
                 self.end(r, "stop")
@@ -257,7 +258,7 @@ class Policy:
         r.commits_per_step.append([int(c) for c in out.hist[j][:passes]])
         if p.logprobs is not None:
             self.record_logprobs(r, out, j, len(keep))
-        r.emit(keep)
+        self.deliver(r, keep)
         if eos:
             self.end(r, "stop")
         elif r.remaining <= 0:
@@ -272,6 +273,15 @@ class Policy:
         if k:
             r.top_logprobs.extend([(int(i), float(v)) for i, v in zip(out.top_id[j, s, :k], out.top_lp[j, s, :k])]
                                   for s in range(n))
+
+    def deliver(self, r: Request, tokens: list[int]) -> None:
+        """Emit tokens to r's client (its nfe already counts the pass) and note it for take_emitted()."""
+        r.emit(tokens)
+        self.emitted.append((r, len(tokens)))
+
+    def take_emitted(self) -> list[tuple[Request, int]]:
+        out, self.emitted = self.emitted, []
+        return out
 
     def end(self, r: Request, reason: str, error: BaseException | None = None) -> None:
         """Finish r (once) and note it for take_finished()."""
