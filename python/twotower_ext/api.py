@@ -68,7 +68,7 @@ class TwoTowerLM:
     def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
-        self.generator = Generator(model)
+        self.generator = Generator(model, tokenizer)
         self._lock = threading.Lock()   # one generate at a time: the generator's pooled core is shared
 
     @property
@@ -90,7 +90,7 @@ class TwoTowerLM:
                  threshold=DecodeParams.threshold, temperature=DecodeParams.temperature, seed=DecodeParams.seed,
                  eos_token_id=DecodeParams.eos_token_id, reference_compat: bool = False, *,
                  mask_token_id=DecodeParams.mask_token_id, logprobs=DecodeParams.logprobs,
-                 stop_token_ids=DecodeParams.stop_token_ids, n: int = 1, cuda_graphs: bool = True,
+                 stop_token_ids=DecodeParams.stop_token_ids, stop=DecodeParams.stop, n: int = 1, cuda_graphs: bool = True,
                  device_loop: bool = False, callback=None) -> GenerationResult:
         """Generate continuations of `input_ids` (a list of ints, a list of lists for ragged prompts, a
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
@@ -99,7 +99,8 @@ class TwoTowerLM:
         seed, eos_token_id, mask_token_id, logprobs, stop_token_ids) is one value for every row or a list with
         one value per prompt; each row's result is the one it gets alone. logprobs=k (0-20): each generated
         token's log-probability under the pass that committed it and its k likeliest alternatives
-        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS; n: samples per prompt
+        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS; stop: strings that end it
+        (its text, result.texts, is cut before the first; needs the tokenizer); n: samples per prompt
         (rows i*n .. i*n+n-1 of the result; sample j > 0 seeded with runtime.params.derive_seed(seed, j)). mode: "diffusion"
         (block mask diffusion), "mock_ar" or
         "ar". threshold: the confidence gamma. reference_compat=True reproduces NVIDIA's reference semantics
@@ -120,7 +121,7 @@ class TwoTowerLM:
                 device_loop=device_loop, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
                 eos_token_id=eos_token_id, mask_token_id=mask_token_id, logprobs=logprobs,
-                stop_token_ids=stop_token_ids)
+                stop_token_ids=stop_token_ids, stop=stop)
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,

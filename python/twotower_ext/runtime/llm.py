@@ -22,7 +22,8 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # tokens, NFE, tokens/NFE, seconds per tower, tokens/s, ...
     logprobs: list[list[float]] | None = None  # logprobs=k: per row, each generated token's log-probability
     top_logprobs: list | None = None           # logprobs=k > 0: per row, per token, its k likeliest (id, logprob)
-    finish_reasons: list[str] = field(default_factory=list)   # per row: "stop" (EOS / stop id) or "length"
+    finish_reasons: list[str] = field(default_factory=list)   # per row: "stop" (EOS / stop id / string) or "length"
+    texts: list[str | None] = field(default_factory=list)     # per row: its text, where it was built (stop strings)
 
     @property
     def new_tokens(self) -> list[list[int]]:
@@ -33,8 +34,8 @@ class Generator:
     """`generate` for one model, on a decode core it keeps between calls (its cache and CUDA graphs are reused
     while a call fits in them). Not thread-safe: TwoTowerLM serialises calls."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
         self.core: DecodeCore | None = None
 
     def _core_for(self, rows: int, max_len: int, snapshot: bool, cuda_graphs: bool) -> DecodeCore:
@@ -43,7 +44,8 @@ class Generator:
                 and c.cuda_graphs == cuda_graphs:
             return c
         self.core = None   # free the old cache before allocating the new one
-        self.core = DecodeCore(self.model, rows, max_len, max_queue=0, snapshot=snapshot, cuda_graphs=cuda_graphs)
+        self.core = DecodeCore(self.model, rows, max_len, max_queue=0, snapshot=snapshot, cuda_graphs=cuda_graphs,
+                               tokenizer=self.tokenizer)
         return self.core
 
     def generate(self, input_ids, callback=None, reference_compat: bool = False, cuda_graphs: bool = True,
@@ -149,4 +151,5 @@ def _result(reqs, prompts, rows, compat: bool, before: dict, after: dict, wall: 
     return GenerationResult([list(p) + r.tokens for p, r in zip(prompts, reqs)],
                             [list(r.nfe_per_block) for r in reqs], [list(r.commits_per_step) for r in reqs], stats,
                             [list(r.logprobs) for r in reqs] if lp else None,
-                            [list(r.top_logprobs) for r in reqs] if lp else None, [r.finish_reason for r in reqs])
+                            [list(r.top_logprobs) for r in reqs] if lp else None, [r.finish_reason for r in reqs],
+                            [r.output_text for r in reqs])

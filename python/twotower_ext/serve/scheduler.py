@@ -41,7 +41,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         try:   # snapshot=True: mock-AR rows need the pre-extension Mamba states; the others ignore them
             self.core = DecodeCore(self.model, max_batch, max_len, max_queue, snapshot=True, cuda_graphs=cuda_graphs,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, tokenizer=lm.tokenizer)
         except MemoryError as e:
             raise MemoryError(f"serve: {e} (lower --max-batch or --max-len)") from None
         self._cv = threading.Condition()
