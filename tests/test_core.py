@@ -206,3 +206,18 @@ def test_stop_token_ids_end_a_row_like_eos(lm):
     assert res.new_tokens[0] == base.new_tokens[0][:cut] and res.finish_reasons[0] == "stop"
     with pytest.raises(ValueError, match="stop_token_ids must be a tuple of ints"):
         lm.generate([1, 5], stop_token_ids=[600])
+
+
+def test_n_samples_per_prompt_have_derived_seeds(lm):
+    from twotower_ext.runtime.params import derive_seed
+
+    res = lm.generate([[1, 5, 9], [1, 7]], n=3, temperature=1.0, seed=11, max_new_tokens=16, eos_token_id=None)
+    assert len(res.sequences) == 6 and res.sequences[0][:3] == [1, 5, 9] and res.sequences[3][:2] == [1, 7]
+    assert len({tuple(s) for s in res.sequences[:3]}) == 3          # independent samples of one prompt
+    for j in range(3):
+        alone = lm.generate([1, 7], temperature=1.0, seed=derive_seed(11, j), max_new_tokens=16, eos_token_id=None)
+        assert alone.sequences[0] == res.sequences[3 + j]
+    assert derive_seed(11, 0) == 11 and len({derive_seed(11, j) for j in range(100)}) == 100
+    assert all(0 <= derive_seed(s, j) < 2**63 for s in (0, 2**63 - 1, -5) for j in range(1, 5))
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        lm.generate([1, 5], n=0)

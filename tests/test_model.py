@@ -62,7 +62,14 @@ def test_rms_norm_fp32_and_bf16_bitwise(gen):
     xb, wb = x.bfloat16(), w.bfloat16()
     got = layers.rms_norm(xb, wb, 1e-5)
     want, ambiguous = oracle.rms_norm_bf16(xb, wb, 1e-5)
-    assert got.dtype == torch.bfloat16 and ambiguous.float().mean() < 1e-3
+    assert got.dtype == torch.bfloat16
+    # The draw must be able to tell the reference's two roundings from one rounding of the product (what
+    # multiplying by w in fp32 before the cast gives) on positions that are not ambiguous. A bound on the
+    # ambiguous fraction does not say that, and fails on some draws: x is on the bf16 lattice, so a row
+    # whose 1/rms lies near a dyadic rational with a small numerator (e.g. 21/32) puts a large share of that
+    # row near bf16 midpoints at once (ambiguity comes in whole-row clusters, not as independent positions).
+    one_rounding = (oracle.rms_norm(xb, wb, 1e-5)).to(torch.bfloat16)
+    assert ((one_rounding != want) & ~ambiguous).any(), "this draw cannot tell the rounding orders apart"
     differ = (got.view(torch.int16) != want.view(torch.int16)) & ~ambiguous
     assert not differ.any(), f"{int(differ.sum())} bf16 outputs differ from normalise-in-fp32-then-cast"
 

@@ -48,7 +48,7 @@ def rng():
 
 
 def with_cache(lm, budget: int = 1 << 24) -> Generator:
-    return Generator(lm.model, budget)
+    return Generator(lm.model, prefix_cache_bytes=budget)
 
 
 def gen(generator: Generator, prompts, **kw):
@@ -316,14 +316,19 @@ def test_metrics_report_queries_hits_and_memory(lm, rng):
         prompt = shared_prompts(rng, 1)[0]
         for _ in range(2):
             sched.submit(prompt, max_tokens=4).result(timeout=60)
-        text = sched.metrics.text()
+        m = sched.metrics
+        text = m.text()
     finally:
         sched.shutdown()
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("twotower:"))
-    assert int(lines["twotower:prefix_cache_queries_total"]) == 2 * len(prompt)
-    assert int(lines["twotower:prefix_cache_hits_total"]) == (len(prompt) // SEGMENT) * SEGMENT
-    assert 0 < int(lines["twotower:prefix_cache_usage_bytes"]) <= int(lines["twotower:prefix_cache_budget_bytes"])
-    assert "# TYPE twotower:prefix_cache_hits_total counter" in text
+    assert m.value("prefix_cache_queries_total") == 2 * len(prompt)
+    assert m.value("prefix_cache_hits_total") == (len(prompt) // SEGMENT) * SEGMENT
+    assert 0 < m.value("prefix_cache_usage_bytes") <= m.value("prefix_cache_budget_bytes") == 0.01 * 2**30 // 1
+    assert "# TYPE twotower:prefix_cache_hits_total counter" in text and "twotower:prefix_cache_hits_total{" in text
+    off = Scheduler(lm, max_batch=1, max_len=64)
+    try:
+        assert "prefix_cache" not in off.metrics.text()
+    finally:
+        off.shutdown()
 
 
 @pytest.mark.cuda

@@ -70,7 +70,7 @@ class TwoTowerLM:
                  prefix_cache_gb: float = 0.0):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
-        self.generator = Generator(model, budget_bytes(prefix_cache_gb, "prefix_cache_gb"))
+        self.generator = Generator(model, tokenizer, budget_bytes(prefix_cache_gb, "prefix_cache_gb"))
         self._lock = threading.Lock()   # one generate at a time: the generator's pooled core is shared
 
     @property
@@ -92,8 +92,8 @@ class TwoTowerLM:
                  threshold=DecodeParams.threshold, temperature=DecodeParams.temperature, seed=DecodeParams.seed,
                  eos_token_id=DecodeParams.eos_token_id, reference_compat: bool = False, *,
                  mask_token_id=DecodeParams.mask_token_id, logprobs=DecodeParams.logprobs,
-                 stop_token_ids=DecodeParams.stop_token_ids, cuda_graphs: bool = True, device_loop: bool = False,
-                 callback=None) -> GenerationResult:
+                 stop_token_ids=DecodeParams.stop_token_ids, stop=DecodeParams.stop, n: int = 1, cuda_graphs: bool = True,
+                 device_loop: bool = False, callback=None) -> GenerationResult:
         """Generate continuations of `input_ids` (a list of ints, a list of lists for ragged prompts, a
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
 
@@ -101,7 +101,9 @@ class TwoTowerLM:
         seed, eos_token_id, mask_token_id, logprobs, stop_token_ids) is one value for every row or a list with
         one value per prompt; each row's result is the one it gets alone. logprobs=k (0-20): each generated
         token's log-probability under the pass that committed it and its k likeliest alternatives
-        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS. mode: "diffusion"
+        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS; stop: strings that end it
+        (its text, result.texts, is cut before the first; needs the tokenizer); n: samples per prompt
+        (rows i*n .. i*n+n-1 of the result; sample j > 0 seeded with runtime.params.derive_seed(seed, j)). mode: "diffusion"
         (block mask diffusion), "mock_ar" or
         "ar". threshold: the confidence gamma. reference_compat=True reproduces NVIDIA's reference semantics
         exactly (docs/semantics.md). callback(event: dict) is called with every committed block (diffusion)
@@ -117,11 +119,11 @@ class TwoTowerLM:
             input_ids = [self.encode(t) for t in texts]
         with self._lock, using_threads(self.threads):
             return self.generator.generate(
-                input_ids, callback=callback, reference_compat=reference_compat, cuda_graphs=cuda_graphs,
+                input_ids, callback=callback, reference_compat=reference_compat, cuda_graphs=cuda_graphs, n=n,
                 device_loop=device_loop, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
                 eos_token_id=eos_token_id, mask_token_id=mask_token_id, logprobs=logprobs,
-                stop_token_ids=stop_token_ids)
+                stop_token_ids=stop_token_ids, stop=stop)
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,

@@ -14,18 +14,20 @@ from .params import DecodeParams, ParamError
 from .policy import Policy
 from .request import Request
 from .runner import ModelRunner
+from .text import RequestText
 
 
 class DecodeCore:
     """max_rows: cache rows (requests decoded at once); max_len: context tokens a row may hold (prompt and
     every token appended to the context); max_queue: requests waiting beyond the free rows (QueueFull past
     it); snapshot: keep the Mamba states mock-AR reads (needed for mock-AR requests); metrics: an object with
-    pass_done(rows) and request_done(request) (serve/metrics.py), or None; prefix_cache: a
+    pass_done(rows), tokens_emitted(request, n) and request_done(request) (serve/metrics.py), or None;
+    tokenizer: for requests that build their text (DecodeParams.detokenize, stop strings); prefix_cache: a
     prefix_store.PrefixStore of this model (prompts that start like a cached one prefill only the rest), or
     None."""
 
     def __init__(self, model, max_rows: int, max_len: int, max_queue: int = 0, snapshot: bool = True,
-                 cuda_graphs: bool = True, metrics=None, prefix_cache=None):
+                 cuda_graphs: bool = True, metrics=None, tokenizer=None, prefix_cache=None):
         for name, v, lo in (("max_rows", max_rows, 1), ("max_queue", max_queue, 0), ("max_len", max_len, 2)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -34,6 +36,7 @@ class DecodeCore:
         self.runner = ModelRunner(model, max_rows, max_len, snapshot, cuda_graphs, prefix_cache)
         self.metrics = metrics
         self.cuda_graphs = cuda_graphs
+        self.tokenizer = tokenizer               # for requests that build their text (stop strings)
         self._lock = threading.Lock()          # submit (any thread) against schedule (the stepping thread)
         self._stepping = threading.Lock()      # one step at a time
 
@@ -55,6 +58,9 @@ class DecodeCore:
                              f"this decoder's max_len={self.max_len}")
         if params.mode == "mock_ar" and not self.runner.snapshot:
             raise ParamError("mode", "mode: mock_ar needs a core whose cache keeps snapshot states")
+        if params.wants_text and self.tokenizer is None:
+            raise ParamError("stop" if params.stop else "detokenize", f"{'stop' if params.stop else 'detokenize'}: "
+                             "text needs the checkpoint's tokenizer (this model has none; use stop_token_ids)")
 
     def submit(self, requests: list[Request], lockstep: dict | None = None) -> None:
         """Queue requests (checked with `check`); lockstep = {"compat": bool, "device_loop": bool} makes them
@@ -64,6 +70,9 @@ class DecodeCore:
         if lockstep is not None and len({Policy.group_of(r) for r in requests}) > 1:
             raise ParamError("mode", "a lockstep batch (reference_compat / device_loop) needs one mode, block "
                                      "size and mask id for every row")
+        for r in requests:
+            if r.params.wants_text:
+                r.text = RequestText(self.tokenizer, r.params.stop)
         with self._lock:
             self.policy.enqueue(requests, lockstep)
 
@@ -95,8 +104,10 @@ class DecodeCore:
             for g, e in failures:
                 for r in g.requests:
                     self.policy.end(r, "error", e)
-            finished = self.policy.take_finished()
+            emitted, finished = self.policy.take_emitted(), self.policy.take_finished()
             if self.metrics is not None:
+                for r, n in emitted:
+                    self.metrics.tokens_emitted(r, n)
                 for r in finished:
                     self.metrics.request_done(r)
             with self._lock:

@@ -7,10 +7,10 @@ batch with NVIDIA's batch semantics; device_loop=True one lockstep batch that ru
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .core import DecodeCore
-from .params import DecodeParams, ParamError, normalize_prompts, per_row_params
+from .params import DecodeParams, ParamError, derive_seed, normalize_prompts, per_row_params
 from .prefix_store import PrefixStore
 from .request import Request
 
@@ -23,7 +23,8 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # tokens, NFE, tokens/NFE, seconds per tower, tokens/s, ...
     logprobs: list[list[float]] | None = None  # logprobs=k: per row, each generated token's log-probability
     top_logprobs: list | None = None           # logprobs=k > 0: per row, per token, its k likeliest (id, logprob)
-    finish_reasons: list[str] = field(default_factory=list)   # per row: "stop" (EOS / stop id) or "length"
+    finish_reasons: list[str] = field(default_factory=list)   # per row: "stop" (EOS / stop id / string) or "length"
+    texts: list[str | None] = field(default_factory=list)     # per row: its text, where it was built (stop strings)
 
     @property
     def new_tokens(self) -> list[list[int]]:
@@ -36,8 +37,8 @@ class Generator:
     cores (a prompt that starts like an earlier one prefills only the rest). Not thread-safe: TwoTowerLM
     serialises calls."""
 
-    def __init__(self, model, prefix_cache_bytes: int = 0):
-        self.model = model
+    def __init__(self, model, tokenizer=None, prefix_cache_bytes: int = 0):
+        self.model, self.tokenizer = model, tokenizer
         self.core: DecodeCore | None = None
         self.prefix = PrefixStore(model, prefix_cache_bytes) if prefix_cache_bytes else None
 
@@ -48,15 +49,20 @@ class Generator:
             return c
         self.core = None   # free the old cache before allocating the new one
         self.core = DecodeCore(self.model, rows, max_len, max_queue=0, snapshot=snapshot, cuda_graphs=cuda_graphs,
-                               prefix_cache=self.prefix)
+                               tokenizer=self.tokenizer, prefix_cache=self.prefix)
         return self.core
 
     def generate(self, input_ids, callback=None, reference_compat: bool = False, cuda_graphs: bool = True,
-                 device_loop: bool = False, **params) -> GenerationResult:
+                 device_loop: bool = False, n: int = 1, **params) -> GenerationResult:
         V = self.model.config.vocab_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
         try:
             prompts = normalize_prompts(input_ids, V)
             rows = per_row_params(len(prompts), V, **params)
+            if n > 1:   # n samples of every prompt, next to each other, each with its own derived seed
+                prompts = [p for p in prompts for _ in range(n)]
+                rows = [replace(r, seed=derive_seed(r.seed, j)) for r in rows for j in range(n)]
         except ParamError as e:
             raise ValueError(f"generate: {e}") from None
         except (ValueError, TypeError) as e:
@@ -150,4 +156,5 @@ def _result(reqs, prompts, rows, compat: bool, before: dict, after: dict, wall: 
     return GenerationResult([list(p) + r.tokens for p, r in zip(prompts, reqs)],
                             [list(r.nfe_per_block) for r in reqs], [list(r.commits_per_step) for r in reqs], stats,
                             [list(r.logprobs) for r in reqs] if lp else None,
-                            [list(r.top_logprobs) for r in reqs] if lp else None, [r.finish_reason for r in reqs])
+                            [list(r.top_logprobs) for r in reqs] if lp else None, [r.finish_reason for r in reqs],
+                            [r.output_text for r in reqs])

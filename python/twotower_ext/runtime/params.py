@@ -33,6 +33,8 @@ class DecodeParams:
     mask_token_id: int = 3
     logprobs: int | None = None      # None: none; k in [0, MAX_LOGPROBS]: each token's logprob and the k likeliest
     stop_token_ids: tuple = ()       # ids that end the request like EOS (kept in the output, finish "stop")
+    stop: tuple = ()                 # strings that end it: the text is cut before the first (needs a tokenizer)
+    detokenize: bool = False         # build the request's text as tokens are committed (needs a tokenizer)
 
     def validate(self, vocab_size: int) -> "DecodeParams":
         """Raise ParamError naming the first bad field; return self."""
@@ -68,7 +70,15 @@ class DecodeParams:
         if not isinstance(self.stop_token_ids, tuple) or not all(is_int(v) and 0 <= v < vocab_size
                                                                  for v in self.stop_token_ids):
             bad("stop_token_ids", f"a tuple of ints in [0, vocab_size={vocab_size})", self.stop_token_ids)
+        if not isinstance(self.stop, tuple) or not all(isinstance(v, str) and v for v in self.stop):
+            bad("stop", "a tuple of non-empty strings", self.stop)
+        if not isinstance(self.detokenize, bool):
+            bad("detokenize", "True or False", self.detokenize)
         return self
+
+    @property
+    def wants_text(self) -> bool:
+        return self.detokenize or bool(self.stop)
 
     def stops(self, token: int) -> bool:
         """Whether `token` ends the request (EOS or a stop token id)."""
@@ -89,15 +99,28 @@ class DecodeParams:
 FIELDS = tuple(f.name for f in fields(DecodeParams))
 
 
+def derive_seed(seed: int, j: int) -> int:
+    """The seed of the j-th of n samples of one request (OpenAI's `n`, generate's `n`): the request's own seed
+    for j = 0, else a splitmix64 mix of (seed, j) in [0, 2**63): independent streams, reproducible from the
+    request's seed."""
+    if j == 0:
+        return seed
+    z = (seed + j * 0x9E3779B97F4A7C15) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
 def per_row_params(n: int, vocab_size: int, **kw) -> list[DecodeParams]:
     """n DecodeParams from keyword values that are each one value for every row or a list / tuple with one
-    value per row (as vLLM's LLM.generate takes a list of SamplingParams); each validated. stop_token_ids is
-    one list of ids for every row, or a list of one list per row."""
+    value per row (as vLLM's LLM.generate takes a list of SamplingParams); each validated. stop_token_ids and
+    stop are one list for every row (stop: or one string), or a list of one list per row."""
     rows = [{} for _ in range(n)]
     for name, v in kw.items():
         if name not in FIELDS:
             raise ParamError(name, f"{name}: unknown parameter (known: {', '.join(FIELDS)})")
-        if name == "stop_token_ids":
+        if name in ("stop_token_ids", "stop"):   # one list for every row, or a list of one list per row
+            v = (v,) if isinstance(v, str) else v
             per_row = isinstance(v, (list, tuple)) and bool(v) and all(isinstance(e, (list, tuple)) for e in v)
             v = [tuple(e) for e in v] if per_row else tuple(v) if isinstance(v, (list, tuple)) else v
         else:

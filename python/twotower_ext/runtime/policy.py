@@ -67,6 +67,7 @@ class Policy:
         self.groups: dict[tuple, Group] = {}   # in cache order
         self.rows: list[Request | None] = [None] * max_rows
         self.finished: list[Request] = []      # requests finished since the last take_finished()
+        self.emitted: list[tuple[Request, int]] = []   # (request, tokens) emitted since the last take_emitted()
         self.dirty = False                     # something to drop or admit: schedule() has work beyond the passes
 
     # ------------------------------------------------------------------------------------------------
@@ -200,10 +201,11 @@ class Policy:
             if r.state == FINISHED:   # failed at admission: its row was inert
                 continue
             r.nfe += 1
-            if r.params.logprobs is not None:
+            keep, text, matched = self.text_of(r, [tok])
+            if keep and r.params.logprobs is not None:
                 self.record_logprobs(r, out, j, 1)
-            r.emit([tok])
-            if r.params.stops(tok):
+            self.deliver(r, keep, text)
+            if r.params.stops(tok) or matched:
                 eos_any = True
                 self.end(r, "stop")
             elif len(r.tokens) >= r.params.max_new_tokens:
@@ -252,12 +254,14 @@ class Policy:
         eos = at is not None
         if eos and cut:
             keep = keep[:at + 1]
+        keep, text, matched = self.text_of(r, keep)
+        eos |= matched
         r.nfe += passes
         r.nfe_per_block.append(passes)
         r.commits_per_step.append([int(c) for c in out.hist[j][:passes]])
         if p.logprobs is not None:
             self.record_logprobs(r, out, j, len(keep))
-        r.emit(keep)
+        self.deliver(r, keep, text)
         if eos:
             self.end(r, "stop")
         elif r.remaining <= 0:
@@ -272,6 +276,25 @@ class Policy:
         if k:
             r.top_logprobs.extend([(int(i), float(v)) for i, v in zip(out.top_id[j, s, :k], out.top_lp[j, s, :k])]
                                   for s in range(n))
+
+    @staticmethod
+    def text_of(r: Request, tokens: list[int]) -> tuple[list[int], str | None, bool]:
+        """(the tokens r keeps, the text they show, whether a stop string ended r) when r builds its text
+        (runtime/text.py: nothing after a stop string is kept or shown); else (tokens, None, False)."""
+        if r.text is None:
+            return tokens, None, False
+        n, text, matched = r.text.add(tokens)
+        return tokens[:n], text, matched
+
+    def deliver(self, r: Request, tokens: list[int], text: str | None = None) -> None:
+        """Emit tokens (and their text) to r's client (its nfe already counts the pass); noted for
+        take_emitted()."""
+        r.emit(tokens, text)
+        self.emitted.append((r, len(tokens)))
+
+    def take_emitted(self) -> list[tuple[Request, int]]:
+        out, self.emitted = self.emitted, []
+        return out
 
     def end(self, r: Request, reason: str, error: BaseException | None = None) -> None:
         """Finish r (once) and note it for take_finished()."""

@@ -4,7 +4,9 @@ model runner (runner.py) never sees this class.
 
 Life: WAITING (queued) -> RUNNING (holds a cache row) -> FINISHED (finish_reason "stop" (EOS), "length",
 "cancelled" or "error"). A client reads it with `result()` (blocking), `events()` (("tokens", new_ids) ...
-("done", request)), or its own `sink` (called on the decoding thread with each event; must not block)."""
+("done", request)), or its own `sink` (called on the decoding thread with each event; must not block).
+A tokens event is ("tokens", new_ids, new_text): new_text is None unless the request asked for its text
+(DecodeParams.detokenize or stop strings); then the text of every event, joined, is `output_text`."""
 from __future__ import annotations
 
 import itertools
@@ -37,6 +39,7 @@ class Request:
         self.row = -1                        # its cache row while RUNNING (the policy's)
         self.group_key: tuple | None = None
         self.on_cancel = None                # the policy's note that a cancel arrived
+        self.text = None                     # params.wants_text: its RequestText (runtime/text.py), from the core
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None    # first committed block / token
         self.t_done: float | None = None
@@ -85,16 +88,24 @@ class Request:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.tokens)
 
-    def emit(self, new: list[int]) -> None:
+    @property
+    def output_text(self) -> str | None:
+        return None if self.text is None else self.text.text
+
+    def emit(self, new: list[int], text: str | None = None) -> None:
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.tokens.extend(new)
-        self._post(("tokens", list(new)))
+        self._post(("tokens", list(new), text))
 
     def finish(self, reason: str, error: BaseException | str | None = None) -> None:
         if self._done.is_set():
             return
         self.state = FINISHED
+        if self.text is not None and reason in ("stop", "length"):   # the text held back for stop strings
+            tail = self.text.finish()
+            if tail:
+                self._post(("tokens", [], tail))
         if isinstance(error, BaseException):
             self.exception, error = error, f"{type(error).__name__}: {error}"
         self.finish_reason, self.error, self.t_done = reason, error, time.perf_counter()

@@ -11,7 +11,8 @@ Handle = Request
 
 # serving field -> DecodeParams field
 FIELDS = {"mode": "mode", "max_tokens": "max_new_tokens", "block_size": "block_size", "steps": "steps_per_block",
-          "threshold": "threshold", "temperature": "temperature", "seed": "seed", "eos_token_id": "eos_token_id"}
+          "threshold": "threshold", "temperature": "temperature", "seed": "seed", "eos_token_id": "eos_token_id",
+          "logprobs": "logprobs", "stop": "stop", "stop_token_ids": "stop_token_ids", "detokenize": "detokenize"}
 _PARAM_TO_FIELD = {v: k for k, v in FIELDS.items()}
 
 __all__ = ["FIELDS", "Handle", "QueueFull", "RequestError", "ShuttingDown", "make_args", "request_error"]
@@ -44,10 +45,12 @@ def make_args(vocab_size: int, **params) -> DecodeParams:
     for name, value in params.items():
         if name not in FIELDS:
             raise RequestError(name, f"{name}: unknown parameter (known: {', '.join(FIELDS)})")
-        if isinstance(value, bool) and name != "mode":    # JSON true is not an int here
+        if isinstance(value, bool) and name not in ("mode", "detokenize"):    # JSON true is not an int here
             raise RequestError(name, f"{name} must be a number, got {value!r}")
         if name in ("threshold", "temperature") and isinstance(value, int):
             value = float(value)
+        if name in ("stop", "stop_token_ids") and isinstance(value, list):
+            value = tuple(value)
         kw[FIELDS[name]] = value
     try:
         args = DecodeParams(**kw).validate(vocab_size)

@@ -44,7 +44,8 @@ class Scheduler:
         budget = budget_bytes(prefix_cache_gb, "serve: prefix_cache_gb")
         try:   # snapshot=True: mock-AR rows need the pre-extension Mamba states; the others ignore them
             self.core = DecodeCore(self.model, max_batch, max_len, max_queue, snapshot=True, cuda_graphs=cuda_graphs,
-                                   metrics=self.metrics, prefix_cache=PrefixStore(self.model, budget) if budget else None)
+                                   metrics=self.metrics, tokenizer=lm.tokenizer,
+                                   prefix_cache=PrefixStore(self.model, budget) if budget else None)
         except MemoryError as e:
             raise MemoryError(f"serve: {e} (lower --max-batch, --max-len or --prefix-cache-gb)") from None
         self.metrics.prefix_stats = self.core.prefix_stats
