@@ -145,18 +145,16 @@ PREFIX_COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_toke
 
 
 def prefix_section(results: str, device: str = "cpu") -> str:
+    """`python -m bench prefix`: time to the first token / block with the prefix cache off and on."""
     d, missing = _optional(f"prefix-{device}", results, "python -m bench prefix")
     if d is None:
         return missing
-    rows = d["rows"]
-    threads = sorted({r["threads"] for r in rows})
-    text = [f"{provenance(d)} Torch threads during the runs: {', '.join(map(str, threads))}.", "",
-            table(rows, PREFIX_COLUMNS, "prefix"), ""]
-    for r in rows:
-        if r["cache"] == "on":
-            text.append(f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "
-                        f"{'token' if r['mode'] == 'ar' else 'block'} {r['p50_speedup']:.1f}x lower with the cache.")
-    return "\n".join(text)
+    threads = ", ".join(map(str, sorted({r["threads"] for r in d["rows"]})))
+    faster = [f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "
+              f"{'token' if r['mode'] == 'ar' else 'block'} {r['p50_speedup']:.1f}x lower with the cache."
+              for r in d["rows"] if r["cache"] == "on"]
+    return "\n".join([f"{provenance(d)} Torch threads during the runs: {threads}.", "",
+                      table(d["rows"], PREFIX_COLUMNS, "prefix"), "", *faster])
 
 
 def demo_section(results: str) -> str:
