@@ -140,6 +140,23 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
+PREFIX_COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_tokens", "hit_%", "ttft_p50_s",
+                  "ttft_p99_s", "tokens/s", "p50_speedup", "same_output"]
+
+
+def prefix_section(results: str, device: str = "cpu") -> str:
+    """`python -m bench prefix`: time to the first token / block with the prefix cache off and on."""
+    d, missing = _optional(f"prefix-{device}", results, "python -m bench prefix")
+    if d is None:
+        return missing
+    threads = ", ".join(map(str, sorted({r["threads"] for r in d["rows"]})))
+    faster = [f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "
+              f"{'token' if r['mode'] == 'ar' else 'block'} {r['p50_speedup']:.1f}x lower with the cache."
+              for r in d["rows"] if r["cache"] == "on"]
+    return "\n".join([f"{provenance(d)} Torch threads during the runs: {threads}.", "",
+                      table(d["rows"], PREFIX_COLUMNS, "prefix"), "", *faster])
+
+
 def demo_section(results: str) -> str:
     """What `twotower generate --prompt "def "` prints with the shipped model (bench/bench_demo.py), described
     from its numbers: the first line, how much one phrase repeats, tokens per pass next to the quality table's."""
@@ -210,7 +227,8 @@ def scale_section(results: str, device: str = "cpu") -> str:
 
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
             "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section,
-            "demo": demo_section, "soak-cpu": soak_section, "scale-cpu": scale_section}
+            "demo": demo_section, "soak-cpu": soak_section, "scale-cpu": scale_section,
+            "prefix-cpu": prefix_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

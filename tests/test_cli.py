@@ -79,6 +79,8 @@ def test_bad_arguments_print_one_line_naming_the_argument(tmp_path):
         (["serve", "--shutdown-timeout", "nan"], ["argument --shutdown-timeout", "seconds >= 0", "nan"]),
         (["serve", "--max-body-bytes", "0"], ["argument --max-body-bytes", "integer >= 1", "0"]),
         (["serve", "--threads", "-2"], ["argument --threads", "integer >= 0", "-2"]),
+        (["serve", "--prefix-cache-gb=-1"], ["argument --prefix-cache-gb", "GiB >= 0", "'-1'"]),
+        (["serve", "--prefix-cache-gb", "x"], ["argument --prefix-cache-gb", "GiB >= 0", "'x'"]),
         (["info", "--model", CKPT], None),   # a matching checkpoint: rc 0
         (gen, None),
     ]

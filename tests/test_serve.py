@@ -271,7 +271,7 @@ def test_http_64_requests_at_concurrency_16_equal_generate(lm, parity_server):
     ({"max_tokens": 0}, "max_tokens"), ({"threshold": 2}, "threshold"), ({"mode": "beam"}, "mode"),
     ({"block_size": 0}, "block_size"), ({"steps": 0}, "steps"), ({"temperature": -1}, "temperature"),
     ({"seed": "x"}, "seed"), ({"prompt": []}, "prompt"), ({"prompt": [1, 99999]}, "prompt"),
-    ({"prompt": "text"}, "prompt"), ({"prompt": None}, "prompt"), ({"n": 2}, "n"), ({"stop": ["\n"]}, "stop"),
+    ({"prompt": "text"}, "prompt"), ({"prompt": None}, "prompt"), ({"n": 0}, "n"), ({"stop": ["\n"]}, "stop"),
     ({"foo": 1}, "foo"), ({"max_tokens": 1000}, "max_tokens"), ({"stream": "yes"}, "stream")])
 def test_http_bad_fields_are_400_naming_the_field(parity_server, body, field):
     resp = post(parity_server, {"prompt": [1, 2, 3], **body})

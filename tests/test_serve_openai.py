@@ -93,12 +93,11 @@ def test_models_by_id(chat):
 # parameters
 
 REFUSED = [  # (endpoint, field, value): each a 400 naming the field
-    ("completions", "n", 2), ("completions", "stop", "\n"), ("completions", "stop", ["a", "b"]),
-    ("completions", "stop_token_ids", [5]), ("completions", "logprobs", 2), ("completions", "echo", True),
+    ("completions", "echo", True),
     ("completions", "best_of", 2), ("completions", "suffix", "x"), ("completions", "top_p", 0.5),
     ("completions", "presence_penalty", 1.0), ("completions", "frequency_penalty", -1.0),
     ("completions", "logit_bias", {"5": 10}), ("completions", "tools", [{"type": "function"}]),
-    ("chat", "n", 3), ("chat", "stop", ["x"]), ("chat", "logprobs", True), ("chat", "top_logprobs", 2),
+    ("chat", "top_logprobs", 2),   # without logprobs: true
     ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]), ("chat", "tool_choice", "auto"),
     ("chat", "functions", [{"name": "f"}]), ("chat", "function_call", "auto"),
     ("chat", "response_format", {"type": "json_object"}), ("chat", "parallel_tool_calls", True),
@@ -106,7 +105,7 @@ REFUSED = [  # (endpoint, field, value): each a 400 naming the field
     ("chat", "reasoning_effort", "high"), ("chat", "prompt", "x"), ("chat", "foo", 1),
     # validation before refusal: the message names the field and what it must be
     ("completions", "stop", ["a", "b", "c", "d", "e"]), ("completions", "logprobs", 6), ("chat", "top_logprobs", 21),
-    ("completions", "n", 0), ("completions", "stream_options", {"include_usage": True}),
+    ("completions", "n", 0), ("completions", "n", 129), ("completions", "stop_token_ids", [-1]), ("completions", "stream_options", {"include_usage": True}),
 ]
 
 
@@ -115,14 +114,32 @@ REFUSED = [  # (endpoint, field, value): each a 400 naming the field
 def test_unsupported_parameters_are_400_naming_them(chat, endpoint, field, value):
     lm, srv, client = chat
     kw = dict(model="chat", max_tokens=4, extra_body={field: value})
-    if endpoint == "chat" and field == "top_logprobs" and value <= 20:
-        kw["logprobs"] = True     # valid, but not served yet
     with pytest.raises(openai.BadRequestError) as e:
         if endpoint == "chat":
             client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
         else:
             client.completions.create(prompt="def ", **kw)
     assert e.value.param == field and field in e.value.message, e.value.message
+
+
+@http
+def test_chat_logprobs_and_stop(chat):
+    """Chat's logprobs shape (content entries: token, logprob, bytes, top_logprobs of top_logprobs entries)
+    and a stop string (the text cut before it; tests/test_serve_decode_rules.py has the rules themselves)."""
+    lm, srv, client = chat
+    msgs = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="chat", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=2,
+                                       extra_body={"eos_token_id": None})
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 8
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") == e.token
+               for e in entries)
+    text = r.choices[0].message.content
+    stop = text[3:5]
+    if stop.strip() and text.find(stop) == 3:
+        s = client.chat.completions.create(model="chat", messages=msgs, max_tokens=8, stop=stop,
+                                           extra_body={"eos_token_id": None})
+        assert s.choices[0].message.content == text[:3] and s.choices[0].finish_reason == "stop"
 
 
 @http

@@ -5,7 +5,7 @@
   twotower serve [--model DIR] [--host 127.0.0.1 --port 8000 --max-batch 16 --max-queue 64]
 
 Without --model both use the small model shipped with the package (twotower_ext.default_model_path()).
-The generate defaults are the API's (TwoTowerLM.generate / engine.GenerateArgs); run `twotower generate
+The generate defaults are the API's (runtime.DecodeParams); run `twotower generate
 --help` for each option. A bad argument prints one line `twotower: ...` and exits 2; Ctrl-C prints
 `twotower: interrupted` and exits 130; a closed output pipe (`| head`) prints one line and exits 141.
 
@@ -85,7 +85,7 @@ def add_experts_argument(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------- generate
 def _generate_args(g: argparse.ArgumentParser) -> None:
-    from .engine import MODES, GenerateArgs as D
+    from .runtime import MODES, DecodeParams as D
 
     g.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the small model shipped with "
                    "the package, twotower_ext.default_model_path())")

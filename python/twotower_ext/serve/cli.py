@@ -31,6 +31,19 @@ def _seconds(v: str) -> float:
     return s
 
 
+PREFIX_CACHE_GB = 2.0
+
+
+def _gib(v: str) -> float:
+    try:
+        g = float(v)
+    except ValueError:
+        g = -1.0
+    if not 0 <= g < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0, got {v!r}")
+    return g
+
+
 def _port(v: str) -> int:
     try:
         p = int(v)
@@ -59,6 +72,10 @@ def _arguments(s) -> None:
                    help="CPU threads, at most the cores this process may use (default 0: the per-model-size rule "
                         "of twotower_ext.threads, 1 for small models)")
     add_experts_argument(s)
+    s.add_argument("--prefix-cache-gb", type=_gib, default=PREFIX_CACHE_GB,
+                   help="GiB for the prefix cache: prompts that start like a cached one prefill only the rest "
+                        "(default %(default)s)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="no prefix cache (the same as --prefix-cache-gb 0)")
     s.add_argument("--name", help="model id in the API (default: the checkpoint directory's name)")
     s.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled "
@@ -117,7 +134,8 @@ def make_server(config, lifecycle, grace_s: float):
 
 
 def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int, name: str,
-          shutdown_timeout: float = 30.0, ready=None, max_body_bytes: int | None = None) -> int:
+          shutdown_timeout: float = 30.0, ready=None, max_body_bytes: int | None = None,
+          prefix_cache_gb: float = 0.0) -> int:
     """Run the server until SIGTERM / SIGINT. `ready(host, port)` is called once it listens."""
     import uvicorn
 
@@ -127,7 +145,8 @@ def serve(lm, host: str, port: int, max_batch: int, max_queue: int, max_len: int
 
     if not (isinstance(shutdown_timeout, (int, float)) and math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
         raise ValueError(f"serve: shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
-    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=Metrics(name))
+    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=Metrics(name),
+                          prefix_cache_gb=prefix_cache_gb)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         app = create_app(scheduler, name, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
@@ -188,4 +207,4 @@ def run(a) -> int:
         torch.set_num_threads(threads)   # process-wide: the scheduler thread's passes run with it
     name = a.name or os.path.basename(os.path.normpath(path))
     return serve(lm, a.host, a.port, a.max_batch, a.max_queue, a.max_len, name, a.shutdown_timeout,
-                 max_body_bytes=a.max_body_bytes)
+                 max_body_bytes=a.max_body_bytes, prefix_cache_gb=0.0 if a.no_prefix_cache else a.prefix_cache_gb)

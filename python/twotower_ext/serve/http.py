@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .chat_template import ChatTemplate, read_chat_template
 from .metrics import CONTENT_TYPE
-from .openai_schema import APIError, bad, error_body, parse_request, refuse_decode_rules
+from .openai_schema import APIError, bad, error_body, parse_request
 from .request import QueueFull, RequestError, ShuttingDown
-from ..detokenize import TextStream
+from ..runtime.params import derive_seed
 
 try:
     from fastapi import FastAPI, Request
@@ -140,12 +140,12 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def _safe_sink(loop, queue: asyncio.Queue):
-    """A Handle sink (called on the scheduler thread) that posts into `queue` on `loop`; once the loop has
-    closed (the server is gone) nobody waits for the event and it is dropped."""
+def _safe_sink(loop, queue: asyncio.Queue, index: int):
+    """A Handle sink (called on the scheduler thread) that posts (index, event) into `queue` on `loop`; once
+    the loop has closed (the server is gone) nobody waits for the event and it is dropped."""
     def sink(ev):
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
         except RuntimeError:   # "Event loop is closed"
             pass
     return sink
@@ -238,38 +238,74 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
         enc = lm.tokenizer.encode_batch_fast([text])[0]
         return len(enc), (enc.ids if len(enc) < scheduler.max_len else None)
 
-    def usage(h) -> dict:
-        return {"prompt_tokens": len(h.prompt), "completion_tokens": len(h.tokens),
-                "total_tokens": len(h.prompt) + len(h.tokens), "nfe": h.nfe}
+    def usage(hs) -> dict:
+        done = sum(len(h.tokens) for h in hs)
+        return {"prompt_tokens": len(hs[0].prompt), "completion_tokens": done,
+                "total_tokens": len(hs[0].prompt) + done, "nfe": sum(h.nfe for h in hs)}
+
+    def token_text(i: int) -> str:
+        return lm.tokenizer.decode([i], skip_special_tokens=False) if lm.tokenizer is not None else str(i)
+
+    def logprobs_of(h, start: int, n: int, chat: bool, k: int, offset: int = 0):
+        """OpenAI's logprobs of h's tokens [start, start + n): chat's `content` list, or the completions'
+        tokens / token_logprobs / top_logprobs / text_offset."""
+        toks, lps = h.tokens[start:start + n], h.logprobs[start:start + n]
+        tops = h.top_logprobs[start:start + n] if k else [[] for _ in toks]
+        if chat:
+            def entry(i, v):
+                t = token_text(i)
+                return {"token": t, "logprob": v, "bytes": list(t.encode("utf-8", "replace"))}
+            return {"content": [{**entry(t, v), "top_logprobs": [entry(i, w) for i, w in top]}
+                                for t, v, top in zip(toks, lps, tops)]}
+        texts = [token_text(t) for t in toks]
+        offsets = [offset + sum(len(x) for x in texts[:j]) for j in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": lps, "text_offset": offsets,
+                "top_logprobs": [{token_text(i): w for i, w in top} for top in tops] if k else None}
 
     async def run(request: Request, ids: list[int], req):
+        """Submit the request's n choices (choice j > 0 seeded with derive_seed(seed, j)) and answer: a
+        stream of chunks as blocks / tokens are committed, or one response once every choice is done."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         chat = req.chat
         kind = "chat.completion" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        params = {**req.params, "detokenize": lm.tokenizer is not None}   # the core builds the text
+        k = req.top_logprobs if chat else req.logprobs
+        hs = []
         try:
-            h = scheduler.submit(ids, sink=_safe_sink(loop, events), request_id=rid, **req.params)
-        except RequestError as e:
-            raise bad(e.field, str(e)) from None
-        except QueueFull as e:
-            raise APIError(429, str(e), None, "rate_limit_exceeded", "queue_full") from None
-        except ShuttingDown:
+            for j in range(req.n):
+                p = params if j == 0 else {**params, "seed": derive_seed(params.get("seed", 0), j)}
+                hs.append(scheduler.submit(ids, sink=_safe_sink(loop, events, j), request_id=f"{rid}-{j}", **p))
+        except (RequestError, QueueFull, ShuttingDown) as e:
+            for h in hs:
+                h.cancel()
+            if isinstance(e, RequestError):
+                raise bad(e.field, str(e)) from None
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), None, "rate_limit_exceeded", "queue_full") from None
             raise _shutting_down() from None
-        life.handles.add(h)
-        detok = TextStream(lm.tokenizer) if lm.tokenizer is not None else None
+        life.handles.update(hs)
         extra = {"seed": req.params["seed"]} if req.seed_drawn else {}
+        sent = [0] * len(hs)        # tokens sent per choice (streaming), for their logprobs
+        chars = [0] * len(hs)       # text sent per choice (completions' text_offset)
 
-        def text_of(ids_) -> str:
-            return detok.add(ids_) if detok is not None else ""
+        def release():
+            for h in hs:
+                h.cancel()
+                life.handles.discard(h)
 
-        def choice(text, ids_, finish, delta: bool) -> dict:
-            c = {"index": 0}
+        def choice(j, text, ids_, finish, delta: bool) -> dict:
+            h, c = hs[j], {"index": j}
             if chat:
                 c["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
             else:
                 c["text"] = text
-            return {**c, "logprobs": None, "finish_reason": finish, "token_ids": ids_}
+            lp = None
+            if req.logprobs is not None and ids_:
+                start = sent[j] if delta else 0
+                lp = logprobs_of(h, start, len(ids_), chat, k or 0, chars[j] if delta else 0)
+            return {**c, "logprobs": lp, "finish_reason": finish, "token_ids": ids_}
 
         def chunk(choices: list, **more) -> str:
             obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": int(time.time()),
@@ -288,33 +324,36 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
             async def sse():
                 try:
                     if chat:   # OpenAI's first chat chunk: the role, no text
-                        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}])
-                    while True:
-                        kind_, val = await events.get()
-                        if kind_ == "tokens":
-                            yield chunk([choice(text_of(val), val, None, True)])
+                        yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None} for j in range(len(hs))])
+                    left = len(hs)
+                    while left:
+                        j, ev = await events.get()
+                        if ev[0] == "tokens":
+                            ids_, text = ev[1], ev[2] or ""
+                            yield chunk([choice(j, text, ids_, None, True)])
+                            sent[j] += len(ids_)
+                            chars[j] += len(text)
                             continue
-                        if val.finish_reason not in ("stop", "length"):
-                            yield f"data: {json.dumps(error_of(val).body())}\n\n"
+                        h = ev[1]
+                        if h.finish_reason not in ("stop", "length"):
+                            yield f"data: {json.dumps(error_of(h).body())}\n\n"
                             break
-                        yield chunk([choice(detok.finish() if detok is not None else "", [], val.finish_reason, True)])
+                        yield chunk([choice(j, "", [], h.finish_reason, True)])
+                        left -= 1
+                    else:
                         if req.include_usage:
-                            yield chunk([], usage=usage(val))
-                        break
+                            yield chunk([], usage=usage(hs))
                     yield "data: [DONE]\n\n"
-                finally:   # a client that went away (the generator is closed or cancelled) frees its row
+                finally:   # a client that went away (the generator is closed or cancelled) frees its rows
                     release()
-
-            def release():
-                h.cancel()
-                life.handles.discard(h)
 
             return _EventStream(sse(), release)
 
         async def finished():
-            while (await events.get())[0] != "done":
-                pass
+            left = len(hs)
+            while left:
+                left -= (await events.get())[1][0] == "done"
 
         async def disconnected():   # the body is read: the next message is http.disconnect (or the response end)
             while (await request.receive())["type"] != "http.disconnect":
@@ -326,22 +365,21 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
         finally:
             for w in waits:
                 w.cancel()
-            if not h.done:          # the client went away (or this task was cancelled): free the row
-                h.cancel()
-            life.handles.discard(h)
-        if not h.done:
+            if not all(h.done for h in hs):   # the client went away (or this task was cancelled): free the rows
+                release()
+            life.handles.difference_update(hs)
+        if not all(h.done for h in hs):
             return error_response(499, "client disconnected", None, "invalid_request_error", "cancelled")
-        if h.finish_reason not in ("stop", "length"):
-            raise error_of(h)
-        text = lm.decode(h.tokens) if lm.tokenizer is not None else ""
+        failed = next((h for h in hs if h.finish_reason not in ("stop", "length")), None)
+        if failed is not None:
+            raise error_of(failed)
         return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
-                             "choices": [choice(text, list(h.tokens), h.finish_reason, False)], "usage": usage(h),
-                             **extra})
+                             "choices": [choice(j, h.output_text or "", list(h.tokens), h.finish_reason, False)
+                                         for j, h in enumerate(hs)], "usage": usage(hs), **extra})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_request(await read_json(request), False, defaults, model_name)
-        refuse_decode_rules(req)
         return await run(request, await prompt_ids(req.prompt, "prompt"), req)
 
     @app.post("/v1/chat/completions")
@@ -351,7 +389,6 @@ def create_app(scheduler, model_name: str = "twotower", defaults: dict | None = 
             raise bad("messages", f"model {model_name!r} has no chat template (its checkpoint has no "
                                   "tokenizer_config.json chat_template or chat_template.jinja): use /v1/completions")
         req = parse_request(body, True, defaults, model_name)
-        refuse_decode_rules(req)
         try:
             text = await asyncio.get_running_loop().run_in_executor(pool, template.render, req.messages)
         except Exception as e:  # noqa: BLE001  (whatever the template raises for these messages)

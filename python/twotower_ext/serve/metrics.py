@@ -10,7 +10,9 @@ request_prompt_tokens / request_generation_tokens (histograms). As in vLLM, a "t
 engine output of a request: in diffusion mode a committed block, so ITL is the time between blocks there.
 This server's own series: requests_rejected_total{reason}, request_errors_total, nfe_total (forward passes
 per request, summed), passes_total and rows_per_pass (batched forward passes), and for diffusion
-denoiser_passes_per_block and tokens_per_pass (per committed block).
+denoiser_passes_per_block and tokens_per_pass (per committed block). With a prefix cache, vLLM's
+prefix_cache_queries_total / prefix_cache_hits_total (prompt tokens looked up / found) and the memory it
+holds, prefix_cache_usage_bytes of prefix_cache_budget_bytes, read from the decode core at each scrape.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"serving needs the serve extra: pip install 'twotower_ext[serve]' (prometheus_client) ({e})") from None
@@ -37,6 +40,13 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PASS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 TOKENS_PER_PASS_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 SUCCESS_REASON = {"stop": "stop", "length": "length", "cancelled": "abort"}   # ours -> vLLM's finished_reason
+# the prefix cache's series: (name, kind, DecodeCore.prefix_stats key, help)
+PREFIX_CACHE_SERIES = (
+    ("prefix_cache_queries", "counter", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "counter", "prefix_cache_hits", "Prompt tokens whose context state came from the prefix cache."),
+    ("prefix_cache_usage_bytes", "gauge", "prefix_cache_bytes", "Memory the prefix cache's entries hold."),
+    ("prefix_cache_budget_bytes", "gauge", "prefix_cache_budget_bytes", "The prefix cache's memory budget."),
+)
 
 
 class Metrics:
@@ -84,6 +94,8 @@ class Metrics:
                                      "(diffusion).", TOKENS_PER_PASS_BUCKETS)
         self._lock = threading.Lock()
         self._last: dict[int, tuple[float, int, int]] = {}   # id(handle) -> (time, nfe, tokens) at its last output
+        self.prefix_stats = None   # the core's prefix-cache counters (DecodeCore.prefix_stats), set by the Scheduler
+        r.register(_PrefixCacheCollector(self))
 
     # called by the scheduler ----------------------------------------------------------------------------
     def tokens_emitted(self, h, n: int) -> None:
@@ -152,3 +164,19 @@ class Metrics:
         for reason in ("queue_full", "shutting_down"):
             out[reason] = self.value("requests_rejected_total", reason=reason)
         return {k: int(v) for k, v in out.items() if v}
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's series, read from the decode core when scraped (nothing without a cache)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        stats = m.prefix_stats() if m.prefix_stats is not None else {}
+        for name, kind, key, help_ in PREFIX_CACHE_SERIES if stats else ():
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(PREFIX + name, help_,
+                                                                                       labels=["model_name"])
+            family.add_metric([m.model_name], stats[key])
+            yield family

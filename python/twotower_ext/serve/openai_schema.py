@@ -4,9 +4,8 @@ Every field a client may send is either used, accepted as metadata (`user`), acc
 only (`top_p: 1`, `tools: []`, ...), or refused with a 400 naming it: nothing is ignored silently. Bodies
 are parsed by hand (not by pydantic) so that each message names the field as the client spelled it.
 
-`stop` / `stop_token_ids`, `logprobs` / `top_logprobs` and `n` are parsed and validated here, but they are
-decode rules that the scheduler does not apply yet: `refuse_decode_rules` turns any non-neutral value into
-a 400 naming the field until it does.
+`stop` / `stop_token_ids` and `logprobs` / `top_logprobs` become the decode core's parameters (its decode
+rules, docs/semantics.md); `n` is that many requests with seeds derived from the request's.
 """
 from __future__ import annotations
 
@@ -218,6 +217,12 @@ def parse_request(body, chat: bool, defaults: dict, model_name: str) -> ParsedRe
         logprobs, top_logprobs = (top or 0) if lp else None, top
     else:
         logprobs, top_logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS[False]), None
+    if stop:
+        params["stop"] = stop
+    if stop_ids:
+        params["stop_token_ids"] = stop_ids
+    if logprobs is not None:
+        params["logprobs"] = logprobs
     req = ParsedRequest(chat=chat, params=params, stream=stream, include_usage=include_usage, seed_drawn=drawn,
                         n=_int(body, "n", 1, MAX_N) or 1, stop=stop, stop_token_ids=stop_ids, logprobs=logprobs,
                         top_logprobs=top_logprobs)
@@ -226,14 +231,3 @@ def parse_request(body, chat: bool, defaults: dict, model_name: str) -> ParsedRe
     else:
         req.prompt = _prompt(body)
     return req
-
-
-def refuse_decode_rules(req: ParsedRequest) -> None:
-    """A 400 naming the first decode rule the request asks for that the scheduler does not apply yet."""
-    rules = [("n", req.n != 1), ("stop", bool(req.stop)), ("stop_token_ids", bool(req.stop_token_ids)),
-             ("top_logprobs", req.top_logprobs is not None), ("logprobs", req.logprobs is not None)]
-    for name, asked in rules:
-        if asked:
-            what = ("only the model's EOS token stops generation (eos_token_id)" if name.startswith("stop") else
-                    "one choice per request" if name == "n" else "no log-probabilities are returned")
-            raise bad(name, f"{name}: not supported by this server yet ({what})")

@@ -40,7 +40,7 @@ def load_scheduler(opts: FleetOptions):
         torch.set_num_threads(threads)   # process-wide: the replica is its own process
     name = opts.name or os.path.basename(os.path.normpath(path))
     return Scheduler(lm, max_batch=opts.max_batch, max_queue=opts.max_queue, max_len=opts.max_len,
-                     metrics=Metrics(name)), name
+                     metrics=Metrics(name), prefix_cache_gb=opts.prefix_cache_gb), name
 
 
 @serve.deployment(name="TwoTowerReplica")
