@@ -16,7 +16,10 @@ BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan
            "prefill": "bench_prefill", "moe": "bench_moe", "linear": "bench_linear", "serve": "bench_serve",
            "roofline": "bench_roofline",   # roofline: each pass measured vs the cost model's prediction
            "passes": "bench_passes",       # passes: each CPU pass vs max(FLOPs / matmul rate, bytes / read rate)
-           "scale": "bench_scale"}         # scale: replicas on Ray Serve (needs the ray extra)
+           "soak": "bench_soak",           # soak: a `twotower serve` subprocess under load, disconnects, bad input
+           "demo": "bench_demo",           # demo: what `twotower generate --prompt "def "` prints (README)
+           "scale": "bench_scale",         # scale: replicas on Ray Serve (needs the ray extra)
+           "prefix": "bench_prefix"}       # prefix: time to the first token with the prefix cache off / on
 
 
 def main(argv=None) -> int:

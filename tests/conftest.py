@@ -52,3 +52,17 @@ def one_thread():
 def tolerance(dtype: torch.dtype) -> float:
     """Absolute/relative tolerance scaled to a storage dtype's rounding (a few ulps at unit scale)."""
     return {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype]
+
+
+def step_staggered(core, requests, seed: int = 0) -> None:
+    """Submit requests to a DecodeCore a few at a time (0-3 per iteration, drawn from `seed`) between its
+    steps, and step until every one is done: arrivals over time, as a server sees them."""
+    import random
+
+    todo, rng = list(requests), random.Random(seed)
+    while todo or core.has_work():
+        k = rng.randint(0, 3)
+        if todo and k:
+            core.submit(todo[:k])
+            todo = todo[k:]
+        core.step()

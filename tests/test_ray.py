@@ -95,10 +95,13 @@ class Fleet:
         return set(re.findall(r'replica="([^"]+)"', self.http.get("/metrics").text))
 
     def gauge(self, name: str, replica: str, labels: str = "") -> float:
-        """The value of series `name` of `replica` (with `labels` after its replica label) on the fleet's /metrics."""
-        sel = f'replica="{replica}"' + (f",{labels}" if labels else "")
-        m = re.search(rf'^{name}{{{re.escape(sel)}}} (\S+)$', self.http.get("/metrics").text, re.M)
-        return float(m.group(1)) if m else 0.0
+        """The value of series `name` of `replica` that has `labels` too (`a="x",b="y"`; others may be there
+        as well, e.g. model_name) on the fleet's /metrics."""
+        want = {f'replica="{replica}"', *(labels.split(",") if labels else ())}
+        for m in re.finditer(rf'^{re.escape(name)}{{(.*)}} (\S+)$', self.http.get("/metrics").text, re.M):
+            if want <= set(re.findall(r'\w+="(?:[^"\\]|\\.)*"', m.group(1))):
+                return float(m.group(2))
+        return 0.0
 
     def wait_for_replicas(self, n: int, exclude: set = frozenset(), timeout: float = 120) -> set[str]:
         end = time.monotonic() + timeout
@@ -210,8 +213,8 @@ def test_fleet_metrics_carry_every_replicas_series(fleet):
 
     def finished(replica):
         fams = {f.name: f for f in parser.text_string_to_metric_families(fleet.http.get("/metrics").text)}
-        return sum(s.value for s in fams["twotower_requests"].samples
-                   if s.name == "twotower_requests_total" and s.labels["replica"] == replica)
+        return sum(s.value for s in fams["twotower:request_success"].samples
+                   if s.name == "twotower:request_success_total" and s.labels["replica"] == replica)
 
     heads = prompts_for(sorted(fleet.ids), 1, lambda i: f"x = {i}\n")
     for replica, (prompt,) in heads.items():
@@ -229,14 +232,14 @@ def test_a_client_that_goes_away_frees_its_row(fleet):
 
     prompt = prompts_for(sorted(fleet.ids), 1, lambda i: f"for i in range({i}):\n")
     replica, (p,) = sorted(prompt.items())[0]
-    cancelled = lambda: fleet.gauge('twotower_requests_total', replica, 'outcome="cancelled"')   # noqa: E731
+    cancelled = lambda: fleet.gauge("twotower:request_success_total", replica, 'finished_reason="abort"')  # noqa: E731
     before = cancelled()
     with httpx.stream("POST", fleet.url + "/v1/completions", timeout=TIMEOUT,
                       json={"prompt": p, "max_tokens": 1000, "mode": "ar", "eos_token_id": None, "stream": True}) as r:
         assert r.headers["x-twotower-replica"] == replica
         next(line for line in r.iter_lines() if line.startswith("data: {"))   # decoding, then the client leaves
     end = time.monotonic() + 30
-    while cancelled() < before + 1 or fleet.gauge("twotower_live_rows", replica) > 0:
+    while cancelled() < before + 1 or fleet.gauge("twotower:num_requests_running", replica) > 0:
         assert time.monotonic() < end, "a stream whose client went away kept its row"
         time.sleep(0.1)
 
@@ -268,7 +271,7 @@ def test_a_replica_killed_during_a_burst(fleet, lm):
     threads = [start("victim_stream", {"prompt": long_prompts[0], "max_tokens": 1000, **ar}),
                *(start("victim_plain", {"prompt": long_prompts[1], "max_tokens": 600, **ar}) for _ in range(2))]
     end = time.monotonic() + TIMEOUT
-    while fleet.gauge("twotower_live_rows", target) < 3:   # published every 0.5 s
+    while fleet.gauge("twotower:num_requests_running", target) < 3:   # published every 0.5 s
         assert time.monotonic() < end, "the long requests did not reach their replica"
         time.sleep(0.05)
     threads += [start("stream" if j % 2 else "plain", {"prompt": p, "max_tokens": 32, "eos_token_id": None})

@@ -28,8 +28,10 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 step "virtual environment $venv" make_venv
 step "install $torch_req and the build tools (first run: a large download)" \
   "${pip[@]}" "$torch_req" numpy pytest tokenizers "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11
-# the serve extra (fastapi, uvicorn) and the clients tests/test_serve.py drives it with (openai, httpx)
-step "install the serve extra and its test clients" "${pip[@]}" "fastapi>=0.100" "uvicorn>=0.29" openai httpx
+# the serve extra (fastapi, uvicorn, jinja2, prometheus_client) and the clients tests/test_serve*.py drive it
+# with (openai, httpx)
+step "install the serve extra and its test clients" "${pip[@]}" "fastapi>=0.100" "uvicorn>=0.29" "jinja2>=3.1" \
+  "prometheus_client>=0.20" openai httpx
 if [ "$kind" = cuda ]; then
   # Headers only; its declared dependencies would pull ~350 MB and downgrade torch's cuda-bindings.
   step "install the CUTLASS headers" "${pip[@]}" --no-deps nvidia-cutlass==4.2.0.0

@@ -50,6 +50,7 @@ def fleet_options(a) -> dict:
     """FleetOptions' fields from `twotower serve` arguments."""
     opts = {"model": a.model, "name": a.name, "dtype": a.dtype, "experts": a.experts, "threads": a.threads,
             "max_batch": a.max_batch, "max_queue": a.max_queue, "max_len": a.max_len, "replicas": a.replicas,
+            "prefix_cache_gb": 0.0 if a.no_prefix_cache else a.prefix_cache_gb,
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests, "shutdown_timeout_s": a.shutdown_timeout,
             "gpus_per_replica": a.gpus_per_replica if a.gpus_per_replica is not None else int(a.device != "cpu")}

@@ -18,6 +18,7 @@ class FleetOptions:
     max_batch: int = 16               # per replica, as `twotower serve`
     max_queue: int = 64
     max_len: int = 1024
+    prefix_cache_gb: float = 2.0      # per replica, as `twotower serve` (0: no prefix cache)
     replicas: int = 1                 # fixed count, or the initial count when autoscaling
     min_replicas: int | None = None   # autoscaling bounds (either one turns autoscaling on)
     max_replicas: int | None = None
@@ -64,6 +65,8 @@ class FleetOptions:
         for name in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_imbalance"):
             v, lo = getattr(self, name), 0 if name in ("min_replicas", "max_imbalance") else 1
             need(name, v is None or (is_int(v) and v >= lo), f"None or an int >= {lo}")
+        need("prefix_cache_gb", isinstance(self.prefix_cache_gb, (int, float)) and not isinstance(self.prefix_cache_gb, bool)
+             and 0 <= self.prefix_cache_gb < float("inf"), "a number of GiB >= 0")
         for name in ("metrics_period_s", "shutdown_timeout_s"):
             v = getattr(self, name)
             need(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")

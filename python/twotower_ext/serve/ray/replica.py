@@ -26,7 +26,8 @@ def load_scheduler(opts: FleetOptions):
 
     from ... import default_model_path
     from ...api import load
-    from ...threads import recommended_threads
+    from ...threads import cap_threads, recommended_threads
+    from ..metrics import Metrics
     from ..scheduler import Scheduler
 
     path = opts.model or default_model_path()
@@ -34,11 +35,12 @@ def load_scheduler(opts: FleetOptions):
         raise ValueError("serve.ray: no model given and this installation ships no default model")
     device, denoiser_device = opts.devices()
     lm = load(path, device=device, dtype=opts.dtype, denoiser_device=denoiser_device, experts=opts.experts)
-    threads = opts.threads or recommended_threads(lm.config, device)
+    threads = cap_threads(opts.threads) if opts.threads else recommended_threads(lm.config, device)
     if threads:
         torch.set_num_threads(threads)   # process-wide: the replica is its own process
     name = opts.name or os.path.basename(os.path.normpath(path))
-    return Scheduler(lm, max_batch=opts.max_batch, max_queue=opts.max_queue, max_len=opts.max_len), name
+    return Scheduler(lm, max_batch=opts.max_batch, max_queue=opts.max_queue, max_len=opts.max_len,
+                     metrics=Metrics(name), prefix_cache_gb=opts.prefix_cache_gb), name
 
 
 @serve.deployment(name="TwoTowerReplica")
