@@ -35,7 +35,7 @@ KERNELS = {
                          "same bytes"),
     "prefill": (["dtype", "L", "chunk", "chunked_ms", "GFLOP/s", "%fp32_mm", "op_ms", "speedup"],
                 "the chunked SSD prefill (PyTorch matmuls) against the seeded scan op; limit: the fp32 matmul rate"),
-    "linear": (["dtype", "weight", "M", "path", "median_us", "GB/s", "GFLOP/s", "bound_us", "%bound", "F.linear_us",
+    "linear": (["dtype", "threads", "weight", "M", "path", "median_us", "GB/s", "GFLOP/s", "bound_us", "%bound", "F.linear_us",
                 "speedup"],
                "baseline: F.linear on the plain weight; limit: max(FLOPs / matmul rate, weight bytes / read rate), "
                "weights cycled through copies larger than the cache"),
