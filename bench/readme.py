@@ -144,8 +144,8 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "F.linear ms", "ms", "speedup", "bound ms", "bound",
-                  "before %bound", "%bound"]
+PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "before %bound", "F.linear ms", "F.linear %bound", "ms",
+                  "%bound", "vs F.linear", "bound ms", "bound"]
 
 
 def passes_section(results: str, device: str = "cpu") -> str:
@@ -164,9 +164,9 @@ def passes_section(results: str, device: str = "cpu") -> str:
         if r.get("linears", "packed") != "packed":
             continue
         b, f = old.get(key(r), {}), plain.get(key(r), {})
-        rows.append({**r, "before ms": b.get("ms", ""), "F.linear ms": f.get("ms", ""),
-                     "speedup": b["ms"] / r["ms"] if b else "", "before %bound": b.get("%bound", ""),
-                     "bound ms": r["bound_ms"]})
+        rows.append({**r, "before ms": b.get("ms", ""), "before %bound": b.get("%bound", ""),
+                     "F.linear ms": f.get("ms", ""), "F.linear %bound": f.get("%bound", ""),
+                     "vs F.linear": f["ms"] / r["ms"] if f else "", "bound ms": r["bound_ms"]})
     text = [f"Now: {provenance(after)}"] + ([f"Before: {provenance(before)}"] if before else [])
     text += ["", table(rows, PASSES_COLUMNS, "passes")]
     for dtype, ops in after.get("profile", {}).items():
