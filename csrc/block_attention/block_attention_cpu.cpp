@@ -9,57 +9,25 @@
 
 #include "block_attention/block_attention.h"
 #include "common/half_cpu.h"
+#include "common/vec8_cpu.h"
 
 namespace tt {
 namespace {
 
 constexpr int64_t kTileKeys = 256;  // keys per GEMM: 256x128 @ 128x256 keeps Q, K^T, V, S, O in L2
-constexpr int kLanes = 8;
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-inline f32x8 splat(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
-inline f32x8 load8(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-
-// exp(x) for the softmax terms (x <= 0 up to rounding): Cephes-style range reduction + degree-6 polynomial,
-// ~2 ulp; exactly 0 below -87 (also for -inf), where expf is subnormal or 0 anyway.
-inline f32x8 exp8(f32x8 x) {
-  const i32x8 under = x < splat(-87.f);
-  x = under ? splat(-87.f) : x;
-  x = x > splat(88.f) ? splat(88.f) : x;
-  const f32x8 shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const f32x8 t = x * splat(1.44269504088896341f) + shifter;
-  const f32x8 n = t - shifter;
-  f32x8 r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  f32x8 y = splat(1.9875691500e-4f);
-  y = y * r + splat(1.3981999507e-3f);
-  y = y * r + splat(8.3334519073e-3f);
-  y = y * r + splat(4.1665795894e-2f);
-  y = y * r + splat(1.6666665459e-1f);
-  y = y * r + splat(5.0000001201e-1f);
-  y = y * (r * r) + r + splat(1.f);
-  const i32x8 ni = __builtin_bit_cast(i32x8, t) - __builtin_bit_cast(i32x8, shifter);
-  const f32x8 pow2 = __builtin_bit_cast(f32x8, (ni + 127) << 23);
-  const f32x8 e = y * pow2;
-  return under ? splat(0.f) : e;
-}
-
 inline float hmax(f32x8 v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  for (int i = 1; i < kLanes8; ++i) m = std::max(m, v[i]);
   return m;
 }
 inline float hmin(f32x8 v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::min(m, v[i]);
+  for (int i = 1; i < kLanes8; ++i) m = std::min(m, v[i]);
   return m;
 }
 inline float hsum(f32x8 v) {
   float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
+  for (int i = 0; i < kLanes8; ++i) s += v[i];
   return s;
 }
 
@@ -123,7 +91,7 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     // A tile never straddles the context / block boundary, so its rows are evenly strided in one tensor.
     n = std::min(Lt, task.key_end - t0);
     if (t0 < ctx) n = std::min(n, ctx - t0);
-    const int64_t n8 = round_up(n, kLanes);
+    const int64_t n8 = round_up(n, kLanes8);
     // Causal: block query s sees key t0 iff t0 < ctx + s + 1, so the rows of queries s < t0 - ctx see none
     // of this tile: both GEMMs and the softmax start at row r0 (the rows are ordered by query).
     const int64_t r0 = p.causal ? std::clamp<int64_t>(t0 - ctx, 0, p.block_len) * G : 0;
@@ -141,8 +109,8 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
       if constexpr (std::is_same_v<T, float>) {
         for (int64_t j = 0; j < n; ++j) std::memcpy(kt + j * D, kt0 + j * kld, D * sizeof(float));
       } else {
-        for (int64_t j = 0; j < n; j += kLanes) {
-          const int64_t jn = std::min<int64_t>(kLanes, n - j);
+        for (int64_t j = 0; j < n; j += kLanes8) {
+          const int64_t jn = std::min<int64_t>(kLanes8, n - j);
           for (int64_t d = 0; d < D; ++d)
             for (int64_t jj = 0; jj < jn; ++jj) kt[d * Lt + j + jj] = kt0[(j + jj) * kld + d];
         }
@@ -173,29 +141,29 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     for (int64_t r = r0; r < M; ++r) {
       float* row = s + r * Lt;
       const int64_t live_n = p.causal ? std::min(ctx + r / G + 1 - t0, n) : n;  // >= 1 from row r0 on
-      const f32x8 vlive = splat(float(live_n));
-      f32x8 vmax = splat(-INFINITY), vmin = splat(INFINITY);
-      for (int64_t j = 0; j < n8; j += kLanes) {
+      const f32x8 vlive = splat8(float(live_n));
+      f32x8 vmax = splat8(-INFINITY), vmin = splat8(INFINITY);
+      for (int64_t j = 0; j < n8; j += kLanes8) {
         const f32x8 x = load8(row + j);
-        const i32x8 live = lane + splat(float(j)) < vlive;
+        const i32x8 live = lane + splat8(float(j)) < vlive;
         vmax = (live & (x > vmax)) ? x : vmax;
         vmin = (live & (x < vmin)) ? x : vmin;
       }
       const float m_new = std::max(mrow[r], c >= 0.f ? c * hmax(vmax) : c * hmin(vmin));
-      const f32x8 vm = splat(m_new), vc8 = splat(c);
-      f32x8 vsum = splat(0.f);
-      for (int64_t j = 0; j < n8; j += kLanes) {
+      const f32x8 vm = splat8(m_new), vc8 = splat8(c);
+      f32x8 vsum = splat8(0.f);
+      for (int64_t j = 0; j < n8; j += kLanes8) {
         f32x8 x = load8(row + j) * vc8 - vm;
-        if (j + kLanes > live_n) x = (lane + splat(float(j)) < vlive) ? x : splat(-INFINITY);
+        if (j + kLanes8 > live_n) x = (lane + splat8(float(j)) < vlive) ? x : splat8(-INFINITY);
         const f32x8 e = exp8(x);
         vsum += e;
         if constexpr (kNative) {
-          for (int i = 0; i < kLanes; ++i) pc[r * Lt + j + i] = from_float<C>(e[i]);
+          for (int i = 0; i < kLanes8; ++i) pc[r * Lt + j + i] = from_float<C>(e[i]);
         } else {
           store8(row + j, e);
         }
       }
-      const float alpha = exp8(splat(mrow[r] - m_new))[0];  // 0 on the first tile (m = -inf)
+      const float alpha = exp8(splat8(mrow[r] - m_new))[0];  // 0 on the first tile (m = -inf)
       lrow[r] = lrow[r] * alpha + hsum(vsum);
       mrow[r] = m_new;
       if (alpha != 1.f) {

@@ -14,7 +14,7 @@
 
 #include "common/half_cpu.h"
 #include "moe/moe.h"
-#include "moe/moe_isa_cpu.h"
+#include "common/cpu_isa.h"
 
 namespace tt {
 namespace {
@@ -60,7 +60,7 @@ template <Out O> void int4_scalar(const uint8_t* d, float s, int64_t k0, int64_t
   for (int64_t k = k0; k < k1; ++k) store1<O>(dst, k, int4_value(d, k) * s);
 }
 
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + F16C (the objects' baseline, no attributes needed)
 
@@ -260,22 +260,22 @@ template <Out O> TT_AVX512 void int4_lut_avx512(const uint8_t* d, float s, int64
     _mm512_mask_storeu_epi16(static_cast<uint16_t*>(dst) + k, mask32(n), _mm512_permutexvar_epi16(idx, t));
   }
 }
-#endif  // TT_MOE_X86
+#endif  // TT_X86
 
 // ---------------------------------------------------------------------------------------------------
 // Rows: per row, fp8 has one scale; int4 one per group of `group` k (group even, so each group starts on a byte).
 
 using SpanFn = void (*)(const uint8_t*, float, int64_t, int64_t, void*);
 
-template <Out O> void dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, void* dst) {
+template <Out O> void dequant_rows(CpuIsa isa, const MoeQuantRows& q, void* dst) {
   const bool fp8 = q.format == MoeWeightFormat::kFp8;
   SpanFn fn = fp8 ? &fp8_scalar<O> : &int4_scalar<O>;
-#ifdef TT_MOE_X86
-  if (isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16) {
+#ifdef TT_X86
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) {
     if constexpr (O == Out::kBF16 || O == Out::kF16) fn = fp8 ? &fp8_lut_avx512<O> : &int4_lut_avx512<O>;
     else fn = fp8 ? &fp8_avx512<O> : &int4_avx512<O>;
   }
-  else if (isa == MoeCpuIsa::kAvx2) {
+  else if (isa == CpuIsa::kAvx2) {
     if constexpr (O == Out::kBF16 || O == Out::kF16) fn = fp8 ? &fp8_avx2<O> : &int4_lut_avx2<O>;
     else fn = fp8 ? &fp8_avx2<O> : &int4_avx2<O>;
   }
@@ -293,7 +293,7 @@ template <Out O> void dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, void* d
 
 }  // namespace
 
-void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst) {
+void moe_dequant_rows(CpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst) {
   switch (dt) {
     case DType::kFloat32: return dequant_rows<Out::kF32>(isa, q, dst);
     case DType::kBFloat16:

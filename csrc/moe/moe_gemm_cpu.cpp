@@ -24,7 +24,7 @@
 
 #include "common/half_cpu.h"
 #include "moe/moe.h"
-#include "moe/moe_isa_cpu.h"
+#include "common/cpu_isa.h"
 
 namespace tt {
 namespace {
@@ -58,7 +58,7 @@ void kernel_scalar(int64_t K, const typename Tag::raw* const* a, const typename 
     TT_UNROLL for (int n = 0; n < NR; ++n) c[m * ldc + n] = dot_tail<Tag>(a[m], b + n * ldb, 0, K);
 }
 
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + FMA: 16 ymm registers hold MR*NR accumulators + NR weight vectors + 1 activation vector.
 
@@ -142,7 +142,7 @@ TT_AVX512BF16 void kernel_avx512bf16(int64_t K, const uint16_t* const* a, const 
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) c[m * ldc + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
-#endif  // TT_MOE_X86
+#endif  // TT_X86
 
 // ---------------------------------------------------------------------------------------------------
 // Blocking: MR x NR tiles over C; the NR weight rows of one column block are read from memory by its first
@@ -165,7 +165,7 @@ template <class Tag, int MaxMR, int MaxNR, template <class, int, int> class K> s
     }                                                                                                      \
   };
 TT_MOE_KERNEL_ADAPTER(ScalarK, kernel_scalar)
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 TT_MOE_KERNEL_ADAPTER(Avx2K, kernel_avx2)
 TT_MOE_KERNEL_ADAPTER(Avx512K, kernel_avx512)
 template <class Tag, int MR, int NR> struct Avx512Bf16K {
@@ -202,22 +202,22 @@ void drive(int64_t M, int64_t N, int64_t Kd, const void* A, const int32_t* a_row
 }
 
 template <class Tag>
-void gemm_typed(MoeCpuIsa isa, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows, int64_t lda,
+void gemm_typed(CpuIsa isa, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows, int64_t lda,
                 const void* B, int64_t ldb, float* C, int64_t ldc) {
-#ifdef TT_MOE_X86
+#ifdef TT_X86
   if constexpr (std::is_same_v<Tag, BF16>) {
-    if (isa == MoeCpuIsa::kAvx512Bf16) return drive<Tag, 4, 6, Avx512Bf16K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
+    if (isa == CpuIsa::kAvx512Bf16) return drive<Tag, 4, 6, Avx512Bf16K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
   }
-  if (isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16)
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16)
     return drive<Tag, 4, 6, Avx512K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
-  if (isa == MoeCpuIsa::kAvx2) return drive<Tag, 3, 3, Avx2K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
+  if (isa == CpuIsa::kAvx2) return drive<Tag, 3, 3, Avx2K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
 #endif
   drive<Tag, 2, 2, ScalarK>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
 }
 
 }  // namespace
 
-void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
+void moe_gemm_nt(CpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
                  int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc) {
   switch (dt) {
     case DType::kFloat32: return gemm_typed<F32>(isa, M, N, K, A, a_rows, lda, B, ldb, C, ldc);
@@ -226,34 +226,12 @@ void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const
   }
 }
 
-bool moe_cpu_isa_supported(MoeCpuIsa isa) {
-#ifdef TT_MOE_X86
-  switch (isa) {
-    case MoeCpuIsa::kScalar: return true;
-    case MoeCpuIsa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case MoeCpuIsa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    case MoeCpuIsa::kAvx512Bf16: return moe_cpu_isa_supported(MoeCpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
-  }
-  return false;
-#else
-  return isa == MoeCpuIsa::kScalar;
-#endif
-}
-
-MoeCpuIsa moe_cpu_best_isa() {
-  for (MoeCpuIsa isa : {MoeCpuIsa::kAvx512Bf16, MoeCpuIsa::kAvx512, MoeCpuIsa::kAvx2})
-    if (moe_cpu_isa_supported(isa)) return isa;
-  return MoeCpuIsa::kScalar;
-}
-
 // Measured on this project's Xeon (1 thread, one expert, [M x 2688] up + down, GFLOP/s micro vs MKL sgemm on
 // widened tiles): AVX-512 fp32 M=16 15 vs 12, M=32 20 vs 21, M=64 29 vs 28, M=128 28 vs 32; bf16 (vdpbf16ps)
 // M=16 20 vs 8, M=64 24 vs 20, M=128 23 vs 27. AVX2 kernel (forced, same CPU): fp32 M=16 10 vs 11, M=32 14 vs 18;
 // bf16 M=32 13 vs 10, M=64 14 vs 17. Past these row counts the library's packed, compute-bound blocking wins.
-int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt) {
-  const bool wide = isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16;
+int64_t moe_micro_max_rows(CpuIsa isa, DType dt) {
+  const bool wide = isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16;
   if (dt == DType::kFloat32) return wide ? 48 : 16;
   return wide ? 96 : 48;
 }

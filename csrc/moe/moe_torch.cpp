@@ -6,8 +6,8 @@
 //   group_size 0), fp8 (float8_e4m3fn, fp32 scales [E,I] / [E,H]) or int4 (uint8 [E,I,ceil(H/2)] / [E,H,ceil(I/2)],
 //   bf16|fp16 scales [E,I,ceil(H/group)] / [E,H,ceil(I/group)]): python/twotower_ext/quant.py. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
 // every path has read x before it writes out, so out may be x.
-// Environment (tests and benchmarks): TWOTOWER_MOE_CPU_ISA=scalar|avx2|avx512|avx512_bf16 forces the CPU
-// microkernel's instruction set (default: the best this CPU runs); TWOTOWER_MOE_CPU_GEMM=micro|library forces
+// Environment (tests and benchmarks): TWOTOWER_CPU_ISA caps the CPU microkernel's instruction set (default: the best
+// this CPU runs; common/cpu_isa_torch.h); TWOTOWER_MOE_CPU_GEMM=micro|library forces
 // the inner GEMM for every expert (default auto: by rows per expert); TWOTOWER_MOE_DEBUG=1 on CUDA checks the
 // ids after the launch (synchronises; not capturable).
 #include <ATen/Parallel.h>
@@ -27,6 +27,7 @@
 #include <utility>
 
 #include "common/cpu_gemm_torch.h"
+#include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
 #include "moe/moe.h"
 
@@ -184,18 +185,8 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
 // ---------------------------------------------------------------------------------------------------
 // CPU
 
-tt::MoeCpuIsa moe_cpu_isa() {
-  const char* env = std::getenv("TWOTOWER_MOE_CPU_ISA");
-  if (env == nullptr || env[0] == '\0') return tt::moe_cpu_best_isa();
-  const std::string v(env);
-  const tt::MoeCpuIsa isa = v == "scalar" ? tt::MoeCpuIsa::kScalar : v == "avx2" ? tt::MoeCpuIsa::kAvx2
-                          : v == "avx512" ? tt::MoeCpuIsa::kAvx512 : v == "avx512_bf16" ? tt::MoeCpuIsa::kAvx512Bf16
-                          : tt::MoeCpuIsa(-1);
-  TORCH_CHECK_VALUE(int32_t(isa) >= 0, "twotower: TWOTOWER_MOE_CPU_ISA must be scalar, avx2, avx512 or avx512_bf16, "
-                    "got '", v, "'");
-  TORCH_CHECK_VALUE(tt::moe_cpu_isa_supported(isa), "twotower: TWOTOWER_MOE_CPU_ISA=", v, " but this CPU does not run it");
-  return isa;
-}
+// The microkernels' instruction set: the TWOTOWER_CPU_ISA cap (common/cpu_isa_torch.h), AMX taken as avx512_bf16.
+tt::CpuIsa moe_cpu_isa() { return std::min(cpu_isa_cap(), tt::CpuIsa::kAvx512Bf16); }
 
 tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   const char* env = std::getenv("TWOTOWER_MOE_CPU_GEMM");

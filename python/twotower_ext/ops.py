@@ -35,6 +35,13 @@ def _has_kernel(name: str, device: torch.device) -> bool:
     return not _FORCE_REFERENCE and device.type.upper() in kernel_devices(name)
 
 
+def cpu_isas() -> list[str]:
+    """The CPU instruction-set levels this CPU runs, lowest first ("scalar", "avx2", "avx512", "avx512_bf16",
+    "amx"): the values of TWOTOWER_CPU_ISA, which caps every CPU kernel's vector code (tests and benchmarks
+    force each path with it)."""
+    return list(torch.ops.twotower.cpu_isas())
+
+
 # ----------------------------------------------------------------------------------------------------
 # merge_states
 
