@@ -6,9 +6,9 @@
 
 #include <algorithm>
 #include <optional>
-#include <vector>
 
 #include "mamba_scan/mamba_scan.h"
+#include "common/call_scratch_cpu.h"
 #include "common/cpu_isa_torch.h"
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
@@ -146,17 +146,17 @@ Tensor mamba_block_scan_cpu(const Tensor& xbc, const Tensor& dt, const Tensor& c
                                     seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out);
   const auto& p = plan.p;
   const tt::CpuIsa isa = cpu_isa_cap();
-  // The activated conv output of every live token, fp32: reused across calls on this thread (no per-call
-  // allocation); helper threads of this call only read and write it while the call runs.
-  thread_local std::vector<float> act;
-  act.resize(std::max<size_t>(act.size(), size_t(p.batch * p.seqlen * p.conv_dim)));
+  // The activated conv output of every live token, fp32 (common/call_scratch_cpu.h: no per-call allocation).
+  struct ActTag;
+  const tt::CallScratch<float, ActTag> scratch(size_t(p.batch * p.seqlen * p.conv_dim));
+  float* act = scratch.data();
   // Conv items (row, channel block), then (row, head) scan items once every conv item is done. Each runs inline
   // for an AR step or a small model's block and splits dynamically for a wide model or a prompt
   // (common/parallel_cpu.h); work per item in elements of about the same cost.
   tt::parallel_chunks(p.batch * tt::mamba_conv_blocks(p), p.seqlen * tt::kMambaConvBlock * p.kernel,
-                      [&](int64_t b, int64_t e) { check_status(tt::mamba_conv_cpu(p, act.data(), b, e), "mamba_block_scan"); });
+                      [&](int64_t b, int64_t e) { check_status(tt::mamba_conv_cpu(p, act, b, e), "mamba_block_scan"); });
   tt::parallel_chunks(p.batch * p.nheads, p.seqlen * p.headdim * p.dstate, [&](int64_t b, int64_t e) {
-    check_status(tt::mamba_scan_cpu(p, isa, act.data(), b, e), "mamba_block_scan");
+    check_status(tt::mamba_scan_cpu(p, isa, act, b, e), "mamba_block_scan");
   });
   return plan.y;
 }

@@ -131,29 +131,38 @@ void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* 
 
 }  // namespace
 
-MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg) {
-  MoeCpuPlan pl;
+void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
   const int64_t T = p.tokens, k = p.topk, E = p.experts, n = T * k;
-  std::vector<int64_t> count(E + 1, 0);
-  std::vector<int32_t> ids(n);
+  pl.active.clear();
+  pl.begin.clear();
+  pl.library.clear();
+  pl.up_items.clear();
+  pl.any_library = false;
+  pl.bad_index = -1;
+  pl.bad_value = 0;
+  std::vector<int64_t>& count = pl.work_count;
+  std::vector<int32_t>& ids = pl.work_ids;
+  count.assign(E + 1, 0);
+  ids.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = p.ids_int64 ? static_cast<const int64_t*>(p.expert_ids)[i]
                                   : static_cast<const int32_t*>(p.expert_ids)[i];
     if (e < 0 || e >= E) {
       pl.bad_index = i;
       pl.bad_value = e;
-      return pl;
+      return;
     }
     ids[i] = int32_t(e);
     ++count[e];
   }
-  std::vector<int64_t> pos(E, -1);
+  std::vector<int64_t>& pos = count;  // reused in place: each expert's next slot
   pl.begin.push_back(0);
   for (int64_t e = 0; e < E; ++e) {
     if (count[e] == 0) continue;
+    const int64_t c = count[e];
     pos[e] = pl.begin.back();
     pl.active.push_back(int32_t(e));
-    pl.begin.push_back(pl.begin.back() + count[e]);
+    pl.begin.push_back(pl.begin.back() + c);
   }
   pl.slot_token.resize(n);
   pl.slot_weight.resize(n);
@@ -178,7 +187,6 @@ MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg) {
   for (int64_t a = 0; a < na; ++a)
     if (!pl.library[a])
       for (int64_t t = 0; t < tiles; ++t) pl.up_items.push_back({int32_t(a), int32_t(t)});
-  return pl;
 }
 
 Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, const MoeUpItem& item,
