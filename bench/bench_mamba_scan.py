@@ -7,7 +7,7 @@ also timed on the baseline build (e.g. main's wheel) in the same run: main_us, v
 Shapes: one Mamba layer of the real model (64 heads x 64, state 128, 8 groups, kernel 4) and of the width-1/8
 model (8 heads x 64, state 128, 1 group) for a denoiser block (L=16, read-only seed), an AR/mock-AR step (L=1,
 state written back) and a prefill piece (L=128). On the CPU, each shape also runs on every vector path of the
-recurrence this CPU has (`isa`: TWOTOWER_CPU_ISA; the default path first).
+recurrence this CPU has (`isa`: TWOTOWER_SCAN_CPU_ISA; the default path first).
 Bytes: SSM state read (+ written when updated) + xBC, dt, y. FLOPs: 5 per state element per token
 (decay, update, C contraction) + the conv. The bound is max(bytes / read bandwidth, FLOPs / fp32 matmul rate),
 both measured in the same run (the read at the row's working-set size: in cache for the small rows).
@@ -55,12 +55,12 @@ def inputs(case, dtype_name, device):
 
 def kernel_timings(cases, dtypes, device="cpu", isa=None) -> list[list]:
     """[median_s, p10_s, p90_s, other_cores] of tt.mamba_block_scan per (dtype, case), in that order; isa: the
-    TWOTOWER_CPU_ISA cap to time under (None: the default). Runs here and, for the baseline, in a child process."""
+    TWOTOWER_SCAN_CPU_ISA path to time (None: the default). Runs here and, for the baseline, in a child process."""
     import twotower_ext as tt
 
-    old = os.environ.pop("TWOTOWER_CPU_ISA", None)
+    old = os.environ.pop("TWOTOWER_SCAN_CPU_ISA", None)
     if isa is not None:
-        os.environ["TWOTOWER_CPU_ISA"] = isa
+        os.environ["TWOTOWER_SCAN_CPU_ISA"] = isa
     try:
         out = []
         for dtype in dtypes:
@@ -71,9 +71,9 @@ def kernel_timings(cases, dtypes, device="cpu", isa=None) -> list[list]:
                 out.append([t.median_s, t.p10_s, t.p90_s, t.other_cores])
         return out
     finally:
-        os.environ.pop("TWOTOWER_CPU_ISA", None)
+        os.environ.pop("TWOTOWER_SCAN_CPU_ISA", None)
         if old is not None:
-            os.environ["TWOTOWER_CPU_ISA"] = old
+            os.environ["TWOTOWER_SCAN_CPU_ISA"] = old
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:

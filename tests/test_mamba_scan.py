@@ -125,7 +125,7 @@ def test_strided_views_as_the_model_passes_them(device, gen):
     torch.testing.assert_close(y.cpu().double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=2e-5)
 
 
-CPU_PATHS = ["scalar", "avx2", "avx512"]   # the recurrence's vector code (TWOTOWER_CPU_ISA caps it)
+CPU_PATHS = ["scalar", "avx2", "avx512"]   # the recurrence's vector code (TWOTOWER_SCAN_CPU_ISA forces it)
 
 
 def cpu_path(isa):
@@ -142,7 +142,7 @@ ODD_SHAPES = [(2, 16, 4, 8, 16, 2, 4), (3, 5, 6, 5, 7, 3, 4), (2, 9, 3, 7, 130, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,H,P,N,G,K", ODD_SHAPES)
 def test_each_cpu_path_matches_fp64_oracle(isa, dtype, B, L, H, P, N, G, K, monkeypatch, gen):
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
     args = make_inputs(gen, B, L, H, P, N, G, K, dtype)
     lens = torch.randint(0, L + 1, (B,), generator=gen, dtype=torch.int32)
     check(args, seq_lens=lens, dtype=dtype)
@@ -157,7 +157,7 @@ def test_cpu_paths_are_bitwise_equal(B, L, H, P, N, G, K, monkeypatch, gen):
     args = make_inputs(gen, B, L, H, P, N, G, K, torch.float32)
     runs = {}
     for isa in paths:
-        monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+        monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
         ssm = torch.empty_like(args["ssm_state"])
         runs[isa] = tt.mamba_block_scan(**args, ssm_state_out=ssm), ssm
     for isa in paths[1:]:
@@ -168,7 +168,7 @@ def test_cpu_paths_are_bitwise_equal(B, L, H, P, N, G, K, monkeypatch, gen):
 def test_nan_in_gives_nan_out(isa, monkeypatch, gen):
     """A NaN in one head's x channel, in one state element or in a group's B channel reaches exactly the outputs
     that depend on it."""
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
     B, L, H, P, N, G, K = 2, 6, 4, 5, 20, 2, 4
     args = make_inputs(gen, B, L, H, P, N, G, K, torch.float32)
     args["xBC"][0, 3, 1 * P + 2] = float("nan")            # row 0, token 3, head 1's x row 2

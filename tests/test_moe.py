@@ -55,7 +55,7 @@ def check(y, x, ids, w, up, down, dtype=None):
 def isa_supported(isa):
     x, ids, w, up, down = make(1, 2, 1, 8, 8, torch.float32, torch.Generator().manual_seed(0))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TWOTOWER_CPU_ISA", isa)
+        mp.setenv("TWOTOWER_MOE_CPU_ISA", isa)
         try:
             tt.ops.moe_experts(x, ids, w, up, down)
         except ValueError as e:
@@ -83,7 +83,7 @@ def test_matches_oracle(E, k, T, dtype, device, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_isa_and_gemm(isa, gemm, dtype, monkeypatch, gen):
     """Odd sizes (k tails, N tails of every microkernel block), tokens per expert from 1 to 40."""
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_MOE_CPU_ISA", isa)
     monkeypatch.setenv("TWOTOWER_MOE_CPU_GEMM", gemm)
     ids = torch.randint(0, 3, (40, 2), generator=gen)
     ids[:, 1] = 3 + torch.randint(0, 5, (40,), generator=gen)  # expert 3..7: few tokens each

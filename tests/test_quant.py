@@ -158,7 +158,7 @@ def test_dequant_bit_identical(H, I, fmt, group, sdt, dtype, gemm, isa, monkeypa
     Up: w_down' = [identity; 0] and x = +-e_j make y[t, :I] = round(relu(+-w_up'[:, j])^2). Both compared with
     quant.dequantize to the bit (expert 1 of 2: the expert offset; odd H / I: vector tails, short last group,
     the int4 pad nibble)."""
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_MOE_CPU_ISA", isa)
     monkeypatch.setenv("TWOTOWER_MOE_CPU_GEMM", gemm)
     E, e = 2, 1
     eye_up = torch.zeros(E, I, H)
@@ -213,7 +213,7 @@ def assert_matches_reference(y, x, ids, w, qu, qd, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt,group,sdt", FORMATS, ids=FORMAT_IDS)
 def test_matches_reference_on_dequantised_weights(fmt, group, sdt, dtype, gemm, isa, monkeypatch, gen):
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_MOE_CPU_ISA", isa)
     monkeypatch.setenv("TWOTOWER_MOE_CPU_GEMM", gemm)
     for T, k in [(1, 1), (3, 2), (16, 3), (37, 4)]:
         x, ids, w, _, _, qu, qd = make_case(T, 8, k, 200, 72, fmt, group, sdt, dtype, gen)
@@ -275,7 +275,7 @@ def test_out_strided_and_in_place(fmt, group, sdt, gen):
 @pytest.mark.parametrize("isa", SUPPORTED)
 @pytest.mark.parametrize("fmt,group,sdt", FORMATS, ids=FORMAT_IDS)
 def test_nan_weight_poisons_only_its_experts_tokens(fmt, group, sdt, isa, monkeypatch, gen):
-    monkeypatch.setenv("TWOTOWER_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_MOE_CPU_ISA", isa)
     T, E, H, I = 12, 6, 200, 72
     for dtype in (torch.bfloat16, torch.float16):
         x, ids, w, up, down, _, _ = make_case(T, E, 2, H, I, fmt, group, sdt, dtype, gen)

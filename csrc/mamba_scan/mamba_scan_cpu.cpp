@@ -414,9 +414,8 @@ Status mamba_conv_cpu(const MambaScanParams& p, float* act, int64_t begin, int64
 }
 
 Status mamba_scan_cpu(const MambaScanParams& p, CpuIsa isa, const float* act, int64_t begin, int64_t end) {
-  if (!cpu_isa_supported(isa)) return Status::kUnsupportedShape;
-  const CpuIsa path = isa >= CpuIsa::kAvx512 ? CpuIsa::kAvx512 : isa;
-  return dispatch<ScanFn>(p.dtype, p, path, act, begin, end);
+  if (!cpu_isa_supported(isa) || isa > CpuIsa::kAvx512) return Status::kUnsupportedShape;
+  return dispatch<ScanFn>(p.dtype, p, isa, act, begin, end);
 }
 
 }  // namespace tt

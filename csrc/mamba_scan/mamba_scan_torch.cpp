@@ -145,7 +145,7 @@ Tensor mamba_block_scan_cpu(const Tensor& xbc, const Tensor& dt, const Tensor& c
   auto plan = plan_mamba_block_scan(xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                     seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out);
   const auto& p = plan.p;
-  const tt::CpuIsa isa = cpu_isa_cap();
+  const tt::CpuIsa isa = cpu_isa_from_env("TWOTOWER_SCAN_CPU_ISA", tt::CpuIsa::kAvx512);
   // The activated conv output of every live token, fp32 (common/call_scratch_cpu.h: no per-call allocation).
   struct ActTag;
   const tt::CallScratch<float, ActTag> scratch(size_t(p.batch * p.seqlen * p.conv_dim));

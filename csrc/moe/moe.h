@@ -61,12 +61,14 @@ struct MoeParams {
 // rows x K into a per-thread scratch in x's dtype (then the same GEMM as dense weights), the library path's
 // row chunks into fp32 holding x's dtype's values (moe_dequant_rows).
 
-// Which inner GEMM the CPU kernel uses (see moe_gemm_cpu.cpp for why the defaults are what they are). The
-// microkernels' instruction set is a CpuIsa up to kAvx512Bf16 (common/cpu_isa.h; no AMX path).
+// Which inner GEMM the CPU kernel uses (see moe_gemm_cpu.cpp for why the defaults are what they are).
+// The instruction sets it has code for: scalar .. kAvx512Bf16 (common/cpu_isa.h; no AMX path).
+using MoeCpuIsa = CpuIsa;
+constexpr CpuIsa kMoeCpuIsaMax = CpuIsa::kAvx512Bf16;
 enum class MoeCpuGemmChoice : int32_t { kAuto = 0, kMicro = 1, kLibrary = 2 };
 
 struct MoeCpuConfig {
-  CpuIsa isa = CpuIsa::kScalar;
+  MoeCpuIsa isa = MoeCpuIsa::kScalar;
   MoeCpuGemmChoice gemm = MoeCpuGemmChoice::kAuto;
   CpuGemm library;               // the matrix library (MKL sgemm) through the torch glue, fp32 operands
 };
@@ -87,7 +89,7 @@ struct MoeCpuPlan {
   bool any_library = false;
   int64_t bad_index = -1;            // first flat (t*k + j) whose id is outside [0, E), or -1
   int64_t bad_value = 0;             // that id
-  std::vector<int64_t> work_count;   // planning scratch: slots per expert, then each expert's next slot
+  std::vector<int64_t> work_count;   // planning scratch: slots per expert, then each active expert's next slot
   std::vector<int32_t> work_ids;     // planning scratch: the ids as int32
 };
 
@@ -121,7 +123,7 @@ Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuC
 
 // The inner GEMM: C[m, n] = sum_k A[row(m), k] * B[n, k] (fp32 accumulate; A and B both of `dt`, B rows
 // contiguous in k, ldb apart; row(m) = a_rows[m] or m when a_rows is null; C rows ldc apart).
-void moe_gemm_nt(CpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
+void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
                  int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc);
 // `rows` consecutive rows of one quantised expert matrix [N, K] (moe_dequant_cpu.cpp).
 struct MoeQuantRows {
@@ -135,12 +137,12 @@ struct MoeQuantRows {
 };
 // Dequantises q into dst [rows, k] (rows k apart): round_to(dt, float(q) * float(scale)), exactly quant.dequantize,
 // stored in dt, or (wide, the matrix-library path) as fp32 holding those dt values. Vectorised per `isa`.
-void moe_dequant_rows(CpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst);
+void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst);
 // Stored bytes (data + scales) of one expert matrix [n, k] in p's format and dtype.
 int64_t moe_weight_bytes(const MoeParams& p, int64_t n, int64_t k);
 // Below this many tokens per expert the register-blocked microkernel beats the matrix library (measured,
 // see moe_gemm_cpu.cpp); kAuto picks per expert with it.
-int64_t moe_micro_max_rows(CpuIsa isa, DType dt);
+int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);
 
 // ---------------------------------------------------------------------------------------------------
 // CUDA. One launch sequence sized for the worst case, no host synchronisation: route (counts, prefix,

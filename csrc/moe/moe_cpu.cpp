@@ -102,7 +102,7 @@ const float* fp32_rows(DType dt, const void* w, int64_t ld, int64_t rows, int64_
 // elements apart): in x's dtype for the microkernel, or (wide) in fp32 holding x's dtype's values for the matrix
 // library. Dense weights are used in place where they already are that, else widened into buf; quantised ones are
 // dequantised into buf, one tile (or library chunk) at a time, never a whole expert.
-const void* weight_rows(const MoeParams& p, CpuIsa isa, bool up, int64_t e, int64_t n0, int64_t rows, bool wide,
+const void* weight_rows(const MoeParams& p, MoeCpuIsa isa, bool up, int64_t e, int64_t n0, int64_t rows, bool wide,
                         std::vector<float>& buf, int64_t* ldb) {
   const int64_t K = up ? p.hidden : p.inter, N = up ? p.inter : p.hidden;
   const int64_t se = up ? p.up_stride_e : p.down_stride_e, sn = up ? p.up_stride_n : p.down_stride_n;
@@ -155,7 +155,7 @@ void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
     ids[i] = int32_t(e);
     ++count[e];
   }
-  std::vector<int64_t>& pos = count;  // reused in place: each expert's next slot
+  std::vector<int64_t>& pos = count;  // reused in place: each active expert's next slot
   pl.begin.push_back(0);
   for (int64_t e = 0; e < E; ++e) {
     if (count[e] == 0) continue;

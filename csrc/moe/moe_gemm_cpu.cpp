@@ -17,17 +17,17 @@
 //   - avx2 (fp32, bf16, fp16): the same 8 wide (the AMD EPYC CI machines: no AVX-512).
 //   - scalar: other architectures.
 // Each k step also prefetches (into L2) the same k of the next NR weight rows, one column block ahead: an expert of the
-// width-1/8 model has 336 x 232 weights, so a row is 10-21 cache lines and the hardware streamer barely starts on
-// one before the block moves on (in-cache bf16 at T=16: ~70% -> ~77% of a plain read of the same bytes).
+// width-1/8 model is 336 x 232, so a row is 10-21 cache lines and the hardware streamer barely starts on one before
+// the block moves on.
 // For many rows per expert the matrix library (MKL sgemm, oneDNN brgemm) is faster: it packs panels and runs
 // a compute-bound blocking that this streaming kernel does not; moe_micro_max_rows says where the switch is.
 #include <cstdint>
 #include <type_traits>
 #include <utility>
 
+#include "common/cpu_isa.h"
 #include "common/half_cpu.h"
 #include "moe/moe.h"
-#include "common/cpu_isa.h"
 
 namespace tt {
 namespace {
@@ -209,22 +209,22 @@ void drive(int64_t M, int64_t N, int64_t Kd, const void* A, const int32_t* a_row
 }
 
 template <class Tag>
-void gemm_typed(CpuIsa isa, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows, int64_t lda,
+void gemm_typed(MoeCpuIsa isa, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows, int64_t lda,
                 const void* B, int64_t ldb, float* C, int64_t ldc) {
 #ifdef TT_X86
   if constexpr (std::is_same_v<Tag, BF16>) {
-    if (isa == CpuIsa::kAvx512Bf16) return drive<Tag, 4, 6, Avx512Bf16K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
+    if (isa == MoeCpuIsa::kAvx512Bf16) return drive<Tag, 4, 6, Avx512Bf16K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
   }
-  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16)
+  if (isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16)
     return drive<Tag, 4, 6, Avx512K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
-  if (isa == CpuIsa::kAvx2) return drive<Tag, 3, 3, Avx2K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
+  if (isa == MoeCpuIsa::kAvx2) return drive<Tag, 3, 3, Avx2K>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
 #endif
   drive<Tag, 2, 2, ScalarK>(M, N, K, A, a_rows, lda, B, ldb, C, ldc);
 }
 
 }  // namespace
 
-void moe_gemm_nt(CpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
+void moe_gemm_nt(MoeCpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const void* A, const int32_t* a_rows,
                  int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc) {
   switch (dt) {
     case DType::kFloat32: return gemm_typed<F32>(isa, M, N, K, A, a_rows, lda, B, ldb, C, ldc);
@@ -237,8 +237,8 @@ void moe_gemm_nt(CpuIsa isa, DType dt, int64_t M, int64_t N, int64_t K, const vo
 // widened tiles): AVX-512 fp32 M=16 15 vs 12, M=32 20 vs 21, M=64 29 vs 28, M=128 28 vs 32; bf16 (vdpbf16ps)
 // M=16 20 vs 8, M=64 24 vs 20, M=128 23 vs 27. AVX2 kernel (forced, same CPU): fp32 M=16 10 vs 11, M=32 14 vs 18;
 // bf16 M=32 13 vs 10, M=64 14 vs 17. Past these row counts the library's packed, compute-bound blocking wins.
-int64_t moe_micro_max_rows(CpuIsa isa, DType dt) {
-  const bool wide = isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16;
+int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt) {
+  const bool wide = isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16;
   if (dt == DType::kFloat32) return wide ? 48 : 16;
   return wide ? 96 : 48;
 }

@@ -6,8 +6,8 @@
 //   group_size 0), fp8 (float8_e4m3fn, fp32 scales [E,I] / [E,H]) or int4 (uint8 [E,I,ceil(H/2)] / [E,H,ceil(I/2)],
 //   bf16|fp16 scales [E,I,ceil(H/group)] / [E,H,ceil(I/group)]): python/twotower_ext/quant.py. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
 // every path has read x before it writes out, so out may be x.
-// Environment (tests and benchmarks): TWOTOWER_CPU_ISA caps the CPU microkernel's instruction set (default: the best
-// this CPU runs; common/cpu_isa_torch.h); TWOTOWER_MOE_CPU_GEMM=micro|library forces
+// Environment (tests and benchmarks): TWOTOWER_MOE_CPU_ISA=scalar|avx2|avx512|avx512_bf16 forces the CPU
+// microkernel's instruction set (default: the best this CPU runs); TWOTOWER_MOE_CPU_GEMM=micro|library forces
 // the inner GEMM for every expert (default auto: by rows per expert); TWOTOWER_MOE_DEBUG=1 on CUDA checks the
 // ids after the launch (synchronises; not capturable).
 #include <ATen/Parallel.h>
@@ -186,9 +186,6 @@ MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert
 // ---------------------------------------------------------------------------------------------------
 // CPU
 
-// The microkernels' instruction set: the TWOTOWER_CPU_ISA cap (common/cpu_isa_torch.h), AMX taken as avx512_bf16.
-tt::CpuIsa moe_cpu_isa() { return std::min(cpu_isa_cap(), tt::CpuIsa::kAvx512Bf16); }
-
 tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   const char* env = std::getenv("TWOTOWER_MOE_CPU_GEMM");
   if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return tt::MoeCpuGemmChoice::kAuto;
@@ -266,7 +263,7 @@ void run_moe_cpu(const tt::MoeParams& p) {
   if (p.tokens == 0) return;
   CpuGemmCtx gctx;
   tt::MoeCpuConfig cfg;
-  cfg.isa = moe_cpu_isa();
+  cfg.isa = cpu_isa_from_env("TWOTOWER_MOE_CPU_ISA", tt::kMoeCpuIsaMax);
   cfg.gemm = moe_cpu_gemm_choice();
   cfg.library = make_cpu_gemm(at::kFloat, gctx);
   // The plan and the hidden activations reuse per-thread storage (no allocation once warm); helpers get them by

@@ -37,8 +37,8 @@ def _has_kernel(name: str, device: torch.device) -> bool:
 
 def cpu_isas() -> list[str]:
     """The CPU instruction-set levels this CPU runs, lowest first ("scalar", "avx2", "avx512", "avx512_bf16",
-    "amx"): the values of TWOTOWER_CPU_ISA, which caps every CPU kernel's vector code (tests and benchmarks
-    force each path with it)."""
+    "amx"; AMX only where the OS grants the tile state): the values the TWOTOWER_<OP>_CPU_ISA variables take
+    (MOE, SCAN, ATTN), which force a CPU kernel's path (tests and benchmarks run each in turn)."""
     return list(torch.ops.twotower.cpu_isas())
 
 
