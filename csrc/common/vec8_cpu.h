@@ -39,4 +39,14 @@ inline f32x8 exp8(f32x8 x) {
   return under ? splat8(0.f) : e;
 }
 
+// v rounded to bf16 (round to nearest even, NaN quietened: half_cpu.h's from_float) into dst[0..8).
+inline void store_bf16x8(uint16_t* dst, f32x8 v) {
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  const u32x8 u = __builtin_bit_cast(u32x8, v), hi = u >> 16;
+  const u32x8 r = v != v ? (hi | 0x40u) : (u + 0x7fffu + (hi & 1u)) >> 16;
+  const u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(dst, &h, sizeof h);
+}
+
 }  // namespace tt

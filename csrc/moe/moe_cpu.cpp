@@ -126,7 +126,7 @@ const void* weight_rows(const MoeParams& p, MoeCpuIsa isa, bool up, int64_t e, i
 // The matrix library on fp32 operands: C[M, N] = A[M, K] @ B[N, K]^T.
 void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
-  g.fn(g.ctx, DType::kFloat32, M, N, K, A, lda, B, ldb, true, C, ldc, false);
+  g.fn(g.ctx, M, N, K, A, lda, B, ldb, true, C, ldc, false);
 }
 
 }  // namespace

@@ -261,11 +261,10 @@ void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
 
 void run_moe_cpu(const tt::MoeParams& p) {
   if (p.tokens == 0) return;
-  CpuGemmCtx gctx;
   tt::MoeCpuConfig cfg;
   cfg.isa = cpu_isa_from_env("TWOTOWER_MOE_CPU_ISA", tt::kMoeCpuIsaMax);
   cfg.gemm = moe_cpu_gemm_choice();
-  cfg.library = make_cpu_gemm(at::kFloat, gctx);
+  cfg.library = cpu_sgemm();
   // The plan and the hidden activations reuse per-thread storage (no allocation once warm); helpers get them by
   // reference / pointer (common/call_scratch_cpu.h).
   thread_local tt::MoeCpuPlan plan;
