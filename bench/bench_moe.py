@@ -148,6 +148,19 @@ def kernel_timings(specs, device="cpu") -> list[list]:
     return out
 
 
+def dense_row(device, spec, touched, nbytes, t, tl, read_bw, copy_bw, main, specs) -> dict:
+    """A dense-weight row: the kernel's timing t against the read / copy bandwidth, the per-expert loop tl and (with a
+    baseline build) main's time for the same spec (model, dtype, T)."""
+    model, name, T = spec
+    row = {"device": device, "model": model, "dtype": name, "weights": name, "T": T, "experts": touched,
+           **bandwidth_fields(nbytes, t, read_bw, copy_bw), "main_ms": "-", "vs_main": "-", "vs_bf16": "-",
+           "loop_ms": tl.median_s * 1e3, "vs_loop": tl.median_s / t.median_s, "dense_ms": "-", "vs_dense": "-"}
+    if main is not None:
+        m = main[specs.index(spec)][0]
+        row.update(main_ms=m * 1e3, vs_main=m / t.median_s)
+    return row
+
+
 def w8_rows(device, dtypes, tokens, read_bw, copy_bw, main, specs) -> list[dict]:
     """The width-1/8 rows (kernel, its baseline build, the per-expert loop)."""
     import twotower_ext as tt
@@ -164,14 +177,7 @@ def w8_rows(device, dtypes, tokens, read_bw, copy_bw, main, specs) -> list[dict]
                                 min_reps=len(calls))
             tl = harness.time_fn(lambda i: cycling_calls(loop_baseline, calls), device, budget_s=0.5, min_reps=3,
                                  warmup=1)
-            row = {"device": device, "model": "w1/8", "dtype": name, "weights": name, "T": T, "experts": touched,
-                   **bandwidth_fields(nbytes, t, read_bw, copy_bw), "main_ms": "-", "vs_main": "-", "vs_bf16": "-",
-                   "loop_ms": tl.median_s * 1e3, "vs_loop": tl.median_s / t.median_s, "dense_ms": "-",
-                   "vs_dense": "-"}
-            if main is not None:
-                m = main[specs.index(("w1/8", name, T))][0]
-                row.update(main_ms=m * 1e3, vs_main=m / t.median_s)
-            rows.append(row)
+            rows.append(dense_row(device, ("w1/8", name, T), touched, nbytes, t, tl, read_bw, copy_bw, main, specs))
             del calls
     return rows
 
@@ -205,13 +211,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             t = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, up, down), device,
                                 budget_s=1.0, min_reps=ROUTINGS)
             tl = harness.time_fn(lambda i: cycling(loop_baseline, x, sets, up, down), device, **slow)
-            row = {"device": device, "model": "real", "dtype": name, "weights": name, "T": T, "experts": touched,
-                   **bandwidth_fields(nbytes, t, read_bw, copy_bw), "main_ms": "-", "vs_main": "-", "vs_bf16": "-",
-                   "loop_ms": tl.median_s * 1e3, "vs_loop": tl.median_s / t.median_s, "dense_ms": "-",
-                   "vs_dense": "-"}
-            if main is not None:
-                m = main[specs.index(("real", name, T))][0]
-                row.update(main_ms=m * 1e3, vs_main=m / t.median_s)
+            row = dense_row(device, ("real", name, T), touched, nbytes, t, tl, read_bw, copy_bw, main, specs)
             if T <= 16:
                 td = harness.time_fn(lambda i: cycling(dense_baseline, x, sets, up, down), device, **slow)
                 row.update({"dense_ms": td.median_s * 1e3, "vs_dense": td.median_s / t.median_s})
