@@ -18,8 +18,9 @@ TORCH_LIBRARY(twotower, m) {
         "str dtype, int cc, int num_sms, str path='', int ctx_len=-1, int smem_optin=0, int smem_per_sm=0, "
         "bool sm90a_image=True) -> int[]");
   m.def("cuda_attention_last_launch() -> str");
-  m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, float gamma, Tensor step, int steps_per_block, "
-        "float temperature, Tensor seed, Tensor offset, Tensor(b!) counts, Tensor(c!) done) -> ()");
+  m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, Tensor gamma, Tensor step, Tensor steps_per_block, "
+        "Tensor temperature, Tensor seed, Tensor block, Tensor? kept, Tensor(b!) counts, Tensor(c!) done, "
+        "Tensor(d!)? logprob) -> ()");
   m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? seq_lens, float dt_min, float dt_max, "
         "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");

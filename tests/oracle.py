@@ -110,17 +110,35 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
 # threshold_unmask's prediction and commit rule
 
 
-def predict(logits, mask_id: int):
-    """Greedy (pred, conf) per position in fp64: the mask id excluded, pred = the lowest id of the largest
-    logit (+inf counting as the largest finite fp32), conf = softmax(logits)[pred]. A position with no finite logit besides the mask gives conf 0."""
+def _masked_f64(logits, mask_id: int):
+    """fp64 logits with +inf as the largest finite fp32 and the mask id at -inf (mask_id -1: nothing excluded)."""
     l = _f64(logits).clone()
     l[l == math.inf] = torch.finfo(torch.float32).max      # +inf counts as the largest finite float
-    l[..., mask_id] = -math.inf
+    if mask_id >= 0:
+        l[..., mask_id] = -math.inf
+    return l
+
+
+def predict(logits, mask_id: int):
+    """Greedy (pred, conf) per position in fp64: the mask id excluded (-1: none), pred = the lowest id of the
+    largest logit (+inf counting as the largest finite fp32), conf = softmax(logits)[pred]. A position with no
+    finite logit besides the mask gives conf 0."""
+    l = _masked_f64(logits, mask_id)
     pred = l.argmax(-1)                         # the first maximum: the lowest id
     m = l.amax(-1, keepdim=True)
     p = torch.exp(l - torch.where(m > -math.inf, m, torch.zeros_like(m)))
     conf = p.gather(-1, pred[..., None]).squeeze(-1) / p.sum(-1).clamp_min(1e-300)
     return pred, torch.where(m.squeeze(-1) > -math.inf, conf, torch.zeros_like(conf))
+
+
+def log_prob(logits, pred, mask_id: int):
+    """log softmax(logits)[pred] in fp64 (the mask id excluded; -1: none), as log(p[pred]) - log(sum p) with p
+    the exps against the max; -inf where no logit besides the mask is finite."""
+    l = _masked_f64(logits, mask_id)
+    m = l.amax(-1, keepdim=True)
+    shifted = l - torch.where(m > -math.inf, m, torch.zeros_like(m))
+    lp = shifted.gather(-1, pred.cpu()[..., None]).squeeze(-1) - torch.log(torch.exp(shifted).sum(-1))
+    return torch.where(m.squeeze(-1) > -math.inf, lp, torch.full_like(lp, -math.inf))
 
 
 def commit_count(n_masked: int, n_above: int, step: int, steps_per_block: int) -> int:
@@ -134,13 +152,25 @@ def commit_count(n_masked: int, n_above: int, step: int, steps_per_block: int) -
     return min(n_masked, max(1, floor, n_above))
 
 
-def commit_rule(conf, masked, gamma: float, step: int, steps_per_block: int) -> list[list[int]]:
+def per_row(v, rows: int) -> list:
+    """A per-row parameter (a number, or a sequence / tensor of one value or of one per row) as a list of rows."""
+    vals = v.tolist() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (list, tuple)) else [v]
+    vals = [vals] if not isinstance(vals, list) else vals
+    return vals * rows if len(vals) == 1 else vals
+
+
+def commit_rule(conf, masked, gamma, step, steps_per_block) -> list[list[int]]:
     """Per row the positions committed (sorted): the commit_count most confident masked positions, confidence
-    descending, equal confidences taken lowest position first. conf [B, S] (any float dtype), masked bool [B, S]."""
+    descending, equal confidences taken lowest position first. conf [B, S] (any float dtype), masked bool [B, S];
+    gamma, step, steps_per_block: a number for every row or one per row. Gamma is compared in fp32, as the op
+    takes it."""
+    B = conf.shape[0]
+    gammas = [float(torch.tensor(g, dtype=torch.float32)) for g in per_row(gamma, B)]
     out = []
-    for c_row, m_row in zip(conf.tolist(), masked.tolist()):
+    rows = zip(conf.tolist(), masked.tolist(), gammas, per_row(step, B), per_row(steps_per_block, B))
+    for c_row, m_row, g, st, spb in rows:
         cand = [(c, s) for s, (c, m) in enumerate(zip(c_row, m_row)) if m]
-        k = commit_count(len(cand), sum(1 for c, _ in cand if c > gamma), step, steps_per_block)
+        k = commit_count(len(cand), sum(1 for c, _ in cand if c > g), int(st), int(spb))
         cand.sort(key=lambda cs: (-cs[0], cs[1]))
         out.append(sorted(s for _, s in cand[:k]))
     return out

@@ -42,6 +42,14 @@ def main() -> None:
     logits = rnd(2, 16, V).to(dev)
     x = torch.full((2, 16), MASK, dtype=torch.int64).to(dev)
     tt.threshold_unmask(logits, x, MASK, 0.5, 3, 8, 0.9, 11, 5)
+    # per-row values (row 2: gamma out of range, left untouched; kept past S, clamped), logprob; AR use (mask -1)
+    x = torch.full((3, 16), MASK, dtype=torch.int64).to(dev)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32).to(dev)  # noqa: E731
+    tt.threshold_unmask(rnd(3, 16, V).to(dev), x, MASK, torch.tensor([0.5, 0.9, 1.5]).to(dev), i32(0, 7, 1),
+                        i32(4, 8, 2), torch.tensor([0.0, 0.7, 1.0]).to(dev), torch.tensor([1, -2, 3]).to(dev),
+                        torch.tensor([0, 2**40, 5]).to(dev), i32(16, 5, 20), out_logprob=torch.zeros(3, 16, device=dev))
+    tt.threshold_unmask(rnd(3, 1, V).to(dev), torch.full((3, 1), -1, dtype=torch.int64).to(dev), -1, 0.9, 0, 1,
+                        torch.tensor([0.0, 0.8, 1.2]).to(dev), 11, torch.tensor([4, 5, 6]).to(dev))
     torch.cuda.synchronize()
     print("sanitize: threshold_unmask", flush=True)
 

@@ -1,27 +1,34 @@
 // Threshold unmasking (torch-free): one step of mask-diffusion decoding between two denoiser passes
-// (docs/semantics.md). For every masked position (x[b,s] == mask_id) of every row b:
-//   pred = argmax_v logits[b,s,v]                        (temperature 0; ties -> lowest v)
-//        = argmax_v fl(fl(logits[b,s,v] / T) + g[b,s,v]) (temperature T > 0, Gumbel-max; ties -> lowest v)
-//   conf = softmax(logits[b,s,:])[pred] at T = 1, as exp((x_pred - max) - log(sum_v exp(x_v - max)))
+// (docs/semantics.md states the decode semantics, the random key and the logprob; this header the numerics).
+// Every parameter is per batch row b (a pointer plus a stride, 0 broadcasting one value). For every masked
+// position s of row b (x[b,s] == mask_id; mask_id -1: x == -1 and no vocabulary id excluded):
+//   pred = argmax_v logits[b,s,v]                           (temperature 0; ties -> lowest v)
+//        = argmax_v fl(fl(logits[b,s,v] / T[b]) + g[b,s,v]) (temperature T[b] > 0, Gumbel-max; ties -> lowest v)
+//   logprob = (x_pred - max) - log(sum_v exp(x_v - max))    (log softmax at T = 1), conf = exp(logprob)
 // with the mask id excluded everywhere (its logit is -inf: NVIDIA's -1e12 gives the same probabilities
-// unless every other logit is below -1e12 + 88). Then per row the commit rule:
-//   n = #masked; k = n on the last step (step == steps_per_block - 1), else
-//   k = min(n, max(1, #(masked & conf > gamma), ceil(n / (steps_per_block - step))))
-// and the k most confident masked positions (ties: lower position first) get x = pred. Outputs per row:
-// counts[b] = k and done[b] = (no masked position left). Rows with nothing masked are left untouched.
+// unless every other logit is below -1e12 + 88). Then per row the commit rule over ALL masked positions:
+//   n = #masked; k = n on the last step (step[b] == steps_per_block[b] - 1), else
+//   k = min(n, max(1, #(masked & conf > gamma[b]), ceil(n / (steps_per_block[b] - step[b]))))
+// and the k most confident masked positions (ties: lower position first) get x = pred (and logprob, when
+// asked for, receives their logprob). Outputs count the kept positions [0, kept[b]) only: counts[b] = how
+// many of them this step committed, done[b] = none of them is still masked. Rows with nothing masked are
+// left untouched.
 //
 // Numerics and conventions (shared by the CPU and CUDA kernels and mirrored by reference.py):
 // - All math in fp32 (bf16 logits are widened exactly). +inf logits are clamped to FLT_MAX. NaN: the CPU
 //   kernel reports it (the binding raises); the CUDA kernel treats NaN as -inf and raises a device flag
 //   the binding checks in debug mode (TWOTOWER_UNMASK_DEBUG=1). Only masked positions' logits are read.
-// - A position whose logits (mask id aside) are all -inf gets pred = the lowest non-mask id, conf = 0.
-// - Gumbel noise g = -log(-log(u)) from a counter-based Philox-4x32-10: key = seed (lo, hi words),
-//   counter = (v / 4, s | b << 6 (distinct for b < 2^26), offset lo, offset hi), word v % 4 ->
-//   u = (2 (w >> 9) + 1) / 2^24, which
-//   lies strictly in (0, 1) and is exact in fp32. log is the fixed polynomial tt_log below built from
-//   separately rounded fp32 multiplies and adds (no FMA contraction: __fmul_rn / __fadd_rn on the device,
-//   -ffp-contract=off on the host), so CPU, CUDA and reference.py's torch version give identical bits and
-//   therefore identical samples.
+// - Per-row values out of range (unmask_row_errors): the CPU binding raises before any work. The kernels leave
+//   such a row untouched with counts -1 and done false (gamma, temperature, step, steps_per_block) or clamp
+//   kept to [0, S]; the CUDA kernel also sets the error bits (checked in the debug mode).
+// - A position whose logits (mask id aside) are all -inf gets pred = the lowest non-mask id, logprob = -inf
+//   (conf = 0).
+// - Gumbel noise g = -log(-log(u)) from a counter-based Philox-4x32-10: key = seed[b] (lo, hi words),
+//   counter = (v / 4, s, block[b] lo, block[b] hi), word v % 4 -> u = (2 (w >> 9) + 1) / 2^24, which
+//   lies strictly in (0, 1) and is exact in fp32. The row's slot in the batch is not part of it. log is the
+//   fixed polynomial tt_log below built from separately rounded fp32 multiplies and adds (no FMA contraction:
+//   __fmul_rn / __fadd_rn on the device, -ffp-contract=off on the host), so CPU, CUDA and reference.py's
+//   torch version give identical bits and therefore identical samples.
 // - The sum of exps is accumulated per vocabulary slice (CPU: an FMA exp polynomial, CUDA: __expf) and
 //   merged in a fixed order, so results are deterministic; its rounding differs from torch's log_softmax
 //   by a few ulps, so conf agrees with the reference to ~1e-6 relative (a commit decision can differ only
@@ -41,24 +48,70 @@ constexpr int kUnmaskMaxSeq = 64;  // S limit: the row commit ranks S positions 
 constexpr int64_t kUnmaskCpuSliceWidth = 8192;   // 32 KiB of fp32: pass 2 re-reads the slice from L1/L2
 constexpr int64_t kUnmaskCudaSliceWidth = 4096;  // 256 threads x 16 entries; 16 x 131072 -> 512 CTAs
 
+// One value per batch row: ptr[b * stride]; stride 0 broadcasts ptr[0] to every row. Lives on the kernel's
+// device (a captured CUDA graph replays with new values).
+template <typename T>
+struct UnmaskRowArg {
+  const T* ptr;
+  int64_t stride;
+  TT_HOST_DEVICE T at(int64_t b) const { return ptr[b * stride]; }
+};
+
 struct ThresholdUnmaskParams {
   const void* logits;         // [B, S, V], strides below (elements), vocabulary contiguous
   int64_t* x;                 // [B, S] int64 tokens, updated in place; row stride below, positions contiguous
-  int32_t* counts;            // [B] committed this step (CUDA: -1 when *step is out of range)
-  bool* done;                 // [B] no masked position left after this step
-  const int64_t* step;        // [1] on the kernel's device (a captured graph can replay other steps)
-  const int64_t* seed;        // [1] on the kernel's device
-  const int64_t* offset;      // [1] on the kernel's device
+  int32_t* counts;            // [B] kept positions committed this step (CUDA: -1 for a row with a bad value)
+  bool* done;                 // [B] no kept position left masked after this step
+  float* logprob;             // [B, S] or null: receives the logprob of every position committed this step
+  UnmaskRowArg<float> gamma;            // in [0, 1]
+  UnmaskRowArg<float> temperature;      // 0: greedy; > 0 (finite): Gumbel-max of logits / temperature
+  UnmaskRowArg<int32_t> step;           // in [0, steps_per_block)
+  UnmaskRowArg<int32_t> steps_per_block;  // >= 1
+  UnmaskRowArg<int32_t> kept;           // in [0, S]; ptr null: S for every row
+  UnmaskRowArg<int64_t> seed;           // Philox key
+  UnmaskRowArg<int64_t> block;          // Philox counter words 2, 3 (the block or token index)
   int64_t batch, seq, vocab;
   int64_t logits_batch_stride, logits_seq_stride;
-  int64_t x_batch_stride;
-  int64_t mask_id;
-  float gamma;                // in [0, 1]
-  int32_t steps_per_block;    // >= 1
-  float temperature;          // 0: greedy; > 0: Gumbel-max of logits / temperature
+  int64_t x_batch_stride, logprob_batch_stride;
+  int64_t mask_id;            // in [-1, V); -1: masked positions hold -1 and no vocabulary id is excluded
   DType dtype;                // kFloat32 or kBFloat16
   int64_t slice_width;        // vocabulary split: slices of this many entries (a multiple of 4)
 };
+
+// Error bits of a step (the CUDA error word; the CPU binding turns the per-row ones into messages).
+constexpr int32_t kUnmaskErrNaN = 1;          // a NaN logit was read (CUDA: treated as -inf)
+constexpr int32_t kUnmaskErrStep = 2;         // step[b] outside [0, steps_per_block[b])
+constexpr int32_t kUnmaskErrSteps = 4;        // steps_per_block[b] < 1
+constexpr int32_t kUnmaskErrGamma = 8;        // gamma[b] outside [0, 1] (or NaN)
+constexpr int32_t kUnmaskErrTemperature = 16; // temperature[b] negative, infinite or NaN
+constexpr int32_t kUnmaskErrKept = 32;        // kept[b] outside [0, S] (CUDA: clamped)
+constexpr int32_t kUnmaskErrSkipRow = kUnmaskErrStep | kUnmaskErrSteps | kUnmaskErrGamma | kUnmaskErrTemperature;
+
+// The error bits of row b's parameters (0: valid).
+TT_HOST_DEVICE int32_t unmask_row_errors(const ThresholdUnmaskParams& p, int64_t b) {
+  const float gamma = p.gamma.at(b), temp = p.temperature.at(b);
+  const int32_t step = p.step.at(b), steps = p.steps_per_block.at(b);
+  int32_t e = 0;
+  if (!(gamma >= 0.f && gamma <= 1.f)) e |= kUnmaskErrGamma;
+  if (!(temp >= 0.f && temp <= FLT_MAX)) e |= kUnmaskErrTemperature;
+  if (steps < 1) {
+    e |= kUnmaskErrSteps;
+  } else if (step < 0 || step >= steps) {
+    e |= kUnmaskErrStep;
+  }
+  if (p.kept.ptr != nullptr) {
+    const int32_t kept = p.kept.at(b);
+    if (kept < 0 || kept > p.seq) e |= kUnmaskErrKept;
+  }
+  return e;
+}
+
+// Row b's kept length, clamped to [0, S].
+TT_HOST_DEVICE int32_t unmask_kept(const ThresholdUnmaskParams& p, int64_t b) {
+  if (p.kept.ptr == nullptr) return int32_t(p.seq);
+  const int32_t kept = p.kept.at(b);
+  return kept < 0 ? 0 : (kept > p.seq ? int32_t(p.seq) : kept);
+}
 
 inline int64_t unmask_num_slices(const ThresholdUnmaskParams& p) {
   return (p.vocab + p.slice_width - 1) / p.slice_width;
@@ -188,10 +241,10 @@ TT_HOST_DEVICE float gumbel_from_bits(uint32_t w) {
   return -tt_log(-tt_log(u));
 }
 
-// The Philox words for vocabulary entries 4*group .. 4*group+3 of position (b, s).
-TT_HOST_DEVICE Philox4 unmask_noise_words(uint64_t seed, uint64_t offset, int64_t b, int64_t s, int64_t group) {
-  return philox4x32_10(uint32_t(group), uint32_t(s) | (uint32_t(b) << 6), uint32_t(offset),
-                       uint32_t(offset >> 32), uint32_t(seed), uint32_t(seed >> 32));
+// The Philox words for vocabulary entries 4*group .. 4*group+3 of position s of a row keyed (seed, block).
+TT_HOST_DEVICE Philox4 unmask_noise_words(uint64_t seed, uint64_t block, int64_t s, int64_t group) {
+  return philox4x32_10(uint32_t(group), uint32_t(s), uint32_t(block), uint32_t(block >> 32), uint32_t(seed),
+                       uint32_t(seed >> 32));
 }
 
 // The Gumbel-max score of one logit: fl(fl(x / T) + g).
@@ -243,25 +296,25 @@ TT_HOST_DEVICE UnmaskState unmask_merge(const UnmaskState& a, const UnmaskState&
   return r;
 }
 
-// The chosen token and its T=1 confidence from a position's merged state.
+// The chosen token and its T=1 log-probability from a position's merged state (conf = tt_exp(logprob)).
 TT_HOST_DEVICE void unmask_finalize(const UnmaskState& st, bool sample, int64_t mask_id, int64_t* pred,
-                                    float* conf) {
+                                    float* logprob) {
   if (st.arg < 0) {                    // every non-mask logit is -inf
     *pred = mask_id == 0 ? 1 : 0;
-    *conf = 0.f;
+    *logprob = -INFINITY;
     return;
   }
   const bool use_g = sample && st.garg >= 0;   // all scores -inf (x / T underflow): fall back to argmax
   *pred = use_g ? st.garg : st.arg;
   const float xv = use_g ? st.gval : st.max;
-  *conf = tt_exp(rn_sub(rn_sub(xv, st.max), tt_log(st.sum)));   // sum >= 1: the max contributes exp(0)
+  *logprob = rn_sub(rn_sub(xv, st.max), tt_log(st.sum));   // sum >= 1: the max contributes exp(0)
 }
 
 // ---------------------------------------------------------------------------------------------------
 // The per-row commit rule.
 
 // How many masked positions to commit, given n masked and n_above with conf > gamma.
-TT_HOST_DEVICE int32_t unmask_commit_count(int32_t n, int32_t n_above, int64_t step, int32_t steps_per_block) {
+TT_HOST_DEVICE int32_t unmask_commit_count(int32_t n, int32_t n_above, int32_t step, int32_t steps_per_block) {
   if (n == 0) return 0;
   if (step == steps_per_block - 1) return n;
   const int32_t left = int32_t(steps_per_block - step);
@@ -287,16 +340,15 @@ TT_HOST_DEVICE int32_t unmask_rank(const float* conf, const bool* masked, int32_
 Status threshold_unmask_scan_cpu(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad,
                                  int64_t item_begin, int64_t item_end);
 
-// CPU, phase 2: merge the slices and apply the commit rule for rows [b_begin, b_end).
+// CPU, phase 2: merge the slices and apply the commit rule for rows [b_begin, b_end). A row with a bad value is
+// treated as on CUDA (the binding raises before calling this).
 Status threshold_unmask_commit_cpu(const ThresholdUnmaskParams& p, const UnmaskState* states, int64_t b_begin,
                                    int64_t b_end);
 
 // CUDA: bytes of device workspace (per-row arrival counters, an error word, partial states). The launcher
 // zeroes the counters itself (a memset node in a captured graph); after the launch the int32 at
-// ((int32_t*)workspace)[batch] holds the error bits below (read it only in a debug mode: it needs a sync).
+// ((int32_t*)workspace)[batch] holds the kUnmaskErr* bits (read it only in a debug mode: it needs a sync).
 int64_t threshold_unmask_cuda_workspace_bytes(const ThresholdUnmaskParams& p);
-constexpr int32_t kUnmaskErrNaN = 1;        // a NaN logit was read (and treated as -inf)
-constexpr int32_t kUnmaskErrStep = 2;       // *step was outside [0, steps_per_block): x untouched, counts -1
 
 // CUDA: the whole step on `stream`, asynchronous, no host synchronisation.
 Status threshold_unmask_cuda(const ThresholdUnmaskParams& p, void* workspace, void* stream);

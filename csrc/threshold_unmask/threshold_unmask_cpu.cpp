@@ -49,12 +49,12 @@ struct Lanes {
   }
 };
 
-// Context of one slice scan.
+// Context of one slice scan: the row's parameters and the position.
 struct SliceScan {
   int32_t mask;
   float temperature;
-  uint64_t seed, offset;
-  int64_t b, s;
+  uint64_t seed, block;
+  int64_t s;
 };
 
 #if defined(TT_UNMASK_AVX2)
@@ -129,9 +129,9 @@ inline void mulhilo8(__m256i a, __m256i c, __m256i* hi, __m256i* lo) {
 // consecutive entries.
 inline void gumbel32(const SliceScan& sc, int32_t g0, __m256 out[4]) {
   __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(g0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c1 = _mm256_set1_epi32(int32_t(uint32_t(sc.s) | (uint32_t(sc.b) << 6)));
-  __m256i c2 = _mm256_set1_epi32(int32_t(uint32_t(sc.offset)));
-  __m256i c3 = _mm256_set1_epi32(int32_t(uint32_t(sc.offset >> 32)));
+  __m256i c1 = _mm256_set1_epi32(int32_t(uint32_t(sc.s)));
+  __m256i c2 = _mm256_set1_epi32(int32_t(uint32_t(sc.block)));
+  __m256i c3 = _mm256_set1_epi32(int32_t(uint32_t(sc.block >> 32)));
   __m256i k0 = _mm256_set1_epi32(int32_t(uint32_t(sc.seed))), k1 = _mm256_set1_epi32(int32_t(uint32_t(sc.seed >> 32)));
   const __m256i m0 = _mm256_set1_epi32(int32_t(0xD2511F53u)), m1 = _mm256_set1_epi32(int32_t(0xCD9E8D57u));
   const __m256i w0 = _mm256_set1_epi32(int32_t(0x9E3779B9u)), w1 = _mm256_set1_epi32(int32_t(0xBB67AE85u));
@@ -245,7 +245,7 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
     float g[kLanes];
     if constexpr (kSample) {
       for (int q = 0; q < kLanes / 4; ++q) {
-        const Philox4 w = unmask_noise_words(sc.seed, sc.offset, sc.b, sc.s, (v >> 2) + q);
+        const Philox4 w = unmask_noise_words(sc.seed, sc.block, sc.s, (v >> 2) + q);
         for (int t = 0; t < 4; ++t) g[4 * q + t] = gumbel_from_bits(w.w[t]);
       }
     }
@@ -275,7 +275,7 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
       ln.mi[0] = v;
     }
     if constexpr (kSample) {
-      const Philox4 w = unmask_noise_words(sc.seed, sc.offset, sc.b, sc.s, v >> 2);
+      const Philox4 w = unmask_noise_words(sc.seed, sc.block, sc.s, v >> 2);
       const float score = gumbel_score(x, sc.temperature, gumbel_from_bits(w.w[v & 3]));
       if (score > ln.gv[0]) {
         ln.gv[0] = score;
@@ -306,7 +306,7 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
   return st;
 }
 
-template <typename T, bool kSample>
+template <typename T>
 void scan_items(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad, int64_t begin, int64_t end) {
   const int64_t ns = unmask_num_slices(p);
   const T* logits = static_cast<const T*>(p.logits);
@@ -320,18 +320,10 @@ void scan_items(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* ba
     const T* row = logits + b * p.logits_batch_stride + s * p.logits_seq_stride;
     const int64_t lo = slice * p.slice_width, hi = lo + p.slice_width < p.vocab ? lo + p.slice_width : p.vocab;
     bool has_nan = false;
-    const SliceScan sc{int32_t(p.mask_id), p.temperature, uint64_t(*p.seed), uint64_t(*p.offset), b, s};
-    states[item] = scan_slice<T, kSample>(row, int32_t(lo), int32_t(hi), sc, &has_nan);
+    const SliceScan sc{int32_t(p.mask_id), p.temperature.at(b), uint64_t(p.seed.at(b)), uint64_t(p.block.at(b)), s};
+    states[item] = sc.temperature > 0.f ? scan_slice<T, true>(row, int32_t(lo), int32_t(hi), sc, &has_nan)
+                                        : scan_slice<T, false>(row, int32_t(lo), int32_t(hi), sc, &has_nan);
     bad[item] = has_nan;
-  }
-}
-
-template <typename T>
-void scan_dispatch(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad, int64_t begin, int64_t end) {
-  if (p.temperature > 0.f) {
-    scan_items<T, true>(p, states, bad, begin, end);
-  } else {
-    scan_items<T, false>(p, states, bad, begin, end);
   }
 }
 
@@ -341,8 +333,8 @@ Status threshold_unmask_scan_cpu(const ThresholdUnmaskParams& p, UnmaskState* st
                                  int64_t item_begin, int64_t item_end) {
   if (p.seq > kUnmaskMaxSeq || p.vocab > INT32_MAX || p.slice_width % 4 != 0) return Status::kUnsupportedShape;
   switch (p.dtype) {
-    case DType::kFloat32: scan_dispatch<float>(p, states, bad, item_begin, item_end); break;
-    case DType::kBFloat16: scan_dispatch<bf16_t>(p, states, bad, item_begin, item_end); break;
+    case DType::kFloat32: scan_items<float>(p, states, bad, item_begin, item_end); break;
+    case DType::kBFloat16: scan_items<bf16_t>(p, states, bad, item_begin, item_end); break;
     default: return Status::kUnsupportedDType;
   }
   return Status::kOk;
@@ -352,12 +344,17 @@ Status threshold_unmask_commit_cpu(const ThresholdUnmaskParams& p, const UnmaskS
                                    int64_t b_end) {
   if (p.seq > kUnmaskMaxSeq) return Status::kUnsupportedShape;
   const int64_t ns = unmask_num_slices(p);
-  const int64_t step = *p.step;
   const int32_t S = int32_t(p.seq);
-  const bool sample = p.temperature > 0.f;
   for (int64_t b = b_begin; b < b_end; ++b) {
+    if (unmask_row_errors(p, b) & kUnmaskErrSkipRow) {  // as on CUDA (the binding has raised before this)
+      p.counts[b] = -1;
+      p.done[b] = false;
+      continue;
+    }
     int64_t* xr = p.x + b * p.x_batch_stride;
-    float conf[kUnmaskMaxSeq];
+    const bool sample = p.temperature.at(b) > 0.f;
+    const float gamma = p.gamma.at(b);
+    float conf[kUnmaskMaxSeq], logp[kUnmaskMaxSeq];
     int64_t pred[kUnmaskMaxSeq];
     bool masked[kUnmaskMaxSeq];
     int32_t n = 0, n_above = 0;
@@ -368,16 +365,26 @@ Status threshold_unmask_commit_cpu(const ThresholdUnmaskParams& p, const UnmaskS
       const UnmaskState* ps = states + (b * S + s) * ns;
       UnmaskState st = ps[0];
       for (int64_t i = 1; i < ns; ++i) st = unmask_merge(st, ps[i]);
-      unmask_finalize(st, sample, p.mask_id, &pred[s], &conf[s]);
+      unmask_finalize(st, sample, p.mask_id, &pred[s], &logp[s]);
+      conf[s] = tt_exp(logp[s]);
       ++n;
-      n_above += conf[s] > p.gamma;
+      n_above += conf[s] > gamma;
     }
-    const int32_t k = unmask_commit_count(n, n_above, step, p.steps_per_block);
+    const int32_t k = unmask_commit_count(n, n_above, p.step.at(b), p.steps_per_block.at(b));
+    const int32_t kept = unmask_kept(p, b);
+    int32_t count = 0, left = 0;
     for (int32_t s = 0; s < S; ++s) {
-      if (masked[s] && unmask_rank(conf, masked, S, s) < k) xr[s] = pred[s];
+      if (!masked[s]) continue;
+      const bool commit = unmask_rank(conf, masked, S, s) < k;
+      if (commit) {
+        xr[s] = pred[s];
+        if (p.logprob != nullptr) p.logprob[b * p.logprob_batch_stride + s] = logp[s];
+      }
+      count += commit && s < kept;
+      left += !commit && s < kept;
     }
-    p.counts[b] = k;
-    p.done[b] = n == k;
+    p.counts[b] = count;
+    p.done[b] = left == 0;
   }
   return Status::kOk;
 }

@@ -3,7 +3,8 @@
 // reduces max/argmax (+ Gumbel argmax) and then the sum of exps from registers, and thread 0 writes the
 // slice's partial state. The last CTA to arrive for a batch row (atomic counter) merges every position's
 // slices, one warp per position, and applies the row's commit rule: no second launch and no host sync.
-// Rows with no masked position read nothing but x.
+// Rows with no masked position read nothing but x. The per-row parameters are read where they are used; a
+// CTA's row decides greedy or sampled scanning (a CTA-uniform branch).
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -141,108 +142,146 @@ __device__ UnmaskState warp_merge_position(const UnmaskState* ps, int64_t ns) {
   return r;
 }
 
-// The last CTA of batch row b: merge, decide, commit. Writes counts/done; x only when *step is valid.
+// The last CTA of batch row b: merge, decide, commit. Writes counts/done; x (and logprob) only when the row's
+// values are valid.
 __device__ void commit_row(const ThresholdUnmaskParams& p, int64_t ns, const UnmaskState* parts, int64_t b,
                            int32_t* err) {
   __shared__ float s_conf[kUnmaskMaxSeq];
+  __shared__ float s_logp[kUnmaskMaxSeq];
   __shared__ int64_t s_pred[kUnmaskMaxSeq];
   __shared__ bool s_masked[kUnmaskMaxSeq];
+  __shared__ int32_t s_count, s_left;
   const int S = int(p.seq);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int64_t* xr = p.x + b * p.x_batch_stride;
-  const bool sample = p.temperature > 0.f;
+  const int32_t row_err = unmask_row_errors(p, b);
+  const bool skip = (row_err & kUnmaskErrSkipRow) != 0;
+  const bool sample = p.temperature.at(b) > 0.f;
   for (int s = warp; s < S; s += kWarps) {
     const bool masked = xr[s] == p.mask_id;
-    float conf = 0.f;
+    float logp = -INFINITY;
     int64_t pred = 0;
-    if (masked) {
+    if (masked && !skip) {
       const UnmaskState st = warp_merge_position(parts + (b * S + s) * ns, ns);
-      unmask_finalize(st, sample, p.mask_id, &pred, &conf);
+      unmask_finalize(st, sample, p.mask_id, &pred, &logp);
     }
     if (lane == 0) {
       s_masked[s] = masked;
-      s_conf[s] = conf;
+      s_logp[s] = logp;
+      s_conf[s] = tt_exp(logp);
       s_pred[s] = pred;
     }
   }
+  if (threadIdx.x == 0) {
+    s_count = 0;
+    s_left = 0;
+  }
   __syncthreads();
-  const int64_t step = *p.step;
-  const bool bad_step = step < 0 || step >= p.steps_per_block;
+  if (skip) {   // a bad per-row value: x untouched, counts -1
+    if (threadIdx.x == 0) {
+      p.counts[b] = -1;
+      p.done[b] = false;
+      atomicOr(err, row_err);
+    }
+    return;
+  }
+  const float gamma = p.gamma.at(b);
   int32_t n = 0, n_above = 0;
   for (int t = 0; t < S; ++t) {
     n += s_masked[t];
-    n_above += s_masked[t] && s_conf[t] > p.gamma;
+    n_above += s_masked[t] && s_conf[t] > gamma;
   }
-  const int32_t k = unmask_commit_count(n, n_above, step, p.steps_per_block);
+  const int32_t k = unmask_commit_count(n, n_above, p.step.at(b), p.steps_per_block.at(b));
+  const int32_t kept = unmask_kept(p, b);
   const int s = threadIdx.x;
-  if (!bad_step && s < S && s_masked[s] && unmask_rank(s_conf, s_masked, S, s) < k) xr[s] = s_pred[s];
+  if (s < S && s_masked[s]) {
+    const bool commit = unmask_rank(s_conf, s_masked, S, s) < k;
+    if (commit) {
+      xr[s] = s_pred[s];
+      if (p.logprob != nullptr) p.logprob[b * p.logprob_batch_stride + s] = s_logp[s];
+    }
+    if (s < kept) atomicAdd(commit ? &s_count : &s_left, 1);
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    p.counts[b] = bad_step ? -1 : k;
-    p.done[b] = !bad_step && n == k;
-    if (bad_step) atomicOr(err, kUnmaskErrStep);
+    p.counts[b] = s_count;
+    p.done[b] = s_left == 0;
+    if (row_err != 0) atomicOr(err, row_err);   // kept out of range (clamped)
   }
 }
 
+// Phase 1 of one CTA: the partial state of position (b, s) over vocabulary slice `slice` into *part.
 template <typename T, bool kVec, bool kSample>
+__device__ __forceinline__ void scan_slice(const ThresholdUnmaskParams& p, int64_t b, int64_t s, int64_t slice,
+                                           UnmaskState* part, int32_t* err, Best* sh_best, float* sh_sum) {
+  constexpr int G = kVec ? int(16 / sizeof(T)) : 4;  // entries per load group; a multiple of 4 (Philox)
+  constexpr int NG = kPerThread / G;
+  const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + s * p.logits_seq_stride;
+  const int64_t base = slice * kUnmaskCudaSliceWidth;
+  float xv[kPerThread];
+#pragma unroll
+  for (int g = 0; g < NG; ++g) load_group<T, kVec, G>(row, base + (int64_t(g) * kThreads + threadIdx.x) * G, p.vocab, xv + g * G);
+  // Sanitise: NaN -> -inf (flagged), +inf -> FLT_MAX, the mask id -> -inf.
+  bool nan = false;
+  Best best{-INFINITY, -1, 0.f}, gbest{-INFINITY, -1, -INFINITY};
+  const float temperature = p.temperature.at(b);
+  const uint64_t seed = uint64_t(p.seed.at(b)), block = uint64_t(p.block.at(b));
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    const int64_t v0 = base + (int64_t(g) * kThreads + threadIdx.x) * G;
+    float noise[G];
+    if constexpr (kSample) {
+#pragma unroll
+      for (int q = 0; q < G / 4; ++q) {
+        const Philox4 w = unmask_noise_words(seed, block, s, (v0 >> 2) + q);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) noise[4 * q + t] = gumbel_from_bits(w.w[t]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      float& x = xv[g * G + e];
+      const int32_t v = int32_t(v0 + e);
+      if (isnan(x)) {
+        nan = true;
+        x = -INFINITY;
+      }
+      x = v == p.mask_id ? -INFINITY : clamp_pos_inf(x);
+      if (x > best.v) best = Best{x, v, 0.f};  // entries are visited in increasing v: '>' keeps the first
+      if constexpr (kSample) {
+        const float sc = gumbel_score(x, temperature, noise[e]);
+        if (sc > gbest.v) gbest = Best{sc, v, x};
+      }
+    }
+  }
+  if (nan) atomicOr(err, kUnmaskErrNaN);
+  best = block_best(best, sh_best);
+  if constexpr (kSample) gbest = block_best(gbest, sh_best);
+  float sum = 0.f;
+  if (best.i >= 0) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) sum += __expf(xv[j] - best.v);
+    sum = block_sum(sum, sh_sum);
+  }
+  if (threadIdx.x == 0) *part = UnmaskState{best.v, sum, best.i, gbest.v, gbest.i, gbest.extra};
+}
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) threshold_unmask_kernel(const ThresholdUnmaskParams p, int64_t ns,
                                                                     UnmaskState* parts, int32_t* counters,
                                                                     int32_t* err) {
-  constexpr int G = kVec ? int(16 / sizeof(T)) : 4;  // entries per load group; a multiple of 4 (Philox)
-  constexpr int NG = kPerThread / G;
   __shared__ Best sh_best[kWarps];
   __shared__ float sh_sum[kWarps];
   __shared__ bool s_last;
   const int64_t item = blockIdx.x, r = item / ns, slice = item - r * ns;
   const int64_t b = r / p.seq, s = r - b * p.seq;
 
-  if (p.x[b * p.x_batch_stride + s] == p.mask_id) {  // uniform across the CTA
-    const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + s * p.logits_seq_stride;
-    const int64_t base = slice * kUnmaskCudaSliceWidth;
-    float xv[kPerThread];
-#pragma unroll
-    for (int g = 0; g < NG; ++g) load_group<T, kVec, G>(row, base + (int64_t(g) * kThreads + threadIdx.x) * G, p.vocab, xv + g * G);
-    // Sanitise: NaN -> -inf (flagged), +inf -> FLT_MAX, the mask id -> -inf.
-    bool nan = false;
-    Best best{-INFINITY, -1, 0.f}, gbest{-INFINITY, -1, -INFINITY};
-    const uint64_t seed = uint64_t(*p.seed), offset = uint64_t(*p.offset);
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      const int64_t v0 = base + (int64_t(g) * kThreads + threadIdx.x) * G;
-      float noise[G];
-      if constexpr (kSample) {
-#pragma unroll
-        for (int q = 0; q < G / 4; ++q) {
-          const Philox4 w = unmask_noise_words(seed, offset, b, s, (v0 >> 2) + q);
-#pragma unroll
-          for (int t = 0; t < 4; ++t) noise[4 * q + t] = gumbel_from_bits(w.w[t]);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < G; ++e) {
-        float& x = xv[g * G + e];
-        const int32_t v = int32_t(v0 + e);
-        if (isnan(x)) {
-          nan = true;
-          x = -INFINITY;
-        }
-        x = v == p.mask_id ? -INFINITY : clamp_pos_inf(x);
-        if (x > best.v) best = Best{x, v, 0.f};  // entries are visited in increasing v: '>' keeps the first
-        if constexpr (kSample) {
-          const float sc = gumbel_score(x, p.temperature, noise[e]);
-          if (sc > gbest.v) gbest = Best{sc, v, x};
-        }
-      }
+  if (p.x[b * p.x_batch_stride + s] == p.mask_id) {  // uniform across the CTA, as is the row's temperature
+    if (p.temperature.at(b) > 0.f) {
+      scan_slice<T, kVec, true>(p, b, s, slice, parts + item, err, sh_best, sh_sum);
+    } else {
+      scan_slice<T, kVec, false>(p, b, s, slice, parts + item, err, sh_best, sh_sum);
     }
-    if (nan) atomicOr(err, kUnmaskErrNaN);
-    best = block_best(best, sh_best);
-    if constexpr (kSample) gbest = block_best(gbest, sh_best);
-    float sum = 0.f;
-    if (best.i >= 0) {
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) sum += __expf(xv[j] - best.v);
-      sum = block_sum(sum, sh_sum);
-    }
-    if (threadIdx.x == 0) parts[item] = UnmaskState{best.v, sum, best.i, gbest.v, gbest.i, gbest.extra};
   }
   // Arrival: the last CTA of batch row b (over all its positions and slices) does the row's commit.
   __syncthreads();
@@ -260,11 +299,7 @@ template <typename T, bool kVec>
 void launch(const ThresholdUnmaskParams& p, int64_t ns, UnmaskState* parts, int32_t* counters, int32_t* err,
             cudaStream_t stream) {
   const dim3 grid(unsigned(p.batch * p.seq * ns));
-  if (p.temperature > 0.f) {
-    threshold_unmask_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, ns, parts, counters, err);
-  } else {
-    threshold_unmask_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, ns, parts, counters, err);
-  }
+  threshold_unmask_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, ns, parts, counters, err);
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,20 +21,71 @@ using at::Tensor;
 using namespace tt::torch_glue;
 
 // ---------------------------------------------------------------------------------------------------
-// threshold_unmask(logits [B,S,V] fp32|bf16, x [B,S] int64 (in place), mask_id, gamma, step [1] int64,
-//   steps_per_block, temperature, seed [1] int64, offset [1] int64, counts [B] int32 (out), done [B] bool (out))
-// step/seed/offset live on the logits' device so a captured CUDA graph can be replayed with new values.
+// threshold_unmask(logits [B,S,V] fp32|bf16, x [B,S] int64 (in place), mask_id, then per row ([B] or [1] tensors
+//   on the logits' device): gamma fp32, step int32, steps_per_block int32, temperature fp32, seed int64,
+//   block int64, kept int32 (optional: S); counts [B] int32 (out), done [B] bool (out), logprob [B,S] fp32 (out,
+//   optional)). Per-row values live on the device so a captured CUDA graph can be replayed with new values.
 
-void check_unmask_scalar(const Tensor& t, const char* name, const Tensor& logits) {
-  check_dtype(t, at::kLong, name);
-  TORCH_CHECK(t.numel() == 1, "twotower: ", name, " must hold one value (0-d or [1]), got shape ", t.sizes());
+// The per-row tensors, in the order of the schema.
+struct RowTensors {
+  const Tensor& gamma;
+  const Tensor& step;
+  const Tensor& steps_per_block;
+  const Tensor& temperature;
+  const Tensor& seed;
+  const Tensor& block;
+  const std::optional<Tensor>& kept;
+};
+
+template <typename T>
+tt::UnmaskRowArg<T> row_arg(const Tensor& t, at::ScalarType dtype, const char* name, const Tensor& logits) {
+  check_dtype(t, dtype, name);
   check_same_device(t, name, logits, "logits");
+  const int64_t B = logits.size(0);
+  TORCH_CHECK(t.dim() == 1 && (t.size(0) == B || t.size(0) == 1), "twotower: ", name, " must be a [batch] = [", B,
+              "] or a [1] tensor (one value per row, or one for all), got shape ", t.sizes());
+  return tt::UnmaskRowArg<T>{t.data_ptr<T>(), t.size(0) == 1 ? 0 : t.stride(0)};
 }
 
-tt::ThresholdUnmaskParams plan_threshold_unmask(const Tensor& logits, const Tensor& x, int64_t mask_id, double gamma,
-                                                const Tensor& step, int64_t steps_per_block, double temperature,
-                                                const Tensor& seed, const Tensor& offset, const Tensor& counts,
-                                                const Tensor& done) {
+// Points p's per-row arguments at the tensors (checked against logits' batch and device).
+void set_row_args(tt::ThresholdUnmaskParams& p, const RowTensors& r, const Tensor& logits) {
+  p.gamma = row_arg<float>(r.gamma, at::kFloat, "gamma", logits);
+  p.step = row_arg<int32_t>(r.step, at::kInt, "step", logits);
+  p.steps_per_block = row_arg<int32_t>(r.steps_per_block, at::kInt, "steps_per_block", logits);
+  p.temperature = row_arg<float>(r.temperature, at::kFloat, "temperature", logits);
+  p.seed = row_arg<int64_t>(r.seed, at::kLong, "seed", logits);
+  p.block = row_arg<int64_t>(r.block, at::kLong, "block", logits);
+  p.kept = r.kept.has_value() ? row_arg<int32_t>(*r.kept, at::kInt, "kept", logits) : tt::UnmaskRowArg<int32_t>{};
+}
+
+// Raises, naming the argument and the row, if a row's value is out of range (p's per-row pointers on the host).
+void check_row_values(const tt::ThresholdUnmaskParams& p, const char* where) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int32_t e = tt::unmask_row_errors(p, b);
+    TORCH_CHECK_VALUE(!(e & tt::kUnmaskErrGamma), "twotower: gamma must be in [0, 1], got ", p.gamma.at(b),
+                      " at row ", b, where);
+    TORCH_CHECK_VALUE(!(e & tt::kUnmaskErrSteps), "twotower: steps_per_block must be >= 1, got ",
+                      p.steps_per_block.at(b), " at row ", b, where);
+    TORCH_CHECK_VALUE(!(e & tt::kUnmaskErrStep), "twotower: step must be in [0, steps_per_block = ",
+                      p.steps_per_block.at(b), "), got ", p.step.at(b), " at row ", b, where);
+    TORCH_CHECK_VALUE(!(e & tt::kUnmaskErrTemperature), "twotower: temperature must be 0 (greedy) or a positive "
+                      "finite value, got ", p.temperature.at(b), " at row ", b, where);
+    TORCH_CHECK_VALUE(!(e & tt::kUnmaskErrKept), "twotower: kept must be in [0, seq = ", p.seq, "], got ",
+                      p.kept.at(b), " at row ", b, where);
+  }
+}
+
+void check_out_vector(const Tensor& t, at::ScalarType dtype, const char* name, const Tensor& logits) {
+  check_dtype(t, dtype, name);
+  check_same_device(t, name, logits, "logits");
+  const int64_t B = logits.size(0);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.is_contiguous(), "twotower: ", name,
+              " must be a contiguous [batch] = [", B, "] tensor, got shape ", t.sizes());
+}
+
+tt::ThresholdUnmaskParams plan_threshold_unmask(const Tensor& logits, const Tensor& x, int64_t mask_id,
+                                                const RowTensors& rows, const Tensor& counts, const Tensor& done,
+                                                const std::optional<Tensor>& logprob) {
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
                    "twotower: logits must be float32 or bfloat16, got ", logits.scalar_type());
   TORCH_CHECK(logits.dim() == 3, "twotower: logits must be [batch, seq, vocab] (3-D), got shape ", logits.sizes());
@@ -47,54 +99,44 @@ tt::ThresholdUnmaskParams plan_threshold_unmask(const Tensor& logits, const Tens
   TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == S, "twotower: x must be [batch, seq] = [", B, ", ", S,
               "] like logits, got shape ", x.sizes());
   check_last_dim_contiguous(x, "x");
-  check_unmask_scalar(step, "step", logits);
-  check_unmask_scalar(seed, "seed", logits);
-  check_unmask_scalar(offset, "offset", logits);
-  check_dtype(counts, at::kInt, "counts");
-  check_same_device(counts, "counts", logits, "logits");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == B && counts.is_contiguous(),
-              "twotower: counts must be a contiguous [batch] = [", B, "] tensor, got shape ", counts.sizes());
-  check_dtype(done, at::kBool, "done");
-  check_same_device(done, "done", logits, "logits");
-  TORCH_CHECK(done.dim() == 1 && done.size(0) == B && done.is_contiguous(),
-              "twotower: done must be a contiguous [batch] = [", B, "] tensor, got shape ", done.sizes());
-  TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < V, "twotower: mask_id must be in [0, vocab = ", V, "), got ", mask_id);
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "twotower: gamma must be in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(steps_per_block >= 1 && steps_per_block <= INT32_MAX,
-                    "twotower: steps_per_block must be >= 1, got ", steps_per_block);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0 && (temperature == 0.0 || float(temperature) > 0.f),
-                    "twotower: temperature must be 0 (greedy) or a positive finite float32 value, got ", temperature);
+  check_out_vector(counts, at::kInt, "counts", logits);
+  check_out_vector(done, at::kBool, "done", logits);
+  if (logprob.has_value()) {
+    check_dtype(*logprob, at::kFloat, "logprob");
+    check_same_device(*logprob, "logprob", logits, "logits");
+    TORCH_CHECK(logprob->dim() == 2 && logprob->size(0) == B && logprob->size(1) == S,
+                "twotower: logprob must be [batch, seq] = [", B, ", ", S, "] like logits, got shape ", logprob->sizes());
+    check_last_dim_contiguous(*logprob, "logprob");
+  }
+  TORCH_CHECK_VALUE(mask_id >= -1 && mask_id < V, "twotower: mask_id must be in [-1, vocab = ", V,
+                    ") (-1: masked positions hold -1, no id excluded), got ", mask_id);
   tt::ThresholdUnmaskParams p{};
+  set_row_args(p, rows, logits);
   p.logits = logits.data_ptr();
   p.x = x.data_ptr<int64_t>();
   p.counts = counts.data_ptr<int32_t>();
   p.done = done.data_ptr<bool>();
-  p.step = step.data_ptr<int64_t>();
-  p.seed = seed.data_ptr<int64_t>();
-  p.offset = offset.data_ptr<int64_t>();
+  p.logprob = logprob.has_value() ? logprob->data_ptr<float>() : nullptr;
   p.batch = B;
   p.seq = S;
   p.vocab = V;
   p.logits_batch_stride = logits.stride(0);
   p.logits_seq_stride = logits.stride(1);
   p.x_batch_stride = x.stride(0);
+  p.logprob_batch_stride = logprob.has_value() ? logprob->stride(0) : 0;
   p.mask_id = mask_id;
-  p.gamma = float(gamma);
-  p.steps_per_block = int32_t(steps_per_block);
-  p.temperature = float(temperature);
   p.dtype = logits.scalar_type() == at::kFloat ? tt::DType::kFloat32 : tt::DType::kBFloat16;
   return p;
 }
 
-void threshold_unmask_cpu(const Tensor& logits, const Tensor& x, int64_t mask_id, double gamma, const Tensor& step,
-                          int64_t steps_per_block, double temperature, const Tensor& seed, const Tensor& offset,
-                          const Tensor& counts, const Tensor& done) {
-  auto p = plan_threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, offset, counts,
-                                 done);
+void threshold_unmask_cpu(const Tensor& logits, const Tensor& x, int64_t mask_id, const Tensor& gamma,
+                          const Tensor& step, const Tensor& steps_per_block, const Tensor& temperature,
+                          const Tensor& seed, const Tensor& block, const std::optional<Tensor>& kept,
+                          const Tensor& counts, const Tensor& done, const std::optional<Tensor>& logprob) {
+  const RowTensors rows{gamma, step, steps_per_block, temperature, seed, block, kept};
+  auto p = plan_threshold_unmask(logits, x, mask_id, rows, counts, done, logprob);
   p.slice_width = tt::kUnmaskCpuSliceWidth;
-  const int64_t step_value = *p.step;
-  TORCH_CHECK_VALUE(step_value >= 0 && step_value < steps_per_block, "twotower: step must be in [0, steps_per_block = ",
-                    steps_per_block, "), got ", step_value);
+  check_row_values(p, "");
   // Phase 1 over (position, vocabulary slice) items, then the per-row merge + commit.
   const int64_t ns = tt::unmask_num_slices(p), items = p.batch * p.seq * ns;
   std::vector<tt::UnmaskState> states(items);
@@ -115,28 +157,37 @@ void threshold_unmask_cpu(const Tensor& logits, const Tensor& x, int64_t mask_id
 }
 
 #ifdef TWOTOWER_WITH_CUDA
-// TWOTOWER_UNMASK_DEBUG=1: synchronise after the kernel and raise on NaN logits or an out-of-range step
-// (not capturable). Otherwise NaN counts as -inf and a bad step leaves x untouched with counts = -1.
+// TWOTOWER_UNMASK_DEBUG=1: synchronise after the kernel and raise on NaN logits or an out-of-range per-row value
+// (not capturable). Otherwise NaN counts as -inf, a row with a bad value is left untouched with counts = -1, and
+// kept is clamped to [0, seq].
 bool unmask_debug() {
   const char* v = std::getenv("TWOTOWER_UNMASK_DEBUG");
   return v != nullptr && v[0] != '\0' && std::string(v) != "0";
 }
 
-void threshold_unmask_cuda(const Tensor& logits, const Tensor& x, int64_t mask_id, double gamma, const Tensor& step,
-                           int64_t steps_per_block, double temperature, const Tensor& seed, const Tensor& offset,
-                           const Tensor& counts, const Tensor& done) {
+void threshold_unmask_cuda(const Tensor& logits, const Tensor& x, int64_t mask_id, const Tensor& gamma,
+                           const Tensor& step, const Tensor& steps_per_block, const Tensor& temperature,
+                           const Tensor& seed, const Tensor& block, const std::optional<Tensor>& kept,
+                           const Tensor& counts, const Tensor& done, const std::optional<Tensor>& logprob) {
   c10::cuda::CUDAGuard guard(logits.device());
-  auto p = plan_threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, offset, counts,
-                                 done);
+  const RowTensors rows{gamma, step, steps_per_block, temperature, seed, block, kept};
+  auto p = plan_threshold_unmask(logits, x, mask_id, rows, counts, done, logprob);
   p.slice_width = tt::kUnmaskCudaSliceWidth;
   auto ws = at::empty({tt::threshold_unmask_cuda_workspace_bytes(p)}, logits.options().dtype(at::kByte));
   check_status(tt::threshold_unmask_cuda(p, ws.data_ptr(), current_stream(logits)), "threshold_unmask");
   if (unmask_debug()) {
     const int32_t err = ws.narrow(0, p.batch * 4, 4).view(at::kInt).item<int32_t>();
+    if (err & ~tt::kUnmaskErrNaN) {   // name the argument and the row from host copies of the per-row values
+      const Tensor g = gamma.cpu(), st = step.cpu(), spb = steps_per_block.cpu(), t = temperature.cpu();
+      const Tensor sd = seed.cpu(), bl = block.cpu();
+      const std::optional<Tensor> kp = kept.has_value() ? std::optional<Tensor>(kept->cpu()) : std::nullopt;
+      const Tensor host_logits = at::empty({p.batch, 1, 1}, logits.options().device(at::kCPU));
+      tt::ThresholdUnmaskParams q = p;
+      set_row_args(q, RowTensors{g, st, spb, t, sd, bl, kp}, host_logits);
+      check_row_values(q, " (TWOTOWER_UNMASK_DEBUG check)");
+    }
     TORCH_CHECK_VALUE(!(err & tt::kUnmaskErrNaN), "twotower: logits must not contain NaN at masked positions "
                       "(TWOTOWER_UNMASK_DEBUG check)");
-    TORCH_CHECK_VALUE(!(err & tt::kUnmaskErrStep), "twotower: step must be in [0, steps_per_block = ", steps_per_block,
-                      "), got ", step.item<int64_t>(), " (TWOTOWER_UNMASK_DEBUG check)");
   }
 }
 #endif

@@ -101,8 +101,8 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
                    "(default: %(default)s, what the model was trained at)")
     g.add_argument("--steps", type=int, default=D.steps_per_block, help="denoiser passes per block at most; the "
                    "last one commits what is left (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=D.temperature, help="0: greedy; > 0: Gumbel-max sampling "
-                   "keyed by (seed, block, step, position) (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=D.temperature, help="0: greedy; > 0: Gumbel-max sampling, "
+                   "reproducible per seed (the random key: docs/semantics.md) (default: %(default)s)")
     g.add_argument("--seed", type=_int_at_least(-2**63, 2**63, "a 64-bit integer, in [-2**63, 2**63)"), default=D.seed, help="sampling seed, a 64-bit "
                    "integer (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="tokens to generate at most; "

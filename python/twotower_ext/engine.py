@@ -9,9 +9,8 @@ compacted so the live rows stay a contiguous prefix, which keeps every pass copy
 rows finish the block, whole blocks kept after EOS, the EOS block still appended to the context, and the
 run stops after a block in which any row produced EOS.
 
-Randomness (temperature > 0) depends only on (seed, block, position) (diffusion; the step is not part of the
-key) or (seed, token index) (AR modes), never on a row's place in the batch, so a row samples the same tokens
-alone or in any batch.
+Randomness (temperature > 0): docs/semantics.md ("Randomness"); it never depends on a row's place in the batch,
+so a row samples the same tokens alone or in any batch.
 """
 from __future__ import annotations
 
@@ -373,15 +372,10 @@ class Engine:
         return ContextSteps(model, graphs, dense_moe=model.ctx_device.type == "cuda")
 
     def _unmask(self, logits, x, args: GenerateArgs, blk, step):
-        """The commit step. With temperature > 0 each row is keyed alone (row 0 of its own call), so its
-        samples depend on (seed, block, step, position) only, not on the batch."""
-        common = dict(mask_id=args.mask_token_id, gamma=float(args.threshold), step=step,
-                      steps_per_block=args.steps_per_block, temperature=float(args.temperature),
-                      seed=args.seed, offset=blk)
-        if args.temperature == 0 or x.shape[0] == 1:
-            return ops.threshold_unmask(logits, x, **common)
-        parts = [ops.threshold_unmask(logits[i:i + 1], x[i:i + 1], **common) for i in range(x.shape[0])]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        """The commit step of every row in one call (the random key never includes the row's place in the
+        batch: docs/semantics.md)."""
+        return ops.threshold_unmask(logits, x, args.mask_token_id, float(args.threshold), step, args.steps_per_block,
+                                    float(args.temperature), args.seed, block=blk)
 
     # ---------------------------------------------------------------------------------------------
     def _autoregressive(self, prompts, args: GenerateArgs, capacity: int, clock: _Clock, callback) -> GenerationResult:

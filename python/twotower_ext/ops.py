@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -152,49 +153,77 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
 
 
 @torch.library.register_fake("twotower::threshold_unmask")
-def _threshold_unmask_fake(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, offset, counts, done):
+def _threshold_unmask_fake(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, counts,
+                           done, logprob):
     torch._check(logits.dim() == 3, lambda: "logits must be [batch, seq, vocab]")
-    return None  # x, counts and done are written in place
+    return None  # x, counts, done and logprob are written in place
 
 
-def _device_int64(v, device: torch.device) -> torch.Tensor:
-    """v (a Python int or a one-element integer tensor) as an int64 tensor on `device`. A Python int becomes
-    a device-side fill, never a host-to-device copy, so no synchronisation."""
-    if isinstance(v, torch.Tensor):
-        return v if (v.device == device and v.dtype == torch.int64) else v.to(device=device, dtype=torch.int64)
-    return torch.full((1,), int(v), dtype=torch.int64, device=device)
+# The per-row arguments of threshold_unmask and their dtypes, in the order of the op's schema.
+UNMASK_ROW_ARGS = {"gamma": torch.float32, "step": torch.int32, "steps_per_block": torch.int32,
+                   "temperature": torch.float32, "seed": torch.int64, "block": torch.int64, "kept": torch.int32}
 
 
-def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_block: int, temperature: float = 0.0,
-                     seed=0, offset=0, out_counts=None, out_done=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mask-diffusion commit step between two denoiser passes, updating x in place.
+def _check_number(name: str, v) -> None:
+    """A per-row argument given as a Python value must be a number of its kind (an int for the integer ones)."""
+    ok = numbers.Real if UNMASK_ROW_ARGS[name].is_floating_point else numbers.Integral
+    if isinstance(v, bool) or not isinstance(v, ok):
+        kind = "a real number" if UNMASK_ROW_ARGS[name].is_floating_point else "an int"
+        raise TypeError(f"twotower: {name} must be {kind} or a tensor, got {type(v).__name__}")
 
-    logits [B, S, V] fp32/bf16 (vocab contiguous, S <= 64); x [B, S] int64 block tokens. For every masked
-    position (x == mask_id; the mask id is never predicted): pred = argmax of the logits (temperature 0) or a
-    Gumbel-max sample of logits / temperature from a Philox stream keyed by (seed, offset, row, position, vocab
-    id); conf = softmax(logits)[pred] at temperature 1. Per row the k most confident masked positions are
-    committed, k per docs/semantics.md (strict conf > gamma, at least 1, at least ceil(n / (steps_per_block -
-    step)), everything on the last step; ties: lower position first). Rows with nothing masked are untouched.
 
-    step, seed, offset: Python ints or one-element int64 tensors on the logits' device (tensors keep a captured
-    CUDA graph replayable for other values; the op never synchronises with the host). Returns (counts int32
-    [B], done bool [B]) on the device, written into out_counts / out_done when given. NaN logits at masked
-    positions raise on CPU; on CUDA they count as -inf unless TWOTOWER_UNMASK_DEBUG=1 (synchronises, raises),
-    and a step tensor out of range leaves x untouched with counts = -1. Exact definition, RNG and numerics:
-    `reference.threshold_unmask` and csrc/threshold_unmask/threshold_unmask.h.
+def _row_tensor(name: str, v, device: torch.device) -> torch.Tensor:
+    """A per-row argument as the op takes it: a [B] or [1] tensor of UNMASK_ROW_ARGS[name]'s dtype. A tensor of
+    another integer (float) dtype for an integer (float) argument is converted with .to() on its own device (the
+    op checks the device and shape); a 0-d tensor becomes [1]. A Python number becomes a device-side fill, never a
+    host-to-device copy, so a CUDA graph can capture the call."""
+    dtype = UNMASK_ROW_ARGS[name]
+    if not isinstance(v, torch.Tensor):
+        return reference.unmask_rows(v, 1, dtype, device)
+    if v.dtype != dtype and v.dtype != torch.bool and v.is_floating_point() == dtype.is_floating_point:
+        v = v.to(dtype)
+    return v.reshape(1) if v.dim() == 0 else v
+
+
+def threshold_unmask(logits, x, mask_id: int, gamma, step, steps_per_block, temperature=0.0, seed=0, block=0,
+                     kept=None, out_counts=None, out_done=None, out_logprob=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask-diffusion commit step between two denoiser passes, updating x in place (docs/semantics.md:
+    the commit rule, the random key, kept and logprob).
+
+    logits [B, S, V] fp32/bf16 (vocab contiguous, S <= 64); x [B, S] int64 block tokens; mask_id in [-1, V)
+    (-1: the masked positions hold -1 and no vocabulary id is excluded, the AR sampling use). Per row b:
+    gamma (float32), step (int32), steps_per_block (int32), temperature (float32; 0 greedy), seed (int64),
+    block (int64: the block or token index) and kept (int32, default S: only positions [0, kept[b]) are
+    counted), each a Python number (the same for every row) or a [B] or [1] tensor on the logits' device
+    (tensors keep a captured CUDA graph replayable for other values; the op never synchronises with the host).
+
+    Returns (counts int32 [B]: kept positions committed by this call, done bool [B]: no kept position left
+    masked), written into out_counts / out_done when given. out_logprob: a float32 [B, S] tensor that receives
+    log softmax(logits)[pred] (temperature 1) at every position this call commits; other positions untouched.
+    Bad per-row values raise ValueError on the CPU naming the argument and the row; on CUDA such a row is left
+    untouched with counts -1 (kept is clamped to [0, S]) unless TWOTOWER_UNMASK_DEBUG=1 (synchronises, raises).
+    NaN logits at masked positions raise on CPU; on CUDA they count as -inf (the debug mode raises). Exact
+    definition and numerics: `reference.threshold_unmask` and csrc/threshold_unmask/threshold_unmask.h.
     """
     device = logits.device
-    if not isinstance(step, torch.Tensor) and not 0 <= int(step) < steps_per_block:
-        raise ValueError(f"twotower: step must be in [0, steps_per_block = {steps_per_block}), got {step}")
+    rows = {"gamma": gamma, "step": step, "steps_per_block": steps_per_block, "temperature": temperature,
+            "seed": seed, "block": block}
+    numbers_given = {k: v for k, v in {**rows, "kept": kept}.items() if v is not None and not isinstance(v, torch.Tensor)}
+    for k, v in numbers_given.items():
+        _check_number(k, v)
+    msg = reference.unmask_row_error(logits.shape[1] if logits.dim() == 3 else 0,
+                                     **{k: v for k, v in numbers_given.items() if k not in ("seed", "block")})
+    if msg:
+        raise ValueError(msg)
     batch = logits.shape[0] if logits.dim() > 0 else 0
     counts = out_counts if out_counts is not None else torch.empty(batch, dtype=torch.int32, device=device)
     done = out_done if out_done is not None else torch.empty(batch, dtype=torch.bool, device=device)
     if not _has_kernel("threshold_unmask", device):
-        return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed,
-                                          offset, counts, done)
-    torch.ops.twotower.threshold_unmask(logits, x, int(mask_id), float(gamma), _device_int64(step, device),
-                                        int(steps_per_block), float(temperature), _device_int64(seed, device),
-                                        _device_int64(offset, device), counts, done)
+        return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block,
+                                          kept, counts, done, out_logprob)
+    args = [_row_tensor(k, v, device) for k, v in rows.items()]
+    kept_t = None if kept is None else _row_tensor("kept", kept, device)
+    torch.ops.twotower.threshold_unmask(logits, x, int(mask_id), *args, kept_t, counts, done, out_logprob)
     return counts, done
 
 

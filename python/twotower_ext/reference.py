@@ -160,8 +160,9 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t >> 16, ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
 
 
-def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox-4x32-10 on int64 tensors holding uint32 counters (broadcastable); returns the 4 output words."""
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on int64 tensors holding uint32 counters and keys (ints or broadcastable tensors); returns
+    the 4 output words."""
     for _ in range(10):
         hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
         hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
@@ -192,90 +193,148 @@ def unmask_log(x: torch.Tensor) -> torch.Tensor:
     return (m + y) + e * _f32(0.693359375, dev)
 
 
-def unmask_gumbel(seed: int, offset: int, batch: int, seq: int, vocab: int, device="cpu") -> torch.Tensor:
-    """The kernels' Gumbel noise g[b, s, v] (fp32): Philox-4x32-10 with key = seed and counter
-    (v // 4, s | b << 6, offset lo, offset hi), word v % 4 -> u = (2 (w >> 9) + 1) / 2^24, g = -log(-log(u))."""
-    seed, offset = seed & ((1 << 64) - 1), offset & ((1 << 64) - 1)
+def unmask_row_error(S: int, gamma=None, step=None, steps_per_block=None, temperature=None, kept=None,
+                     row: int | None = None) -> str | None:
+    """The message for the first out-of-range value among one row's parameters (Python numbers; None: not
+    checked), or None when they are valid: gamma in [0, 1], steps_per_block >= 1, step in [0, steps_per_block),
+    temperature 0 or a positive finite float32 value, kept in [0, S]."""
+    at = "" if row is None else f" at row {row}"
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        return f"twotower: gamma must be in [0, 1], got {gamma}{at}"
+    if steps_per_block is not None and not 1 <= steps_per_block < 2**31:
+        return f"twotower: steps_per_block must be >= 1 (and < 2^31), got {steps_per_block}{at}"
+    if step is not None and (step < 0 or (steps_per_block is not None and step >= steps_per_block)):
+        spb = "" if steps_per_block is None else f" = {steps_per_block}"
+        return f"twotower: step must be in [0, steps_per_block{spb}), got {step}{at}"
+    # a positive value at or below 2^-150 rounds to fp32 0, one above FLT_MAX to inf
+    if temperature is not None and not (temperature == 0 or 2.0 ** -150 < temperature <= _FLT_MAX):
+        return f"twotower: temperature must be 0 (greedy) or a positive finite float32 value, got {temperature}{at}"
+    if kept is not None and not 0 <= kept <= S:
+        return f"twotower: kept must be in [0, seq = {S}], got {kept}{at}"
+    return None
+
+
+def unmask_rows(v, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A per-row parameter (a Python number, or a [batch] or [1] tensor) as a [batch] tensor of dtype. A Python
+    int for an int64 parameter (seed, block) counts by its low 64 bits (two's complement)."""
+    if not isinstance(v, torch.Tensor):
+        if dtype == torch.int64:
+            v = (int(v) + 2**63) % 2**64 - 2**63
+        return torch.full((batch,), v, dtype=dtype, device=device)
+    return v.to(device=device, dtype=dtype).reshape(-1).expand(batch)
+
+
+def _philox_key(seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Philox key words (lo, hi) of int64 seeds (their two's-complement bits)."""
+    return seed & _U32, (seed >> 32) & _U32
+
+
+def unmask_gumbel(seed, block, batch: int, seq: int, vocab: int, device="cpu") -> torch.Tensor:
+    """The kernels' Gumbel noise g[b, s, v] (fp32): Philox-4x32-10 with key = seed[b] and counter
+    (v // 4, s, block[b] lo, block[b] hi), word v % 4 -> u = (2 (w >> 9) + 1) / 2^24, g = -log(-log(u)).
+    seed and block: Python ints (every row) or [batch] / [1] int tensors. The row's slot b is not in the key."""
     groups = (vocab + 3) // 4
     i64 = dict(dtype=torch.int64, device=device)
-    c0 = torch.arange(groups, **i64).view(1, 1, groups)
-    c1 = (torch.arange(seq, **i64).view(1, seq, 1) | (torch.arange(batch, **i64).view(batch, 1, 1) << 6)) & _U32
+    seed = unmask_rows(seed, batch, torch.int64, device).view(batch, 1, 1)
+    block = unmask_rows(block, batch, torch.int64, device).view(batch, 1, 1)
     shape = (batch, seq, groups)
-    c0, c1 = c0.expand(shape), c1.expand(shape)
-    c2 = torch.full(shape, offset & _U32, **i64)
-    c3 = torch.full(shape, offset >> 32, **i64)
-    words = torch.stack(philox4x32_10(c0, c1, c2, c3, seed & _U32, seed >> 32), dim=-1).view(batch, seq, 4 * groups)
+    c0 = torch.arange(groups, **i64).view(1, 1, groups).expand(shape)
+    c1 = torch.arange(seq, **i64).view(1, seq, 1).expand(shape)
+    c2, c3 = _philox_key(block)
+    c2, c3 = c2.expand(shape), c3.expand(shape)
+    k0, k1 = _philox_key(seed)
+    words = torch.stack(philox4x32_10(c0, c1, c2, c3, k0, k1), dim=-1).view(batch, seq, 4 * groups)
     u = (((words[..., :vocab] >> 9) << 1) | 1).to(torch.float32) * 2.0 ** -24
     return -unmask_log(-unmask_log(u))
 
 
-def unmask_predict(logits, mask_id: int, temperature: float = 0.0, seed: int = 0, offset: int = 0):
-    """Token and T=1 confidence for every position of logits [B, S, V] (fp32/bf16), mask id excluded:
-    pred = argmax(logits) (temperature 0; ties: lowest id) or argmax(fp32(logits / T) + g) with the Philox
-    Gumbel noise g = `unmask_gumbel(seed, offset, ...)`; conf = exp(log_softmax(logits)[pred]) as NVIDIA's
-    reference computes it. Returns (pred int64 [B, S], conf fp32 [B, S]).
+def unmask_predict(logits, mask_id: int, temperature=0.0, seed=0, block=0):
+    """Token and T=1 log-probability for every position of logits [B, S, V] (fp32/bf16), mask id excluded
+    (mask_id -1: nothing excluded): pred = argmax(logits) (temperature[b] 0; ties: lowest id) or
+    argmax(fp32(logits / T[b]) + g) with the Philox Gumbel noise g = `unmask_gumbel(seed, block, ...)`;
+    logprob = log_softmax(logits)[pred] as NVIDIA's reference computes it (conf = exp(logprob)). temperature,
+    seed, block: Python numbers (every row) or [B] / [1] tensors. Returns (pred int64 [B, S], logprob fp32 [B, S]).
 
     The mask logit is -inf rather than NVIDIA's -1e12 (identical probabilities unless every other logit is below
-    -1e12 + 88); a position whose other logits are all -inf gets pred = the lowest non-mask id with conf 0;
+    -1e12 + 88); a position whose other logits are all -inf gets pred = the lowest non-mask id with logprob -inf;
     +inf logits count as the largest finite float. NVIDIA takes the argmax of log_softmax rather than of the
     logits: the two differ only for logits closer than one rounding of the subtraction of the log-sum-exp.
     """
     B, S, V = logits.shape
     l = logits.float()
     l = torch.where(l == float("inf"), torch.full_like(l, _FLT_MAX), l)   # a new tensor: logits stay as given
-    l[..., mask_id] = float("-inf")
+    if mask_id >= 0:
+        l[..., mask_id] = float("-inf")
     pred = l.argmax(-1)
-    if temperature > 0:
-        score = l / torch.full_like(l, temperature) + unmask_gumbel(seed, offset, B, S, V, l.device)
-        pred = torch.where(score.amax(-1) > float("-inf"), score.argmax(-1), pred)
-    conf = torch.log_softmax(l, dim=-1).gather(-1, pred.unsqueeze(-1)).squeeze(-1).exp()
+    temperature = unmask_rows(temperature, B, torch.float32, l.device)
+    rows = (temperature > 0).nonzero().flatten()                          # the sampling rows
+    if len(rows):
+        seed, block = (unmask_rows(v, B, torch.int64, l.device)[rows] for v in (seed, block))
+        score = l[rows] / temperature[rows].view(-1, 1, 1) + unmask_gumbel(seed, block, len(rows), S, V, l.device)
+        pred[rows] = torch.where(score.amax(-1) > float("-inf"), score.argmax(-1), pred[rows])
+    logprob = torch.log_softmax(l, dim=-1).gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     degenerate = l.amax(-1) == float("-inf")
     pred = torch.where(degenerate, torch.full_like(pred, 1 if mask_id == 0 else 0), pred)
-    conf = torch.where(degenerate, torch.zeros_like(conf), conf)
-    return pred, conf
+    logprob = torch.where(degenerate, torch.full_like(logprob, float("-inf")), logprob)
+    return pred, logprob
 
 
-def threshold_unmask(logits, x, mask_id: int, gamma: float, step, steps_per_block: int, temperature: float = 0.0,
-                     seed=0, offset=0, out_counts=None, out_done=None) -> tuple[torch.Tensor, torch.Tensor]:
+def threshold_unmask(logits, x, mask_id: int, gamma, step, steps_per_block, temperature=0.0, seed=0, block=0,
+                     kept=None, out_counts=None, out_done=None, out_logprob=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One mask-diffusion commit step (docs/semantics.md), updating x [B, S] int64 in place.
 
-    logits [B, S, V] fp32/bf16. For each masked position (x == mask_id), (pred, conf) = `unmask_predict`.
-    Per row: n masked; k = n on the last step, else min(n, max(1, #(conf > gamma), ceil(n / (steps_per_block -
-    step)))); the k most confident masked positions (ties: lower position first) take pred; rows with nothing
-    masked are untouched. NaN logits at masked positions raise. Returns (counts int32 [B], done bool [B]).
+    logits [B, S, V] fp32/bf16; mask_id in [-1, V). Per row b (Python numbers or [B] / [1] tensors): gamma,
+    step, steps_per_block, temperature, seed, block, kept (default S). For each masked position (x == mask_id),
+    (pred, logprob) = `unmask_predict`, conf = exp(logprob); then `unmask_commit`. Bad per-row values and NaN
+    logits at masked positions raise ValueError. Returns (counts int32 [B], done bool [B]) of the kept positions;
+    out_logprob [B, S] fp32, when given, receives logprob at the positions committed.
     """
     B, S, V = logits.shape
-    step, seed, offset = int(step), int(seed), int(offset)
-    if not 0 <= step < steps_per_block:
-        raise ValueError(f"twotower: step must be in [0, steps_per_block = {steps_per_block}), got {step}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"twotower: gamma must be in [0, 1], got {gamma}")
+    if not -1 <= mask_id < V:
+        raise ValueError(f"twotower: mask_id must be in [-1, vocab = {V}), got {mask_id}")
+    dev = logits.device
+    rows = [unmask_rows(v, B, torch.float64 if fp else torch.int64, dev).tolist()
+            for v, fp in ((gamma, True), (step, False), (steps_per_block, False), (temperature, True))]
+    kept_rows = [None] * B if kept is None else unmask_rows(kept, B, torch.int64, dev).tolist()
+    for b, (g, st, spb, t) in enumerate(zip(*rows)):
+        msg = unmask_row_error(S, g, st, spb, t, kept_rows[b], row=b)
+        if msg:
+            raise ValueError(msg)
     masked = x == mask_id
     if torch.isnan(logits[masked]).any():
         raise ValueError("twotower: logits must not contain NaN at masked positions")
-    pred, conf = unmask_predict(logits, mask_id, temperature, seed, offset)
-    return unmask_commit(x, pred, conf, mask_id, gamma, step, steps_per_block, out_counts, out_done)
+    pred, logprob = unmask_predict(logits, mask_id, temperature, seed, block)
+    return unmask_commit(x, pred, logprob.exp(), mask_id, gamma, step, steps_per_block, kept, out_counts, out_done,
+                         logprob, out_logprob)
 
 
-def unmask_commit(x, pred, conf, mask_id: int, gamma: float, step: int, steps_per_block: int, out_counts=None,
-                  out_done=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-row commit rule of `threshold_unmask` given pred [B, S] and conf [B, S]; updates x in place."""
+def unmask_commit(x, pred, conf, mask_id: int, gamma, step, steps_per_block, kept=None, out_counts=None,
+                  out_done=None, logprob=None, out_logprob=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row commit rule of `threshold_unmask` given pred [B, S] and conf [B, S] (and the per-row
+    parameters as numbers or [B] / [1] tensors); updates x in place, and out_logprob from logprob at the
+    committed positions when given. Counts and done flags cover positions [0, kept[b]) only."""
     B, S = x.shape
+    dev = x.device
+    gamma = unmask_rows(gamma, B, torch.float32, dev).view(B, 1)
+    step = unmask_rows(step, B, torch.int64, dev)
+    steps_per_block = unmask_rows(steps_per_block, B, torch.int64, dev)
+    kept = unmask_rows(S if kept is None else kept, B, torch.int64, dev)
     masked = x == mask_id
     n = masked.sum(1)
-    if step == steps_per_block - 1:
-        k = n
-    else:
-        left = steps_per_block - step
-        k = (masked & (conf > gamma)).sum(1).clamp(min=1)
-        k = torch.minimum(torch.maximum(k, (n + left - 1) // left), n)
+    left = steps_per_block - step
+    k = (masked & (conf > gamma)).sum(1).clamp(min=1)
+    k = torch.minimum(torch.maximum(k, (n + left - 1) // left), n)
+    k = torch.where(step == steps_per_block - 1, n, k)              # the last step commits everything
     ranked = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices   # ties: lower position first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=x.device).expand(B, S))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(B, S))
     commit = masked & (rank < k.unsqueeze(1))
     x.copy_(torch.where(commit, pred, x))
-    counts = commit.sum(1).to(torch.int32)
-    done = n == counts
+    if out_logprob is not None:
+        out_logprob.copy_(torch.where(commit, logprob, out_logprob))
+    in_kept = torch.arange(S, device=dev) < kept.unsqueeze(1)
+    counts = (commit & in_kept).sum(1).to(torch.int32)
+    done = ~(masked & ~commit & in_kept).any(1)
     if out_counts is not None:
         counts = out_counts.copy_(counts)
     if out_done is not None:

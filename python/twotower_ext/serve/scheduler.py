@@ -14,8 +14,8 @@ Every iteration of the loop
 A row's result is therefore the one `Engine.generate` (reference_compat=False) gives that row alone:
 per-row t, stop at its first EOS (output cut after it), a partial last block, no extension of its final
 block. Commits reuse the engine's own step (`Engine._unmask`: rows sharing (threshold, steps) at temperature
-0 commit in one call; a sampling row commits alone, keyed only by (seed, block, step, position)) and AR
-sampling reuses `engine.gumbel_argmax` keyed by (seed, token index). Rows of different modes or block sizes
+0 commit in one call; a sampling row commits alone; the random key: docs/semantics.md) and AR sampling
+reuses `engine.gumbel_argmax`. Rows of different modes or block sizes
 share the cache but not a pass; when such groups interleave in the cache a pass gathers its rows (copies).
 """
 from __future__ import annotations
