@@ -10,7 +10,8 @@ state written back) and a prefill piece (L=128). On the CPU, each shape also run
 recurrence this CPU has (`isa`: TWOTOWER_SCAN_CPU_ISA; the default path first).
 Bytes: SSM state read (+ written when updated) + xBC, dt, y. FLOPs: 5 per state element per token
 (decay, update, C contraction) + the conv. The bound is max(bytes / read bandwidth, FLOPs / fp32 matmul rate),
-both measured in the same run (the read at the row's working-set size: in cache for the small rows).
+both measured in the same run (the read at the row's working-set size: in cache for the small rows; each limit the
+best of three measurements).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     from twotower_ext.models.ssd import mamba_chunked_scan
 
     cases = QUICK if quick else CASES
-    mm = harness.measure_matmul_rate(1024, 1024, 1024, torch.float32, device)
+    mm = harness.best_of(harness.measure_matmul_rate, 1024, 1024, 1024, torch.float32, device)
     main = harness.run_in_baseline("bench_mamba_scan", "kernel_timings", cases=cases, dtypes=DTYPES, device=device)
     paths = [None]   # the default path (AVX-512 where the CPU has it), then AVX2 where that is not the default
     if device == "cpu" and "avx512" in tt.ops.cpu_isas():
@@ -99,7 +100,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             elt = torch.finfo(dtype).bits // 8
             state = B * H * P * N * 4
             nbytes = state * (2 if write else 1) + B * L * ((H * P + 2 * G * N + H) * elt + H * P * elt)
-            rd = harness.measure_read_bandwidth(device, nbytes if device == "cpu" else 256 << 20)
+            rd = harness.best_of(harness.measure_read_bandwidth, device, nbytes if device == "cpu" else 256 << 20)
             flops = B * L * H * (5 * P * N + 2 * K * (P + 2 * N))
             bound = max(nbytes / rd / 1e9, flops / mm / 1e12)
             budget = dict(budget_s=0.3, min_reps=3, warmup=1) if device == "cpu" else {}

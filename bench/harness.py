@@ -193,6 +193,12 @@ def measure_matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str 
     return 2 * m * k * n / t.median_s / 1e12
 
 
+def best_of(measure, *args, reps: int = 3, **kw) -> float:
+    """The highest of `reps` runs of a limit measurement (measure_*): a limit is the best the machine does, and on a
+    shared machine a run during which the process was descheduled says nothing about it."""
+    return max(measure(*args, **kw) for _ in range(reps))
+
+
 # ----------------------------------------------------------------------------------------------------
 # before / after: the same timings against another build of the package, in the same run
 

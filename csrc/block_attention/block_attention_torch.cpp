@@ -106,7 +106,9 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
 // How bf16 tiles are multiplied: AMX tiles where the CPU has them (and the OS grants them), else vdpbf16ps where
 // avx512_bf16 exists, else widened to fp32 for the matrix library; TWOTOWER_ATTN_CPU_ISA=avx2|avx512 forces the
 // widening, =avx512_bf16 the vdpbf16ps kernels, =amx the AMX ones (tests run each; bench/bench_block_attention.py
-// times each). Measured on the Xeon (1 thread, 32 q / 2 kv heads, ctx 4096): see the benchmark's table.
+// times each). On the Xeon (1 thread, 32 q / 2 kv heads, ctx 4096, best of 12 on a busy machine): fp32 11.8 ms,
+// bf16 widened 14.5 ms, vdpbf16ps 13.2 ms (there its throughput only matches two fp32 FMAs), AMX 2.9 ms. On an
+// avx512_bf16 CPU without AMX (EPYC) vdpbf16ps does twice the fp32 FMA rate.
 tt::BaCpuBf16 attention_cpu_bf16() {
   switch (cpu_isa_from_env("TWOTOWER_ATTN_CPU_ISA", tt::CpuIsa::kAmx)) {
     case tt::CpuIsa::kAmx: return tt::BaCpuBf16::kAmx;
