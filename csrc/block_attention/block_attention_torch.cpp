@@ -107,8 +107,8 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
 // avx512_bf16 exists, else widened to fp32 for the matrix library; TWOTOWER_ATTN_CPU_ISA=avx2|avx512 forces the
 // widening, =avx512_bf16 the vdpbf16ps kernels, =amx the AMX ones (tests run each; bench/bench_block_attention.py
 // times each). On the Xeon (1 thread, 32 q / 2 kv heads, ctx 4096, best of 12 on a busy machine): fp32 11.8 ms,
-// bf16 widened 14.5 ms, vdpbf16ps 13.2 ms (there its throughput only matches two fp32 FMAs), AMX 2.9 ms. On an
-// avx512_bf16 CPU without AMX (EPYC) vdpbf16ps does twice the fp32 FMA rate.
+// bf16 widened 14.5 ms, vdpbf16ps 13.2 ms (there its throughput only matches two fp32 FMAs), AMX 2.9 ms. On the
+// avx512_bf16 EPYC without AMX the bf16 matmul runs at 2.3x the fp32 one (issue 29), which vdpbf16ps is for.
 tt::BaCpuBf16 attention_cpu_bf16() {
   switch (cpu_isa_from_env("TWOTOWER_ATTN_CPU_ISA", tt::CpuIsa::kAmx)) {
     case tt::CpuIsa::kAmx: return tt::BaCpuBf16::kAmx;
