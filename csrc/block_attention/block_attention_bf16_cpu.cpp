@@ -88,36 +88,47 @@ TT_AVX512 void pack_v(const uint16_t* v, int64_t ld, int64_t n, int64_t D, uint1
     }
 }
 
-// vdpbf16ps: 8 rows x one panel (32 columns) of C in registers over the whole depth.
-constexpr int kRows = 8;
+// vdpbf16ps: 4 rows x NP panels (NP * 32 columns) of C in registers over the whole depth: 24 accumulators, 6 B
+// vectors and the broadcast row pair at NP = 3, so each loaded B vector feeds 4 products and each row pair 6.
+constexpr int kRows = 4;
 
-TT_AVX512BF16 void dp_block(int64_t pairs, const uint16_t* A, int64_t lda, const uint16_t* B, float* C, int64_t ldc,
-                            bool accumulate) {
-  __m512 c[kRows][2];
+template <int NP>
+TT_AVX512BF16 void dp_block(int64_t pairs, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t panel, float* C,
+                            int64_t ldc, bool accumulate) {
+  __m512 c[kRows][2 * NP];
   for (int i = 0; i < kRows; ++i)
-    for (int j = 0; j < 2; ++j) c[i][j] = accumulate ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int j = 0; j < 2 * NP; ++j) c[i][j] = accumulate ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
   for (int64_t kp = 0; kp < pairs; ++kp) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kp * 2 * kPanel);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + kp * 2 * kPanel + 32);
+    __m512bh b[2 * NP];
+    for (int q = 0; q < NP; ++q)
+      for (int h = 0; h < 2; ++h) b[2 * q + h] = (__m512bh)_mm512_load_si512(B + q * panel + kp * 2 * kPanel + 32 * h);
     for (int i = 0; i < kRows; ++i) {
       int32_t pair;
       std::memcpy(&pair, A + i * lda + 2 * kp, sizeof pair);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      c[i][0] = _mm512_dpbf16_ps(c[i][0], a, b0);
-      c[i][1] = _mm512_dpbf16_ps(c[i][1], a, b1);
+      for (int j = 0; j < 2 * NP; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
     }
   }
   for (int i = 0; i < kRows; ++i)
-    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, c[i][j]);
+    for (int j = 0; j < 2 * NP; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, c[i][j]);
 }
 
-// Panel outer, rows inner: a panel (depth x 32 x 2 bytes, 8 KB at depth 128) stays in L1 across the row blocks.
+// Panels outer, rows inner: NP panels (depth x 32 x 2 bytes each, 8 KB at depth 128) stay in L1 across the row
+// blocks.
 void dp_gemm(int64_t rows, int64_t cols, int64_t depth, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
              int64_t ldc, bool accumulate) {
-  const int64_t pairs = depth / 2;
-  for (int64_t c0 = 0; c0 < cols; c0 += kPanel)
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-      dp_block(pairs, A + r0 * lda, lda, B + (c0 / kPanel) * pairs * 2 * kPanel, C + r0 * ldc + c0, ldc, accumulate);
+  const int64_t pairs = depth / 2, panel = pairs * 2 * kPanel;
+  for (int64_t c0 = 0; c0 < cols; c0 += 3 * kPanel) {
+    const int64_t np = std::min<int64_t>(3, (cols - c0) / kPanel);
+    const uint16_t* b = B + (c0 / kPanel) * panel;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const uint16_t* a = A + r0 * lda;
+      float* c = C + r0 * ldc + c0;
+      if (np == 3) dp_block<3>(pairs, a, lda, b, panel, c, ldc, accumulate);
+      else if (np == 2) dp_block<2>(pairs, a, lda, b, panel, c, ldc, accumulate);
+      else dp_block<1>(pairs, a, lda, b, panel, c, ldc, accumulate);
+    }
+  }
 }
 
 // exp(x), 16 lanes: the same range reduction and polynomial as vec8_cpu.h's exp8 (with fused multiply-adds and

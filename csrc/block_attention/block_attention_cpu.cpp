@@ -34,13 +34,15 @@ inline float hsum(f32x8 v) {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Per-thread scratch, reused across tasks (sized for the largest task seen).
+// Per-thread scratch, reused across tasks (sized for the largest task seen). Every tile starts on a 64-byte
+// boundary: the native paths' 64-byte vector and tile rows then never straddle two cache lines.
 struct Scratch {
-  std::vector<float> s, o, m, l;
-  std::vector<unsigned char> q, kt, v, p;
+  std::vector<float> m, l;
+  std::vector<unsigned char> s, o, q, kt, v, p;
   template <typename E> static E* get(std::vector<unsigned char>& buf, int64_t n) {
-    if (buf.size() < size_t(n) * sizeof(E)) buf.resize(size_t(n) * sizeof(E));
-    return reinterpret_cast<E*>(buf.data());
+    if (buf.size() < size_t(n) * sizeof(E) + 64) buf.resize(size_t(n) * sizeof(E) + 64);
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<E*>((a + 63) & ~uintptr_t(63));
   }
 };
 
@@ -55,15 +57,14 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
   const int64_t G = ba_group(p), M = ba_rows(p), D = p.head_dim, Lt = kTileKeys, b = task.b, h = task.h;
   const int64_t ctx = p.ctx_lens[b];
   const int64_t Mp = kBf16 ? round_up(M, 16) : M, dq = kBf16 ? round_up(D, 32) : D, ldo = kBf16 ? round_up(D, 32) : D;
-  if (sc.s.size() < size_t(Mp * Lt)) sc.s.resize(Mp * Lt);
-  if (sc.o.size() < size_t(Mp * ldo)) sc.o.resize(Mp * ldo);
   if (sc.m.size() < size_t(M)) { sc.m.resize(M); sc.l.resize(M); }
   using Q = std::conditional_t<kBf16, uint16_t, float>;  // element of the packed Q, K and V tiles
   Q* qc = Scratch::get<Q>(sc.q, Mp * dq);
   Q* kt = Scratch::get<Q>(sc.kt, dq * Lt);
   Q* vt = Scratch::get<Q>(sc.v, Lt * ldo);
   uint16_t* pc = kBf16 ? Scratch::get<uint16_t>(sc.p, Mp * Lt) : nullptr;
-  float *s = sc.s.data(), *o = sc.o.data(), *mrow = sc.m.data(), *lrow = sc.l.data();
+  float *s = Scratch::get<float>(sc.s, Mp * Lt), *o = Scratch::get<float>(sc.o, Mp * ldo);
+  float *mrow = sc.m.data(), *lrow = sc.l.data();
 
   // Pack the M = S*G query rows of this KV head (row m = s*G + g).
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * G * p.q_stride_h;
