@@ -9,7 +9,8 @@ row (torch's bf16 matmul is a slow fallback on a CPU without native bf16 units).
 per way the kernel can multiply bf16 tiles that this CPU runs (`path`, forced with TWOTOWER_ATTN_CPU_ISA: amx =
 AMX tiles, avx512_bf16 = vdpbf16ps microkernels, avx2 = widened to fp32 for sgemm; the default path first), with
 vs_fp32 = the fp32 row's time over this one's; the width-1/8 model's heads (4 q / 2 kv) run next to the real
-model's. With `--baseline` the default path is also timed on the baseline build (main_us, vs_main; harness.run_in_baseline).
+model's. With `--baseline` the default path is also timed on the baseline build right before and after this
+process's timings (main_us, vs_main; harness.around_baseline).
 On a GPU it adds the
 share of the bf16 dense tensor peak, flash-attn's flash_attn_with_kvcache where that is installed, and the
 time of every kernel path the GPU can run (TMA + wgmma on sm_90, mma.sync, SIMT) next to the default one.
@@ -117,71 +118,78 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     cases = _cases(device, quick)
     dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
     names = [str(d).replace("torch.", "") for d in dtypes]
-    main = harness.run_in_baseline("bench_block_attention", "kernel_timings", cases=cases, dtypes=names, device=device)
-    n_buf = 4 if device == "cuda" else 1  # rotate inputs on the GPU so L2 is cold
-    fa = _flash_attn() if device == "cuda" else None
-    peak = _peak_tflops(device)
-    rows = []
     mm_ctx = 4096 if device == "cpu" else 32768  # a GEMM's rate is flat in ctx past a few K columns
-    fp32_s = {}
-    default_bf16 = next((p for p in CPU_PATHS if p in tt.ops.cpu_isas()), None) if device == "cpu" else None
-    for d, dtype in enumerate(dtypes):
-        for c, (heads, lens) in enumerate(cases):
-            hq, hkv = HEADS[heads]
-            # The practical limit, the same-shape matmul, measured next to each case: a shared machine's
-            # load drifts within a run.
-            mm = harness.best_of(harness.measure_matmul_rate, S * hq // hkv, D, mm_ctx, dtype, device) * 1e3
-            best = max(mm, harness.best_of(harness.measure_matmul_rate, S * hq // hkv, D, mm_ctx, torch.float32,
-                                           device) * 1e3) if device == "cpu" and dtype != torch.float32 else mm
-            gen = torch.Generator().manual_seed(0)
-            bufs = [_inputs(lens, dtype, device, gen, hq, hkv) for _ in range(n_buf)]
-            paths = [None]   # the default, then every other bf16 path this CPU runs
-            if device == "cpu" and dtype == torch.bfloat16:
-                paths += [p for p in CPU_PATHS if p in tt.ops.cpu_isas() and p != default_bf16]
-            ts = harness.time_fn(lambda i: (lambda: _sdpa(*bufs[i][:5], lens)), device, n_buffers=n_buf)
-            keys = sum(n + S for n in lens)
-            elt = torch.finfo(dtype).bits // 8
-            flops = 4 * S * hq * D * keys
-            nbytes = 2 * hkv * D * elt * keys + 2 * len(lens) * S * hq * D * elt + len(lens) * hq * S * 4
-            for path in paths:
-                with _env("TWOTOWER_ATTN_CPU_ISA", path):
-                    t = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device, n_buffers=n_buf)
-                gflops = flops / t.median_s / 1e9
-                if dtype == torch.float32:
-                    fp32_s[c] = t.median_s
-                label = path or (f"default ({default_bf16})" if device == "cpu" and dtype == torch.bfloat16 else "default")
-                row = {"device": device, "heads": heads, "dtype": names[d], "path": label, "B": len(lens),
-                       "ctx_lens": "/".join(str(n) for n in lens), "median_us": t.median_s * 1e6,
-                       "p10-p90_us": t.spread, "main_us": "-", "vs_main": "-",
-                       "vs_fp32": fp32_s[c] / t.median_s if c in fp32_s else "-", "MB": nbytes / 1e6,
-                       "GFLOP": flops / 1e9, "GFLOP/s": gflops, "mm_GFLOP/s": best, "%mm": 100 * gflops / best,
-                       "%peak": 100 * gflops / (peak * 1e3) if peak else "", "sdpa_us": ts.median_s * 1e6,
-                       "vs_sdpa": ts.median_s / t.median_s, **harness.load_fields(t, ts)}
-                if path is None and main is not None:
-                    m = main[d * len(cases) + c][0]
-                    row.update(main_us=m * 1e6, vs_main=m / t.median_s)
-                rows.append(row)
-            row = rows[-len(paths)]   # the default path's row gets the GPU-only columns
-            if fa is not None:
-                def fa_call(i):
-                    q, kb, vb, kc, vc, cl = bufs[i]
-                    cache_k = torch.empty(len(lens), max(lens) + S, HKV, D, device=device, dtype=dtype)
-                    cache_v = torch.empty_like(cache_k)
-                    cache_k[:, :max(lens)] = kc
-                    cache_v[:, :max(lens)] = vc
-                    return lambda: fa(q, cache_k, cache_v, k=kb, v=vb, cache_seqlens=cl, causal=False)
-                tf = harness.time_fn(fa_call, device, n_buffers=n_buf)
-                row.update({"fa_us": tf.median_s * 1e6, "vs_fa": tf.median_s / t.median_s})
-            if device == "cuda":  # every kernel path this GPU can run, next to the default one
-                for path in ("wgmma", "mma", "simt"):
-                    with _env("TWOTOWER_ATTN_PATH", path):
-                        try:
-                            tt.block_attention(*bufs[0])
-                        except RuntimeError:  # e.g. wgmma off sm_90: the path cannot run these inputs here
-                            continue
-                        tb = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device,
-                                             n_buffers=n_buf)
-                    row.update({f"{path}_us": tb.median_s * 1e6, f"vs_{path}": tb.median_s / t.median_s})
+
+    def timed_rows():
+        n_buf = 4 if device == "cuda" else 1  # rotate inputs on the GPU so L2 is cold
+        fa = _flash_attn() if device == "cuda" else None
+        peak = _peak_tflops(device)
+        rows = []
+        fp32_s = {}
+        default_bf16 = next((p for p in CPU_PATHS if p in tt.ops.cpu_isas()), None) if device == "cpu" else None
+        for d, dtype in enumerate(dtypes):
+            for c, (heads, lens) in enumerate(cases):
+                hq, hkv = HEADS[heads]
+                # The practical limit, the same-shape matmul, measured next to each case: a shared machine's
+                # load drifts within a run.
+                mm = harness.best_of(harness.measure_matmul_rate, S * hq // hkv, D, mm_ctx, dtype, device) * 1e3
+                best = max(mm, harness.best_of(harness.measure_matmul_rate, S * hq // hkv, D, mm_ctx, torch.float32,
+                                               device) * 1e3) if device == "cpu" and dtype != torch.float32 else mm
+                gen = torch.Generator().manual_seed(0)
+                bufs = [_inputs(lens, dtype, device, gen, hq, hkv) for _ in range(n_buf)]
+                paths = [None]   # the default, then every other bf16 path this CPU runs
+                if device == "cpu" and dtype == torch.bfloat16:
+                    paths += [p for p in CPU_PATHS if p in tt.ops.cpu_isas() and p != default_bf16]
+                ts = harness.time_fn(lambda i: (lambda: _sdpa(*bufs[i][:5], lens)), device, n_buffers=n_buf)
+                keys = sum(n + S for n in lens)
+                elt = torch.finfo(dtype).bits // 8
+                flops = 4 * S * hq * D * keys
+                nbytes = 2 * hkv * D * elt * keys + 2 * len(lens) * S * hq * D * elt + len(lens) * hq * S * 4
+                for path in paths:
+                    with _env("TWOTOWER_ATTN_CPU_ISA", path):
+                        t = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device, n_buffers=n_buf)
+                    gflops = flops / t.median_s / 1e9
+                    if dtype == torch.float32:
+                        fp32_s[c] = t.median_s
+                    label = path or (f"default ({default_bf16})" if device == "cpu" and dtype == torch.bfloat16 else "default")
+                    row = {"device": device, "heads": heads, "dtype": names[d], "path": label, "B": len(lens),
+                           "ctx_lens": "/".join(str(n) for n in lens), "median_us": t.median_s * 1e6,
+                           "p10-p90_us": t.spread, "main_us": "-", "vs_main": "-",
+                           "vs_fp32": fp32_s[c] / t.median_s if c in fp32_s else "-", "MB": nbytes / 1e6,
+                           "GFLOP": flops / 1e9, "GFLOP/s": gflops, "mm_GFLOP/s": best, "%mm": 100 * gflops / best,
+                           "%peak": 100 * gflops / (peak * 1e3) if peak else "", "sdpa_us": ts.median_s * 1e6,
+                           "vs_sdpa": ts.median_s / t.median_s, **harness.load_fields(t, ts)}
+                    if path is None:
+                        pending.append((row, d * len(cases) + c, t.median_s))
+                    rows.append(row)
+                row = rows[-len(paths)]   # the default path's row gets the GPU-only columns
+                if fa is not None:
+                    def fa_call(i):
+                        q, kb, vb, kc, vc, cl = bufs[i]
+                        cache_k = torch.empty(len(lens), max(lens) + S, HKV, D, device=device, dtype=dtype)
+                        cache_v = torch.empty_like(cache_k)
+                        cache_k[:, :max(lens)] = kc
+                        cache_v[:, :max(lens)] = vc
+                        return lambda: fa(q, cache_k, cache_v, k=kb, v=vb, cache_seqlens=cl, causal=False)
+                    tf = harness.time_fn(fa_call, device, n_buffers=n_buf)
+                    row.update({"fa_us": tf.median_s * 1e6, "vs_fa": tf.median_s / t.median_s})
+                if device == "cuda":  # every kernel path this GPU can run, next to the default one
+                    for path in ("wgmma", "mma", "simt"):
+                        with _env("TWOTOWER_ATTN_PATH", path):
+                            try:
+                                tt.block_attention(*bufs[0])
+                            except RuntimeError:  # e.g. wgmma off sm_90: the path cannot run these inputs here
+                                continue
+                            tb = harness.time_fn(lambda i: (lambda: tt.block_attention(*bufs[i])), device,
+                                                 n_buffers=n_buf)
+                        row.update({f"{path}_us": tb.median_s * 1e6, f"vs_{path}": tb.median_s / t.median_s})
+        return rows
+
+    pending = []   # the default path's rows, filled in with the baseline build's time once it has run
+    rows, main = harness.around_baseline("bench_block_attention", "kernel_timings", timed_rows, cases=cases,
+                                         dtypes=names, device=device)
+    for row, i, s in pending if main is not None else ():
+        row.update(main_us=main[i][0] * 1e6, vs_main=main[i][0] / s)
     harness.print_table(f"block_attention on {device} (D {D}, S {S}; %mm = of the faster of the same-dtype and fp32 "
                         f"[S*Hq/Hkv x 128]@[128x{mm_ctx}] matmul measured next to each row)", rows, COLUMNS)
     return rows

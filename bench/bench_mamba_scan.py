@@ -1,8 +1,8 @@
 """mamba_block_scan: the compiled seeded scan against the faster of the two PyTorch forms of the same
 recurrence, timed the same way: token by token batched over rows and heads (reference.mamba_block_scan: the
 natural form for a few tokens) and the chunked SSD form (models/ssd.py: batched matmuls, the fast form for
-long blocks); `torch_form` says which one won. With `--baseline` (harness.run_in_baseline) the same calls are
-also timed on the baseline build (e.g. main's wheel) in the same run: main_us, vs_main.
+long blocks); `torch_form` says which one won. With `--baseline` the same calls are also timed on the baseline
+build (e.g. main's) right before and after this process's timings (harness.around_baseline): main_us, vs_main.
 
 Shapes: one Mamba layer of the real model (64 heads x 64, state 128, 8 groups, kernel 4) and of the width-1/8
 model (8 heads x 64, state 128, 1 group) for a denoiser block (L=16, read-only seed), an AR/mock-AR step (L=1,
@@ -84,11 +84,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
     cases = QUICK if quick else CASES
     mm = harness.best_of(harness.measure_matmul_rate, 1024, 1024, 1024, torch.float32, device)
-    main = harness.run_in_baseline("bench_mamba_scan", "kernel_timings", cases=cases, dtypes=DTYPES, device=device)
     paths = [None]   # the default path (AVX-512 where the CPU has it), then AVX2 where that is not the default
     if device == "cpu" and "avx512" in tt.ops.cpu_isas():
         paths.append("avx2")
-    timed = {isa: kernel_timings(cases, DTYPES, device, isa) for isa in paths}
+    timed, main = harness.around_baseline(
+        "bench_mamba_scan", "kernel_timings", lambda: {isa: kernel_timings(cases, DTYPES, device, isa) for isa in paths},
+        cases=cases, dtypes=DTYPES, device=device)
     rows = []
     for d, dtype_name in enumerate(DTYPES):
         dtype = getattr(torch, dtype_name)

@@ -12,8 +12,8 @@ Baselines side by side: the per-expert Python loop the engine ran before this op
 counts read on the host, one matmul pair per active expert, fp64 combine) and the dense path (every expert over
 every token, only run for T <= 16: it does E / (distinct experts) times the work).
 
-With `--baseline` (harness.run_in_baseline) every kernel row is also timed on the baseline build (e.g. main's
-wheel) in the same run: main_ms, vs_main.
+With `--baseline` every dense kernel row is also timed on the baseline build (e.g. main's) right before and after
+this process times its group (harness.around_baseline): main_ms, vs_main.
 
 Quantised rows (weights fp8 / int4, quant.py; bf16 activations, T = 1 and 16): the same bf16 stacks quantised
 expert by expert, timed in the same run on the same routings; MB and GB/s count the stored bytes of the touched
@@ -148,21 +148,24 @@ def kernel_timings(specs, device="cpu") -> list[list]:
     return out
 
 
-def dense_row(device, spec, touched, nbytes, t, tl, read_bw, copy_bw, main, specs) -> dict:
-    """A dense-weight row: the kernel's timing t against the read / copy bandwidth, the per-expert loop tl and (with a
-    baseline build) main's time for the same spec (model, dtype, T)."""
+def dense_row(device, spec, touched, nbytes, t, tl, read_bw, copy_bw) -> dict:
+    """A dense-weight row: the kernel's timing t against the read / copy bandwidth and the per-expert loop tl."""
     model, name, T = spec
-    row = {"device": device, "model": model, "dtype": name, "weights": name, "T": T, "experts": touched,
-           **bandwidth_fields(nbytes, t, read_bw, copy_bw), "main_ms": "-", "vs_main": "-", "vs_bf16": "-",
-           "loop_ms": tl.median_s * 1e3, "vs_loop": tl.median_s / t.median_s, "dense_ms": "-", "vs_dense": "-"}
-    if main is not None:
-        m = main[specs.index(spec)][0]
-        row.update(main_ms=m * 1e3, vs_main=m / t.median_s)
-    return row
+    return {"device": device, "model": model, "dtype": name, "weights": name, "T": T, "experts": touched,
+            **bandwidth_fields(nbytes, t, read_bw, copy_bw), "main_ms": "-", "vs_main": "-", "vs_bf16": "-",
+            "loop_ms": tl.median_s * 1e3, "vs_loop": tl.median_s / t.median_s, "dense_ms": "-", "vs_dense": "-"}
 
 
-def w8_rows(device, dtypes, tokens, read_bw, copy_bw, main, specs) -> list[dict]:
-    """The width-1/8 rows (kernel, its baseline build, the per-expert loop)."""
+def fill_main(rows, main, specs) -> None:
+    """The baseline build's times (kernel_timings over specs) into the dense rows: main_ms, vs_main."""
+    for row in rows if main is not None else ():
+        if row["weights"] == row["dtype"]:
+            m = main[specs.index((row["model"], row["dtype"], row["T"]))][0] * 1e3
+            row.update(main_ms=m, vs_main=m / row["median_ms"])
+
+
+def w8_rows(device, dtypes, tokens, read_bw, copy_bw) -> list[dict]:
+    """The width-1/8 rows (kernel and the per-expert loop)."""
     import twotower_ext as tt
 
     rows = []
@@ -177,60 +180,73 @@ def w8_rows(device, dtypes, tokens, read_bw, copy_bw, main, specs) -> list[dict]
                                 min_reps=len(calls))
             tl = harness.time_fn(lambda i: cycling_calls(loop_baseline, calls), device, budget_s=0.5, min_reps=3,
                                  warmup=1)
-            rows.append(dense_row(device, ("w1/8", name, T), touched, nbytes, t, tl, read_bw, copy_bw, main, specs))
+            rows.append(dense_row(device, ("w1/8", name, T), touched, nbytes, t, tl, read_bw, copy_bw))
             del calls
     return rows
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+def real_rows(device, dtype, tokens, gen, read_bw, copy_bw) -> list[dict]:
+    """One dtype's rows of the real model: the dense stack at each T (kernel, per-expert loop, dense baseline for
+    T <= 16) and, for bf16 at QUANT_TOKENS, the same stack quantised to each format."""
     import twotower_ext as tt
 
+    slow = dict(budget_s=0.5, min_reps=3, warmup=1) if device == "cpu" else {}
+    rows = []
+    up = (torch.randn(E, I, H, generator=gen) / H ** 0.5).to(dtype).to(device)
+    down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype).to(device)
+    es = up.element_size()
+    name = str(dtype).replace("torch.", "")
+    quantized = ({f: (quantized_stack(up, f), quantized_stack(down, f)) for f in QUANT_FORMATS}
+                 if dtype == torch.bfloat16 else {})
+    for T in tokens:
+        x = torch.randn(T, H, generator=gen).to(dtype).to(device)
+        sets = routings(T, gen, device)
+        touched = sum(len(torch.unique(i)) for i, _ in sets) / len(sets)
+        nbytes = touched * stored_bytes(name, es)
+        t = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, up, down), device,
+                            budget_s=1.0, min_reps=ROUTINGS)
+        tl = harness.time_fn(lambda i: cycling(loop_baseline, x, sets, up, down), device, **slow)
+        row = dense_row(device, ("real", name, T), touched, nbytes, t, tl, read_bw, copy_bw)
+        if T <= 16:
+            td = harness.time_fn(lambda i: cycling(dense_baseline, x, sets, up, down), device, **slow)
+            row.update({"dense_ms": td.median_s * 1e3, "vs_dense": td.median_s / t.median_s})
+        rows.append(row)
+        if T not in QUANT_TOKENS:
+            continue
+        for fmt, (qu, qd) in quantized.items():   # same x, same routings, side by side with the bf16 row
+            tq = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, qu, qd), device,
+                                 budget_s=1.0, min_reps=ROUTINGS)
+            qbytes = touched * stored_bytes(fmt, es)
+            rows.append({"device": device, "model": "real", "dtype": name, "weights": fmt, "T": T, "experts": touched,
+                         **bandwidth_fields(qbytes, tq, read_bw, copy_bw), "main_ms": "-", "vs_main": "-",
+                         "vs_bf16": t.median_s / tq.median_s,
+                         "loop_ms": "-", "vs_loop": "-", "dense_ms": "-", "vs_dense": "-"})
+    del up, down, quantized
+    return rows
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     tokens = [1, 16] if quick else [1, 16, 64, 256]
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     names = [str(d).replace("torch.", "") for d in dtypes]
-    # The baseline build runs each group's rows right before this process times them (a shared machine's load drifts
-    # over the minutes a whole table takes), and before this process allocates that group's weights.
-    specs = [("w1/8", n, T) for n in names for T in (1, 16)]
-    main = harness.run_in_baseline("bench_moe", "kernel_timings", specs=specs, device=device)
+    # The baseline build runs each group's rows right before and after this process times them (harness.around_baseline),
+    # and never while this process holds that group's weights.
     big = 768 << 20
     read_bw = harness.best_of(harness.measure_read_bandwidth, device, big)
     copy_bw = harness.best_of(harness.measure_copy_bandwidth, device, big)
-    rows = w8_rows(device, dtypes, (1, 16), read_bw, copy_bw, main, specs)
+    specs = [("w1/8", n, T) for n in names for T in (1, 16)]
+    rows, main = harness.around_baseline("bench_moe", "kernel_timings",
+                                         lambda: w8_rows(device, dtypes, (1, 16), read_bw, copy_bw), specs=specs,
+                                         device=device)
+    fill_main(rows, main, specs)
     gen = torch.Generator().manual_seed(0)
-    slow = dict(budget_s=0.5, min_reps=3, warmup=1) if device == "cpu" else {}
     for dtype in dtypes:
         specs = [("real", str(dtype).replace("torch.", ""), T) for T in tokens]
-        main = harness.run_in_baseline("bench_moe", "kernel_timings", specs=specs, device=device)
-        up = (torch.randn(E, I, H, generator=gen) / H ** 0.5).to(dtype).to(device)
-        down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype).to(device)
-        es = up.element_size()
-        name = str(dtype).replace("torch.", "")
-        quantized = ({f: (quantized_stack(up, f), quantized_stack(down, f)) for f in QUANT_FORMATS}
-                     if dtype == torch.bfloat16 else {})
-        for T in tokens:
-            x = torch.randn(T, H, generator=gen).to(dtype).to(device)
-            sets = routings(T, gen, device)
-            touched = sum(len(torch.unique(i)) for i, _ in sets) / len(sets)
-            nbytes = touched * stored_bytes(name, es)
-            t = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, up, down), device,
-                                budget_s=1.0, min_reps=ROUTINGS)
-            tl = harness.time_fn(lambda i: cycling(loop_baseline, x, sets, up, down), device, **slow)
-            row = dense_row(device, ("real", name, T), touched, nbytes, t, tl, read_bw, copy_bw, main, specs)
-            if T <= 16:
-                td = harness.time_fn(lambda i: cycling(dense_baseline, x, sets, up, down), device, **slow)
-                row.update({"dense_ms": td.median_s * 1e3, "vs_dense": td.median_s / t.median_s})
-            rows.append(row)
-            if T not in QUANT_TOKENS:
-                continue
-            for fmt, (qu, qd) in quantized.items():   # same x, same routings, side by side with the bf16 row
-                tq = harness.time_fn(lambda i: cycling(tt.ops.moe_experts, x, sets, qu, qd), device,
-                                     budget_s=1.0, min_reps=ROUTINGS)
-                qbytes = touched * stored_bytes(fmt, es)
-                rows.append({"device": device, "model": "real", "dtype": name, "weights": fmt, "T": T, "experts": touched,
-                             **bandwidth_fields(qbytes, tq, read_bw, copy_bw), "main_ms": "-", "vs_main": "-",
-                             "vs_bf16": t.median_s / tq.median_s,
-                             "loop_ms": "-", "vs_loop": "-", "dense_ms": "-", "vs_dense": "-"})
-        del up, down, quantized
+        group, main = harness.around_baseline("bench_moe", "kernel_timings",
+                                              lambda: real_rows(device, dtype, tokens, gen, read_bw, copy_bw),
+                                              specs=specs, device=device)
+        fill_main(group, main, specs)
+        rows += group
     load = "load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "load unknown"
     harness.print_table(f"moe_experts on {device}, {torch.get_num_threads()} threads (real: E={E} k={K} H={H} I={I}; "
                         f"w1/8: H={W8_H} I={W8_I}, {W8_LAYERS} layers cycled; "

@@ -238,6 +238,19 @@ def run_in_baseline(module: str, func: str, **kwargs):
     return json.loads(next(line[2:] for line in reversed(res.stdout.splitlines()) if line.startswith("@@")))
 
 
+def around_baseline(module: str, func: str, body, **kwargs):
+    """body() with the baseline build's bench.<module>.<func>(**kwargs) run right before and right after it: returns
+    (body's result, per entry the one of the two baseline results with the smaller first value (a median), or None
+    without a baseline). A shared machine's load drifts over the minutes a table takes; bracketing the new build's
+    timings with the old build's lets both see it."""
+    before = run_in_baseline(module, func, **kwargs)
+    result = body()
+    if before is None:
+        return result, None
+    after = run_in_baseline(module, func, **kwargs)
+    return result, [min(a, b, key=lambda v: v[0]) for a, b in zip(before, after)]
+
+
 def _cpu_model() -> str | None:
     """The CPU's model name from /proc/cpuinfo (Linux), e.g. 'Intel(R) Xeon(R) ...'."""
     try:
