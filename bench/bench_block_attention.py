@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from . import harness
 
 COLUMNS = ["device", "heads", "dtype", "path", "B", "ctx_lens", "median_us", "p10-p90_us", "main_us", "vs_main",
-           "vs_fp32", "MB", "GFLOP", "GFLOP/s", "mm_GFLOP/s", "%mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa", "wgmma_us", "vs_wgmma", "mma_us", "vs_mma", "simt_us",
-           "vs_simt", "other_cores", "load1"]
+           "vs_fp32", "MB", "GFLOP", "GFLOP/s", "mm_GFLOP/s", "%mm", "%peak", "sdpa_us", "vs_sdpa", "fa_us", "vs_fa",
+           "wgmma_us", "vs_wgmma", "mma_us", "vs_mma", "simt_us", "vs_simt", "other_cores", "load1"]
 
 S, HQ, HKV, D = 16, 32, 2, 128
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peak (spec sheet)
@@ -151,7 +151,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                     gflops = flops / t.median_s / 1e9
                     if dtype == torch.float32:
                         fp32_s[c] = t.median_s
-                    label = path or (f"default ({default_bf16})" if device == "cpu" and dtype == torch.bfloat16 else "default")
+                    bf16_default = device == "cpu" and dtype == torch.bfloat16
+                    label = path or (f"default ({default_bf16})" if bf16_default else "default")
                     row = {"device": device, "heads": heads, "dtype": names[d], "path": label, "B": len(lens),
                            "ctx_lens": "/".join(str(n) for n in lens), "median_us": t.median_s * 1e6,
                            "p10-p90_us": t.spread, "main_us": "-", "vs_main": "-",

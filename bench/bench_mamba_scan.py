@@ -88,7 +88,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     if device == "cpu" and "avx512" in tt.ops.cpu_isas():
         paths.append("avx2")
     timed, main = harness.around_baseline(
-        "bench_mamba_scan", "kernel_timings", lambda: {isa: kernel_timings(cases, DTYPES, device, isa) for isa in paths},
+        "bench_mamba_scan", "kernel_timings",
+        lambda: {isa: kernel_timings(cases, DTYPES, device, isa) for isa in paths},
         cases=cases, dtypes=DTYPES, device=device)
     rows = []
     for d, dtype_name in enumerate(DTYPES):

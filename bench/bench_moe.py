@@ -229,8 +229,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     tokens = [1, 16] if quick else [1, 16, 64, 256]
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     names = [str(d).replace("torch.", "") for d in dtypes]
-    # The baseline build runs each group's rows right before and after this process times them (harness.around_baseline),
-    # and never while this process holds that group's weights.
+    # The baseline build runs each group's rows right before and after this process times them
+    # (harness.around_baseline), and never while this process holds that group's weights.
     big = 768 << 20
     read_bw = harness.best_of(harness.measure_read_bandwidth, device, big)
     copy_bw = harness.best_of(harness.measure_copy_bandwidth, device, big)

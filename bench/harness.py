@@ -225,7 +225,8 @@ def run_in_baseline(module: str, func: str, **kwargs):
     if spec != "installed":
         tree, sep, lib = spec.partition(":")
         if not sep or not os.path.isfile(lib):
-            raise SystemExit(f"bench: {BASELINE_ENV} must be 'installed' or TREE:LIB with LIB a built _C*.so, got {spec!r}")
+            raise SystemExit(f"bench: {BASELINE_ENV} must be 'installed' or TREE:LIB with LIB a built _C*.so, "
+                             f"got {spec!r}")
         env["TWOTOWER_EXT_LIB"] = lib
         path.insert(0, os.path.join(tree, "python"))
     env["PYTHONPATH"] = os.pathsep.join(path)

@@ -24,12 +24,12 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 KERNELS = {
     "merge_states": (["dtype", "parts", "rows", "median_us", "GB/s", "copy_GB/s", "%copy", "lean_torch_us", "speedup"],
                      "baseline: the lean PyTorch merge (logsumexp, exp, one weighted sum); limit: a copy of the same bytes"),
-    "block_attention": (["heads", "dtype", "path", "B", "ctx_lens", "median_us", "main_us", "vs_main", "vs_fp32", "GFLOP/s",
-                         "mm_GFLOP/s", "%mm", "sdpa_us", "vs_sdpa"],
-                        "before: main's build (main_us, default path); bf16 rows once per way of multiplying bf16 tiles this "
-                        "CPU runs (amx, avx512_bf16 = vdpbf16ps, avx2 = widened to fp32 sgemm); baseline: SDPA over the "
-                        "concatenated [context | block] K/V per row; limit: the faster of the same-dtype and fp32 matmul "
-                        "of the kernel's tile shape"),
+    "block_attention": (["heads", "dtype", "path", "B", "ctx_lens", "median_us", "main_us", "vs_main", "vs_fp32",
+                         "GFLOP/s", "mm_GFLOP/s", "%mm", "sdpa_us", "vs_sdpa"],
+                        "before: main's build (main_us, default path); bf16 rows once per way of multiplying bf16 "
+                        "tiles this CPU runs (amx, avx512_bf16 = vdpbf16ps, avx2 = widened to fp32 sgemm); baseline: "
+                        "SDPA over the concatenated [context | block] K/V per row; limit: the faster of the same-dtype "
+                        "and fp32 matmul of the kernel's tile shape"),
     "mamba_scan": (["model", "dtype", "B", "L", "write", "isa", "median_us", "main_us", "vs_main", "GB/s", "GFLOP/s",
                     "bound_us", "%bound", "torch_us", "speedup"],
                    "before: main's build (main_us); baseline: the faster PyTorch form (token loop or chunked SSD); "
@@ -37,8 +37,8 @@ KERNELS = {
                    "measured in the same run"),
     "moe": (["model", "dtype", "T", "experts", "MB", "median_ms", "main_ms", "vs_main", "GB/s", "%read_bw", "loop_ms",
              "vs_loop"],
-            "dense weights (quantised rows below); before: main's build (main_ms); baseline: the per-expert PyTorch "
-            "loop; limit: a pure read of DRAM-sized memory",
+            "dense weights (quantised rows below); before: main's build (main_ms); baseline: the per-expert "
+            "PyTorch loop; limit: a pure read of DRAM-sized memory",
             lambda r: r.get("weights") == r.get("dtype")),
     "threshold_unmask": (["dtype", "B", "V", "T", "median_us", "GB/s", "read_GB/s", "%read", "lean_torch_us", "speedup"],
                          "baseline: NVIDIA's greedy step (T=0) / torch Gumbel-max (T=1); limit: a pure read of the "

@@ -129,7 +129,8 @@ CPU_PATHS = ["scalar", "avx2", "avx512"]   # the recurrence's vector code (TWOTO
 
 
 def cpu_path(isa):
-    return pytest.param(isa, marks=pytest.mark.skipif(isa not in tt.ops.cpu_isas(), reason=f"this CPU does not run {isa}"))
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in tt.ops.cpu_isas(),
+                                                      reason=f"this CPU does not run {isa}"))
 
 
 # Odd sizes: head rows not a multiple of the 4-row tile, state columns in one partial vector, several 64-column

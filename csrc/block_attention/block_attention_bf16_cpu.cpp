@@ -6,8 +6,8 @@
 // Why pack: the reduction dimension must come in adjacent pairs in B. For Q K^T it is the head dim, so K's rows are
 // transposed by 16 x 16 blocks of pairs (one pass over the tile, ~0.4 instructions per pair); for P V it is the keys,
 // so two value rows are interleaved. B is stored in panels of 32 columns, each contiguous over the depth, and both
-// GEMMs walk a panel across all row blocks: the first version, with B's pair rows a whole tile wide (1 KB apart), re-read
-// B from L2 at a stride per 8-row block and ran 1.7x slower than fp32 sgemm on the same tiles, although the
+// GEMMs walk a panel across all row blocks: the first version, with B's pair rows a whole tile wide (1 KB apart),
+// re-read B from L2 at a stride per 8-row block and ran 1.7x slower than fp32 sgemm on the same tiles, although the
 // microkernel alone (in L1) multiplies 1.4x faster than an fp32 FMA kernel of the same blocking on the Xeon.
 // The widened path instead converts both tiles to fp32 and hands them to sgemm.
 #include <algorithm>
@@ -81,7 +81,8 @@ TT_AVX512 void pack_v(const uint16_t* v, int64_t ld, int64_t n, int64_t D, uint1
     for (int64_t d0 = 0; d0 < cols; d0 += kPanel) {
       const __mmask32 m = mask32(D - d0);
       const __m512i x = 2 * jp < n ? _mm512_maskz_loadu_epi16(m, v + 2 * jp * ld + d0) : _mm512_setzero_si512();
-      const __m512i y = 2 * jp + 1 < n ? _mm512_maskz_loadu_epi16(m, v + (2 * jp + 1) * ld + d0) : _mm512_setzero_si512();
+      const __m512i y =
+          2 * jp + 1 < n ? _mm512_maskz_loadu_epi16(m, v + (2 * jp + 1) * ld + d0) : _mm512_setzero_si512();
       uint16_t* out = dst + (d0 / kPanel) * panel + jp * 2 * kPanel;
       _mm512_storeu_si512(out, _mm512_permutex2var_epi16(x, ilo, y));
       _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(x, ihi, y));
@@ -160,7 +161,8 @@ TT_AVX512BF16 float softmax_row(const float* row, int64_t live_n, int64_t width,
     vmax = _mm512_mask_max_ps(vmax, live, x, vmax);
     vmin = _mm512_mask_min_ps(vmin, live, x, vmin);
   }
-  const float m = std::max(m_old, scale >= 0.f ? scale * _mm512_reduce_max_ps(vmax) : scale * _mm512_reduce_min_ps(vmin));
+  const float top = scale >= 0.f ? scale * _mm512_reduce_max_ps(vmax) : scale * _mm512_reduce_min_ps(vmin);
+  const float m = std::max(m_old, top);
   const __m512 vm = _mm512_set1_ps(m), vc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < width; j += 16) {

@@ -124,7 +124,8 @@ void conv_item(const MambaScanParams& p, float* act, int64_t b, int64_t block) {
       for (int64_t k = 0; k < K; ++k) {
         const T* src = concat_row<T>(p, b, t + k) + c0;
         const float* wk = sc.w.data() + k * width;
-        for (int64_t c = 0; c < full; c += kLanes8) store8(pre + c, load8(pre + c) + load8(wk + c) * widen8<T>(src + c));
+        for (int64_t c = 0; c < full; c += kLanes8)
+          store8(pre + c, load8(pre + c) + load8(wk + c) * widen8<T>(src + c));
         if (full < nc) {
           T tail[kLanes8] = {};
           std::memcpy(tail, src + full, (nc - full) * sizeof(T));
@@ -253,8 +254,10 @@ void tile_avx2(const Tile& a, int rows) {
 // AVX-512: R rows x NV zmm of state; the R dots of a token are summed across lanes together (the same tree as
 // hsum16), leaving row r's sum in lane 4r.
 TT_AVX512 inline __m512 hsum16x4(const __m512 (&acc)[kRows512]) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44), _mm512_shuffle_f32x4(acc[0], acc[1], 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44), _mm512_shuffle_f32x4(acc[2], acc[3], 0xEE));
+  const __m512 ab =
+      _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44), _mm512_shuffle_f32x4(acc[0], acc[1], 0xEE));
+  const __m512 cd =
+      _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44), _mm512_shuffle_f32x4(acc[2], acc[3], 0xEE));
   const __m512 h4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
   const __m512 h2 = _mm512_add_ps(h4, _mm512_permute_ps(h4, 0x4E));
   return _mm512_add_ps(h2, _mm512_permute_ps(h2, 0xB1));
