@@ -18,7 +18,11 @@ import sys
 BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
            "block_attention": "bench_block_attention", "threshold_unmask": "bench_threshold_unmask", "e2e": "bench_e2e",
            "prefill": "bench_prefill", "moe": "bench_moe", "serve": "bench_serve",
-           "roofline": "bench_roofline"}   # roofline: each pass measured vs the cost model's prediction
+           "roofline": "bench_roofline",   # roofline: each pass measured vs the cost model's prediction
+           "soak": "bench_soak",           # soak: a `twotower serve` subprocess under load, disconnects, bad input
+           "demo": "bench_demo",           # demo: what `twotower generate --prompt "def "` prints (README)
+           "scale": "bench_scale",         # scale: replicas on Ray Serve (needs the ray extra)
+           "prefix": "bench_prefix"}       # prefix: time to the first token with the prefix cache off / on
 
 
 def main(argv=None) -> int:
@@ -48,6 +52,8 @@ def main(argv=None) -> int:
         mod = importlib.import_module(f".{BENCHES[name]}", __package__)
         start = len(harness.TIMINGS)
         rows = mod.run(args.device, quick=args.quick)
+        if not rows:   # nothing measured (a benchmark whose optional dependency is missing says so itself)
+            continue
         if not args.no_save:
             try:
                 out = harness.write_results(f"{name}-{args.device}", f"{name} on {args.device}", rows,

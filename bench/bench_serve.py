@@ -56,7 +56,7 @@ def _point(sched, prompts, c: int, waves: int, params: dict) -> dict:
     done = []
     lock = threading.Lock()
     m = sched.metrics
-    passes0, rows0 = m.passes, m.batch.sum
+    passes0, rows0 = m.value("passes_total"), m.value("rows_per_pass_sum")
 
     def client(k):
         for w in range(waves):
@@ -73,10 +73,10 @@ def _point(sched, prompts, c: int, waves: int, params: dict) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(len(h.tokens) for h in done)
     lat = [h.t_done - h.t_submit for h in done]
-    passes = m.passes - passes0
+    passes = int(m.value("passes_total") - passes0)
     return {"requests": len(done), "tokens": tokens, "tokens/s": tokens / wall, "p50_s": _pct(lat, 0.5),
             "p99_s": _pct(lat, 0.99), "ttfb_p50_s": _pct([h.t_first - h.t_submit for h in done], 0.5),
-            "tokens/nfe": tokens / sum(h.nfe for h in done), "rows/pass": (m.batch.sum - rows0) / max(1, passes),
+            "tokens/nfe": tokens / sum(h.nfe for h in done), "rows/pass": (m.value("rows_per_pass_sum") - rows0) / max(1, passes),
             "passes": passes}
 
 

@@ -152,8 +152,95 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
+PREFIX_COLUMNS = ["model", "workload", "mode", "cache", "requests", "prompt_tokens", "hit_%", "ttft_p50_s",
+                  "ttft_p99_s", "tokens/s", "p50_speedup", "same_output"]
+
+
+def prefix_section(results: str, device: str = "cpu") -> str:
+    """`python -m bench prefix`: time to the first token / block with the prefix cache off and on."""
+    d, missing = _optional(f"prefix-{device}", results, "python -m bench prefix")
+    if d is None:
+        return missing
+    threads = ", ".join(map(str, sorted({r["threads"] for r in d["rows"]})))
+    faster = [f"- {r['model']}, {r['workload']}, {r['mode']}: p50 time to the first "
+              f"{'token' if r['mode'] == 'ar' else 'block'} {r['p50_speedup']:.1f}x lower with the cache."
+              for r in d["rows"] if r["cache"] == "on"]
+    return "\n".join([f"{provenance(d)} Torch threads during the runs: {threads}.", "",
+                      table(d["rows"], PREFIX_COLUMNS, "prefix"), "", *faster])
+
+
+def demo_section(results: str) -> str:
+    """What `twotower generate --prompt "def "` prints with the shipped model (bench/bench_demo.py), described
+    from its numbers: the first line, how much one phrase repeats, tokens per pass next to the quality table's."""
+    d, missing = _optional("demo-cpu", results, "python -m bench demo")
+    if d is None:
+        return missing
+    r = d["rows"][0]
+    lines = r["text"].splitlines()
+    shown = "\n".join(lines[:4]) + (f"\n... ({len(lines) - 4} more lines of the same)" if len(lines) > 4 else "")
+    repeats = (f"then falls into repeating `{r['top_phrase'].strip()}`: that phrase covers {r['top_phrase_share']:.0%} of "
+               f"the {r['tokens']} tokens, and only {r['distinct_4grams']:.0%} of their token 4-grams are distinct"
+               if r["top_phrase_share"] >= 0.25 else
+               f"and no phrase dominates (the most repeated, `{r['top_phrase'].strip()}`, covers "
+               f"{r['top_phrase_share']:.0%} of the {r['tokens']} tokens)")
+    text = [f"{provenance(d)}", "", "```", f"$ twotower generate --prompt {r['prompt']!r}", shown, "```",
+            f"The shipped model (\"The shipped model\" below says what it is and how it was trained) writes "
+            f"`{r['first_line']}` and {repeats}. It took {r['nfe']} denoiser passes: {r['tokens/nfe']:.2f} tokens per "
+            f"pass at gamma {r['threshold']} on this one prompt."]
+    q, _ = _optional("quality", results, "python -m bench.bench_quality")
+    row = next((x for x in (q or {}).get("rows", []) if x.get("mode") == "diffusion" and x.get("gamma") == r["threshold"]),
+               None)
+    if row is not None:
+        text[-1] += (f" Over 32 held-out prompts x 64 tokens the same setting averages {row['tokens_per_nfe']:.2f} "
+                     f"(the quality table in \"The shipped model\"): that is the figure to compare.")
+    return "\n".join(text)
+
+
+SOAK_COLUMNS = ["kind", "requests", "finished", "cancelled", "4xx", "unexpected", "p50_s", "p99_s", "first_event_p50_s"]
+
+
+def soak_section(results: str) -> str:
+    """`python -m bench soak`: every request accounted for, rows, RSS, latency (bench/bench_soak.py)."""
+    d, missing = _optional("soak-cpu", results, "python -m bench soak")
+    if d is None:
+        return missing
+    rows = d["rows"]
+    a = rows[-1]
+    return (f"{provenance(d)}\n\n{table(rows, SOAK_COLUMNS, 'soak')}\n\n"
+            f"{a['requests']} requests in {a['duration_s']:.0f} s ({a['tokens/s']:.0f} generated tokens/s), every one "
+            f"accounted for by the clients and, in its `request_success_total`, by the server; /health's live_rows "
+            f"after the run: {a['live_rows_after']}. Server RSS: {a['rss_start_MB']:.0f} MB after loading, "
+            f"{a['rss_warm_MB']:.0f} MB after warm-up (the first 10 % of the requests), {a['rss_end_MB']:.0f} MB at "
+            f"the end.")
+
+
+SCALE_COLUMNS = ["run", "router", "max_imbalance", "replicas", "threads", "tokens/s", "vs_1x1", "%linear", "p50_s", "replica_cores",
+                 "ray_cores", "hit_prev", "hit_any", "replicas/prefix"]
+
+
+def scale_section(results: str, device: str = "cpu") -> str:
+    d, missing = _optional(f"scale-{device}", results, "python -m bench scale")
+    if d is None:
+        return missing
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, SCALE_COLUMNS, "scale"), ""]
+    two = next((r for r in rows if r["run"] == "throughput" and r["replicas"] == 2), None)
+    if two is not None:
+        text.append(f"- 2 replicas x 1 thread: {two['vs_1x1']:.2f}x one replica's tokens/s ({two['%linear']:.0f}% of "
+                    f"linear scaling); the replicas used {two['replica_cores']:.2f} cores and Ray's proxy, ingress "
+                    f"and router {two['ray_cores']:.2f}, of the machine's 2.")
+    for r in rows:
+        if r["run"] == "shared prefixes":
+            bound = f" (bound {r['max_imbalance']})" if r.get("max_imbalance") != "" else ""
+            text.append(f"- {r['router']}{bound}: {r['hit_prev']:.0%} of the shared-prefix requests on the replica of "
+                        f"their prefix's previous request, {r['replicas/prefix']:.2f} replicas per prefix.")
+    return "\n".join(text)
+
+
 SECTIONS = {"kernels-cpu": kernels_section, "e2e-cpu": e2e_section, "quality": quality_section,
-            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section}
+            "memory": memory_section, "quant-speed-cpu": quant_speed_section, "quant-quality": quant_quality_section,
+            "demo": demo_section, "soak-cpu": soak_section, "scale-cpu": scale_section,
+            "prefix-cpu": prefix_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

@@ -1,9 +1,12 @@
-# Decide whether to build the CUDA kernels. TWOTOWER_CUDA=AUTO builds them when torch is a CUDA build,
-# nvcc is found and the CUTLASS/CuTe headers are found, and says why it skipped otherwise;
-# ON fails loudly on the first missing piece; OFF never builds them.
+# Decide whether to build the CUDA kernels. TWOTOWER_CUDA=AUTO builds them when torch is a CUDA build and
+# nvcc is found, and says why it skipped otherwise; ON fails loudly on the first missing piece; OFF never builds them.
+# The CUTLASS/CuTe headers are needed only by the opt-in sm_90a wgmma attention kernel: without them
+# (TWOTOWER_CUTLASS=OFF, or none found) every other CUDA kernel still builds and that path refuses with the reason.
 set(TWOTOWER_WITH_CUDA OFF)
+set(TWOTOWER_WITH_WGMMA OFF)
 set(TWOTOWER_CUDA_SKIP_REASON "")
 set(CUTLASS_VERSION "")
+set(TWOTOWER_CUTLASS "AUTO" CACHE STRING "Use the CUTLASS headers for the wgmma kernel: AUTO (if found) or OFF")
 
 function(_tt_cuda_missing reason)
   if(TWOTOWER_CUDA STREQUAL "ON")
@@ -62,11 +65,20 @@ else()
   if(NOT CMAKE_CUDA_COMPILER)
     _tt_cuda_missing("no CUDA compiler (nvcc) was found; set CUDACXX or CMAKE_CUDA_COMPILER")
   else()
-    _tt_find_cutlass(CUTLASS_INCLUDE_DIR CUTLASS_VERSION)
-    if(NOT CUTLASS_INCLUDE_DIR)
-      _tt_cuda_missing("the CUTLASS/CuTe headers were not found (pip install --no-deps nvidia-cutlass, or set CUTLASS_DIR)")
+    set(TWOTOWER_WITH_CUDA ON)
+    set(CUTLASS_INCLUDE_DIR "")
+    if(TWOTOWER_CUTLASS STREQUAL "OFF")
+      set(_tt_no_cutlass "TWOTOWER_CUTLASS=OFF")
+    elseif(NOT TWOTOWER_CUTLASS STREQUAL "AUTO")
+      message(FATAL_ERROR "twotower_ext: TWOTOWER_CUTLASS must be AUTO or OFF (got '${TWOTOWER_CUTLASS}')")
     else()
-      set(TWOTOWER_WITH_CUDA ON)
+      _tt_find_cutlass(CUTLASS_INCLUDE_DIR CUTLASS_VERSION)
+      set(_tt_no_cutlass "no CUTLASS/CuTe headers found (pip install --no-deps nvidia-cutlass, or set CUTLASS_DIR)")
+    endif()
+    if(CUTLASS_INCLUDE_DIR)
+      set(TWOTOWER_WITH_WGMMA ON)
+    else()
+      set(CUTLASS_VERSION "")
     endif()
   endif()
 endif()
@@ -82,8 +94,13 @@ if(TWOTOWER_WITH_CUDA)
     message(FATAL_ERROR "twotower_ext: nvcc ${CMAKE_CUDA_COMPILER_VERSION} and torch's CUDA ${TORCH_CUDA_VERSION} "
       "differ in major version; use a toolkit matching torch")
   endif()
+  if(TWOTOWER_WITH_WGMMA)
+    set(_tt_wgmma "CUTLASS ${CUTLASS_VERSION} at ${CUTLASS_INCLUDE_DIR}")
+  else()
+    set(_tt_wgmma "without the wgmma attention kernel: ${_tt_no_cutlass}")
+  endif()
   message(STATUS "twotower_ext: CUDA kernels ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES}, "
-    "CUTLASS ${CUTLASS_VERSION} at ${CUTLASS_INCLUDE_DIR})")
+    "${_tt_wgmma})")
 else()
   message(STATUS "twotower_ext: CUDA kernels OFF: ${TWOTOWER_CUDA_SKIP_REASON}")
 endif()

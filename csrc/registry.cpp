@@ -35,6 +35,9 @@ TORCH_LIBRARY(twotower, m) {
   m.def("cpu_isas() -> str[]");
   m.def("cuda_moe_path(ScalarType dtype, str format, int hidden, int inter, int group_size=0, "
         "ScalarType? scale_dtype=None, int[] strides=[], int pointer_offset=0) -> str");
+  // ... and the rest of its plan for a call of `tokens` tokens on a GPU (compute capability, SM count).
+  m.def("cuda_moe_plan(ScalarType dtype, str format, int hidden, int inter, int experts, int topk, int tokens, "
+        "int group_size=0, int cc=90, int num_sms=132, int smem_optin=0, int smem_per_sm=0) -> float[]");
 }
 
 // A plain module: the ops register themselves with the dispatcher when the library is loaded, so this

@@ -8,6 +8,8 @@ CUDA = torch.cuda.is_available()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "core_cuda: the decode core's bucketed CUDA graphs (needs a CUDA device; "
+                            "tools/gpu_check.sh runs them in their own step)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" in item.keywords or "core_cuda" in item.keywords:
             item.add_marker(skip)
 
 
@@ -50,3 +52,17 @@ def one_thread():
 def tolerance(dtype: torch.dtype) -> float:
     """Absolute/relative tolerance scaled to a storage dtype's rounding (a few ulps at unit scale)."""
     return {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype]
+
+
+def step_staggered(core, requests, seed: int = 0) -> None:
+    """Submit requests to a DecodeCore a few at a time (0-3 per iteration, drawn from `seed`) between its
+    steps, and step until every one is done: arrivals over time, as a server sees them."""
+    import random
+
+    todo, rng = list(requests), random.Random(seed)
+    while todo or core.has_work():
+        k = rng.randint(0, 3)
+        if todo and k:
+            core.submit(todo[:k])
+            todo = todo[k:]
+        core.step()

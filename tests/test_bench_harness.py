@@ -71,3 +71,25 @@ def test_run_in_baseline(monkeypatch):
     monkeypatch.setenv(harness.BASELINE_ENV, "/nowhere")
     with pytest.raises(SystemExit, match="TWOTOWER_BENCH_BASELINE must be 'installed' or TREE:LIB"):
         harness.run_in_baseline("harness", "machine_info")
+
+
+def test_scale_prefix_hits_count_each_prefix_after_its_first_request():
+    from bench.bench_scale import prefix_hits
+
+    bodies = [{"prefix": p} for p in (0, 1, 0, 0, 1, 2, 0)]
+    got = prefix_hits(bodies, ["a", "x", "b", "a", "x", "y", "b"])
+    # requests after their prefix's first: 0@b (prev a: miss, seen {a}: miss), 0@a (prev b: miss, seen: hit),
+    # 1@x (prev x: hit, hit), 0@b (prev a: miss, seen: hit)
+    assert got == {"hit_prev": 1 / 4, "hit_any": 3 / 4, "replicas/prefix": (2 + 1 + 1) / 3}
+
+
+def test_prefix_section_renders_the_table_and_the_speedups(tmp_path):
+    base = {"model": "m", "workload": "shared prefix", "mode": "ar", "requests": 32, "prompt_tokens": 640,
+            "ttft_p99_s": 1.0, "tokens/s": 10.0, "threads": 1}
+    rows = [{**base, "cache": "off", "hit_%": 0.0, "ttft_p50_s": 5.0, "p50_speedup": "", "same_output": ""},
+            {**base, "cache": "on", "hit_%": 85.9, "ttft_p50_s": 1.0, "p50_speedup": 5.0, "same_output": "yes"}]
+    harness.write_results("prefix-cpu", "t", rows, list(rows[0]), out_dir=str(tmp_path), timings=[timing(0.0)])
+    out = readme.prefix_section(str(tmp_path))
+    assert "| m | shared prefix | ar | on | 32 | 640 | 85.9 | 1 | 1 | 10 | 5 | yes |" in out
+    assert "- m, shared prefix, ar: p50 time to the first token 5.0x lower with the cache." in out
+    assert "Torch threads during the runs: 1." in out

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cuda
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 PLAN_FIELDS = ["path", "grid_x", "grid_y", "grid_z", "threads", "smem", "tile", "stages", "rows_per_cta",
-               "split_unit", "merge", "row_splits", "row_chunk"]
+               "split_unit", "merge", "row_splits", "row_chunk", "split_align"]
 
 
 def inputs(gen, B, S, Hq, Hkv, D, lens, dtype, extra=7):
@@ -83,7 +83,7 @@ def test_simt_forced_every_width(D, gen, monkeypatch):
 
 @pytest.mark.parametrize("path", ["simt", "mma", "wgmma"])
 @pytest.mark.parametrize("S,Hq,Hkv,D,lens", [
-    (16, 32, 2, 128, [0, 1, 700, 3000]),   # the model's shapes: M = 256, two row blocks / two consumers
+    (16, 32, 2, 128, [0, 1, 700, 3000]),   # the model's shapes: M = 256, four 64-row blocks / one consumer
     (1, 4, 4, 128, [0, 9, 300]),           # an AR step: causal = non-causal
     (40, 4, 2, 64, [17, 2001]),            # block keys straddle tiles
     (16, 4, 2, 16, [0, 130]),              # the parity checkpoint's head dim
@@ -149,6 +149,37 @@ def test_single_split_writes_out_directly(path, gen, monkeypatch):
     q = args[0].clone()
     tt.block_attention(q, *args[1:], out=q)
     torch.testing.assert_close(q, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
+def test_128_row_ctas_once_the_batch_fills_the_sms(path, gen, monkeypatch):
+    """The model's shapes at a batch whose (row, KV head, 128-row block) CTAs alone fill the SMs: the 8-warp mma /
+    two-consumer wgmma variant, causal, ragged rows, against the oracle."""
+    force(monkeypatch, path)
+    sms = torch.cuda.get_device_properties().multi_processor_count
+    B = -(-sms // 4)  # x 2 KV heads x 2 row blocks of 128 >= one wave
+    lens = [int(x) for x in torch.randint(0, 600, (B,), generator=gen)]
+    args = inputs(gen, B, 16, 32, 2, 128, lens, torch.bfloat16)
+    out, lse = tt.block_attention(*args, causal=True)
+    check(args, out, lse, causal=True)
+    pl = device_plan(B, 16, 32, 2, 128, args[3].shape[1], torch.bfloat16, path=path)
+    assert pl["rows_per_cta"] == 128
+    assert ("warps=8" if path == "mma" else "consumers=2") in last_launch(), last_launch()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("S,ctx", [(16, 1024), (16, 4096), (1, 1024)])
+def test_batch_1_real_shapes_split_into_a_wave(S, ctx, causal, gen, monkeypatch):
+    """B = 1, the model's heads, a row in a longer cache: the default kernel splits the row into at least one CTA
+    per SM (the host plan's row_splits x grid_y), and the merged result matches the oracle."""
+    monkeypatch.delenv("TWOTOWER_ATTN_PATH", raising=False)
+    args = inputs(gen, 1, S, 32, 2, 128, [ctx], torch.bfloat16, extra=3000)
+    out, lse = tt.block_attention(*args, causal=causal)
+    check(args, out, lse, causal=causal)
+    pl = device_plan(1, S, 32, 2, 128, args[3].shape[1], torch.bfloat16, ctx_len=ctx)
+    sms = torch.cuda.get_device_properties().multi_processor_count
+    assert pl["row_splits"] * pl["grid_y"] >= sms, pl
+    assert "merge_kernel" in last_launch() and f"grid({pl['grid_x']},{pl['grid_y']},1)" in last_launch(), last_launch()
 
 
 @pytest.mark.parametrize("path", ["simt", "mma", "wgmma"])

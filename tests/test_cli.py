@@ -75,6 +75,12 @@ def test_bad_arguments_print_one_line_naming_the_argument(tmp_path):
         (["generate", "--model", CKPT, "--prompt", "x"], ["no tokenizer.json", "--prompt-ids"]),
         (["info", "--model", wrong], ["does not match the config", "mis-shaped"]),
         (["generate", "--modle", CKPT], ["unrecognized arguments: --modle"]),
+        (["serve", "--shutdown-timeout", "-5"], ["argument --shutdown-timeout", "seconds >= 0", "-5"]),
+        (["serve", "--shutdown-timeout", "nan"], ["argument --shutdown-timeout", "seconds >= 0", "nan"]),
+        (["serve", "--max-body-bytes", "0"], ["argument --max-body-bytes", "integer >= 1", "0"]),
+        (["serve", "--threads", "-2"], ["argument --threads", "integer >= 0", "-2"]),
+        (["serve", "--prefix-cache-gb=-1"], ["argument --prefix-cache-gb", "GiB >= 0", "'-1'"]),
+        (["serve", "--prefix-cache-gb", "x"], ["argument --prefix-cache-gb", "GiB >= 0", "'x'"]),
         (["info", "--model", CKPT], None),   # a matching checkpoint: rc 0
         (gen, None),
     ]
@@ -91,6 +97,22 @@ def test_bad_arguments_print_one_line_naming_the_argument(tmp_path):
             assert w in lines[0], (argv, w, lines[0])
     info = results[-2][2]
     assert "parameters: total" in info and "vocab" in info
+
+
+@pytest.mark.skipif(tt.default_model_path() is None, reason="needs the shipped model")
+def test_threads_past_the_cores_are_capped_and_the_stream_is_the_whole_text():
+    from twotower_ext.threads import usable_cores
+
+    argv = ["generate", "--prompt", "def ", "--max-new-tokens", "48"]
+    (rc, err, out), (rc2, err2, out2) = run_cases([argv + ["--threads", "100000"], argv + ["--block-size", "5"]])
+    cores = usable_cores()
+    assert rc == 0 and err.splitlines()[0] == (f"twotower: warning: --threads 100000 is more than the {cores} "
+                                               f"core(s) this process may use; using {cores}"), err
+    assert f"{cores} thread(s)" in err.splitlines()[-1]
+    lm = tt.load(tt.default_model_path())
+    for o, kw in ((out, {}), (out2, {"block_size": 5})):   # blocks of 5: characters split across blocks print whole
+        res = lm.generate("def ", max_new_tokens=48, **kw)
+        assert o == lm.decode(lm.encode("def ")) + lm.decode(res.new_tokens[0]), o
 
 
 def test_help_names_the_default_model_and_every_option():

@@ -118,22 +118,26 @@ def test_compat_mode_conditions_every_row_on_the_batch_mean_t(lm, monkeypatch):
             torch.testing.assert_close(t, want, atol=1e-6, rtol=0)
 
 
-def test_gumbel_argmax_frequencies_follow_softmax():
-    """AR / mock-AR sampling: 12000 draws (one per stream) from gumbel_argmax follow softmax(logits / T) over
-    the 6 non-mask ids (chi-square, p < 1e-4), the mask id is never drawn, every row of a batch draws alike."""
-    from twotower_ext.engine import gumbel_argmax
+def test_ar_sampling_frequencies_follow_softmax():
+    """AR / mock-AR sampling (runtime.sampler): 12000 draws, one per token index, in ONE call with a key per
+    row, follow softmax(logits / T) over the 6 non-mask ids (chi-square, p < 1e-4); the excluded id is never
+    drawn; a row draws the same alone as in the batch; greedy is the largest non-excluded logit."""
+    from twotower_ext.runtime.sampler import sample_tokens
 
     row = torch.tensor([0.3, -1.0, 0.9, 5.0, 0.0, 1.4, -0.2])   # id 3 is the mask
+    n = 12000
+    index = torch.arange(n)
     for T in (0.7, 1.6):
-        draws = torch.stack([gumbel_argmax(row.expand(2, -1), T, 11, i, 3) for i in range(12000)])
-        assert torch.equal(draws[:, 0], draws[:, 1])
-        counts = torch.bincount(draws[:, 0], minlength=7).double()
+        draws = sample_tokens(row.expand(n, -1), T, 11, index, exclude=3)[:, 0]
+        assert int(sample_tokens(row[None], T, 11, index[77:78], exclude=3)) == int(draws[77])
+        counts = torch.bincount(draws, minlength=7).double()
         assert counts[3] == 0
         p = torch.softmax(torch.cat([row[:3], row[4:]]).double() / T, 0)
         obs = torch.cat([counts[:3], counts[4:]])
         chi2 = float(((obs - p * obs.sum()) ** 2 / (p * obs.sum())).sum())
         assert chi2 < 25.7, f"T {T}: chi2 {chi2:.1f} over 5 degrees of freedom (p < 1e-4); counts {obs.tolist()}"
-    assert int(gumbel_argmax(row[None], 0.0, 11, 0, 3)) == 5      # greedy: the largest non-mask logit
+    assert int(sample_tokens(row[None], 0.0, 11, 0, exclude=3)) == 5      # greedy: the largest non-mask logit
+    assert int(sample_tokens(row[None], 0.0, 11, 0)) == 3                 # AR: nothing excluded
 
 
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
@@ -197,28 +201,35 @@ def test_request_that_cannot_fit_fails_before_work(lm):
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_match_eager():
-    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the tensor-core kernels under capture
+def test_cuda_graphs_match_eager(dtype):
+    from twotower_ext.runtime.graphs import while_supported
+
+    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=dtype)
     prompts = [PROMPTS["p0"], PROMPTS["p1"], PROMPTS["p2"]]
     eager = lm.generate(prompts, max_new_tokens=48, cuda_graphs=False)
+    eager_loop = lm.generate(prompts, max_new_tokens=48, cuda_graphs=False, device_loop=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # a capture failure (e.g. a host sync inside the step) must not happen
+        # ... except the one-time notice that this torch has no WHILE node (then the block runs unrolled)
+        warnings.filterwarnings("ignore", message=".*no conditional WHILE nodes", category=RuntimeWarning)
         graph = lm.generate(prompts, max_new_tokens=48, cuda_graphs=True)
         unrolled = lm.generate(prompts, max_new_tokens=48, cuda_graphs=True, device_loop=True)
     assert graph.sequences == eager.sequences and graph.nfe_per_block == eager.nfe_per_block
     assert unrolled.sequences == eager.sequences and unrolled.commits_per_step == eager.commits_per_step
     assert unrolled.nfe_per_block == eager.nfe_per_block
-    from twotower_ext.graphs import while_supported
-    if while_supported():   # the WHILE-node block loop runs exactly the passes the step-by-step loop runs
-        assert unrolled.stats["executed_passes"] == eager.stats["executed_passes"]
+    assert unrolled.stats["device_loop"] == ("while" if while_supported() else "unrolled")
+    if while_supported():   # the WHILE-node block loop runs exactly the passes the host's block loop runs
+        assert unrolled.stats["executed_passes"] == eager_loop.stats["executed_passes"]
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
-def test_cuda_graphs_match_eager_ar_modes(mode):
+def test_cuda_graphs_match_eager_ar_modes(mode, dtype):
     """The captured AR step (mock-AR: extension + pass) replayed token by token, rows leaving at EOS (several
     live-row counts), gives the eager tokens."""
-    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=torch.float32)
+    lm = tt.load(os.path.join(DATA, "checkpoint"), device="cuda", dtype=dtype)
     prompts = [PROMPTS["p0"], PROMPTS["p1"], PROMPTS["p2"]]
     base = lm.generate(prompts, mode=mode, max_new_tokens=24, eos_token_id=None, cuda_graphs=False)
     eos = base.new_tokens[0][6]

@@ -62,7 +62,14 @@ def test_rms_norm_fp32_and_bf16_bitwise(gen):
     xb, wb = x.bfloat16(), w.bfloat16()
     got = layers.rms_norm(xb, wb, 1e-5)
     want, ambiguous = oracle.rms_norm_bf16(xb, wb, 1e-5)
-    assert got.dtype == torch.bfloat16 and ambiguous.float().mean() < 1e-3
+    assert got.dtype == torch.bfloat16
+    # The draw must be able to tell the reference's two roundings from one rounding of the product (what
+    # multiplying by w in fp32 before the cast gives) on positions that are not ambiguous. A bound on the
+    # ambiguous fraction does not say that, and fails on some draws: x is on the bf16 lattice, so a row
+    # whose 1/rms lies near a dyadic rational with a small numerator (e.g. 21/32) puts a large share of that
+    # row near bf16 midpoints at once (ambiguity comes in whole-row clusters, not as independent positions).
+    one_rounding = (oracle.rms_norm(xb, wb, 1e-5)).to(torch.bfloat16)
+    assert ((one_rounding != want) & ~ambiguous).any(), "this draw cannot tell the rounding orders apart"
     differ = (got.view(torch.int16) != want.view(torch.int16)) & ~ambiguous
     assert not differ.any(), f"{int(differ.sum())} bf16 outputs differ from normalise-in-fp32-then-cast"
 
@@ -91,8 +98,7 @@ def test_route_matches_oracle_with_exact_ties(gen, n_group, topk_group):
     torch.testing.assert_close(weights.gather(1, order), want_w, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_moe_matches_oracle(gen, dense):
+def test_moe_matches_oracle(gen):
     E, hidden, inter, T = 6, 20, 12, 9
     x = torch.randn(T, hidden, generator=gen)
     rnd = lambda *s: torch.randn(*s, generator=gen) * 0.3  # noqa: E731
@@ -100,7 +106,7 @@ def test_moe_matches_oracle(gen, dense):
                    MLPWeights(rnd(inter, hidden), rnd(hidden, inter)))
     cfg = types.SimpleNamespace(n_group=1, topk_group=1, n_routed_experts=E, num_experts_per_tok=2,
                                 norm_topk_prob=True, routed_scaling_factor=1.7)
-    got = layers.moe(x.view(3, 3, hidden), w, cfg, dense=dense)
+    got = layers.moe(x.view(3, 3, hidden), w, cfg)
     want = oracle.moe(x.view(3, 3, hidden), w.router, w.bias, w.up, w.down, w.shared.up, w.shared.down, 2,
                       scaling=1.7)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -149,7 +155,7 @@ def test_denoiser_steps(model, golden, step):
         model.extend(torch.tensor([new[16 * b:16 * b + 16]]), cache)
     x = torch.tensor([s["xt_in"]])
     assert_logits(model.denoise(x, cache, s["t"])[0], s["logits"])
-    assert_logits(model.denoise(x, cache, torch.tensor([s["t"]]), dense_moe=True)[0], s["logits"])
+    assert_logits(model.denoise(x, cache, torch.tensor([s["t"]]), )[0], s["logits"])
 
 
 # ----------------------------------------------------------------------------------------------------

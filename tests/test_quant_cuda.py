@@ -8,6 +8,8 @@ The GPU tests (marked `cuda`, skipped without a device) check each (x dtype, for
 - against the fp64 oracle on the dequantised weights (dtype tolerance);
 - odd sizes (odd K: the padded nibble; a short last group; K not a multiple of the k tile), more than 64
   tokens on one expert, NaN weights, strided weights, out=, CUDA-graph capture.
+The tile plan itself (a k tile of 128 bytes per weight row in every format, decode vs prefill rows per pass, the
+fused route, prefill chunks) is tested on the CPU in test_moe_cuda_plan.py, its modes on the GPU in test_moe_cuda.py.
 """
 import pytest
 import torch
@@ -121,12 +123,12 @@ def check(y, x, ids, w, qu, qd):
 
 # (format, H, I, group) -> the path it exercises with bf16 / fp16 x (fp32 x: always SIMT), asserted in the test.
 CASES = {
-    ("fp8", 160, 96, 0): "mma",     # K = 2.5 k tiles: the last raw chunk half past the row
+    ("fp8", 160, 96, 0): "mma",     # K = 1.25 k tiles of 128: the last tile mostly past the row
     ("fp8", 64, 48, 0): "mma",      # one k tile, N < the 64-row tile
     ("fp8", 200, 72, 0): "simt",    # K % 8 == 0 but 200-byte rows: not 16-byte aligned
     ("fp8", 53, 37, 0): "simt",     # odd sizes
     ("int4", 160, 96, 128): "mma",  # short last group (32 of 128), I a single short group
-    ("int4", 160, 96, 32): "mma",   # two groups per k tile
+    ("int4", 160, 96, 32): "mma",   # two groups per 64-k dequantisation step
     ("int4", 192, 64, 8): "mma",    # the smallest group the mma path takes
     ("int4", 200, 72, 128): "simt",  # 100-byte rows
     ("int4", 53, 37, 16): "simt",   # odd K: the padded high nibble of the last byte

@@ -1,13 +1,9 @@
 """Serving: the continuous-batching scheduler (results equal `generate` per row alone, cancellation, bounds,
-shutdown) and the OpenAI-compatible HTTP server on 127.0.0.1 (official `openai` client and plain HTTP)."""
+shutdown) and the OpenAI-compatible HTTP server on 127.0.0.1 (official `openai` client and plain HTTP).
+More of the OpenAI surface: test_serve_openai.py; limits, faults and shutdown: test_serve_limits.py."""
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,16 +13,11 @@ import torch
 import twotower_ext as tt
 from twotower_ext.serve import QueueFull, RequestError, Scheduler, ShuttingDown
 
-try:   # the serve extra + test clients (tools/bootstrap.sh installs them)
+from serving import HTTP, PARITY, Server, http, post, serve_subprocess, wait_for
+
+if HTTP:
     import httpx
     import openai
-    import uvicorn
-    HTTP = True
-except ImportError:
-    HTTP = False
-http = pytest.mark.skipif(not HTTP, reason="the serve extra (fastapi, uvicorn) or httpx / openai is not installed")
-
-PARITY = os.path.join(os.path.dirname(__file__), "data", "parity", "checkpoint")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,13 +59,6 @@ def offline(lm, prompt, p):
     return res.new_tokens[0], res.stats["nfe"]
 
 
-def wait_for(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
-
-
 # ----------------------------------------------------------------------------------------------------
 # scheduler
 
@@ -93,8 +77,9 @@ def test_scheduler_rows_equal_generate_alone(lm):
             assert h.nfe == nfe, p
             assert h.finish_reason == ("stop" if p["eos_token_id"] in want else "length")
         m = s.metrics
-        assert m.generated_tokens == sum(len(h.tokens) for h in hs) and m.nfe == sum(h.nfe for h in hs)
-        assert m.passes < m.nfe                    # rows shared passes
+        assert m.value("generation_tokens_total") == sum(len(h.tokens) for h in hs)
+        assert m.value("nfe_total") == sum(h.nfe for h in hs)
+        assert m.value("passes_total") < m.value("nfe_total")                    # rows shared passes
     finally:
         s.shutdown()
 
@@ -112,8 +97,10 @@ def test_rows_at_different_blocks_and_parameters_share_passes(lm):
         hs = [first] + [s.submit(prompt, **p) for prompt, p in reqs[1:]]
         for (prompt, p), h in zip(reqs, hs):
             assert (h.result(30).tokens, h.nfe) == offline(lm, prompt, p), p
-        assert s.metrics.passes < sum(h.nfe for h in hs) and s.metrics.batch.n == s.metrics.passes
-        assert s.metrics.batch.counts[2] > 0         # some passes carried 3-4 rows
+        m = s.metrics
+        assert m.value("passes_total") < sum(h.nfe for h in hs)
+        assert m.value("rows_per_pass_count") == m.value("passes_total")
+        assert m.value("rows_per_pass_bucket", le="2.0") < m.value("passes_total")   # some passes carried 3-4 rows
     finally:
         s.shutdown()
 
@@ -227,27 +214,6 @@ def test_generate_is_thread_safe(lm):
 
 
 
-class Server:
-    """The app on 127.0.0.1 at an ephemeral port, uvicorn in a thread."""
-
-    def __init__(self, lm, name, **kw):
-        from twotower_ext.serve.http import create_app
-
-        self.sched = Scheduler(lm, **kw)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.sched, name), log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sched.shutdown(grace_s=0)
-
-
 @pytest.fixture(scope="module")
 def parity_server(lm):
     srv = Server(lm, "parity", max_batch=8, max_queue=16, max_len=512)
@@ -261,10 +227,6 @@ def shipped():
     srv = Server(lm, "default_model", max_batch=4, max_queue=8, max_len=256)
     yield lm, srv
     srv.close()
-
-
-def post(srv, body, path="/v1/completions", timeout=60):
-    return httpx.post(srv.url + path, json=body, timeout=timeout)
 
 
 @http
@@ -298,10 +260,10 @@ def test_http_64_requests_at_concurrency_16_equal_generate(lm, parity_server):
     assert len(ids) == 64
     wait_for(lambda: parity_server.sched.load()["live_rows"] == 0)
     metrics = httpx.get(parity_server.url + "/metrics").text
-    for name in ("requests_total", "generated_tokens_total", "nfe_total", "tokens_per_nfe", "batch_rows_bucket",
-                 "queue_depth", "time_to_first_block_seconds_bucket", "request_latency_seconds_count"):
-        assert f"twotower_{name}" in metrics
-    assert "twotower_live_rows 0" in metrics
+    label = '{model_name="parity"}'
+    assert f"twotower:num_requests_running{label} 0.0" in metrics
+    assert parity_server.sched.metrics.value("generation_tokens_total") >= sum(
+        r.json()["usage"]["completion_tokens"] for r in resps)
 
 
 @http
@@ -309,7 +271,7 @@ def test_http_64_requests_at_concurrency_16_equal_generate(lm, parity_server):
     ({"max_tokens": 0}, "max_tokens"), ({"threshold": 2}, "threshold"), ({"mode": "beam"}, "mode"),
     ({"block_size": 0}, "block_size"), ({"steps": 0}, "steps"), ({"temperature": -1}, "temperature"),
     ({"seed": "x"}, "seed"), ({"prompt": []}, "prompt"), ({"prompt": [1, 99999]}, "prompt"),
-    ({"prompt": "text"}, "prompt"), ({"prompt": None}, "prompt"), ({"n": 2}, "n"), ({"stop": ["\n"]}, "stop"),
+    ({"prompt": "text"}, "prompt"), ({"prompt": None}, "prompt"), ({"n": 0}, "n"), ({"stop": ["\n"]}, "stop"),
     ({"foo": 1}, "foo"), ({"max_tokens": 1000}, "max_tokens"), ({"stream": "yes"}, "stream")])
 def test_http_bad_fields_are_400_naming_the_field(parity_server, body, field):
     resp = post(parity_server, {"prompt": [1, 2, 3], **body})
@@ -373,11 +335,13 @@ def test_http_openai_client_text_and_streaming(shipped):
     assert r.choices[0].text == lm.decode(want) and r.usage.completion_tokens == len(want)
     assert r.usage.model_extra["nfe"] >= 1
     chunks = list(client.completions.create(model="default_model", prompt=prompt, max_tokens=40, stream=True,
+                                            stream_options={"include_usage": True},
                                             extra_body={"mode": "diffusion", "block_size": 8, "threshold": 0.9}))
     want = lm.generate(prompt, max_new_tokens=40, block_size=8, threshold=0.9).new_tokens[0]
-    assert "".join(c.choices[0].text for c in chunks) == lm.decode(want)
-    assert len(chunks) == len(range(0, len(want), 8)) + 1           # one event per committed block + the end
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens == len(want)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == lm.decode(want)
+    assert len(chunks) == len(range(0, len(want), 8)) + 2           # one event per committed block, the end, usage
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].usage is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)   # OpenAI's usage chunk
     ar = list(client.completions.create(model="default_model", prompt=prompt, max_tokens=5, stream=True,
                                         extra_body={"mode": "ar", "eos_token_id": None}))
     assert len(ar) == 6                                              # one event per token in the AR modes
@@ -408,37 +372,30 @@ def test_http_chat_with_a_template(tmp_path):
         chunks = list(client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "print hello"}],
                                                      max_tokens=16, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == lm.decode(want)
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+        assert all(c.choices[0].delta.role is None for c in chunks[1:]) and chunks[-1].usage is None
     finally:
         srv.close()
 
 
 @http
 def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
-    # the child imports the twotower_ext this test runs (an installed wheel or a development tree)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(tt.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "twotower_ext.cli", "serve", "--model", PARITY, "--port", "0",
-                             "--max-batch", "2", "--max-queue", "4", "--max-len", "256", "--name", "parity"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()
-        assert "serving parity" in line, line
-        url = line.split(" on ")[1].split()[0]
-        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 120, "threshold": 1.0, "eos_token_id": None}
+    proc, url = serve_subprocess("--max-batch", "2", "--max-queue", "4", "--max-len", "1024", "--shutdown-timeout", "120")
+    try:   # one token per pass (threshold 1): long enough that both are surely live together
+        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 1000, "threshold": 1.0, "eos_token_id": None}
         with ThreadPoolExecutor(2) as pool:
             futs = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
             wait_for(lambda: httpx.get(url + "/health").json()["live_rows"] == 2, timeout=30)
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            try:                                   # no new work is taken once the signal is in
-                assert httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 503
-            except httpx.ConnectError:
-                pass
+            wait_for(lambda: httpx.get(url + "/health").status_code == 503)
+            late = httpx.post(url + "/v1/completions", json=body, timeout=10)   # still listening: a 503 answer
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
             for f in futs:                         # in-flight requests still complete, whole
                 resp = f.result()
-                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 120
+                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 1000
         assert proc.wait(timeout=30) == 0
-        assert "server stopped" in proc.stderr.read()
+        log = proc.stderr.read()
+        assert "server stopped" in log and "Traceback" not in log, log
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
     finally:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import twotower_ext as tt
-from twotower_ext import engine as engine_mod
+from twotower_ext import ops
+from twotower_ext.runtime import runner as runner_mod
 from twotower_ext.api import check_device, default_dtype, load_tokenizer
 from twotower_ext.models import NemotronHConfig
 from twotower_ext.models.config import ConfigError
@@ -120,16 +121,16 @@ def test_nan_weights_name_the_tower_and_layer(lm):
 
 def _block_history(lm, monkeypatch, **kw):
     """Run diffusion recording x after every commit step: [(block, step, x)]."""
-    seen, orig = [], engine_mod.Engine._unmask
+    seen, orig = [], ops.threshold_unmask
 
-    def record(self, logits, x, args, blk, step):
-        out = orig(self, logits, x, args, blk, step)
-        seen.append((blk, step, x.clone()))
-        return out
+    def record(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out):
+        res = orig(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out)
+        seen.append((int(block[0]), int(step[0]), x.clone()))
+        return res
 
-    monkeypatch.setattr(engine_mod.Engine, "_unmask", record)
+    monkeypatch.setattr(ops, "threshold_unmask", record)
     res = lm.generate(PROMPTS["p1"], eos_token_id=None, **kw)
-    monkeypatch.setattr(engine_mod.Engine, "_unmask", orig)
+    monkeypatch.setattr(ops, "threshold_unmask", orig)
     return res, seen
 
 
@@ -176,17 +177,17 @@ def test_threads_and_dtype_defaults_are_shared():
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
     from twotower_ext.cli import build_parser
-    from twotower_ext.engine import GenerateArgs
+    from twotower_ext.runtime import DecodeParams
 
     a = build_parser().parse_args(["generate"])
     assert (a.max_new_tokens, a.threshold, a.steps, a.block_size) == (
-        GenerateArgs.max_new_tokens, GenerateArgs.threshold, GenerateArgs.steps_per_block, GenerateArgs.block_size)
+        DecodeParams.max_new_tokens, DecodeParams.threshold, DecodeParams.steps_per_block, DecodeParams.block_size)
 
 
 def test_memory_guard_reads_mem_available(monkeypatch):
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    got = engine_mod._host_available_bytes()
+    got = runner_mod.host_available_bytes()
     assert abs(got - avail) < 2**30   # MemAvailable moments apart; MemFree can be far below it
 
 

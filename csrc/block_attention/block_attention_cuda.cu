@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kWarps * 32) simt_split_kernel(BlockAttentionP
   float* const ks = qs + kRowsPerCta * D;
   float* const vs = ks + kTile * pitch;
   const int64_t G = ba_group(p), M = ba_rows(p);
-  const BaSplitWork w = ba_split_work(p, kRowsPerCta, split_unit, kTile);
+  const BaSplitWork w = ba_split_work(p, kRowsPerCta, split_unit, ba_cuda::kSplitAlign);
   if (w.k0 >= w.k1) return;  // a split this row does not use
   const int64_t b = w.b, h = w.h, row0 = w.row0, k0 = w.k0, k1 = w.k1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -133,13 +133,13 @@ __global__ void __launch_bounds__(kWarps * 32) simt_split_kernel(BlockAttentionP
 // split was written by it).
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
-    merge_kernel(BlockAttentionParams p, int64_t max_splits, int64_t split_unit, int tile) {
+    merge_kernel(BlockAttentionParams p, int64_t max_splits, int64_t split_unit, int align) {
   const int64_t G = p.num_q_heads / p.num_kv_heads, M = p.block_len * G, D = p.head_dim;
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= p.batch * p.num_kv_heads * M) return;
   const int lane = threadIdx.x % 32;
   const int64_t bh = row / M, r = row % M, b = bh / p.num_kv_heads, h = bh % p.num_kv_heads;
-  const int64_t splits = ba_device_row_splits(p, b, max_splits, split_unit, tile).splits;
+  const int64_t splits = ba_device_row_splits(p, b, max_splits, split_unit, align).splits;
   if (splits == 1) return;
   const float* lse = p.part_lse + bh * max_splits * M + r;
   const float m = merge_max_lse(lse, splits, M);
@@ -197,7 +197,11 @@ Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
   switch (plan.path) {
     case BlockAttentionCudaPath::kSimt: st = launch_simt_width<T>(p, plan, stream, launched); break;
     case BlockAttentionCudaPath::kMma: st = block_attention_mma_split(p, plan, stream, launched); break;
+#ifdef TT_BUILD_HAS_WGMMA
     case BlockAttentionCudaPath::kWgmma: st = block_attention_wgmma_split(p, plan, stream, launched); break;
+#else
+    case BlockAttentionCudaPath::kWgmma: break;  // not in this build: the plan refused it (wgmma_image false)
+#endif
   }
   if (st != Status::kOk) return st;
   *launched += " grid(" + std::to_string(plan.grid_x) + "," + std::to_string(plan.grid_y) + "," +
@@ -205,7 +209,7 @@ Status launch(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan,
   if (!plan.merge()) return Status::kOk;
   const int64_t rows = p.batch * p.num_kv_heads * ba_rows(p);
   merge_kernel<T><<<unsigned((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(p, plan.grid_x, plan.split_unit,
-                                                                                      plan.tile_keys);
+                                                                                      int(plan.split_align));
   *launched += " + merge_kernel";
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
 }
@@ -239,7 +243,12 @@ BaCudaDevice block_attention_cuda_device(int device) {
       int cur = 0;
       const bool switch_device = cudaGetDevice(&cur) == cudaSuccess && cur != device;
       if (switch_device) (void)cudaSetDevice(device);
-      image[device] = 4 | (block_attention_mma_image_ok(device) ? 1 : 0) | (block_attention_wgmma_image_ok(device) ? 2 : 0);
+#ifdef TT_BUILD_HAS_WGMMA
+      const bool wgmma = block_attention_wgmma_image_ok(device);
+#else
+      const bool wgmma = false;  // built without the CUTLASS headers: no wgmma kernel at all
+#endif
+      image[device] = 4 | (block_attention_mma_image_ok(device) ? 1 : 0) | (wgmma ? 2 : 0);
       if (switch_device) (void)cudaSetDevice(cur);
     }
     d.mma_image = image[device] & 1;
@@ -251,7 +260,11 @@ BaCudaDevice block_attention_cuda_device(int device) {
 }
 
 const char* block_attention_cuda_launch_refusal(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan) {
+#ifdef TT_BUILD_HAS_WGMMA
   return plan.path == BlockAttentionCudaPath::kWgmma ? block_attention_wgmma_refusal(p) : nullptr;
+#else
+  return plan.path == BlockAttentionCudaPath::kWgmma ? "this build has no wgmma kernel (no CUTLASS headers)" : nullptr;
+#endif
 }
 
 Status block_attention_cuda(const BlockAttentionParams& p, const BlockAttentionCudaPlan& plan, void* stream) {

@@ -22,8 +22,8 @@ __device__ __forceinline__ int64_t ba_clamped_ctx(const BlockAttentionParams& p,
 
 // Row b's splits, from its own length (the split and merge kernels agree through this).
 __device__ __forceinline__ BaRowSplits ba_device_row_splits(const BlockAttentionParams& p, int64_t b,
-                                                            int64_t max_splits, int64_t split_unit, int tile) {
-  return ba_row_splits(ba_clamped_ctx(p, b) + p.block_len, max_splits, split_unit, tile);
+                                                            int64_t max_splits, int64_t split_unit, int align) {
+  return ba_row_splits(ba_clamped_ctx(p, b) + p.block_len, max_splits, split_unit, align);
 }
 
 // The work of one split-kernel CTA, grid (split, kv head x row block, batch): packed rows
@@ -35,14 +35,14 @@ struct BaSplitWork {
 };
 
 __device__ __forceinline__ BaSplitWork ba_split_work(const BlockAttentionParams& p, int64_t rows_per_cta,
-                                                     int64_t split_unit, int tile) {
+                                                     int64_t split_unit, int align) {
   const int64_t row_blocks = (ba_rows(p) + rows_per_cta - 1) / rows_per_cta;
   BaSplitWork w;
   w.b = blockIdx.z;
   w.h = blockIdx.y / row_blocks;
   w.row0 = (blockIdx.y % row_blocks) * rows_per_cta;
   w.ctx = ba_clamped_ctx(p, w.b);
-  const BaRowSplits rs = ba_row_splits(w.ctx + p.block_len, gridDim.x, split_unit, tile);
+  const BaRowSplits rs = ba_row_splits(w.ctx + p.block_len, gridDim.x, split_unit, align);
   w.k0 = int64_t(blockIdx.x) * rs.chunk;
   w.k1 = min(w.ctx + p.block_len, w.k0 + rs.chunk);
   w.slot = (w.b * p.num_kv_heads + w.h) * gridDim.x + blockIdx.x;

@@ -7,6 +7,8 @@
 // ctx_lens. Each row then sizes its own splits on the device from its own length (ba_row_splits): a short
 // row in a long cache still spreads over several splits, and a row that needs one split writes out / lse
 // straight from the split epilogue (its merge is skipped; with a one-split grid there is no merge launch).
+// At small batch the plan aims at a full wave of CTAs for every row from kWaveFromKeys keys up (a B = 1
+// decode step would otherwise leave most SMs idle: 16 CTAs on 132 SMs at a 4K context with 1K-key splits).
 #pragma once
 #include <cstdint>
 #include <initializer_list>
@@ -32,6 +34,13 @@ constexpr int kWgmmaDim = 128, kWgmmaTile = 128, kWgmmaStages = 3;
 // gets a third stage only where that many CTAs still fit.
 constexpr int kMmaCtasPerSm4Warps = 2, kMmaCtasPerSm8Warps = 1;
 constexpr int kMaxGridYZ = 65535;
+// Split boundaries fall on multiples of this many keys. The SIMT and mma kernels zero-fill and mask every key
+// past their split's end, so any length runs; 8 is one mma score block. The wgmma kernel's splits stay whole
+// TMA tiles (its full-context tiles are copied without a per-key mask).
+constexpr int kSplitAlign = 8;
+// From this many context keys up a B = 1 row alone fills a wave of CTAs (below it a layer's K/V is under
+// ~1 MiB at the real shapes and streams in about a microsecond: finer splits would only add merge traffic).
+constexpr int64_t kWaveFromKeys = 1024;
 
 constexpr int simt_lane_width(int64_t d) { return d <= 32 ? 1 : d <= 64 ? 2 : d <= 128 ? 4 : 8; }
 constexpr int64_t simt_smem(int64_t d) { return 4 * (kSimtRows * d + kSimtTile * (d + 1) + kSimtTile * d); }
@@ -109,7 +118,8 @@ inline const char* ba_cuda_path_refusal(BlockAttentionCudaPath path, const BaCud
       if (!in.kv_aligned16 || !in.q_aligned16) return "wgmma needs 16-byte aligned q/k/v pointers and strides";
       if (dev.cc != 90) return "wgmma needs an sm_90 (Hopper) device";
       if (!dev.wgmma_image)
-        return "this build has no sm_90a code of the wgmma kernel (build with TWOTOWER_CUDA_ARCHS containing 90a-real)";
+        return "this build has no sm_90a code of the wgmma kernel (build with TWOTOWER_CUDA_ARCHS containing 90a-real "
+               "and the CUTLASS headers)";
       return nullptr;
   }
   return "unknown path";
@@ -139,36 +149,44 @@ struct BlockAttentionCudaPlan {
   int64_t grid_x = 1;        // most splits a row can have
   int64_t grid_y = 1;        // kv heads x row blocks
   int64_t grid_z = 1;        // batch
-  int64_t split_unit = 0;    // a row has at most (its keys / split_unit) splits (a multiple of tile_keys)
+  int64_t split_unit = 0;    // the shortest split (keys): a row has at most ceil(its keys / split_unit) splits
+  int64_t split_align = 1;   // split boundaries are multiples of this many keys (ba_cuda::kSplitAlign or the tile)
   bool merge() const { return grid_x > 1; }
 };
 
-// Splits of one row of `keys` keys (context + block): as many as the grid allows, each of at least `unit` keys
-// (one split for a row shorter than two units), equal chunks rounded up to the kernel's tile. Split i covers
-// keys [i * chunk, min(keys, (i + 1) * chunk)); splits >= `splits` of the grid are idle for this row.
+// Splits of one row of `keys` keys (context + block): as many as the grid allows, each of at least `unit` keys,
+// equal chunks rounded up to a multiple of `align` (unit is one too). Split i covers keys
+// [i * chunk, min(keys, (i + 1) * chunk)); splits >= `splits` of the grid are idle for this row.
 struct BaRowSplits {
   int64_t splits, chunk;
 };
-TT_HOST_DEVICE BaRowSplits ba_row_splits(int64_t keys, int64_t max_splits, int64_t unit, int64_t tile) {
+TT_HOST_DEVICE BaRowSplits ba_row_splits(int64_t keys, int64_t max_splits, int64_t unit, int64_t align) {
   if (keys < 1) keys = 1;
-  int64_t s = keys / unit;
-  if (s > max_splits) s = max_splits;
-  if (s < 1) s = 1;
-  const int64_t chunk = ba_ceil_div(ba_ceil_div(keys, s), tile) * tile;
+  if (max_splits < 1) max_splits = 1;
+  int64_t chunk = ba_ceil_div(ba_ceil_div(keys, max_splits), align) * align;
+  if (chunk < unit) chunk = unit;
   return {ba_ceil_div(keys, chunk), chunk};
 }
 
 // The launch of `path` for these shapes on `dev`: nullptr and *out filled, or why it cannot launch.
-// Splits: enough CTAs (all row blocks of every (row, kv head)) for ~2 waves of one CTA per SM, each split
-// of at least split_unit = 4 x max(M, tile) keys: a split writes an [M, D] fp32 partial while reading
-// split x D of K and V, so shorter splits would write about as much as they read (M = S x GQA group, 256 at
-// the model's shapes).
+// Row blocks: the tensor-core paths pack 128 rows per CTA (8 mma warps / 2 wgmma consumers: each K/V tile
+// serves twice the rows) only when batch x kv heads x those row blocks fill a wave without splitting; at
+// smaller batch 64 rows per CTA give twice the CTAs per split, so shorter rows reach a wave with half the
+// splits (and half the partial states to merge).
+// Splits: the grid has enough for ~2 waves of one CTA per SM; each split is at least split_unit keys, the
+// smaller of 4 x max(M, tile) (a split writes an [M, D] fp32 partial while reading split x D of K and V, so
+// longer rows keep splits at least that long) and the length that lets a row of kWaveFromKeys context keys
+// fill a wave on its own.
 inline const char* ba_cuda_make_plan(int64_t batch, int64_t block_len, int64_t q_heads, int64_t kv_heads,
                                      int64_t head_dim, int64_t ctx_capacity, BlockAttentionCudaPath path,
                                      const BaCudaDevice& dev, BlockAttentionCudaPlan* out) {
   BlockAttentionCudaPlan pl;
   pl.path = path;
   const int64_t M = block_len * (kv_heads > 0 ? q_heads / kv_heads : 0);
+  const int64_t sms = dev.num_sms > 0 ? dev.num_sms : 1;
+  // 128 rows per CTA only where that grid alone (no splits) fills a wave.
+  const bool wide = M > 64 && batch * kv_heads * ba_ceil_div(M, 128) >= sms;
+  pl.split_align = ba_cuda::kSplitAlign;
   switch (path) {
     case BlockAttentionCudaPath::kSimt:
       pl.threads = ba_cuda::kSimtWarps * 32;
@@ -177,7 +195,7 @@ inline const char* ba_cuda_make_plan(int64_t batch, int64_t block_len, int64_t q
       pl.smem_bytes = ba_cuda::simt_smem(head_dim);
       break;
     case BlockAttentionCudaPath::kMma: {
-      const int warps = M > 64 ? 8 : 4;  // 128 rows share each K/V tile when there are that many
+      const int warps = wide ? 8 : 4;
       pl.threads = warps * 32;
       pl.rows_per_cta = 16 * warps;
       pl.tile_keys = ba_cuda::kMmaTile;
@@ -189,12 +207,13 @@ inline const char* ba_cuda_make_plan(int64_t batch, int64_t block_len, int64_t q
       break;
     }
     case BlockAttentionCudaPath::kWgmma: {
-      const int consumers = M > 64 ? 2 : 1;  // two consumer warpgroups (128 rows) when there are that many
+      const int consumers = wide ? 2 : 1;
       pl.threads = (consumers + 1) * 128;
       pl.rows_per_cta = 64 * consumers;
       pl.tile_keys = ba_cuda::kWgmmaTile;
       pl.stages = ba_cuda::kWgmmaStages;
       pl.smem_bytes = ba_cuda::wgmma_smem(consumers, pl.stages);
+      pl.split_align = ba_cuda::kWgmmaTile;
       break;
     }
   }
@@ -205,10 +224,15 @@ inline const char* ba_cuda_make_plan(int64_t batch, int64_t block_len, int64_t q
   if (pl.grid_z > ba_cuda::kMaxGridYZ) return "batch exceeds the CUDA grid limit of 65535 rows";
   if (pl.grid_y > ba_cuda::kMaxGridYZ) return "kv_heads x row blocks exceeds the CUDA grid limit of 65535";
   const int64_t keys = (ctx_capacity > 0 ? ctx_capacity : 0) + block_len;
-  pl.split_unit = ba_ceil_div(4 * (M > pl.tile_keys ? M : pl.tile_keys), pl.tile_keys) * pl.tile_keys;
+  const int64_t align = pl.split_align;
   const int64_t ctas_per_split = batch * pl.grid_y > 0 ? batch * pl.grid_y : 1;
-  int64_t splits = ba_ceil_div(2 * int64_t(dev.num_sms > 0 ? dev.num_sms : 1), ctas_per_split);
-  const int64_t most = keys / pl.split_unit;
+  const int64_t long_unit = ba_ceil_div(4 * (M > pl.tile_keys ? M : pl.tile_keys), align) * align;
+  // Rounded down, so a row of kWaveFromKeys context keys gets at least a wave's splits.
+  int64_t wave_unit = (ba_cuda::kWaveFromKeys + block_len) / ba_ceil_div(sms, ctas_per_split) / align * align;
+  if (wave_unit < align) wave_unit = align;
+  pl.split_unit = long_unit < wave_unit ? long_unit : wave_unit;
+  int64_t splits = ba_ceil_div(2 * sms, ctas_per_split);
+  const int64_t most = ba_ceil_div(keys, pl.split_unit);
   if (splits > most) splits = most;
   if (splits < 1) splits = 1;
   pl.grid_x = splits;

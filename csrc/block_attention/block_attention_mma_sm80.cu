@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kWarps * 32) mma_split_kernel(BlockAttentionPa
   T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K, V][kTileN][kPitch]
 
   const int64_t G = ba_group(p), M = ba_rows(p);
-  const BaSplitWork w = ba_split_work(p, kRows, split_unit, kTileN);
+  const BaSplitWork w = ba_split_work(p, kRows, split_unit, ba_cuda::kSplitAlign);
   if (w.k0 >= w.k1) return;  // a split this row does not use
   const int64_t b = w.b, h = w.h, row0 = w.row0, k0 = w.k0, k1 = w.k1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, grp = lane >> 2, tig = lane & 3;

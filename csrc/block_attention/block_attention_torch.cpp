@@ -209,7 +209,7 @@ tt::DType attn_dtype_by_name(const std::string& name) {
 }
 
 // cuda_attention_plan(...) -> [path (0 simt, 1 mma, 2 wgmma), grid_x, grid_y, grid_z, threads, smem_bytes,
-// tile_keys, stages, rows_per_cta, split_unit, merge, row_splits, row_chunk]: the launch block_attention would
+// tile_keys, stages, rows_per_cta, split_unit, merge, row_splits, row_chunk, split_align]: the launch block_attention would
 // make for these shapes on a GPU of compute capability `cc` with `num_sms` SMs (its shared-memory limits from
 // the known parts, or smem_optin / smem_per_sm when given), default or forced `path`, contiguous inputs; the
 // row fields for a row of ctx_len context keys. sm90a_image=False: a build without sm_90a code.
@@ -235,9 +235,9 @@ std::vector<int64_t> cuda_attention_plan_op(int64_t batch, int64_t block_len, in
   in.head_dim = head_dim;
   const auto pl = attn_cuda_plan(p, in, dev, path.c_str(), "path");
   const auto rs = tt::ba_row_splits((ctx_len >= 0 ? ctx_len : ctx_capacity) + block_len, pl.grid_x, pl.split_unit,
-                                    pl.tile_keys);
+                                    pl.split_align);
   return {int64_t(pl.path), pl.grid_x, pl.grid_y, pl.grid_z, pl.threads, pl.smem_bytes, pl.tile_keys, pl.stages,
-          pl.rows_per_cta, pl.split_unit, pl.merge() ? 1 : 0, rs.splits, rs.chunk};
+          pl.rows_per_cta, pl.split_unit, pl.merge() ? 1 : 0, rs.splits, rs.chunk, pl.split_align};
 }
 
 // What the last CUDA block_attention call of this thread launched ("" in a build without CUDA kernels).

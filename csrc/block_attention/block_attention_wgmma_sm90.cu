@@ -125,7 +125,7 @@ __global__ void __launch_bounds__((kConsumers + 1) * 128, 1)
   constexpr float kLog2e = 1.4426950408889634f;
 
   const int64_t G = ba_group(p), M = ba_rows(p);
-  const BaSplitWork w = ba_split_work(p, kRows, split_unit, kTileN);
+  const BaSplitWork w = ba_split_work(p, kRows, split_unit, kTileN);  // whole tiles (the plan's split_align)
   if (w.k0 >= w.k1) return;  // a split this row does not use
   const int64_t b = w.b, h = w.h, ctx = w.ctx, k0 = w.k0, k1 = w.k1;
   const int64_t tiles = (k1 - k0 + kTileN - 1) / kTileN;

@@ -1,18 +1,23 @@
-// The MoE experts on CUDA (see moe.h): route -> up GEMM (+ relu^2) -> down GEMM -> combine, four launches on
-// one stream, sized for the worst case (min(E, T*k) expert slots), no host synchronisation.
+// The MoE experts on CUDA (see moe.h): route -> up GEMM (+ relu^2) -> down GEMM -> combine on one stream, sized
+// for the worst case (min(E, T*k) expert slots), no host synchronisation; moe_cuda_plan.h plans each call.
+//
+// Route (moe_route.cuh): a block-wide scan builds the offsets and active list. For decode-sized calls the up
+// GEMM's CTAs route for themselves (one launch fewer: up, down, combine); otherwise one route CTA runs first.
+// Prefill is cut into chunks of tokens, each a full sequence reusing one bounded workspace.
 //
 // The GEMMs are grouped and bandwidth-bound: CTA (expert slot a, N tile) streams its 64 weight rows of expert
-// active[a] once through a 3-stage cp.async pipeline and multiplies them with all of that expert's rows (up to
-// 64 at a time, as 1..4 m16 tiles: a decode step or a 16-token pass has 1..3 rows per expert) on mma.sync
-// m16n8k16 (bf16 / fp16, fp32 accumulate). Slots past the active count exit at once. fp32 and shapes the
-// tensor-core path cannot take (a K that is not a multiple of 8, unaligned rows) use a SIMT kernel with the
-// same grid; moe_cuda_plan.h decides (moe_cuda_path). The combine sums each token's k slot outputs in j order in
-// fp64, so results do not depend on the order in which the route kernel's atomics placed the slots.
+// active[a] once through a cp.async ring and multiplies them with all of that expert's rows (16 or 64 at a time:
+// the plan's bm; a decode step or a 16-token pass has 1..3 rows per expert) on mma.sync m16n8k16 (bf16 / fp16,
+// fp32 accumulate). A k tile is 128 bytes of every weight row in every format (64 bf16, 128 fp8, 256 int4
+// weights), and decode gets enough stages for 32 KiB of weights in flight per CTA. Slots past the active count
+// exit at once. fp32 and shapes the tensor-core path cannot take (a K that is not a multiple of 8, unaligned rows)
+// use a SIMT kernel with the same grid (moe_cuda_path). The combine sums each token's k slot outputs in j order in
+// fp64, so results do not depend on where the route placed the slots.
 //
 // Quantised weights (fp8 / int4, moe.h): the weight tile streams through the cp.async stages in its stored form
-// (1 or 1/2 byte per weight) and each warp dequantises the 16 rows its own ldmatrix reads, 8 consecutive k per
-// thread, in registers (moe_dequant.cuh: exactly quant.dequantize's numerics) into one shared tile of x's dtype;
-// only a __syncwarp separates that from the mma. The SIMT kernel dequantises element by element.
+// and each warp dequantises the 16 rows its own ldmatrix reads, 64 k at a time, 8 consecutive k per thread, in
+// registers (moe_dequant.cuh: exactly quant.dequantize's numerics) into one shared tile of x's dtype; only a
+// __syncwarp separates that from the mma. The SIMT kernel dequantises element by element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,50 +30,20 @@
 #include "moe/moe.h"
 #include "moe/moe_cuda_plan.h"
 #include "moe/moe_dequant.cuh"
+#include "moe/moe_route.cuh"
 
 namespace tt {
 namespace {
 
-using moe_cuda::kBM, moe_cuda::kBN, moe_cuda::kBK, moe_cuda::kStages, moe_cuda::kThreads, moe_cuda::kPitch;
+using moe_cuda::kBN, moe_cuda::kThreads;
 constexpr int kRouteThreads = 1024;
 
-struct Ws {
-  int32_t *counts, *offsets, *active, *n_active, *slot_token, *slot_of, *err;
-  double* slot_weight;
-  void* hidden;     // [T*k, I] in x's dtype
-  float* out_slot;  // [T*k, H]
-};
-
-int64_t align256(int64_t v) { return (v + 255) & ~int64_t(255); }
-
-// The workspace layout; with base == nullptr only the total size (returned) and offsets are computed.
-int64_t layout(const MoeParams& p, char* base, Ws* w, int64_t* err_offset) {
-  const int64_t E = p.experts, n = p.tokens * p.topk, es = p.dtype == DType::kFloat32 ? 4 : 2;
-  int64_t off = 0;
-  auto take = [&](int64_t bytes) {
-    char* at = base ? base + off : nullptr;
-    off = align256(off + bytes);
-    return at;
-  };
-  char* counts = take(E * 4);
-  char* offsets = take((E + 1) * 4);
-  char* active = take(E * 4);
-  char* n_active = take(4);
-  const int64_t err_at = off;
-  char* err = take(4);
-  char* slot_token = take(n * 4);
-  char* slot_of = take(n * 4);
-  char* slot_weight = take(n * 8);
-  char* hidden = take(n * p.inter * es);
-  char* out_slot = take(n * p.hidden * 4);
-  if (w != nullptr) {
-    *w = Ws{reinterpret_cast<int32_t*>(counts), reinterpret_cast<int32_t*>(offsets), reinterpret_cast<int32_t*>(active),
-            reinterpret_cast<int32_t*>(n_active), reinterpret_cast<int32_t*>(slot_token),
-            reinterpret_cast<int32_t*>(slot_of), reinterpret_cast<int32_t*>(err),
-            reinterpret_cast<double*>(slot_weight), hidden, reinterpret_cast<float*>(out_slot)};
-  }
-  if (err_offset != nullptr) *err_offset = err_at;
-  return off;
+MoeWs ws_at(char* base, const MoeCudaWorkspace& l) {
+  return MoeWs{reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
+               reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active),
+               reinterpret_cast<int32_t*>(base + l.slot_token), reinterpret_cast<int32_t*>(base + l.slot_of),
+               reinterpret_cast<int32_t*>(base + l.err), reinterpret_cast<double*>(base + l.slot_weight),
+               base + l.hidden, reinterpret_cast<float*>(base + l.out_slot)};
 }
 
 __device__ __forceinline__ float relu2(float v) {
@@ -76,67 +51,114 @@ __device__ __forceinline__ float relu2(float v) {
   return r * r;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Route: counts, prefix sum, active list, slot lists. One CTA (T*k is at most a few tens of thousands).
+// cp.async.wait_group takes an immediate: the ring depth is a runtime value of the plan.
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    default: cp_async_wait<4>(); break;  // kMaxStages - 2
+  }
+}
 
-__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeParams p, Ws w) {
-  extern __shared__ int32_t s_cnt[];  // [E]
+// ---------------------------------------------------------------------------------------------------
+// Route in its own launch (one CTA): counts and scan into the workspace, then slot positions by atomics.
+
+__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeParams p, MoeWs w) {
+  extern __shared__ int32_t s_route[];  // [E] counts, then fill cursors; [kMoeScanScratch]
   const int64_t E = p.experts, k = p.topk, n = p.tokens * p.topk;
-  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) s_cnt[e] = 0;
-  if (threadIdx.x == 0) *w.err = 0;
-  __syncthreads();
-  auto id_at = [&](int64_t i) -> int64_t {
-    return p.ids_int64 ? static_cast<const int64_t*>(p.expert_ids)[i] : static_cast<const int32_t*>(p.expert_ids)[i];
-  };
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t e = id_at(i);
-    if (e < 0 || e >= E) atomicOr(w.err, kMoeErrBadId);
-    else atomicAdd(&s_cnt[e], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t off = 0, na = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      const int32_t c = s_cnt[e];
-      w.counts[e] = c;
-      w.offsets[e] = off;
-      if (c > 0) w.active[na++] = int32_t(e);
-      s_cnt[e] = off;  // becomes the fill cursor
-      off += c;
-    }
-    w.offsets[E] = off;
-    *w.n_active = na;
+  int32_t* cnt = s_route;
+  moe_route_count(p, n, cnt, w.err);
+  moe_route_scan(cnt, E, w.offsets, w.active, w.n_active, cnt + E);
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    w.counts[e] = cnt[e];
+    cnt[e] = w.offsets[e];  // the fill cursor
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t e = id_at(i);
+    const int64_t e = moe_id_at(p, i);
     if (e < 0 || e >= E) {
       w.slot_of[i] = -1;  // documented: an out-of-range choice contributes 0
       continue;
     }
-    const int32_t s = atomicAdd(&s_cnt[e], 1);
+    const int32_t s = atomicAdd(&cnt[e], 1);
     w.slot_token[s] = int32_t(i / k);
-    w.slot_weight[s] = p.weights_fp64 ? static_cast<const double*>(p.expert_weights)[i]
-                                      : double(static_cast<const float*>(p.expert_weights)[i]);
+    w.slot_weight[s] = moe_weight_at(p, i);
     w.slot_of[i] = s;
   }
 }
 
-// The GEMM of active expert slot a: its slots [s0, s0 + M), sizes, and weight matrix [N, K] (rows ld_w apart, in
-// storage units: elements of T when dense, bytes when quantised) with, when quantised, the expert's scales
-// (fp8: fp32 [N]; int4: 16-bit [N, ceil(K / group)]).
+// What a GEMM CTA needs from the route: the plan's tile choice, and whether the up GEMM routes for itself.
+struct MoeGemmArgs {
+  int bm, stages;      // A rows per pass, cp.async stages (mma kernel)
+  int fused_route;     // up GEMM: this CTA runs the route (moe_route.cuh) in shared memory
+  int64_t route_smem;  // byte offset of the fused route's shared memory
+};
+
+// The rows of active expert slot a: expert e, its slots [s0, s0 + M), and (up GEMM) the token of each.
+struct ExpertRows {
+  int64_t s0, M;
+  int32_t e;
+  const int32_t* tok;  // tok[m]: token of slot s0 + m
+};
+
+// false: slot a is past the active count (the CTA exits). A fused route runs here in every CTA of the up GEMM;
+// CTA (0, 0) also writes the counts, offsets, active list and slot lists the down GEMM and the combine read.
+template <bool kUp>
+__device__ __forceinline__ bool expert_rows(const MoeParams& p, const MoeWs& w, const MoeGemmArgs& ga,
+                                            unsigned char* route_smem, ExpertRows& r) {
+  const int a = blockIdx.x;
+  if (kUp && ga.fused_route) {
+    const int64_t E = p.experts, n = p.tokens * p.topk;
+    int32_t* cnt = reinterpret_cast<int32_t*>(route_smem);  // [E]
+    int32_t* off = cnt + E;                                 // [E + 1]
+    int32_t* act = off + E + 1;                             // [E]
+    int32_t* tok = act + E;                                 // [n]
+    int32_t* scratch = tok + n;                             // [kMoeScanScratch]
+    const bool first = blockIdx.x == 0 && blockIdx.y == 0;
+    moe_route_count(p, n, cnt, first ? w.err : nullptr);
+    moe_route_scan(cnt, E, off, act, &scratch[kMoeScanScratch - 1], scratch);
+    const int32_t na = scratch[kMoeScanScratch - 1];
+    const int32_t mine = a < na ? act[a] : -1;
+    if (mine < 0 && !first) return false;  // past the active count (CTA-uniform)
+    if (first) {
+      for (int64_t e = threadIdx.x; e <= E; e += blockDim.x) {
+        w.offsets[e] = off[e];
+        if (e < E) {
+          w.counts[e] = cnt[e];
+          if (e < na) w.active[e] = act[e];
+          cnt[e] = off[e];  // the fill cursor
+        }
+      }
+      if (threadIdx.x == 0) *w.n_active = na;
+      __syncthreads();
+    }
+    if (threadIdx.x < 32) moe_route_fill_ordered(p, n, mine, tok, cnt, w, first);
+    __syncthreads();
+    if (mine < 0) return false;
+    r = ExpertRows{off[mine], off[mine + 1] - off[mine], mine, tok};
+    return true;
+  }
+  if (a >= *w.n_active) return false;
+  const int32_t e = w.active[a];
+  r = ExpertRows{w.offsets[e], w.counts[e], e, w.slot_token + w.offsets[e]};
+  return true;
+}
+
+// The weights of expert e for one GEMM: matrix [N, K] (rows ld_w apart, in storage units: elements of T when dense,
+// bytes when quantised) and, when quantised, its scales (fp8: fp32 [N]; int4: 16-bit [N, ceil(K / group)]).
 template <typename T, MoeWeightFormat F>
 using WeightT = std::conditional_t<F == MoeWeightFormat::kDense, T, uint8_t>;
 
 template <typename T, MoeWeightFormat F>
 struct GroupGemm {
-  int64_t s0, M, K, N, ld_w;
+  int64_t K, N, ld_w;
   const WeightT<T, F>* W;
   const void* scale;
 };
 template <typename T, MoeWeightFormat F, bool kUp>
-__device__ __forceinline__ GroupGemm<T, F> group_gemm(const MoeParams& p, const Ws& w, int a) {
-  const int64_t e = w.active[a];
+__device__ __forceinline__ GroupGemm<T, F> group_gemm(const MoeParams& p, int64_t e) {
   const int64_t K = kUp ? p.hidden : p.inter, N = kUp ? p.inter : p.hidden;
   const int64_t ld_w = kUp ? p.up_stride_n : p.down_stride_n;
   const auto* W =
@@ -147,18 +169,18 @@ __device__ __forceinline__ GroupGemm<T, F> group_gemm(const MoeParams& p, const 
   } else if constexpr (F == MoeWeightFormat::kInt4) {
     scale = static_cast<const uint16_t*>(kUp ? p.up_scale : p.down_scale) + e * N * ((K + p.group - 1) / p.group);
   }
-  return {w.offsets[e], w.counts[e], K, N, ld_w, W, scale};
+  return {K, N, ld_w, W, scale};
 }
 
-// Where row m of an expert's A operand lives: up: x[slot_token[s0 + m]]; down: hidden[s0 + m].
+// Where row m of an expert's A operand lives: up: x[tok[m]]; down: hidden[s0 + m].
 template <typename T, bool kUp>
-__device__ __forceinline__ const T* a_row(const MoeParams& p, const Ws& w, int64_t s0, int64_t m) {
-  if (kUp) return static_cast<const T*>(p.x) + int64_t(w.slot_token[s0 + m]) * p.x_stride;
-  return static_cast<const T*>(w.hidden) + (s0 + m) * p.inter;
+__device__ __forceinline__ const T* a_row(const MoeParams& p, const MoeWs& w, const ExpertRows& ex, int64_t m) {
+  if (kUp) return static_cast<const T*>(p.x) + int64_t(ex.tok[m]) * p.x_stride;
+  return static_cast<const T*>(w.hidden) + (ex.s0 + m) * p.inter;
 }
 
 template <typename T, bool kUp>
-__device__ __forceinline__ void epilogue(const MoeParams& p, const Ws& w, int64_t slot, int64_t n, float v) {
+__device__ __forceinline__ void epilogue(const MoeParams& p, const MoeWs& w, int64_t slot, int64_t n, float v) {
   if (kUp) static_cast<T*>(w.hidden)[slot * p.inter + n] = from_float<T>(relu2(v));
   else w.out_slot[slot * p.hidden + n] = v;
 }
@@ -169,31 +191,53 @@ __device__ __forceinline__ void cp_async_16_first(uint32_t dst, const void* src,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 
+// kSteps k16 steps of this warp's 16 weight rows (B rows [16 warp, 16 warp + 16) of Bt) with the mt m16 tiles of A
+// (A columns from a_col on).
+template <typename T, int kSteps>
+__device__ __forceinline__ void mma_steps(float (&acc)[4][2][4], const T* At, int a_pitch, int a_col, const T* Bt,
+                                          int b_pitch, int mt, int warp, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    uint32_t b[4];  // two n8 tiles of this warp's 16 columns: (k lo, k hi) each
+    ldmatrix_x4(b, smem_addr(Bt + (warp * 16 + (lane / 16) * 8 + lane % 8) * b_pitch + kk * 16 + ((lane / 8) % 2) * 8));
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+      if (mi >= mt) break;
+      uint32_t af[4];
+      ldmatrix_x4(af, smem_addr(At + (mi * 16 + lane % 16) * a_pitch + a_col + kk * 16 + (lane / 16) * 8));
+      mma_16816<T>(acc[mi][0], af, b[0], b[1]);
+      mma_16816<T>(acc[mi][1], af, b[2], b[3]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core grouped GEMM (bf16 / fp16). Quantised (F != kDense, S the int4 scale type): the weight tile goes
-// through the stages raw (Bq) and is dequantised once per k tile into the single tile Bs; warp w writes and
-// reads only Bs rows [16 w, 16 w + 16), so a __syncwarp orders the two, and the __syncthreads at the top of the
-// next k step orders this step's ldmatrix reads before the next dequantisation overwrites them.
+// through the stages raw (Bq) and is dequantised 64 k at a time into the single tile Bs; warp w writes and reads
+// only Bs rows [16 w, 16 w + 16), so __syncwarp orders the two (and the next 64 k after the mma reads), and the
+// __syncthreads at the top of the next k step orders this step's reads of the stage before it is refilled.
 
 template <typename T, MoeWeightFormat F, typename S, bool kUp>
-__global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws w) {
+__global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, MoeWs w, MoeGemmArgs ga) {
   constexpr bool kQuant = F != MoeWeightFormat::kDense;
-  constexpr int kRaw = moe_cuda::raw_row_bytes(F);  // bytes of a raw weight row per k tile (quantised)
-  const int a = blockIdx.x;
-  if (a >= *w.n_active) return;
-  const auto g = group_gemm<T, F, kUp>(p, w, a);
-  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
+  constexpr int kBK = moe_cuda::k_tile(F), kPitch = moe_cuda::pitch(F);
+  constexpr int kRaw = moe_cuda::kTileRowBytes, kDq = moe_cuda::kDequantK, kDqPitch = kDq + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  ExpertRows ex;
+  if (!expert_rows<kUp>(p, w, ga, smem + ga.route_smem, ex)) return;
+  const auto g = group_gemm<T, F, kUp>(p, ex.e);
+  const int64_t M = ex.M, K = g.K, N = g.N, ld_w = g.ld_w;
+  const int bm = ga.bm, stages = ga.stages;
   const int64_t n0 = int64_t(blockIdx.y) * kBN;
   const auto* W = g.W + n0 * ld_w;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);                                   // [kStages][kBM][kPitch]
-  T* Bs = As + kStages * kBM * kPitch;                                  // [kStages or 1 (quantised)][kBN][kPitch]
-  uint8_t* Bq = reinterpret_cast<uint8_t*>(Bs + kBN * kPitch);          // quantised: [kStages][kBN][kRaw]
-  uint16_t* Sc = reinterpret_cast<uint16_t*>(Bq + kStages * kBN * kRaw);  // int4: [kBN][sp]
+  T* As = reinterpret_cast<T*>(smem);                                   // [stages][bm][kPitch]
+  T* Bs = As + stages * bm * kPitch;  // dense: [stages][kBN][kPitch]; quantised: one dequantised [kBN][kDqPitch]
+  uint8_t* Bq = reinterpret_cast<uint8_t*>(Bs + kBN * kDqPitch);          // quantised: [stages][kBN][kRaw]
+  uint16_t* Sc = reinterpret_cast<uint16_t*>(Bq + stages * kBN * kRaw);  // int4: [kBN][sp]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t nk = (K + kBK - 1) / kBK;
 
-  // Quantised: this lane dequantises rows warp * 16 + lane / 8 + 4 i (i < 4), k [kq, kq + 8) of every tile.
+  // Quantised: this lane dequantises rows warp * 16 + lane / 8 + 4 i (i < 4), k [kq, kq + 8) of every 64 k.
   const int kq = 8 * (lane % 8);
   float scale256[4] = {};  // fp8: the rows' scales times 2^8 (see moe_dequant.cuh)
   int group = 1, sp = 0;  // int4: group size, scale row pitch in Sc
@@ -218,16 +262,16 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
   }
   const int64_t row_bytes = F == MoeWeightFormat::kFp8 ? K : (K + 1) / 2;  // quantised: stored bytes of a row
 
-  for (int64_t m0 = 0; m0 < M; m0 += kBM) {
-    const int64_t rows = M - m0 < kBM ? M - m0 : kBM;
+  for (int64_t m0 = 0; m0 < M; m0 += bm) {
+    const int64_t rows = M - m0 < bm ? M - m0 : bm;
     const int mt = int((rows + 15) / 16);  // m16 tiles in use (warp-uniform)
     auto load = [&](int64_t kt, int st) {
       const int64_t k0 = kt * kBK;
       for (int c = tid; c < mt * 16 * (kBK / 8); c += kThreads) {  // A: 16-byte chunks of the rows in use
         const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
         const bool ok = r < rows && k0 + kc < K;
-        const T* src = ok ? a_row<T, kUp>(p, w, s0, m0 + r) + k0 + kc : static_cast<const T*>(p.x);
-        cp_async_16(smem_addr(As + (st * kBM + r) * kPitch + kc), src, ok);
+        const T* src = ok ? a_row<T, kUp>(p, w, ex, m0 + r) + k0 + kc : static_cast<const T*>(p.x);
+        cp_async_16(smem_addr(As + (st * bm + r) * kPitch + kc), src, ok);
       }
       if constexpr (!kQuant) {
         for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {  // B: the weight tile
@@ -247,54 +291,46 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
       }
     };
     float acc[4][2][4] = {};
-#pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) {
+    for (int st = 0; st < stages - 1; ++st) {
       if (st < nk) load(st, st);
       cp_async_commit();
     }
     for (int64_t kt = 0; kt < nk; ++kt) {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait_pending(stages - 2);
       __syncthreads();
-      if (kt + kStages - 1 < nk) load(kt + kStages - 1, int((kt + kStages - 1) % kStages));
+      if (kt + stages - 1 < nk) load(kt + stages - 1, int((kt + stages - 1) % stages));
       cp_async_commit();
-      const int st = int(kt % kStages);
-      const T* Bt = Bs + st * kBN * kPitch;
-      if constexpr (kQuant) {
-        // K is a multiple of 8 here (moe_cuda_path), so a chunk of 8 k is all inside K or all past it (zeros:
-        // a NaN scale must not reach the zero-filled columns of A past K).
-        const int64_t k = kt * kBK + kq;
+      const int st = int(kt % stages);
+      const T* At = As + st * bm * kPitch;
+      if constexpr (!kQuant) {
+        mma_steps<T, kBK / 16>(acc, At, kPitch, 0, Bs + st * kBN * kPitch, kPitch, mt, warp, lane);
+      } else {
         const uint8_t* raw = Bq + st * kBN * kRaw;
-        // int4: the chunk's one group (group % 8 == 0) in the staged scales of the lane's first row
-        const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(uint32_t(k) / uint32_t(group)) : 0;
-        const uint16_t* sc = Sc + (warp * 16 + lane / 8) * sp + gi;
+#pragma unroll 1
+        for (int sub = 0; sub < kBK / kDq; ++sub) {
+          // K is a multiple of 8 here (moe_cuda_path), so a chunk of 8 k is all inside K or all past it (zeros:
+          // a NaN scale must not reach the zero-filled columns of A past K).
+          const int kin = sub * kDq + kq;  // k within the tile
+          const int64_t k = kt * kBK + kin;
+          // int4: the chunk's one group (group % 8 == 0) in the staged scales of the lane's first row
+          const int gi = F == MoeWeightFormat::kInt4 && k < K ? int(uint32_t(k) / uint32_t(group)) : 0;
+          const uint16_t* sc = Sc + (warp * 16 + lane / 8) * sp + gi;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = warp * 16 + lane / 8 + 4 * i;
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (k < K) {
-            if constexpr (F == MoeWeightFormat::kFp8)
-              v = dequant_fp8x8<T>(*reinterpret_cast<const uint2*>(raw + r * kRaw + kq), scale256[i]);
-            else
-              v = dequant_int4x8<T, S>(*reinterpret_cast<const uint32_t*>(raw + r * kRaw + kq / 2),
-                                       sc[4 * i * sp]);
+          for (int i = 0; i < 4; ++i) {
+            const int r = warp * 16 + lane / 8 + 4 * i;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (k < K) {
+              if constexpr (F == MoeWeightFormat::kFp8)
+                v = dequant_fp8x8<T>(*reinterpret_cast<const uint2*>(raw + r * kRaw + kin), scale256[i]);
+              else
+                v = dequant_int4x8<T, S>(*reinterpret_cast<const uint32_t*>(raw + r * kRaw + kin / 2),
+                                         sc[4 * i * sp]);
+            }
+            *reinterpret_cast<uint4*>(Bs + r * kDqPitch + kq) = v;
           }
-          *reinterpret_cast<uint4*>(Bs + r * kPitch + kq) = v;
-        }
-        __syncwarp();
-        Bt = Bs;
-      }
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        uint32_t b[4];  // two n8 tiles of this warp's 16 columns: (k lo, k hi) each
-        ldmatrix_x4(b, smem_addr(Bt + (warp * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
-                                 ((lane / 8) % 2) * 8));
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-          if (mi >= mt) break;
-          uint32_t af[4];
-          ldmatrix_x4(af, smem_addr(As + (st * kBM + mi * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8));
-          mma_16816<T>(acc[mi][0], af, b[0], b[1]);
-          mma_16816<T>(acc[mi][1], af, b[2], b[3]);
+          __syncwarp();
+          mma_steps<T, kDq / 16>(acc, At, kPitch, sub * kDq, Bs, kDqPitch, mt, warp, lane);
+          __syncwarp();  // the next 64 k overwrite this warp's rows of Bs
         }
       }
     }
@@ -308,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_mma_kernel(MoeParams p, Ws 
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int64_t row = mi * 16 + lane / 4 + 8 * (q >> 1), col = n0 + warp * 16 + j * 8 + 2 * (lane % 4) + (q & 1);
-          if (row < rows && col < N) epilogue<T, kUp>(p, w, s0 + m0 + row, col, acc[mi][j][q]);
+          if (row < rows && col < N) epilogue<T, kUp>(p, w, ex.s0 + m0 + row, col, acc[mi][j][q]);
         }
     }
   }
@@ -336,11 +372,12 @@ __device__ __forceinline__ float simt_weight(const MoeParams& p, const WeightT<T
 }
 
 template <typename T, MoeWeightFormat F, bool kUp>
-__global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws w) {
-  const int a = blockIdx.x;
-  if (a >= *w.n_active) return;
-  const auto g = group_gemm<T, F, kUp>(p, w, a);
-  const int64_t s0 = g.s0, M = g.M, K = g.K, N = g.N, ld_w = g.ld_w;
+__global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, MoeWs w, MoeGemmArgs ga) {
+  extern __shared__ __align__(16) unsigned char smem[];  // the fused route's, if any
+  ExpertRows ex;
+  if (!expert_rows<kUp>(p, w, ga, smem + ga.route_smem, ex)) return;
+  const auto g = group_gemm<T, F, kUp>(p, ex.e);
+  const int64_t M = ex.M, K = g.K, N = g.N, ld_w = g.ld_w;
   const auto* W = g.W;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_end = int64_t(blockIdx.y) * kBN + kBN < N ? int64_t(blockIdx.y) * kBN + kBN : N;
@@ -355,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws
       float acc[8] = {};
       const T* ar[8];
 #pragma unroll
-      for (int r = 0; r < 8; ++r) ar[r] = m0 + r < M ? a_row<T, kUp>(p, w, s0, m0 + r) : nullptr;
+      for (int r = 0; r < 8; ++r) ar[r] = m0 + r < M ? a_row<T, kUp>(p, w, ex, m0 + r) : nullptr;
       for (int64_t k = lane; k < K; k += 32) {
         const float wv = simt_weight<T, F>(p, wr, row_scale, row_groups, k);
 #pragma unroll
@@ -366,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws
       for (int r = 0; r < 8; ++r) {
 #pragma unroll
         for (int o = 16; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-        if (lane == 0 && ar[r] != nullptr) epilogue<T, kUp>(p, w, s0 + m0 + r, n, acc[r]);
+        if (lane == 0 && ar[r] != nullptr) epilogue<T, kUp>(p, w, ex.s0 + m0 + r, n, acc[r]);
       }
     }
   }
@@ -376,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_simt_kernel(MoeParams p, Ws
 // Combine: y[t, n] = sum_j weight(t, j) * out_slot[slot(t, j), n], fp64 in j order; skipped choices add 0.
 
 template <typename T>
-__global__ void moe_combine_kernel(MoeParams p, Ws w) {
+__global__ void moe_combine_kernel(MoeParams p, MoeWs w) {
   const int64_t t = blockIdx.x, k = p.topk;
   T* y = static_cast<T*>(p.y) + t * p.y_stride;
   for (int64_t n = threadIdx.x; n < p.hidden; n += blockDim.x) {
@@ -389,73 +426,98 @@ __global__ void moe_combine_kernel(MoeParams p, Ws w) {
   }
 }
 
-// Both GEMMs of one weight format (S: int4's scale type; unused otherwise) on the path moe_cuda_path chose.
+// Both GEMMs of one weight format (S: int4's scale type; unused otherwise) on the plan's path; the up GEMM carries
+// the fused route's shared memory when the plan fuses it.
 template <typename T, MoeWeightFormat F, typename S>
-Status launch_gemms(const MoeParams& p, const Ws& w, cudaStream_t s, dim3 up_grid, dim3 down_grid) {
+Status launch_gemms(const MoeParams& p, const MoeWs& w, const MoeCudaPlan& pl, cudaStream_t s, dim3 up_grid,
+                    dim3 down_grid) {
+  const int fused = pl.fused_route ? 1 : 0;
   if constexpr (!std::is_same_v<T, float>) {
-    if (moe_cuda_path(p) == MoeCudaPath::kMma) {
-      const int64_t smem = moe_cuda::mma_smem_bytes(F, moe_int4_groups(p));
-      if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, true>>(smem) != cudaSuccess ||
-          ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, false>>(smem) != cudaSuccess)
+    if (pl.path == MoeCudaPath::kMma) {
+      const MoeGemmArgs up{pl.bm, pl.stages, fused, pl.gemm_smem}, down{pl.bm, pl.stages, 0, pl.gemm_smem};
+      const int64_t up_smem = pl.gemm_smem + (fused ? pl.route_smem : 0);
+      if (ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, true>>(up_smem) != cudaSuccess ||
+          ba_ensure_dynamic_smem<moe_gemm_mma_kernel<T, F, S, false>>(pl.gemm_smem) != cudaSuccess)
         return Status::kLaunchFailed;
-      moe_gemm_mma_kernel<T, F, S, true><<<up_grid, kThreads, smem, s>>>(p, w);
-      moe_gemm_mma_kernel<T, F, S, false><<<down_grid, kThreads, smem, s>>>(p, w);
+      moe_gemm_mma_kernel<T, F, S, true><<<up_grid, kThreads, up_smem, s>>>(p, w, up);
+      moe_gemm_mma_kernel<T, F, S, false><<<down_grid, kThreads, pl.gemm_smem, s>>>(p, w, down);
       return Status::kOk;
     }
   }
-  moe_gemm_simt_kernel<T, F, true><<<up_grid, kThreads, 0, s>>>(p, w);
-  moe_gemm_simt_kernel<T, F, false><<<down_grid, kThreads, 0, s>>>(p, w);
+  const MoeGemmArgs up{0, 0, fused, 0}, down{0, 0, 0, 0};
+  const int64_t up_smem = fused ? pl.route_smem : 0;
+  if (ba_ensure_dynamic_smem<moe_gemm_simt_kernel<T, F, true>>(up_smem) != cudaSuccess) return Status::kLaunchFailed;
+  moe_gemm_simt_kernel<T, F, true><<<up_grid, kThreads, up_smem, s>>>(p, w, up);
+  moe_gemm_simt_kernel<T, F, false><<<down_grid, kThreads, 0, s>>>(p, w, down);
   return Status::kOk;
 }
 
+// One chunk of tokens: route (unless fused), up, down, combine.
 template <typename T>
-Status launch(const MoeParams& p, const Ws& w, cudaStream_t s) {
+Status launch_chunk(const MoeParams& p, const MoeWs& w, const MoeCudaPlan& pl, cudaStream_t s) {
   const int64_t n = p.tokens * p.topk;
   const unsigned slots = unsigned(p.experts < n ? p.experts : n);
   if (slots > 0) {
+    if (!pl.fused_route) {
+      const int64_t smem = (p.experts + kMoeScanScratch) * 4;
+      if (ba_ensure_dynamic_smem<moe_route_kernel>(smem) != cudaSuccess) return Status::kLaunchFailed;
+      moe_route_kernel<<<1, kRouteThreads, smem, s>>>(p, w);
+    }
     const dim3 up_grid(slots, unsigned((p.inter + kBN - 1) / kBN)), down_grid(slots, unsigned((p.hidden + kBN - 1) / kBN));
     using F = MoeWeightFormat;
     Status st = Status::kOk;
     switch (p.format) {
-      case F::kDense: st = launch_gemms<T, F::kDense, T>(p, w, s, up_grid, down_grid); break;
-      case F::kFp8: st = launch_gemms<T, F::kFp8, float>(p, w, s, up_grid, down_grid); break;
+      case F::kDense: st = launch_gemms<T, F::kDense, T>(p, w, pl, s, up_grid, down_grid); break;
+      case F::kFp8: st = launch_gemms<T, F::kFp8, float>(p, w, pl, s, up_grid, down_grid); break;
       case F::kInt4:
-        st = p.scale_dtype == DType::kBFloat16 ? launch_gemms<T, F::kInt4, __nv_bfloat16>(p, w, s, up_grid, down_grid)
-                                               : launch_gemms<T, F::kInt4, __half>(p, w, s, up_grid, down_grid);
+        st = p.scale_dtype == DType::kBFloat16
+                 ? launch_gemms<T, F::kInt4, __nv_bfloat16>(p, w, pl, s, up_grid, down_grid)
+                 : launch_gemms<T, F::kInt4, __half>(p, w, pl, s, up_grid, down_grid);
         break;
     }
     if (st != Status::kOk) return st;
   }
+  // k = 0 (no slots): the combine reads no route data and writes zeros.
   moe_combine_kernel<T><<<unsigned(p.tokens), 256, 0, s>>>(p, w);
   return Status::kOk;
 }
 
 }  // namespace
 
-int64_t moe_cuda_workspace_bytes(const MoeParams& p) { return layout(p, nullptr, nullptr, nullptr); }
-
-int64_t moe_cuda_error_offset(const MoeParams& p) {
-  int64_t off = 0;
-  layout(p, nullptr, nullptr, &off);
-  return off;
+int64_t moe_cuda_workspace_bytes(const MoeParams& p) {
+  return moe_cuda_workspace(p, moe_cuda_chunk_tokens(p)).total;
 }
+
+int64_t moe_cuda_error_offset(const MoeParams& p) { return moe_cuda_workspace(p, moe_cuda_chunk_tokens(p)).err; }
 
 Status moe_experts_cuda(const MoeParams& p, void* workspace, void* stream) {
   if (p.tokens == 0) return Status::kOk;
   if (p.experts > kMoeCudaMaxExperts || p.tokens > INT32_MAX) return Status::kUnsupportedShape;
-  if (moe_cuda_path(p) == MoeCudaPath::kUnsupported) return Status::kUnsupportedDType;  // a scale dtype
-  Ws w;
-  layout(p, static_cast<char*>(workspace), &w, nullptr);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return Status::kLaunchFailed;
+  const MoeCudaPlan pl = moe_cuda_plan(p, block_attention_cuda_device(device));
+  if (pl.path == MoeCudaPath::kUnsupported) return Status::kUnsupportedDType;  // a scale dtype
+  const MoeWs w = ws_at(static_cast<char*>(workspace), moe_cuda_workspace(p, pl.chunk_tokens));
   auto s = static_cast<cudaStream_t>(stream);
-  moe_route_kernel<<<1, kRouteThreads, unsigned(p.experts * 4), s>>>(p, w);
-  Status st = Status::kOk;
-  switch (p.dtype) {
-    case DType::kFloat32: st = launch<float>(p, w, s); break;
-    case DType::kBFloat16: st = launch<__nv_bfloat16>(p, w, s); break;
-    case DType::kFloat16: st = launch<__half>(p, w, s); break;
-    default: return Status::kUnsupportedDType;
+  // The error word collects every chunk's bad ids (the route only ORs into it).
+  if (cudaMemsetAsync(w.err, 0, 4, s) != cudaSuccess) return Status::kLaunchFailed;
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2, ids_es = p.ids_int64 ? 8 : 4, w_es = p.weights_fp64 ? 8 : 4;
+  for (int64_t t0 = 0; t0 < p.tokens; t0 += pl.chunk_tokens) {
+    MoeParams c = p;
+    c.tokens = p.tokens - t0 < pl.chunk_tokens ? p.tokens - t0 : pl.chunk_tokens;
+    c.x = static_cast<const char*>(p.x) + t0 * p.x_stride * es;
+    c.y = static_cast<char*>(p.y) + t0 * p.y_stride * es;
+    c.expert_ids = static_cast<const char*>(p.expert_ids) + t0 * p.topk * ids_es;
+    c.expert_weights = static_cast<const char*>(p.expert_weights) + t0 * p.topk * w_es;
+    Status st = Status::kOk;
+    switch (p.dtype) {
+      case DType::kFloat32: st = launch_chunk<float>(c, w, pl, s); break;
+      case DType::kBFloat16: st = launch_chunk<__nv_bfloat16>(c, w, pl, s); break;
+      case DType::kFloat16: st = launch_chunk<__half>(c, w, pl, s); break;
+      default: return Status::kUnsupportedDType;
+    }
+    if (st != Status::kOk) return st;
   }
-  if (st != Status::kOk) return st;
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kLaunchFailed;
 }
 

@@ -26,7 +26,7 @@ from . import ops, reference  # noqa: E402  (ops need the library loaded)
 from .ops import block_attention, mamba_block_scan, merge_states, threshold_unmask  # noqa: E402
 
 from .api import TwoTowerLM, load  # noqa: E402
-from .engine import GenerationResult  # noqa: E402
+from .runtime import GenerationResult  # noqa: E402
 from .hf import patch  # noqa: E402
 
 __version__ = "0.1.0"

@@ -6,7 +6,8 @@ import threading
 
 import torch
 
-from .engine import Engine, GenerateArgs, GenerationResult
+from .runtime import DecodeParams, GenerationResult, Generator
+from .runtime.prefix_store import budget_bytes
 from .threads import recommended_threads, using_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -65,11 +66,12 @@ def load_tokenizer(path: str):
 class TwoTowerLM:
     """A loaded two-tower model with its decode engine and (when the checkpoint has one) tokenizer."""
 
-    def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None):
+    def __init__(self, model, tokenizer=None, path: str | None = None, threads: int | None = None,
+                 prefix_cache_gb: float = 0.0):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.threads = threads   # torch threads during generate (None: torch's setting); see threads.py
-        self.engine = Engine(model)
-        self._lock = threading.Lock()   # one generate at a time: the engine's pooled cache and graphs are shared
+        self.generator = Generator(model, tokenizer, budget_bytes(prefix_cache_gb, "prefix_cache_gb"))
+        self._lock = threading.Lock()   # one generate at a time: the generator's pooled core is shared
 
     @property
     def config(self):
@@ -85,18 +87,29 @@ class TwoTowerLM:
             raise ValueError("this checkpoint has no tokenizer.json (or `tokenizers` is not installed)")
         return self.tokenizer.decode(ids)
 
-    def generate(self, input_ids, mode: str = "diffusion", max_new_tokens: int = GenerateArgs.max_new_tokens,
-                 block_size: int = 16,
-                 steps_per_block: int = 16, threshold: float = 0.8, temperature: float = 0.0, seed: int = 0,
-                 eos_token_id: int | None = 2, reference_compat: bool = False, *, mask_token_id: int = 3,
-                 cuda_graphs: bool = True, device_loop: bool = False, callback=None) -> GenerationResult:
+    def generate(self, input_ids, mode="diffusion", max_new_tokens=DecodeParams.max_new_tokens,
+                 block_size=DecodeParams.block_size, steps_per_block=DecodeParams.steps_per_block,
+                 threshold=DecodeParams.threshold, temperature=DecodeParams.temperature, seed=DecodeParams.seed,
+                 eos_token_id=DecodeParams.eos_token_id, reference_compat: bool = False, *,
+                 mask_token_id=DecodeParams.mask_token_id, logprobs=DecodeParams.logprobs,
+                 stop_token_ids=DecodeParams.stop_token_ids, stop=DecodeParams.stop, n: int = 1, cuda_graphs: bool = True,
+                 device_loop: bool = False, callback=None) -> GenerationResult:
         """Generate continuations of `input_ids` (a list of ints, a list of lists for ragged prompts, a
         LongTensor [B, L], or text / a list of texts when the checkpoint has a tokenizer).
 
-        mode: "diffusion" (block mask diffusion), "mock_ar" or "ar". threshold: the confidence gamma.
-        reference_compat=True reproduces NVIDIA's reference semantics exactly (docs/semantics.md).
-        callback(event: dict) is called after every committed block (diffusion) or token (AR modes) with
-        the tokens so far, for streaming. cuda_graphs / device_loop: see twotower_ext.graphs.
+        Every decode parameter (mode, max_new_tokens, block_size, steps_per_block, threshold, temperature,
+        seed, eos_token_id, mask_token_id, logprobs, stop_token_ids) is one value for every row or a list with
+        one value per prompt; each row's result is the one it gets alone. logprobs=k (0-20): each generated
+        token's log-probability under the pass that committed it and its k likeliest alternatives
+        (result.logprobs / top_logprobs); stop_token_ids: ids that end a row like EOS; stop: strings that end it
+        (its text, result.texts, is cut before the first; needs the tokenizer); n: samples per prompt
+        (rows i*n .. i*n+n-1 of the result; sample j > 0 seeded with runtime.params.derive_seed(seed, j)). mode: "diffusion"
+        (block mask diffusion), "mock_ar" or
+        "ar". threshold: the confidence gamma. reference_compat=True reproduces NVIDIA's reference semantics
+        exactly (docs/semantics.md). callback(event: dict) is called with every committed block (diffusion)
+        or token (AR modes) of a row: {"row", "block" | "token_index", "tokens", "sequences"}.
+        cuda_graphs: capture the passes in CUDA graphs (on CUDA); device_loop: a whole block per graph
+        (twotower_ext.runtime.runner).
 
         Thread-safe: concurrent calls on one TwoTowerLM run one after another (a lock serialises them);
         for concurrent requests batched together use `twotower_ext.serve.Scheduler`."""
@@ -105,15 +118,16 @@ class TwoTowerLM:
             texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
             input_ids = [self.encode(t) for t in texts]
         with self._lock, using_threads(self.threads):
-            return self.engine.generate(
-                input_ids, callback=callback, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
+            return self.generator.generate(
+                input_ids, callback=callback, reference_compat=reference_compat, cuda_graphs=cuda_graphs, n=n,
+                device_loop=device_loop, mode=mode, max_new_tokens=max_new_tokens, block_size=block_size,
                 steps_per_block=steps_per_block, threshold=threshold, temperature=temperature, seed=seed,
-                eos_token_id=eos_token_id, mask_token_id=mask_token_id, reference_compat=reference_compat,
-                cuda_graphs=cuda_graphs, device_loop=device_loop)
+                eos_token_id=eos_token_id, mask_token_id=mask_token_id, logprobs=logprobs,
+                stop_token_ids=stop_token_ids, stop=stop)
 
 
 def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int | None = None,
-         experts: str | None = None) -> TwoTowerLM:
+         experts: str | None = None, prefix_cache_gb: float = 0.0) -> TwoTowerLM:
     """Load an NVIDIA-format two-tower checkpoint directory (config.json + safetensors, single or
     sharded; tokenizer.json optional); `twotower_ext.default_model_path()` is the small model shipped with
     the package. dtype None: `default_dtype(device)` (fp32 on the CPU, bf16 on CUDA). `denoiser_device`
@@ -126,7 +140,12 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
     which on the CPU is fp32 unless asked otherwise), "fp8" (e4m3, one fp32 scale per output channel) or
     "int4" (symmetric, groups of 128 inputs, a bf16 scale per group); quantised while streaming the
     checkpoint, so host memory peaks near the quantised size. Everything else stays in `dtype`. Formats:
-    twotower_ext.quant; memory per choice: `twotower info`."""
+    twotower_ext.quant; memory per choice: `twotower info`.
+
+    prefix_cache_gb: GiB of the context tower's device for a prefix cache `generate` keeps across calls
+    (0, the default: none): a prompt that starts like an earlier one (a system prompt, a document asked
+    several questions, a growing conversation) prefills only the rest; outputs are the same with and without
+    it (docs/semantics.md, "Prefix cache")."""
     from .models import TwoTowerModel
     from .models.weights import expert_format
 
@@ -140,8 +159,9 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
         raise FileNotFoundError(f"load: {path!r} is not a checkpoint directory (no config.json)")
     path = os.fspath(path)
     experts = expert_format(experts, "load: experts")   # before reading anything
+    budget_bytes(prefix_cache_gb, "load: prefix_cache_gb")
     model = TwoTowerModel.from_pretrained(path, dtype=_dtype(dtype, dev), device=device,
                                           denoiser_device=denoiser_device, experts=experts)
     if threads is None:
         threads = recommended_threads(model.config, dev)
-    return TwoTowerLM(model, load_tokenizer(path), path, threads or None)
+    return TwoTowerLM(model, load_tokenizer(path), path, threads or None, prefix_cache_gb)

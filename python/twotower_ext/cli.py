@@ -5,7 +5,7 @@
   twotower serve [--model DIR] [--host 127.0.0.1 --port 8000 --max-batch 16 --max-queue 64]
 
 Without --model both use the small model shipped with the package (twotower_ext.default_model_path()).
-The generate defaults are the API's (TwoTowerLM.generate / engine.GenerateArgs); run `twotower generate
+The generate defaults are the API's (runtime.DecodeParams); run `twotower generate
 --help` for each option. A bad argument prints one line `twotower: ...` and exits 2; Ctrl-C prints
 `twotower: interrupted` and exits 130; a closed output pipe (`| head`) prints one line and exits 141.
 
@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"twotower: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_at_least(lo: int, hi: int | None = None, shown: str | None = None):
+def int_at_least(lo: int, hi: int | None = None, shown: str | None = None):
     def parse(s: str) -> int:
         try:
             v = int(s)
@@ -85,7 +85,7 @@ def add_experts_argument(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------- generate
 def _generate_args(g: argparse.ArgumentParser) -> None:
-    from .engine import MODES, GenerateArgs as D
+    from .runtime import MODES, DecodeParams as D
 
     g.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the small model shipped with "
                    "the package, twotower_ext.default_model_path())")
@@ -103,14 +103,14 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
                    "last one commits what is left (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=D.temperature, help="0: greedy; > 0: Gumbel-max sampling, "
                    "reproducible per seed (the random key: docs/semantics.md) (default: %(default)s)")
-    g.add_argument("--seed", type=_int_at_least(-2**63, 2**63, "a 64-bit integer, in [-2**63, 2**63)"), default=D.seed, help="sampling seed, a 64-bit "
+    g.add_argument("--seed", type=int_at_least(-2**63, 2**63, "a 64-bit integer, in [-2**63, 2**63)"), default=D.seed, help="sampling seed, a 64-bit "
                    "integer (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="tokens to generate at most; "
                    "a partial last block is allowed (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights and activations; "
                    "auto: fp32 on the CPU, bf16 on CUDA, as the API's load (default: %(default)s)")
-    g.add_argument("--threads", type=_int_at_least(0), default=0, help="CPU threads; 0: the API's per-model-size "
+    g.add_argument("--threads", type=int_at_least(0), default=0, help="CPU threads; 0: the API's per-model-size "
                    "choice (twotower_ext.threads; 1 for small models) (default: %(default)s)")
     add_experts_argument(g)
     g.add_argument("--reference-compat", action="store_true", help="reproduce NVIDIA's reference decode exactly "
@@ -122,10 +122,12 @@ def _cmd_generate(a) -> int:
     import torch
 
     from .api import check_device, load
+    from .detokenize import TextStream
+    from .threads import cap_threads
 
     check_device(a.device, "--device")
     lm = load(_model_path(a), device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-              threads=a.threads or None, experts=a.experts)
+              threads=cap_threads(a.threads) if a.threads else None, experts=a.experts)
     if a.prompt_ids is not None:
         prompt, vocab = a.prompt_ids, lm.config.vocab_size
         if max(prompt) >= vocab:
@@ -138,6 +140,7 @@ def _cmd_generate(a) -> int:
         prompt, as_text = lm.encode(a.prompt), True
     shown = [-1]   # generated tokens printed so far; -1: not even the prompt (an argument error prints nothing)
     out = sys.stdout
+    text = TextStream(lm.tokenizer) if as_text else None   # a character split across blocks prints whole
 
     def stream(ev):   # print what was committed since the last event
         if shown[0] < 0:
@@ -146,12 +149,14 @@ def _cmd_generate(a) -> int:
         seq = ev["sequences"][0]
         new = seq[len(prompt) + shown[0]:]
         shown[0] += len(new)
-        out.write(lm.decode(new) if as_text else "".join(f" {t}" for t in new))
+        out.write(text.add(new) if as_text else "".join(f" {t}" for t in new))
         out.flush()
 
     res = lm.generate(prompt, mode=a.mode, max_new_tokens=a.max_new_tokens, block_size=a.block_size,
                       steps_per_block=a.steps, threshold=a.threshold, temperature=a.temperature, seed=a.seed,
                       reference_compat=a.reference_compat, callback=stream)
+    if as_text:
+        out.write(text.finish())
     s = res.stats
     print(f"\n[{s['mode']}] {s['tokens']} tokens, {s['nfe']} NFE ({s['tokens_per_nfe']:.2f} tokens/NFE), "
           f"{s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s on {torch.device(a.device)}, "

@@ -1,4 +1,4 @@
-"""Where a non-finite value came from, for the error the engine raises when the commit step finds NaN
+"""Where a non-finite value came from, for the error the decode core raises when the commit step finds NaN
 logits: the first context-tower layer whose cached state (K/V of the rows' tokens, Mamba conv/SSM state)
 is non-finite, else the first denoiser layer whose output is, found by re-running the failed pass with a
 finiteness probe after every layer. It runs only on that error path, so the decode loop pays nothing."""
@@ -11,15 +11,15 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def context_origin(cfg, cache, n: int) -> str | None:
-    """'the context tower, layer i (kind)' for the first layer whose cached state for rows [0, n) is not
-    finite (None when every layer's is)."""
+def context_origin(cfg, cache, rows) -> str | None:
+    """'the context tower, layer i (kind)' for the first layer whose cached state for `rows` (cache Rows) is
+    not finite (None when every layer's is)."""
     st = cache.den
     for i, kind in enumerate(cfg.layer_kinds):
         if kind == "attention":
-            held = [st.k[i][b, :cache.lens_host[b]] for b in range(n)] + [st.v[i][b, :cache.lens_host[b]] for b in range(n)]
+            held = [t[b, :cache.lens_host[b]] for t in (st.k[i], st.v[i]) for b in rows.host]
         elif kind == "mamba":
-            held = [st.conv[i][:n], st.ssm[i][:n]]
+            held = [rows.take(st.conv[i]), rows.take(st.ssm[i])]
         else:
             continue   # MoE / MLP layers keep no state: a layer after them that does shows it
         if not all(_finite(t) for t in held):
@@ -28,16 +28,17 @@ def context_origin(cfg, cache, n: int) -> str | None:
     return None
 
 
-def denoiser_origin(model, x: torch.Tensor, cache, n: int, t) -> str | None:
-    """Re-run the denoiser pass over x [n, S] with time t, checking every layer's output; 'the denoiser
-    tower, layer i (kind)' for the first non-finite one, or its final norm / lm_head (None: all finite)."""
+def denoiser_origin(model, x: torch.Tensor, cache, rows, t) -> str | None:
+    """Re-run the denoiser pass over x [n, S] of `rows` with time t, checking every layer's output; 'the
+    denoiser tower, layer i (kind)' for the first non-finite one, or its final norm / lm_head (None: all
+    finite)."""
     first = []
 
     def probe(i, kind, h):
         if not first and not _finite(h):
             first.append((i, kind))
 
-    logits = model.denoise(x, cache, t, slice(0, n), probe=probe)
+    logits = model.denoise(x, cache, t, rows, probe=probe)
     if first:
         i, kind = first[0]
         return f"the denoiser tower: layer {i} ({kind}) is the first whose output is non-finite"
@@ -46,7 +47,7 @@ def denoiser_origin(model, x: torch.Tensor, cache, n: int, t) -> str | None:
     return None
 
 
-def nonfinite_origin(model, x: torch.Tensor, cache, n: int, t) -> str:
+def nonfinite_origin(model, x: torch.Tensor, cache, rows, t) -> str:
     """The sentence naming the tower and layer that first produced a non-finite value."""
-    found = context_origin(model.config, cache, n) or denoiser_origin(model, x, cache, n, t)
+    found = context_origin(model.config, cache, rows) or denoiser_origin(model, x, cache, rows, t)
     return found or "re-running the pass found every layer finite (a non-deterministic overflow?)"

@@ -18,6 +18,7 @@ State
 
 Context tower (causal; writes the cache in place)
     logits = model.prefill(prompts, cache, rows)        # ragged prompts -> [n, V] last-token logits
+    model.prefill(prompts, cache, rows, start=[...])    # rows already holding a prompt's first segments
     model.extend(block [n, S], cache, rows)             # committed tokens: KV appended, states advanced
     logits = model.decode(tokens [n], cache, rows)      # AR step: extend by 1, context_lm_head logits
   `snapshot=True` on prefill / extend / decode keeps the Mamba states before the (last) new token.
@@ -26,17 +27,19 @@ Denoiser tower (reads the cache, never writes it)
     logits = model.denoise(x [B, S], cache, t, rows)    # [B, S, V] fp32; t: [B] (or a float) per row
     logits = model.mock_ar(last_tokens [B], cache, rows)  # [B, V]: no time conditioning, KV[:-1], snapshot
   NVIDIA-compat mode passes the batch-mean t broadcast to every row. CUDA-graph capture: call decode /
-  extend (through `model.extend_step`, which leaves the host length count to the caller) / denoise /
-  mock_ar with contiguous rows (a slice) and dense_moe=True: then no host sync and no data-dependent
-  shape remains (the default grouped MoE reads per-expert token counts on the host; it is the faster
-  eager path). Attention goes through `twotower_ext.ops.block_attention` (its reference fallback syncs);
+  extend (through `model.extend_step`, which leaves the host length count to the caller; `active=` makes
+  rows inert, for padded batch buckets) / denoise / mock_ar with contiguous rows (a slice): then no host
+  sync and no data-dependent shape remains. Attention goes through `twotower_ext.ops.block_attention` (its reference fallback syncs);
   the context tower's extensions use its causal mode over the whole cache with the device lengths.
 
 Numerics follow NVIDIA's reference code (modeling_nemotron_h.py / modeling_nemotron_twotower.py); see
 layers.py. Prefill and extension use the same seeded scan op as the denoiser (`ops.mamba_block_scan`),
 an fp32 token-by-token recurrence, with per-row lengths for ragged prompts; a pass of at least
-`model.prefill_chunked_min_len` tokens (long prompts) runs the same recurrence in chunked SSD form instead
-(ssd.py: batched matmuls, fp32 state, equal up to fp32 rounding).
+`model.prefill_chunked_min_len` tokens runs the same recurrence in chunked SSD form instead (ssd.py: batched
+matmuls, fp32 state, equal up to fp32 rounding). A prompt longer than `model.prefill_segment` tokens is
+prefilled in segments of that many (the first fresh, each next an extension of the row), so the state at
+every segment boundary is computed alike from token 0 or from a boundary the prefix cache restored
+(docs/semantics.md, "Prefix cache").
 """
 from .cache import ContextCache
 from .config import ConfigError, NemotronHConfig

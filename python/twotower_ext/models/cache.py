@@ -113,13 +113,25 @@ class CacheStore:
     def attention_layers(self):
         return [i for i, k in enumerate(self.k) if k is not None]
 
-    def write_kv(self, i: int, rows: Rows, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_kv(self, i: int, rows: Rows, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 active: torch.Tensor | None = None) -> None:
         """Store k, v [n, L, Hkv, D] of attention layer i at cache positions pos [n, L] (a device tensor) of
-        the selected rows: one index_copy_ into the flattened [batch * capacity] token axis, no host read."""
+        the selected rows: one index_copy_ into the flattened [batch * capacity] token axis, no host read.
+        Rows where `active` (bool [n]) is False keep their K/V: they rewrite what they hold at positions inside
+        their own row (a full inert row's positions are clamped into it)."""
         cap = self.k[i].shape[1]
+        if active is not None:
+            L = pos.shape[1]
+            start = torch.where(active, pos[:, 0], pos[:, 0].clamp(max=cap - L))
+            pos = start[:, None] + torch.arange(L, device=pos.device)
         flat = (rows.ids(pos.device)[:, None] * cap + pos).reshape(-1)
         for store, val in ((self.k[i], k), (self.v[i], v)):
-            store.view(-1, *store.shape[2:]).index_copy_(0, flat, val.reshape(-1, *store.shape[2:]))
+            tokens = store.view(-1, *store.shape[2:])
+            val = val.reshape(-1, *store.shape[2:])
+            if active is not None:
+                keep = active.repeat_interleave(pos.shape[1]).view(-1, 1, 1)
+                val = torch.where(keep, val, tokens.index_select(0, flat))
+            tokens.index_copy_(0, flat, val)
 
     def reset(self, rows: Rows) -> None:
         for i in self.mamba_layers():
@@ -128,10 +140,13 @@ class CacheStore:
                     rows.put(t, torch.zeros_like(rows.take(t)))
         rows.put(self.lens, torch.zeros(len(rows), dtype=torch.int32, device=self.device))
 
-    def snapshot(self, rows: Rows) -> None:
+    def snapshot(self, rows: Rows, active: torch.Tensor | None = None) -> None:
         for i in self.mamba_layers():
-            rows.put(self.prev_conv[i], rows.take(self.conv[i]))
-            rows.put(self.prev_ssm[i], rows.take(self.ssm[i]))
+            for prev, cur in ((self.prev_conv[i], self.conv[i]), (self.prev_ssm[i], self.ssm[i])):
+                new = rows.take(cur)
+                if active is not None:   # inert rows keep their snapshot
+                    new = torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, rows.take(prev))
+                rows.put(prev, new)
 
 
 class ContextCache:
@@ -172,13 +187,14 @@ class ContextCache:
         for j, b in enumerate(r.host):
             self.lens_host[b] += added if isinstance(added, int) else added[j]
 
-    def snapshot(self, rows=None) -> None:
-        """Keep the rows' current Mamba states as the 'before the last token' states mock-AR reads."""
+    def snapshot(self, rows=None, active: torch.Tensor | None = None) -> None:
+        """Keep the rows' current Mamba states as the 'before the last token' states mock-AR reads (not for
+        rows where `active`, a bool [n] device tensor, is False)."""
         if not self.snapshots:
             raise ValueError("this cache was created without snapshot=True: it keeps no previous Mamba states")
         r = self.rows(rows)
         for store in {id(s): s for s in (self.ctx, self.den)}.values():
-            store.snapshot(r)
+            store.snapshot(r, active)
 
     def sync_mirror(self, rows: Rows, kv_lo: int, kv_hi: int) -> None:
         """Copy rows' KV positions [kv_lo, kv_hi), Mamba states and lengths to the denoiser's store."""
@@ -197,20 +213,25 @@ class ContextCache:
         rows.put(dst.lens, rows.take(src.lens))
 
 
-    def compact(self, keep) -> None:
-        """Move rows `keep` (ascending indices) to the front, in order: rows [0, len(keep)) then hold them.
-        The decode engine drops finished rows this way so the live rows stay a contiguous prefix (views, no
-        per-pass copies, fixed addresses for CUDA graphs). Tensors keep their storage."""
-        keep = [int(k) for k in keep]
-        if keep == list(range(len(keep))):
+    def move(self, src, dst) -> None:
+        """Copy rows src[j] to rows dst[j] (distinct indices; a row may be both a source and a destination:
+        every source is read before any destination is written). The decode core moves rows this way to keep
+        each group of rows a contiguous slice (views, no per-pass copies, fixed addresses for CUDA graphs).
+        Tensors keep their storage."""
+        src, dst = [int(v) for v in src], [int(v) for v in dst]
+        if len(src) != len(dst) or len(set(src)) != len(src) or len(set(dst)) != len(dst) \
+                or not all(0 <= v < self.batch for v in src + dst):
+            raise ValueError(f"move: src and dst must be equally long lists of distinct row indices < {self.batch}, "
+                             f"got {src} and {dst}")
+        if not src:
             return
-        if sorted(set(keep)) != keep or not keep or keep[-1] >= self.batch:
-            raise ValueError(f"compact: keep must be ascending distinct row indices < {self.batch}, got {keep}")
-        m = len(keep)
         for store in {id(s): s for s in (self.ctx, self.den)}.values():
-            idx = torch.tensor(keep, dtype=torch.long, device=store.device)
+            si = torch.tensor(src, dtype=torch.long, device=store.device)
+            di = torch.tensor(dst, dtype=torch.long, device=store.device)
             for group in (store.k, store.v, store.conv, store.ssm, store.prev_conv, store.prev_ssm, [store.lens]):
                 for t in group:
                     if t is not None:
-                        t[:m] = t.index_select(0, idx)
-        self.lens_host[:m] = [self.lens_host[k] for k in keep]
+                        t.index_copy_(0, di, t.index_select(0, si))
+        lens = [self.lens_host[v] for v in src]
+        for d, n in zip(dst, lens):
+            self.lens_host[d] = n

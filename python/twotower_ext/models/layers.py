@@ -79,14 +79,12 @@ def route(x: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig) -> tuple[torch.T
     return idx, weights * cfg.routed_scaling_factor
 
 
-def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, dense: bool = False, experts=None) -> torch.Tensor:
+def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, experts=None) -> torch.Tensor:
     """Routed experts + shared expert. The routed experts run as one `ops.moe_experts` call on every device:
     only the chosen experts are read, each token's k weighted outputs are summed in fp64 on the CPU (as
     NVIDIA's reference accumulates), no host read and no data-dependent shapes (CUDA-graph capturable).
-    `dense` is accepted for callers and ignored (the dense all-experts path is gone). `experts` replaces the op
-    (same signature): training passes `reference.moe_experts`, which autograd can differentiate (the op has no
-    backward)."""
-    del dense
+    `experts` replaces the op (same signature): training passes `reference.moe_experts`, which autograd can
+    differentiate (the op has no backward)."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     idx, weights = route(x, w, cfg)

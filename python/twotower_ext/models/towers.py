@@ -21,6 +21,15 @@ from .weights import TwoTowerWeights, load_weights
 # every parity prompt (<= 40 tokens), so the golden tests keep the exact sequential path.
 PREFILL_CHUNKED_MIN_LEN = 256
 
+# Default of TwoTowerModel.prefill_segment: a prompt longer than this is prefilled as segments of this many
+# tokens (the first a fresh pass, each next an extension of the row), so the context tower's state at every
+# multiple of it is computed the same way whether a prompt starts from token 0 or from a boundary the prefix
+# cache restored (runtime/prefix_store.py); docs/semantics.md, "Prefix cache". Equal to
+# PREFILL_CHUNKED_MIN_LEN, so every whole segment runs the chunked SSD form and every shorter one (a prompt's
+# last) the exact op, whatever rows share the pass; a multiple of the SSD chunk (128), so segments split the
+# scan where its own chunks end.
+PREFILL_SEGMENT = 256
+
 
 def _as_token_rows(tokens, device) -> list[torch.Tensor]:
     """A 2-D tensor or a sequence of 1-D token sequences -> list of 1-D int64 tensors on device."""
@@ -50,6 +59,7 @@ class TwoTowerModel:
         # parity prompts, 16-token blocks, AR steps) the exact token-by-token scan op. See PREFILL_CHUNKED_MIN_LEN.
         self.prefill_chunked_min_len = PREFILL_CHUNKED_MIN_LEN
         self.prefill_chunk_size = config.chunk_size
+        self.prefill_segment = PREFILL_SEGMENT
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
@@ -73,12 +83,21 @@ class TwoTowerModel:
     # context tower
 
     @torch.no_grad()
-    def prefill(self, prompts, cache: ContextCache, rows=None, logits: bool = True, snapshot: bool = False):
+    def prefill(self, prompts, cache: ContextCache, rows=None, logits: bool = True, snapshot: bool = False,
+                start=None, on_segment=None):
         """Run the context tower over fresh prompts (ragged: a list of token sequences, or [n, L]) into
         the cache rows `rows` (previous content of those rows is discarded). Returns context_lm_head
         logits [n, V] fp32 of each prompt's last token (None with logits=False). With snapshot=True the
         prompt is run as prompt[:-1] + one extension by its last token, so the cache also holds the Mamba
-        states before the last token (the state mock-AR's first step reads)."""
+        states before the last token (the state mock-AR's first step reads).
+
+        A prompt (with snapshot: prompt[:-1]) longer than `prefill_segment` tokens runs as segments of that
+        many tokens, the first a fresh pass, each next an extension of the row; segments of the rows run
+        batched, one pass per kind (fresh or extension, whole or shorter) and round. start (one int per row,
+        multiples of prefill_segment): the row already holds the prompt's first start[i] tokens (the prefix
+        cache restored them: K/V, Mamba states, lengths) and continues from there; 0 = a fresh row.
+        on_segment(rows, ends) is called after each round with the cache rows that completed a whole segment
+        and their new lengths (the prefix cache saves their state there)."""
         r = cache.rows(rows)
         seqs = _as_token_rows(prompts, self.ctx_device)
         if len(seqs) != len(r):
@@ -88,40 +107,76 @@ class TwoTowerModel:
         if max(len(s) for s in seqs) > cache.capacity:
             raise ValueError(f"prefill: a prompt of {max(len(s) for s in seqs)} tokens exceeds the cache "
                              f"capacity {cache.capacity}")
-        cache.reset(r)
+        bodies = [s[:-1] for s in seqs] if snapshot else seqs
+        P = self.prefill_segment
+        done = [0] * len(seqs) if start is None else [int(v) for v in start]
+        if len(done) != len(seqs):
+            raise ValueError(f"prefill: start must hold one int per prompt ({len(seqs)}), got {len(done)}")
+        need_one = logits and not snapshot   # the last token's logits come from a pass
+        bad = [i for i, (d, b) in enumerate(zip(done, r.host))
+               if d % P or not 0 <= d <= len(bodies[i]) - need_one or (d and cache.lens_host[b] != d)]
+        if bad:
+            raise ValueError(f"prefill: start[i] must be a multiple of prefill_segment={P}, at most the prompt's "
+                             f"length (below it for logits), with the row holding that many tokens; prompts {bad} "
+                             f"are not")
+        fresh = [b for b, d in zip(r.host, done) if d == 0]
+        if fresh:
+            cache.reset(fresh)
+        last = self._segments(bodies, cache, r, done, need_one, on_segment)
         if snapshot:
-            heads = [s[:-1] for s in seqs]
-            if max(len(h) for h in heads) > 0:
-                lens = [len(h) for h in heads]
-                self._context_pass(_pad(heads, self.config.pad_token_id), cache, r, new_lens=lens)
-                cache.count_appended(r, lens)
             cache.snapshot(r)
             return self.extend(torch.stack([s[-1:] for s in seqs]), cache, r, logits=logits)
-        lens = [len(s) for s in seqs]
-        x = self._context_pass(_pad(seqs, self.config.pad_token_id), cache, r, new_lens=lens)
-        cache.count_appended(r, lens)
-        if not logits:
-            return None
-        last = torch.tensor(lens, device=self.ctx_device) - 1
-        return self._context_logits(x[torch.arange(len(r), device=self.ctx_device), last])
+        return self._context_logits(last) if logits else None
+
+    def _segments(self, bodies, cache: ContextCache, r: Rows, done: list[int], want_last: bool, on_segment):
+        """prefill's passes: round after round, every row with tokens left takes its next segment (from done[i]
+        on, advanced in place), one pass per kind (first segment or not, whole or shorter). Returns the hidden
+        state of each body's last token when want_last (else None)."""
+        P, last = self.prefill_segment, None
+        while True:
+            kinds: dict[tuple[bool, bool], list[int]] = {}
+            for i, (d, body) in enumerate(zip(done, bodies)):
+                if d < len(body):
+                    kinds.setdefault((d == 0, len(body) - d >= P), []).append(i)
+            if not kinds:
+                return last
+            whole = []
+            for (first, full), idx in kinds.items():
+                segs = [bodies[i][done[i]:done[i] + P] for i in idx]
+                lens = [len(t) for t in segs]
+                rr = Rows([r.host[i] for i in idx], cache.batch)
+                x = self._context_pass(_pad(segs, self.config.pad_token_id), cache, rr, new_lens=lens, fresh=first)
+                cache.count_appended(rr, lens)
+                ending = [j for j, i in enumerate(idx) if done[i] + lens[j] == len(bodies[i])]
+                if want_last and ending:
+                    if last is None:
+                        last = x.new_empty(len(bodies), x.shape[-1])
+                    dev = x.device
+                    last[torch.tensor([idx[j] for j in ending], device=dev)] = \
+                        x[torch.tensor(ending, device=dev), torch.tensor([lens[j] - 1 for j in ending], device=dev)]
+                for j, i in enumerate(idx):
+                    done[i] += lens[j]
+                if full:
+                    whole += idx
+            if on_segment is not None and whole:
+                whole.sort()
+                on_segment([r.host[i] for i in whole], [done[i] for i in whole])
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: ContextCache, rows=None, logits: bool = False,
-               snapshot: bool = False, dense_moe: bool = False):
+               snapshot: bool = False):
         """Append committed tokens [n, S] to the rows (causal over them, KV appended, Mamba states
         advanced). snapshot=True first keeps the current Mamba states (see ContextCache.snapshot).
         Returns context_lm_head logits [n, V] of the last token with logits=True, else None. No host read
-        and no data-dependent shape (with dense_moe=True while the MoE layer reads expert counts)."""
+        and no data-dependent shape."""
         tokens, r = self.check_extend(tokens, cache, rows)
-        out = self.extend_step(tokens, cache, r, logits, snapshot, dense_moe)
+        out = self.extend_step(tokens, cache, r, logits, snapshot)
         cache.count_appended(r, tokens.shape[1])
         return out
 
-    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False,
-               dense_moe: bool = False) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: ContextCache, rows=None, snapshot: bool = False) -> torch.Tensor:
         """AR step: append one token per row ([n]) and return context_lm_head logits [n, V] fp32."""
-        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot,
-                           dense_moe=dense_moe)
+        return self.extend(torch.as_tensor(tokens).reshape(-1, 1), cache, rows, logits=True, snapshot=snapshot)
 
     def check_extend(self, tokens, cache: ContextCache, rows) -> tuple[torch.Tensor, Rows]:
         """extend's argument checks (host-side: shapes and the host lengths): (tokens long on the context
@@ -138,13 +193,16 @@ class TwoTowerModel:
 
     @torch.no_grad()
     def extend_step(self, tokens: torch.Tensor, cache: ContextCache, r: Rows, logits: bool = False,
-                    snapshot: bool = False, dense_moe: bool = False):
+                    snapshot: bool = False, active: torch.Tensor | None = None):
         """The device work of `extend` (checked tokens [n, S] long, Rows r): what a CUDA graph captures. It
         reads the rows' lengths on the device and advances them there; the caller counts the appended tokens
-        on the host (`cache.count_appended`)."""
+        on the host (`cache.count_appended`). active (bool [n] on the device, or None = every row): rows
+        where it is False are inert — their K/V, Mamba states (snapshot included) and lengths stay as they
+        were, whatever the pass computes for them — so a captured graph of a padded batch bucket can run
+        over rows that belong to nobody or to another group (runtime/runner.py)."""
         if snapshot:
-            cache.snapshot(r)
-        x = self._context_pass(tokens, cache, r, dense_moe=dense_moe)
+            cache.snapshot(r, active)
+        x = self._context_pass(tokens, cache, r, active=active)
         return self._context_logits(x[:, -1]) if logits else None
 
     def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,20 +210,27 @@ class TwoTowerModel:
         return F.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
 
     def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
-                      dense_moe: bool = False):
+                      active: torch.Tensor | None = None, fresh: bool = False):
         """Context tower over ids [n, L] appended at each row's current length, read on the device; updates
         the cache's device state in place (K/V, Mamba states, lengths) and returns the final hidden states
-        [n, L, H]. new_lens (prefill of fresh rows only): row b's first new_lens[b] tokens are real, attention
-        is plain causal SDPA over the pass; None (an extension or AR step): all L tokens are real and attention
-        is the causal block_attention kernel over [the row's cached K/V | the L new keys], which needs no mask,
-        no slice sized from the lengths and no host read."""
+        [n, L, H]. new_lens (prefill only): row b's first new_lens[b] tokens are real, the rest padding after
+        them; None (an extension or AR step): all L tokens are real. fresh (rows start empty): attention is
+        plain causal SDPA over the pass; else the causal block_attention kernel over [the row's cached K/V |
+        the L new keys], which needs no mask, no slice sized from the lengths and no host read. active: see
+        extend_step (extensions only)."""
         cfg, w, st = self.config, self.weights.context, cache.ctx
         n, L = ids.shape
         dev = self.ctx_device
-        fresh = new_lens is not None
         lens = r.take(st.lens)                                   # [n] int32: tokens before this pass
         pos = lens.long()[:, None] + torch.arange(L, device=dev)  # [n, L] cache positions of the new tokens
-        seq_lens = None if not fresh or min(new_lens) == L else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        ragged = new_lens is not None and min(new_lens) < L
+        seq_lens = torch.tensor(new_lens, dtype=torch.int32, device=dev) if ragged else None
+        kv_at = None
+        if ragged and not fresh:   # a row's padding rewrites its last token's K/V there: nothing past its length
+            kv_at = torch.minimum(torch.arange(L, device=dev)[None], seq_lens.long()[:, None] - 1)   # [n, L]
+            pos = lens.long()[:, None] + kv_at
+        if active is not None:   # inert rows scan no token: their Mamba states stay
+            seq_lens = active.to(torch.int32) * L
         eps = cfg.layer_norm_epsilon
         chunk = self.prefill_chunk_size if L >= self.prefill_chunked_min_len else None
         x = F.embedding(ids, w.embeddings)
@@ -182,7 +247,11 @@ class TwoTowerModel:
                 q = F.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
                 k = F.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                 v = F.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                st.write_kv(i, r, pos, k, v)
+                if kv_at is None:
+                    st.write_kv(i, r, pos, k, v, active)
+                else:
+                    at = kv_at[:, :, None, None].expand_as(k)
+                    st.write_kv(i, r, pos, k.gather(1, at), v.gather(1, at))
                 if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
                     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                        is_causal=True, scale=cfg.head_dim ** -0.5,
@@ -192,12 +261,14 @@ class TwoTowerModel:
                                                cfg.head_dim ** -0.5, causal=True)
                 out = F.linear(o.reshape(n, L, -1), a.o)
             elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg, dense=dense_moe)
+                out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
             x = res + out
         # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
-        added = L if not fresh else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        added = L if new_lens is None else torch.tensor(new_lens, dtype=torch.int32, device=dev)
+        if active is not None:
+            added = active.to(torch.int32) * L
         r.put(st.lens, lens + added)
         cache.sync_mirror(r, min(cache.lens_host[b] for b in r.host),
                           max(cache.lens_host[b] for b in r.host) + L)
@@ -207,14 +278,13 @@ class TwoTowerModel:
     # denoiser tower
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, dense_moe: bool = False,
-                probe=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, cache: ContextCache, t, rows=None, probe=None) -> torch.Tensor:
         """One denoiser pass over blocks x [B, S] (token ids; mask id for masked positions) of the cache
         rows `rows`, with per-row time t ([B] tensor or a float: fraction of the block still masked).
         Attention: one softmax over [the row's context KV | the block], no mask. Mamba: seeded from the
         row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
-        The cache is not modified. With contiguous rows and dense_moe=True the pass has no host syncs and
-        no data-dependent shapes (CUDA-graph capturable once the attention kernel is registered).
+        The cache is not modified. With contiguous rows the pass has no host syncs and no data-dependent
+        shapes (CUDA-graph capturable).
         probe(layer index, kind, hidden states) is called after every layer (diagnose.py's NaN scan)."""
         r = cache.rows(rows)
         x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
@@ -225,10 +295,10 @@ class TwoTowerModel:
             raise ValueError(f"denoise: t must be a float or [{x.shape[0]}], got shape {tuple(t.shape)}")
         st = cache.den
         mod = time_modulation(t, self.weights.time, self.dtype)
-        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, dense_moe, probe)
+        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, probe)
 
     @torch.no_grad()
-    def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None, dense_moe: bool = False) -> torch.Tensor:
+    def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None) -> torch.Tensor:
         """Mock-AR step: the denoiser without time conditioning over each row's last committed token
         ([B]; it sits at position len-1) with context KV[:len-1] and the Mamba states from before that
         token (the cache's snapshot). Returns logits [B, V] fp32 for the next token."""
@@ -239,14 +309,14 @@ class TwoTowerModel:
         self._check_block(x, r)
         st = cache.den
         ctx_lens = r.take(st.lens) - 1
-        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st, dense_moe)[:, 0]
+        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st)[:, 0]
 
     def _check_block(self, x: torch.Tensor, r: Rows) -> None:
         if x.dim() != 2 or x.shape[0] != len(r):
             raise ValueError(f"denoiser input must be [{len(r)}, S] for the {len(r)} selected rows, "
                              f"got shape {tuple(x.shape)}")
 
-    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, dense_moe, probe=None):
+    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, probe=None):
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
@@ -272,7 +342,7 @@ class TwoTowerModel:
                 o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), ctx_lens, cfg.head_dim ** -0.5)
                 out = F.linear(o.reshape(B, S, -1), a.o)
             elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg, dense=dense_moe)
+                out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
             if mod is not None:
