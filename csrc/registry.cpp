@@ -31,6 +31,8 @@ TORCH_LIBRARY(twotower, m) {
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
         "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
   // Host-side view of the CUDA MoE (no tensors, no GPU needed): the grouped-GEMM kernel a call would get.
+  // The CPU instruction-set levels this CPU runs (common/cpu_isa.h), lowest first: the values TWOTOWER_CPU_ISA takes.
+  m.def("cpu_isas() -> str[]");
   m.def("cuda_moe_path(ScalarType dtype, str format, int hidden, int inter, int group_size=0, "
         "ScalarType? scale_dtype=None, int[] strides=[], int pointer_offset=0) -> str");
   // ... and the rest of its plan for a call of `tokens` tokens on a GPU (compute capability, SM count).

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "block_attention/block_attention.h"  // CpuGemm
+#include "common/cpu_isa.h"
 #include "common/platform.h"
 
 namespace tt {
@@ -61,7 +62,9 @@ struct MoeParams {
 // row chunks into fp32 holding x's dtype's values (moe_dequant_rows).
 
 // Which inner GEMM the CPU kernel uses (see moe_gemm_cpu.cpp for why the defaults are what they are).
-enum class MoeCpuIsa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// The instruction sets it has code for: scalar .. kAvx512Bf16 (common/cpu_isa.h; no AMX path).
+using MoeCpuIsa = CpuIsa;
+constexpr CpuIsa kMoeCpuIsaMax = CpuIsa::kAvx512Bf16;
 enum class MoeCpuGemmChoice : int32_t { kAuto = 0, kMicro = 1, kLibrary = 2 };
 
 struct MoeCpuConfig {
@@ -86,9 +89,13 @@ struct MoeCpuPlan {
   bool any_library = false;
   int64_t bad_index = -1;            // first flat (t*k + j) whose id is outside [0, E), or -1
   int64_t bad_value = 0;             // that id
+  std::vector<int64_t> work_count;   // planning scratch: slots per expert, then each active expert's next slot
+  std::vector<int32_t> work_ids;     // planning scratch: the ids as int32
 };
 
-MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg);
+// Fills pl for p's routing; its vectors keep their capacity, so a plan reused across calls allocates nothing once
+// warm.
+void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl);
 inline int64_t moe_down_tiles(const MoeParams& p, const MoeCpuPlan& pl) {
   return (p.hidden + pl.tile_down - 1) / pl.tile_down;
 }
@@ -133,9 +140,6 @@ struct MoeQuantRows {
 void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide, void* dst);
 // Stored bytes (data + scales) of one expert matrix [n, k] in p's format and dtype.
 int64_t moe_weight_bytes(const MoeParams& p, int64_t n, int64_t k);
-// The best ISA this CPU runs (cpuid), and whether `isa` runs here.
-MoeCpuIsa moe_cpu_best_isa();
-bool moe_cpu_isa_supported(MoeCpuIsa isa);
 // Below this many tokens per expert the register-blocked microkernel beats the matrix library (measured,
 // see moe_gemm_cpu.cpp); kAuto picks per expert with it.
 int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);

@@ -5,7 +5,7 @@
 //     same mantissa and an exponent 8 lower (bias 15 vs 7, subnormals included), so fp16 -> fp32 (vcvtph2ps)
 //     times 2^8 is exact; e4m3fn has no infinities and its NaN is |b| = 0x7F, patched in.
 //   - int4: the nibble (even k low) minus 8, as an integer converted to fp32, times its group's scale.
-// Paths by moe_cpu_isa (the same switch as the GEMM's): AVX-512 16 wide with masked tails (bf16 / fp16 outputs by
+// Paths by the CPU instruction set (the same switch as the GEMM's): AVX-512 16 wide with masked tails (bf16 / fp16 outputs by
 // a per-row / per-group table of the results instead, built with that arithmetic), AVX2 + F16C 8 wide with the
 // scalar tail (int4 to bf16 / fp16 by table too), scalar.
 #include <algorithm>
@@ -13,8 +13,8 @@
 #include <cstring>
 
 #include "common/half_cpu.h"
+#include "common/simd_cpu.h"
 #include "moe/moe.h"
-#include "moe/moe_isa_cpu.h"
 
 namespace tt {
 namespace {
@@ -60,7 +60,7 @@ template <Out O> void int4_scalar(const uint8_t* d, float s, int64_t k0, int64_t
   for (int64_t k = k0; k < k1; ++k) store1<O>(dst, k, int4_value(d, k) * s);
 }
 
-#ifdef TT_MOE_X86
+#ifdef TT_X86
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + F16C (the objects' baseline, no attributes needed)
 
@@ -79,20 +79,6 @@ inline __m256 int4x8_avx2(const uint8_t* p) {  // 8 elements from 4 bytes
   const __m128i b = _mm_cvtsi32_si128(v), m = _mm_set1_epi8(0x0F);
   const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)));
-}
-
-// fp32 -> bf16 bits in the low half of each lane, round to nearest even, NaN quietened (half_cpu.h's rule).
-inline __m256i bf16_rne_avx2(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i hi = _mm256_srli_epi32(u, 16);
-  const __m256i r = _mm256_srli_epi32(
-      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
-}
-
-inline __m128i narrow16_avx2(__m256i r) {  // the low 16 bits of 8 lanes (each < 2^16)
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 constexpr int kRneF16 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -157,8 +143,6 @@ template <Out O> void int4_lut_avx2(const uint8_t* d, float s, int64_t k0, int64
 // ---------------------------------------------------------------------------------------------------
 // AVX-512 (16 wide, masked tails)
 
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
 TT_AVX512 inline __m512 fp8x16_avx512(const uint8_t* p, __mmask16 m) {
   const __m256i w = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p));
   const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7F));
@@ -172,14 +156,6 @@ TT_AVX512 inline __m512 int4x16_avx512(const uint8_t* p, __mmask16 bytes) {  // 
   const __m128i b = _mm_maskz_loadu_epi8(bytes, p), m = _mm_set1_epi8(0x0F);
   const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(nib), _mm512_set1_epi32(8)));
-}
-
-TT_AVX512 inline __m512i bf16_rne_avx512(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
 }
 
 // 16 fp32 values rounded to a 16-bit output dtype (bf16 / fp16 bits).
@@ -260,7 +236,7 @@ template <Out O> TT_AVX512 void int4_lut_avx512(const uint8_t* d, float s, int64
     _mm512_mask_storeu_epi16(static_cast<uint16_t*>(dst) + k, mask32(n), _mm512_permutexvar_epi16(idx, t));
   }
 }
-#endif  // TT_MOE_X86
+#endif  // TT_X86
 
 // ---------------------------------------------------------------------------------------------------
 // Rows: per row, fp8 has one scale; int4 one per group of `group` k (group even, so each group starts on a byte).
@@ -270,7 +246,7 @@ using SpanFn = void (*)(const uint8_t*, float, int64_t, int64_t, void*);
 template <Out O> void dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, void* dst) {
   const bool fp8 = q.format == MoeWeightFormat::kFp8;
   SpanFn fn = fp8 ? &fp8_scalar<O> : &int4_scalar<O>;
-#ifdef TT_MOE_X86
+#ifdef TT_X86
   if (isa == MoeCpuIsa::kAvx512 || isa == MoeCpuIsa::kAvx512Bf16) {
     if constexpr (O == Out::kBF16 || O == Out::kF16) fn = fp8 ? &fp8_lut_avx512<O> : &int4_lut_avx512<O>;
     else fn = fp8 ? &fp8_avx512<O> : &int4_avx512<O>;
