@@ -1,14 +1,18 @@
-"""python -m bench [names...] [--device cpu|cuda] [--quick] [--no-save] [--allow-busy]
+"""python -m bench [names...] [--device cpu|cuda] [--quick] [--no-save] [--allow-busy] [--baseline installed|TREE:LIB]
 
 Runs the named microbenchmarks (all by default), prints markdown tables and writes
 bench/results/<name>-<device>.{md,json}, unless other processes kept the CPU busy during a timing (then
 nothing is saved: rerun on a quiet machine, or --allow-busy to save results marked busy).
-`python -m bench.readme` then regenerates the README's benchmark tables from those JSON files.
+`python -m bench.readme` then regenerates the README's benchmark tables from those JSON files. --baseline: the
+benchmarks that support it (mamba_scan, moe, block_attention) also time the same calls on another build of the
+package (`installed`: the one installed in this interpreter, e.g. main's wheel; or a source tree and its built
+_C*.so) in the same run, as the "main_*" / "vs_main" columns (harness.run_in_baseline).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan",
@@ -31,13 +35,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results")
     ap.add_argument("--allow-busy", action="store_true",
                     help="save results even if other processes used the CPU during a timing (marked busy)")
+    ap.add_argument("--baseline", metavar="installed|TREE:LIB",
+                    help="also time the kernels on this build of the package (before / after in one run)")
     args = ap.parse_args(argv)
     import torch
 
+    from . import harness
+
+    if args.baseline:
+        os.environ[harness.BASELINE_ENV] = args.baseline
     if args.device == "cuda" and not torch.cuda.is_available():
         print("python -m bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    from . import harness
 
     refused = 0
     for name in args.names or list(BENCHES):

@@ -35,11 +35,11 @@ def repetition(ids: list[int]) -> tuple[tuple, float, float]:
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
-    from twotower_ext.engine import GenerateArgs
+    from twotower_ext.runtime import DecodeParams
 
     del quick   # one generation either way
     lm = tt.load(tt.default_model_path(), device=device)
-    d = GenerateArgs()
+    d = DecodeParams()
     res = lm.generate(PROMPT, max_new_tokens=d.max_new_tokens, threshold=d.threshold, block_size=d.block_size)
     ids = res.new_tokens[0]
     nfe = res.nfe_per_block[0]

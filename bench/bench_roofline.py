@@ -13,9 +13,8 @@ tokens per pass of the measured times (AR step, the mean of the two passes, exte
 predicted one.
 
 Models: the parity checkpoint, the shipped model and a random-weight model of the real 52-layer pattern at
-width 1/8 (vocab 8192), fp32 on CPU (bf16 on CUDA). The passes run the engine's MoE path of the device:
-on CPU grouped by expert with the per-expert counts read on the host, on CUDA dense (every expert); a
-sparse MoE op changes the measured side of this table.
+width 1/8 (vocab 8192), fp32 on CPU (bf16 on CUDA). The passes run the sparse MoE op (`ops.moe_experts`:
+the chosen experts only) on every device.
 """
 from __future__ import annotations
 
@@ -100,10 +99,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             mask = torch.full((batch, BLOCK), 3, dtype=torch.long, device=device)
             block = prompt[:, :BLOCK].to(device)
             half = torch.where(torch.arange(BLOCK, device=device) % 2 == 0, block, mask)
-            dense = device == "cuda"   # the engine's MoE path on this device
             passes = {"ar_step": lambda: (model.decode(block[:, 0], cache), reset()),
-                      "nfe": lambda: model.denoise(mask, cache, 1.0, dense_moe=dense),
-                      "nfe, half committed": lambda: model.denoise(half, cache, 0.5, dense_moe=dense),
+                      "nfe": lambda: model.denoise(mask, cache, 1.0),
+                      "nfe, half committed": lambda: model.denoise(half, cache, 0.5),
                       "extension": lambda: (model.extend(block, cache), reset())}
             est = costmodel.estimate(cfg, batch, CTX, BLOCK, wbytes, bw, mm)
             ms = {}

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -190,6 +191,65 @@ def measure_matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str 
     b = torch.randn(k, n, device=device).to(dtype)
     t = time_fn(lambda i: (lambda: a @ b), device, budget_s=0.5, min_reps=5)
     return 2 * m * k * n / t.median_s / 1e12
+
+
+def best_of(measure, *args, reps: int = 3, **kw) -> float:
+    """The highest of `reps` runs of a limit measurement (measure_*): a limit is the best the machine does, and on a
+    shared machine a run during which the process was descheduled says nothing about it."""
+    return max(measure(*args, **kw) for _ in range(reps))
+
+
+# ----------------------------------------------------------------------------------------------------
+# before / after: the same timings against another build of the package, in the same run
+
+BASELINE_ENV = "TWOTOWER_BENCH_BASELINE"
+
+
+def baseline() -> str | None:
+    """The code a benchmark compares against (`python -m bench --baseline`, or TWOTOWER_BENCH_BASELINE): `installed`
+    (the twotower_ext this interpreter has installed, e.g. main's wheel in the shared venv) or `TREE:LIB` (a source
+    tree's python/ package with a build of it); None when unset."""
+    return os.environ.get(BASELINE_ENV) or None
+
+
+def run_in_baseline(module: str, func: str, **kwargs):
+    """bench.<module>.<func>(**kwargs) run in a child interpreter whose twotower_ext is the baseline build (JSON in
+    and out; the child's timings are its own, taken right before or after the parent's); None without a baseline.
+    The function must only use what both builds have."""
+    spec = baseline()
+    if spec is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in (BASELINE_ENV, "TWOTOWER_EXT_LIB", "PYTHONPATH")}
+    path = [root]  # this tree's bench package; twotower_ext from the baseline
+    if spec != "installed":
+        tree, sep, lib = spec.partition(":")
+        if not sep or not os.path.isfile(lib):
+            raise SystemExit(f"bench: {BASELINE_ENV} must be 'installed' or TREE:LIB with LIB a built _C*.so, "
+                             f"got {spec!r}")
+        env["TWOTOWER_EXT_LIB"] = lib
+        path.insert(0, os.path.join(tree, "python"))
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    code = ("import json, sys, torch; torch.set_num_threads(%d); from bench import %s as m; "
+            "print('@@' + json.dumps(m.%s(**json.loads(sys.argv[1]))))" % (torch.get_num_threads(), module, func))
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], env=env, cwd=root, capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"bench: the baseline run of {module}.{func} failed:\n{res.stderr[-3000:]}")
+    return json.loads(next(line[2:] for line in reversed(res.stdout.splitlines()) if line.startswith("@@")))
+
+
+def around_baseline(module: str, func: str, body, **kwargs):
+    """body() with the baseline build's bench.<module>.<func>(**kwargs) run right before and right after it: returns
+    (body's result, per entry the one of the two baseline results with the smaller first value (a median), or None
+    without a baseline). A shared machine's load drifts over the minutes a table takes; bracketing the new build's
+    timings with the old build's lets both see it."""
+    before = run_in_baseline(module, func, **kwargs)
+    result = body()
+    if before is None:
+        return result, None
+    after = run_in_baseline(module, func, **kwargs)
+    return result, [min(a, b, key=lambda v: v[0]) for a, b in zip(before, after)]
 
 
 def _cpu_model() -> str | None:

@@ -20,16 +20,26 @@ RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 
 # Per kernel benchmark: the columns the README shows (a subset of the JSON's: median, rate, limit measured in
-# the same run, share of it, baseline and ratio) and a line saying what the baseline is.
+# the same run, share of it, baseline and ratio), a line saying what the baseline is, and optionally which rows.
 KERNELS = {
     "merge_states": (["dtype", "parts", "rows", "median_us", "GB/s", "copy_GB/s", "%copy", "lean_torch_us", "speedup"],
                      "baseline: the lean PyTorch merge (logsumexp, exp, one weighted sum); limit: a copy of the same bytes"),
-    "block_attention": (["dtype", "B", "ctx_lens", "median_us", "GFLOP/s", "mm_GFLOP/s", "%mm", "sdpa_us", "vs_sdpa"],
-                        "baseline: SDPA over the concatenated [context | block] K/V per row; limit: the faster of the "
-                        "same-dtype and fp32 matmul of the kernel's tile shape"),
-    "mamba_scan": (["dtype", "B", "L", "write", "median_us", "GB/s", "copy_GB/s", "%copy", "GFLOP/s", "torch_us",
-                    "torch_form", "speedup"],
-                   "baseline: the faster PyTorch form (token loop or chunked SSD); limit: a copy of the same bytes"),
+    "block_attention": (["heads", "dtype", "path", "B", "ctx_lens", "median_us", "main_us", "vs_main", "vs_fp32",
+                         "GFLOP/s", "mm_GFLOP/s", "%mm", "sdpa_us", "vs_sdpa"],
+                        "before: main's build (main_us, default path); bf16 rows once per way of multiplying bf16 "
+                        "tiles this CPU runs (amx, avx512_bf16 = vdpbf16ps, avx2 = widened to fp32 sgemm); baseline: "
+                        "SDPA over the concatenated [context | block] K/V per row; limit: the faster of the same-dtype "
+                        "and fp32 matmul of the kernel's tile shape"),
+    "mamba_scan": (["model", "dtype", "B", "L", "write", "isa", "median_us", "main_us", "vs_main", "GB/s", "GFLOP/s",
+                    "bound_us", "%bound", "torch_us", "speedup"],
+                   "before: main's build (main_us); baseline: the faster PyTorch form (token loop or chunked SSD); "
+                   "bound: max(bytes / read bandwidth at the row's working set, FLOPs / fp32 matmul rate), both "
+                   "measured in the same run"),
+    "moe": (["model", "dtype", "T", "experts", "MB", "median_ms", "main_ms", "vs_main", "GB/s", "%read_bw", "loop_ms",
+             "vs_loop"],
+            "dense weights (quantised rows below); before: main's build (main_ms); baseline: the per-expert "
+            "PyTorch loop; limit: a pure read of DRAM-sized memory",
+            lambda r: r.get("weights") == r.get("dtype")),
     "threshold_unmask": (["dtype", "B", "V", "T", "median_us", "GB/s", "read_GB/s", "%read", "lean_torch_us", "speedup"],
                          "baseline: NVIDIA's greedy step (T=0) / torch Gumbel-max (T=1); limit: a pure read of the "
                          "same bytes"),
@@ -74,12 +84,13 @@ def provenance(d: dict) -> str:
 
 def kernels_section(results: str, device: str = "cpu") -> str:
     parts = []
-    for name, (cols, note) in KERNELS.items():
+    for name, (cols, note, *keep) in KERNELS.items():
         try:
             d = load(f"{name}-{device}", results)
         except FileNotFoundError:
             continue
-        parts.append(f"**{name}** ({note}). {provenance(d)}\n\n{table(d['rows'], cols, name)}")
+        rows = [r for r in d["rows"] if not keep or keep[0](r)]
+        parts.append(f"**{name}** ({note}). {provenance(d)}\n\n{table(rows, cols, name)}")
     return "\n\n".join(parts)
 
 
@@ -129,7 +140,8 @@ def quant_speed_section(results: str, device: str = "cpu") -> str:
     d, missing = _optional(f"moe-{device}", results, "python -m bench moe")
     if d is None:
         return missing
-    rows = [r for r in d["rows"] if r.get("dtype") == "bfloat16" and r.get("T") in (1, 16)]
+    rows = [r for r in d["rows"] if r.get("model", "real") == "real" and r.get("dtype") == "bfloat16"
+            and r.get("T") in (1, 16)]
     return f"{provenance(d)}\n\n{table(rows, QUANT_SPEED_COLUMNS, 'moe')}"
 
 

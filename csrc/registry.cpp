@@ -35,6 +35,8 @@ TORCH_LIBRARY(twotower, m) {
   // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.
   m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads, bool forced=False) -> str");
   // Host-side view of the CUDA MoE (no tensors, no GPU needed): the grouped-GEMM kernel a call would get.
+  // The CPU instruction-set levels this CPU runs (common/cpu_isa.h), lowest first: the values TWOTOWER_CPU_ISA takes.
+  m.def("cpu_isas() -> str[]");
   m.def("cuda_moe_path(ScalarType dtype, str format, int hidden, int inter, int group_size=0, "
         "ScalarType? scale_dtype=None, int[] strides=[], int pointer_offset=0) -> str");
   // ... and the rest of its plan for a call of `tokens` tokens on a GPU (compute capability, SM count).

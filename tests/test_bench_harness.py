@@ -60,6 +60,19 @@ def test_readme_tables_come_from_the_json(tmp_path):
         readme.render(text.replace("bench:quality", "bench:other"), str(tmp_path))
 
 
+def test_run_in_baseline(monkeypatch):
+    """Before / after in one run: without a baseline nothing runs; a baseline runs the function in a child
+    interpreter (here the installed package or this tree, whichever that child imports) and returns its JSON; a
+    malformed spec is refused by name."""
+    monkeypatch.delenv(harness.BASELINE_ENV, raising=False)
+    assert harness.run_in_baseline("harness", "machine_info") is None
+    monkeypatch.setenv(harness.BASELINE_ENV, "installed")
+    assert harness.run_in_baseline("harness", "machine_info")["cpu"] == harness.machine_info()["cpu"]
+    monkeypatch.setenv(harness.BASELINE_ENV, "/nowhere")
+    with pytest.raises(SystemExit, match="TWOTOWER_BENCH_BASELINE must be 'installed' or TREE:LIB"):
+        harness.run_in_baseline("harness", "machine_info")
+
+
 def test_scale_prefix_hits_count_each_prefix_after_its_first_request():
     from bench.bench_scale import prefix_hits
 

@@ -107,22 +107,6 @@ def test_strided_layouts(device, gen):
         check_against_oracle(args, out, lse, scale=scale)
 
 
-@pytest.mark.parametrize("mode", ["native", "fp32"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_gemm_paths(mode, dtype, gen, monkeypatch):
-    """Both CPU GEMM routes for 16-bit inputs: native low-precision brgemm (AMX where present) and widening
-    to fp32 sgemm; odd tile sizes and an odd head dim reach the padding branches."""
-    monkeypatch.setenv("TWOTOWER_CPU_LOWP_GEMM", mode)
-    for D, lens in [(128, [1300, 5]), (33, [259, 0])]:
-        args = make_inputs(gen, 2, 16, 8, 2, D, lens, dtype)
-        try:
-            out, lse = tt.block_attention(*args)
-        except RuntimeError as e:   # forced native GEMM on a CPU whose brgemm does not run: a refusal, not garbage
-            assert mode == "native" and "does not run on this CPU" in str(e), e
-            pytest.skip(f"native {dtype} brgemm unavailable here: {e}")
-        check_against_oracle(args, out, lse)
-
-
 @pytest.mark.parametrize("device", devices())
 def test_only_first_ctx_len_positions_are_read(device, gen):
     """Positions past ctx_lens[b] (and all of an empty row's cache) must not influence the result."""

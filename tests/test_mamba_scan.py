@@ -1,6 +1,7 @@
 """mamba_block_scan and reference.mamba_block_scan against the fp64 oracle (tests/oracle.py: the recurrence step
 by step per row and head): random seeds, block lengths 1..64, ragged
-rows, in-place and separate state outputs, strided views, fp32/bf16/fp16, bad input, opcheck."""
+rows, in-place and separate state outputs, strided views, fp32/bf16/fp16, every CPU vector path (bitwise equal
+to each other), NaN, bad input, opcheck."""
 import math
 
 import pytest
@@ -122,6 +123,67 @@ def test_strided_views_as_the_model_passes_them(device, gen):
     assert torch.equal(y, tt.mamba_block_scan(**dense))
     want = oracle.mamba_block_scan(**dense)[0]
     torch.testing.assert_close(y.cpu().double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=2e-5)
+
+
+CPU_PATHS = ["scalar", "avx2", "avx512"]   # the recurrence's vector code (TWOTOWER_SCAN_CPU_ISA forces it)
+
+
+def cpu_path(isa):
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in tt.ops.cpu_isas(),
+                                                      reason=f"this CPU does not run {isa}"))
+
+
+# Odd sizes: head rows not a multiple of the 4-row tile, state columns in one partial vector, several 64-column
+# chunks with a partial last one, the width-1/8 model's layer (8 heads x 64 x 128, one group).
+ODD_SHAPES = [(2, 16, 4, 8, 16, 2, 4), (3, 5, 6, 5, 7, 3, 4), (2, 9, 3, 7, 130, 1, 3), (1, 16, 8, 64, 128, 1, 4),
+              (2, 3, 2, 13, 64, 2, 2)]
+
+
+@pytest.mark.parametrize("isa", [cpu_path(i) for i in CPU_PATHS])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L,H,P,N,G,K", ODD_SHAPES)
+def test_each_cpu_path_matches_fp64_oracle(isa, dtype, B, L, H, P, N, G, K, monkeypatch, gen):
+    monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
+    args = make_inputs(gen, B, L, H, P, N, G, K, dtype)
+    lens = torch.randint(0, L + 1, (B,), generator=gen, dtype=torch.int32)
+    check(args, seq_lens=lens, dtype=dtype)
+
+
+@pytest.mark.parametrize("B,L,H,P,N,G,K", ODD_SHAPES)
+def test_cpu_paths_are_bitwise_equal(B, L, H, P, N, G, K, monkeypatch, gen):
+    """Same operations in the same order on every path: a model decodes the same tokens on every CPU."""
+    paths = [i for i in CPU_PATHS if i in tt.ops.cpu_isas()]
+    if len(paths) < 2:
+        pytest.skip(f"this CPU runs only {paths}")
+    args = make_inputs(gen, B, L, H, P, N, G, K, torch.float32)
+    runs = {}
+    for isa in paths:
+        monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
+        ssm = torch.empty_like(args["ssm_state"])
+        runs[isa] = tt.mamba_block_scan(**args, ssm_state_out=ssm), ssm
+    for isa in paths[1:]:
+        assert torch.equal(runs[isa][0], runs[paths[0]][0]) and torch.equal(runs[isa][1], runs[paths[0]][1]), isa
+
+
+@pytest.mark.parametrize("isa", [cpu_path(i) for i in CPU_PATHS])
+def test_nan_in_gives_nan_out(isa, monkeypatch, gen):
+    """A NaN in one head's x channel, in one state element or in a group's B channel reaches exactly the outputs
+    that depend on it."""
+    monkeypatch.setenv("TWOTOWER_SCAN_CPU_ISA", isa)
+    B, L, H, P, N, G, K = 2, 6, 4, 5, 20, 2, 4
+    args = make_inputs(gen, B, L, H, P, N, G, K, torch.float32)
+    args["xBC"][0, 3, 1 * P + 2] = float("nan")            # row 0, token 3, head 1's x row 2
+    args["ssm_state"][1, 2, 4, 17] = float("nan")           # row 1, head 2, state row 4 (last vector's tail)
+    args["xBC"][1, 2, H * P + 1 * N + 3] = float("nan")     # row 1, token 2, group 1's B (heads 2, 3)
+    ssm = torch.empty_like(args["ssm_state"])
+    y = tt.mamba_block_scan(**args, ssm_state_out=ssm).view(B, L, H, P)
+    nan = torch.zeros_like(y, dtype=torch.bool)
+    nan[0, 3:, 1, 2] = True
+    nan[1, :, 2, 4] = True
+    nan[1, 2:, 2:] = True
+    assert torch.equal(y.isnan(), nan)
+    assert ssm[0, 1, 2].isnan().all() and ssm[1, 2:].isnan().any(-1).all()
+    assert not ssm[0, [0, 2, 3]].isnan().any() and not ssm[1, :2].isnan().any()
 
 
 def test_reference_matches_oracle(gen):

@@ -16,18 +16,21 @@
 
 namespace tt {
 
-// C[M,N] (+)= A[M,K] @ op(B): row-major with leading dims, fp32 C; op(B) = B [K,N], or B^T when trans_b
-// (B stored [N,K]). A and B are fp32, or bf16/fp16 when the provider says it multiplies those natively.
-// The CPU kernel stays torch-free and the binding supplies the matrix library (oneDNN/AMX brgemm, MKL
-// sgemm) through this callback.
-using GemmFn = void (*)(void* ctx, DType ab_dtype, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
-                        const void* B, int64_t ldb, bool trans_b, float* C, int64_t ldc, bool accumulate);
+// fp32 C[M,N] (+)= A[M,K] @ op(B): row-major with leading dims; op(B) = B [K,N], or B^T when trans_b (B stored
+// [N,K]). The CPU kernels stay torch-free and the binding supplies the matrix library (MKL / oneDNN sgemm) through
+// this callback (common/cpu_gemm_torch.h).
+using GemmFn = void (*)(void* ctx, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                        int64_t ldb, bool trans_b, float* C, int64_t ldc, bool accumulate);
 
 struct CpuGemm {
   GemmFn fn = nullptr;
   void* ctx = nullptr;
-  bool native_lowp = false;  // bf16/fp16 tiles go to fn as they are; else the kernel converts them to fp32
 };
+
+// How the CPU kernel multiplies bf16 tiles (the binding picks the best this CPU runs; TWOTOWER_ATTN_CPU_ISA forces
+// one): widened to fp32 for the matrix library (every CPU; also fp16 tiles), vdpbf16ps microkernels (avx512_bf16),
+// or AMX tile products (amx). The two native ones read the same packed tiles (block_attention_bf16_cpu.cpp).
+enum class BaCpuBf16 : int32_t { kWiden = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
 struct BlockAttentionParams {
   const void *q, *k_blk, *v_blk, *k_ctx, *v_ctx;
@@ -48,6 +51,7 @@ struct BlockAttentionParams {
   float* part_o = nullptr;
   float* part_lse = nullptr;
   CpuGemm gemm;  // CPU only
+  BaCpuBf16 bf16 = BaCpuBf16::kWiden;  // CPU only: how bf16 tiles are multiplied
 };
 
 TT_HOST_DEVICE int64_t ba_group(const BlockAttentionParams& p) { return p.num_q_heads / p.num_kv_heads; }
@@ -82,6 +86,28 @@ Status block_attention_cpu_run_task(const BlockAttentionParams& p, const BlockAt
 // Merge the parts of (b,h) pairs [bh_begin, bh_end) into out / lse.
 Status block_attention_cpu_merge(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan,
                                  int64_t bh_begin, int64_t bh_end);
+
+// The bf16 tiles of the native paths (block_attention_bf16_cpu.cpp; x86 only, like the paths). A GEMM operand B is
+// packed in panels of kBaBf16Panel columns, each contiguous over the depth: pair row r of a panel holds, for each of
+// its columns, the two bf16 values of depth 2r and 2r+1 (the layout vdpbf16ps and AMX multiply).
+//   ba_pack_k_bf16: key rows [n, D] (ld apart) -> K^T as B: depth D rounded up to 32, n rounded up to 32 columns;
+//     zero past n and D.
+//   ba_pack_v_bf16: value rows [n, D] -> V as B: depth n rounded up to 32, D rounded up to 32 columns; zero past n, D.
+//   ba_bf16_gemm: C [rows, cols] (+)= A [rows, depth] . B with rows a multiple of 16, cols of kBaBf16Panel, depth
+//     of 32 (A rows contiguous in depth, lda elements apart; C rows ldc floats apart; fp32 accumulation).
+//   ba_bf16_begin / ba_bf16_end: around a thread's GEMMs on one path (AMX: tile configuration and release).
+constexpr int64_t kBaBf16Panel = 32;
+void ba_pack_k_bf16(const uint16_t* k, int64_t ld, int64_t n, int64_t D, uint16_t* dst);
+void ba_pack_v_bf16(const uint16_t* v, int64_t ld, int64_t n, int64_t D, uint16_t* dst);
+void ba_bf16_gemm(BaCpuBf16 path, int64_t rows, int64_t cols, int64_t depth, const uint16_t* A, int64_t lda,
+                  const uint16_t* B, float* C, int64_t ldc, bool accumulate);
+void ba_bf16_begin(BaCpuBf16 path);
+void ba_bf16_end(BaCpuBf16 path);
+// One row of the online softmax for the native paths (16 lanes, avx512_bf16): scores row[0, live_n) (raw, times
+// scale) against the running max m_old -> *m_new; writes exp(scale * s - m_new) as bf16 to prow[0, width) (0 past
+// live_n; width a multiple of 16) and returns their fp32 sum.
+float ba_softmax_row_bf16(const float* row, int64_t live_n, int64_t width, float scale, float m_old, uint16_t* prow,
+                          float* m_new);
 
 // ---------------------------------------------------------------------------------------------------
 // CUDA. The plan (path choice, grid, shared memory, per-row splits) is host-only: block_attention_cuda_plan.h.

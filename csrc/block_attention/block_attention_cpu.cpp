@@ -1,116 +1,88 @@
 // CPU block attention: per task (b, kv head, key chunk) an online softmax over K/V tiles of kTileKeys keys,
-// with all M = S*G query rows of the KV head in one GEMM per tile (the matrix work goes through the
-// params' GEMM callback: the binding's matrix library). The softmax is vectorised with GCC vector
-// extensions (8 lanes; AVX2 here, generic code elsewhere), no intrinsics.
+// with all M = S*G query rows of the KV head in one GEMM per tile: fp32 tiles through the params' GEMM callback (the
+// binding's matrix library), bf16 tiles natively where the CPU multiplies bf16 (block_attention_bf16_cpu.cpp). The
+// softmax is vectorised with GCC vector extensions (8 lanes; AVX2 here, generic code elsewhere), no intrinsics.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
 
 #include "block_attention/block_attention.h"
+#include "common/cpu_isa.h"
 #include "common/half_cpu.h"
+#include "common/vec8_cpu.h"
 
 namespace tt {
 namespace {
 
 constexpr int64_t kTileKeys = 256;  // keys per GEMM: 256x128 @ 128x256 keeps Q, K^T, V, S, O in L2
-constexpr int kLanes = 8;
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-inline f32x8 splat(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
-inline f32x8 load8(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-
-// exp(x) for the softmax terms (x <= 0 up to rounding): Cephes-style range reduction + degree-6 polynomial,
-// ~2 ulp; exactly 0 below -87 (also for -inf), where expf is subnormal or 0 anyway.
-inline f32x8 exp8(f32x8 x) {
-  const i32x8 under = x < splat(-87.f);
-  x = under ? splat(-87.f) : x;
-  x = x > splat(88.f) ? splat(88.f) : x;
-  const f32x8 shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const f32x8 t = x * splat(1.44269504088896341f) + shifter;
-  const f32x8 n = t - shifter;
-  f32x8 r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  f32x8 y = splat(1.9875691500e-4f);
-  y = y * r + splat(1.3981999507e-3f);
-  y = y * r + splat(8.3334519073e-3f);
-  y = y * r + splat(4.1665795894e-2f);
-  y = y * r + splat(1.6666665459e-1f);
-  y = y * r + splat(5.0000001201e-1f);
-  y = y * (r * r) + r + splat(1.f);
-  const i32x8 ni = __builtin_bit_cast(i32x8, t) - __builtin_bit_cast(i32x8, shifter);
-  const f32x8 pow2 = __builtin_bit_cast(f32x8, (ni + 127) << 23);
-  const f32x8 e = y * pow2;
-  return under ? splat(0.f) : e;
-}
-
 inline float hmax(f32x8 v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  for (int i = 1; i < kLanes8; ++i) m = std::max(m, v[i]);
   return m;
 }
 inline float hmin(f32x8 v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::min(m, v[i]);
+  for (int i = 1; i < kLanes8; ++i) m = std::min(m, v[i]);
   return m;
 }
 inline float hsum(f32x8 v) {
   float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
+  for (int i = 0; i < kLanes8; ++i) s += v[i];
   return s;
 }
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Storage type of the tiles handed to the GEMM: T itself when the provider multiplies T natively.
-template <typename T, bool kNative> struct Compute { using type = float; };
-template <typename T> struct Compute<T, true> { using type = T; };
-
-template <typename C, typename T> inline C convert(T x) {
-  if constexpr (std::is_same_v<C, T>) return x; else return to_float(x);
-}
-
-// Per-thread scratch, reused across tasks (sized for the largest task seen).
+// Per-thread scratch, reused across tasks (sized for the largest task seen). Every tile starts on a 64-byte
+// boundary: the native paths' 64-byte vector and tile rows then never straddle two cache lines.
 struct Scratch {
-  std::vector<float> s, o, m, l;
-  std::vector<unsigned char> q, kt, v, p;
+  std::vector<float> m, l;
+  std::vector<unsigned char> s, o, q, kt, v, p;
   template <typename E> static E* get(std::vector<unsigned char>& buf, int64_t n) {
-    if (buf.size() < size_t(n) * sizeof(E)) buf.resize(size_t(n) * sizeof(E));
-    return reinterpret_cast<E*>(buf.data());
+    if (buf.size() < size_t(n) * sizeof(E) + 64) buf.resize(size_t(n) * sizeof(E) + 64);
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<E*>((a + 63) & ~uintptr_t(63));
   }
 };
 
-template <typename T, bool kNative>
+// A task's tiles, multiplied one of two ways:
+//   kBf16 = false: fp32 tiles for the matrix library (fp32 inputs as they are; bf16 / fp16 widened exactly).
+//   kBf16 = true (bf16 inputs, x86): packed bf16 tiles for ba_bf16_gemm on p.bf16's instructions; the
+//     probabilities are rounded to bf16 for P V (their row sums stay fp32). Rows are padded to 16, the head dim
+//     and the keys to 32, with zeros, so the GEMMs need no tails.
+template <typename T, bool kBf16>
 void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int64_t slot) {
-  using C = typename Compute<T, kNative>::type;
-  constexpr DType kGemmDtype = std::is_same_v<C, float> ? DType::kFloat32 : std::is_same_v<C, bf16_t> ? DType::kBFloat16
-                                                                                                     : DType::kFloat16;
   thread_local Scratch sc;
   const int64_t G = ba_group(p), M = ba_rows(p), D = p.head_dim, Lt = kTileKeys, b = task.b, h = task.h;
   const int64_t ctx = p.ctx_lens[b];
-  if (sc.s.size() < size_t(M * Lt)) sc.s.resize(M * Lt);
-  if (sc.o.size() < size_t(M * D)) sc.o.resize(M * D);
+  const int64_t Mp = kBf16 ? round_up(M, 16) : M, dq = kBf16 ? round_up(D, 32) : D, ldo = kBf16 ? round_up(D, 32) : D;
   if (sc.m.size() < size_t(M)) { sc.m.resize(M); sc.l.resize(M); }
-  C* qc = Scratch::get<C>(sc.q, M * D);
-  C* kt = Scratch::get<C>(sc.kt, D * Lt);
-  C* vt = std::is_same_v<C, T> ? nullptr : Scratch::get<C>(sc.v, Lt * D);
-  C* pc = kNative ? Scratch::get<C>(sc.p, M * Lt) : nullptr;
-  float *s = sc.s.data(), *o = sc.o.data(), *mrow = sc.m.data(), *lrow = sc.l.data();
+  using Q = std::conditional_t<kBf16, uint16_t, float>;  // element of the packed Q, K and V tiles
+  Q* qc = Scratch::get<Q>(sc.q, Mp * dq);
+  Q* kt = Scratch::get<Q>(sc.kt, dq * Lt);
+  Q* vt = Scratch::get<Q>(sc.v, Lt * ldo);
+  uint16_t* pc = kBf16 ? Scratch::get<uint16_t>(sc.p, Mp * Lt) : nullptr;
+  float *s = Scratch::get<float>(sc.s, Mp * Lt), *o = Scratch::get<float>(sc.o, Mp * ldo);
+  float *mrow = sc.m.data(), *lrow = sc.l.data();
 
   // Pack the M = S*G query rows of this KV head (row m = s*G + g).
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * G * p.q_stride_h;
+  if constexpr (kBf16) {
+    std::fill(qc, qc + Mp * dq, uint16_t(0));
+    std::fill(pc + M * Lt, pc + Mp * Lt, uint16_t(0));  // padding rows: zero probabilities
+  }
   for (int64_t si = 0; si < p.block_len; ++si)
     for (int64_t g = 0; g < G; ++g) {
       const T* src = q + si * p.q_stride_s + g * p.q_stride_h;
-      C* dst = qc + (si * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = convert<C>(src[d]);
+      Q* dst = qc + (si * G + g) * dq;
+      if constexpr (kBf16) std::memcpy(dst, src, D * sizeof(uint16_t));
+      else for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
     }
-  std::fill(o, o + M * D, 0.f);
+  std::fill(o, o + Mp * ldo, 0.f);
   std::fill(mrow, mrow + M, -INFINITY);
   std::fill(lrow, lrow + M, 0.f);
+  if constexpr (kBf16) ba_bf16_begin(p.bf16);
 
   // Row b's keys: context 0..ctx, then the block's S keys.
   const T* kc = static_cast<const T*>(p.k_ctx) + b * p.kc_stride_b + h * p.kc_stride_h;
@@ -123,49 +95,31 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     // A tile never straddles the context / block boundary, so its rows are evenly strided in one tensor.
     n = std::min(Lt, task.key_end - t0);
     if (t0 < ctx) n = std::min(n, ctx - t0);
-    const int64_t n8 = round_up(n, kLanes);
+    const int64_t n8 = round_up(n, kLanes8), n32 = round_up(n, 32);
     // Causal: block query s sees key t0 iff t0 < ctx + s + 1, so the rows of queries s < t0 - ctx see none
-    // of this tile: both GEMMs and the softmax start at row r0 (the rows are ordered by query).
+    // of this tile: both GEMMs and the softmax start at row r0 (the rows are ordered by query); the bf16 GEMMs at
+    // r0 rounded down to 16, with zero probabilities in the rows between.
     const int64_t r0 = p.causal ? std::clamp<int64_t>(t0 - ctx, 0, p.block_len) * G : 0;
     if (r0 == M) continue;
+    const int64_t rg = kBf16 ? r0 / 16 * 16 : r0;
     const bool in_ctx = t0 < ctx;
     const T* kt0 = in_ctx ? kc + t0 * p.kc_stride_l : kb + (t0 - ctx) * p.kb_stride_s;
     const T* vt0 = in_ctx ? vc + t0 * p.vc_stride_l : vb + (t0 - ctx) * p.vb_stride_s;
     const int64_t kld = in_ctx ? p.kc_stride_l : p.kb_stride_s, vld = in_ctx ? p.vc_stride_l : p.vb_stride_s;
-    // K operand: fp32 reads the cache in place as B^T; widened bf16/fp16 rows are converted into [n, D];
-    // native low precision gets K^T [D, n] (brgemm takes no transposed B), 8 keys per run of stores.
-    const C* kop = kt;
-    int64_t kop_ld = D;
-    bool trans = true;
-    if constexpr (std::is_same_v<C, T>) {
-      if constexpr (std::is_same_v<T, float>) {
-        for (int64_t j = 0; j < n; ++j) std::memcpy(kt + j * D, kt0 + j * kld, D * sizeof(float));
-      } else {
-        for (int64_t j = 0; j < n; j += kLanes) {
-          const int64_t jn = std::min<int64_t>(kLanes, n - j);
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t jj = 0; jj < jn; ++jj) kt[d * Lt + j + jj] = kt0[(j + jj) * kld + d];
-        }
-        kop_ld = Lt;
-        trans = false;
+    if constexpr (kBf16) {  // S = Q K^T (unscaled) on the packed tiles
+      ba_pack_k_bf16(reinterpret_cast<const uint16_t*>(kt0), kld, n, D, kt);
+      ba_pack_v_bf16(reinterpret_cast<const uint16_t*>(vt0), vld, n, D, vt);
+      ba_bf16_gemm(p.bf16, Mp - rg, n32, dq, qc + rg * dq, dq, kt, s + rg * Lt, Lt, false);
+    } else {  // K [n, D] as B^T: fp32 rows copied, 16-bit rows widened; V [n, D] in place for fp32
+      for (int64_t j = 0; j < n; ++j) {
+        if constexpr (std::is_same_v<T, float>) std::memcpy(kt + j * D, kt0 + j * kld, D * sizeof(float));
+        else for (int64_t d = 0; d < D; ++d) kt[j * D + d] = to_float(kt0[j * kld + d]);
       }
-    } else {
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = 0; d < D; ++d) kt[j * D + d] = convert<C>(kt0[j * kld + d]);
+      if constexpr (!std::is_same_v<T, float>)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t d = 0; d < D; ++d) vt[j * D + d] = to_float(vt0[j * vld + d]);
+      p.gemm.fn(p.gemm.ctx, M - r0, n, D, qc + r0 * D, D, kt, D, true, s + r0 * Lt, Lt, false);
     }
-    // V operand [n, D]: in place unless it has to be widened.
-    const C* vop = vt;
-    int64_t vop_ld = D;
-    if constexpr (std::is_same_v<C, T>) {
-      vop = vt0;
-      vop_ld = vld;
-    } else {
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = 0; d < D; ++d) vt[j * D + d] = convert<C>(vt0[j * vld + d]);
-    }
-    const int64_t Mt = M - r0;
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, n, D, qc + r0 * D, D, kop, kop_ld, trans, s + r0 * Lt, Lt,
-              false);  // S = Q K^T (unscaled)
 
     // Online softmax per row. Pass 1 reads only (max and min of the raw scores, so any sign of scale
     // works); pass 2 writes the probabilities. Lanes past the row's live count count as -inf, i.e. exp = 0:
@@ -173,41 +127,52 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
     for (int64_t r = r0; r < M; ++r) {
       float* row = s + r * Lt;
       const int64_t live_n = p.causal ? std::min(ctx + r / G + 1 - t0, n) : n;  // >= 1 from row r0 on
-      const f32x8 vlive = splat(float(live_n));
-      f32x8 vmax = splat(-INFINITY), vmin = splat(INFINITY);
-      for (int64_t j = 0; j < n8; j += kLanes) {
-        const f32x8 x = load8(row + j);
-        const i32x8 live = lane + splat(float(j)) < vlive;
-        vmax = (live & (x > vmax)) ? x : vmax;
-        vmin = (live & (x < vmin)) ? x : vmin;
-      }
-      const float m_new = std::max(mrow[r], c >= 0.f ? c * hmax(vmax) : c * hmin(vmin));
-      const f32x8 vm = splat(m_new), vc8 = splat(c);
-      f32x8 vsum = splat(0.f);
-      for (int64_t j = 0; j < n8; j += kLanes) {
-        f32x8 x = load8(row + j) * vc8 - vm;
-        if (j + kLanes > live_n) x = (lane + splat(float(j)) < vlive) ? x : splat(-INFINITY);
-        const f32x8 e = exp8(x);
-        vsum += e;
-        if constexpr (kNative) {
-          for (int i = 0; i < kLanes; ++i) pc[r * Lt + j + i] = from_float<C>(e[i]);
-        } else {
+      float m_new, row_sum;
+      if constexpr (kBf16) {
+        row_sum = ba_softmax_row_bf16(row, live_n, n32, c, mrow[r], pc + r * Lt, &m_new);
+      } else {
+        const f32x8 vlive = splat8(float(live_n));
+        f32x8 vmax = splat8(-INFINITY), vmin = splat8(INFINITY);
+        for (int64_t j = 0; j < n8; j += kLanes8) {
+          const f32x8 x = load8(row + j);
+          const i32x8 live = lane + splat8(float(j)) < vlive;
+          vmax = (live & (x > vmax)) ? x : vmax;
+          vmin = (live & (x < vmin)) ? x : vmin;
+        }
+        m_new = std::max(mrow[r], c >= 0.f ? c * hmax(vmax) : c * hmin(vmin));
+        const f32x8 vm = splat8(m_new), vc8 = splat8(c);
+        f32x8 vsum = splat8(0.f);
+        for (int64_t j = 0; j < n8; j += kLanes8) {
+          f32x8 x = load8(row + j) * vc8 - vm;
+          if (j + kLanes8 > live_n) x = (lane + splat8(float(j)) < vlive) ? x : splat8(-INFINITY);
+          const f32x8 e = exp8(x);
+          vsum += e;
           store8(row + j, e);
         }
+        row_sum = hsum(vsum);
       }
-      const float alpha = exp8(splat(mrow[r] - m_new))[0];  // 0 on the first tile (m = -inf)
-      lrow[r] = lrow[r] * alpha + hsum(vsum);
+      const float alpha = exp8(splat8(mrow[r] - m_new))[0];  // 0 on the first tile (m = -inf)
+      lrow[r] = lrow[r] * alpha + row_sum;
       mrow[r] = m_new;
       if (alpha != 1.f) {
-        float* orow = o + r * D;
+        float* orow = o + r * ldo;
         for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
       }
     }
-    const C* pa;
-    if constexpr (kNative) pa = pc; else pa = s;
-    p.gemm.fn(p.gemm.ctx, kGemmDtype, Mt, D, n, pa + r0 * Lt, Lt, vop, vop_ld, false, o + r0 * D, D,
-              true);  // O += P V
+    if constexpr (kBf16) {  // O += P V
+      for (int64_t r = rg; r < r0; ++r) std::fill(pc + r * Lt, pc + r * Lt + n32, uint16_t(0));
+      ba_bf16_gemm(p.bf16, Mp - rg, ldo, n32, pc + rg * Lt, Lt, vt, o + rg * ldo, ldo, true);
+    } else {
+      const float* vop = vt;
+      int64_t vop_ld = D;
+      if constexpr (std::is_same_v<T, float>) {
+        vop = vt0;
+        vop_ld = vld;
+      }
+      p.gemm.fn(p.gemm.ctx, M - r0, D, n, s + r0 * Lt, Lt, vop, vop_ld, false, o + r0 * D, D, true);
+    }
   }
+  if constexpr (kBf16) ba_bf16_end(p.bf16);
 
   float* po = p.part_o + slot * M * D;
   float* pl = p.part_lse + slot * M;
@@ -216,7 +181,7 @@ void run_task(const BlockAttentionParams& p, const BlockAttentionTask& task, int
   for (int64_t r = 0; r < M; ++r) {
     const float l = lrow[r];
     const float inv = l > 0.f ? 1.f / l : std::isnan(l) ? NAN : 0.f;
-    for (int64_t d = 0; d < D; ++d) po[r * D + d] = o[r * D + d] * inv;
+    for (int64_t d = 0; d < D; ++d) po[r * D + d] = o[r * ldo + d] * inv;
     pl[r] = l > 0.f ? mrow[r] + std::log(l) : std::isnan(l) ? NAN : -INFINITY;
   }
 }
@@ -280,15 +245,18 @@ BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p, in
 Status block_attention_cpu_run_task(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan, int64_t task) {
   if (p.gemm.fn == nullptr) return Status::kUnsupportedShape;
   const auto& t = plan.tasks[task];
-  const bool native = p.gemm.native_lowp;
   switch (p.dtype) {
     case DType::kFloat32: run_task<float, false>(p, t, task); break;
     case DType::kBFloat16:
-      native ? run_task<bf16_t, true>(p, t, task) : run_task<bf16_t, false>(p, t, task);
+#ifdef TT_X86
+      if (p.bf16 != BaCpuBf16::kWiden) {
+        run_task<bf16_t, true>(p, t, task);
+        break;
+      }
+#endif
+      run_task<bf16_t, false>(p, t, task);
       break;
-    case DType::kFloat16:
-      native ? run_task<fp16_t, true>(p, t, task) : run_task<fp16_t, false>(p, t, task);
-      break;
+    case DType::kFloat16: run_task<fp16_t, false>(p, t, task); break;
     default: return Status::kUnsupportedDType;
   }
   return Status::kOk;

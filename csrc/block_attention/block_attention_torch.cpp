@@ -13,6 +13,7 @@
 
 #include "block_attention/block_attention.h"
 #include "common/cpu_gemm_torch.h"
+#include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
 
 namespace {
@@ -102,6 +103,20 @@ BlockAttentionPlan plan_block_attention(const Tensor& q, const Tensor& k_blk, co
   return plan;
 }
 
+// How bf16 tiles are multiplied: AMX tiles where the CPU has them (and the OS grants them), else vdpbf16ps where
+// avx512_bf16 exists, else widened to fp32 for the matrix library; TWOTOWER_ATTN_CPU_ISA=avx2|avx512 forces the
+// widening, =avx512_bf16 the vdpbf16ps kernels, =amx the AMX ones (tests run each; bench/bench_block_attention.py
+// times each). On the Xeon (1 thread, 32 q / 2 kv heads, ctx 4096, best of 12 on a busy machine): fp32 11.8 ms,
+// bf16 widened 14.5 ms, vdpbf16ps 13.2 ms (there its throughput only matches two fp32 FMAs), AMX 2.9 ms. On the
+// avx512_bf16 EPYC without AMX the bf16 matmul runs at 2.3x the fp32 one (issue 29), which vdpbf16ps is for.
+tt::BaCpuBf16 attention_cpu_bf16() {
+  switch (cpu_isa_from_env("TWOTOWER_ATTN_CPU_ISA", tt::CpuIsa::kAmx)) {
+    case tt::CpuIsa::kAmx: return tt::BaCpuBf16::kAmx;
+    case tt::CpuIsa::kAvx512Bf16: return tt::BaCpuBf16::kAvx512Bf16;
+    default: return tt::BaCpuBf16::kWiden;
+  }
+}
+
 void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   auto& p = plan.p;
   for (int64_t b = 0; b < p.batch; ++b) {
@@ -109,8 +124,8 @@ void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
                       p.ctx_capacity, "] (k_ctx dim 1), got ctx_lens[", b, "] = ", p.ctx_lens[b]);
   }
   if (p.batch == 0) return;
-  CpuGemmCtx gctx;
-  p.gemm = make_cpu_gemm(q.scalar_type(), gctx);
+  p.gemm = cpu_sgemm();
+  p.bf16 = attention_cpu_bf16();
 
   const int64_t threads = at::get_num_threads();
   const auto cplan = tt::block_attention_cpu_plan(p, threads);
@@ -124,7 +139,6 @@ void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   at::parallel_for(0, std::min(threads, ntasks), 1, [&](int64_t, int64_t) {
     for (int64_t i; (i = next.fetch_add(1)) < ntasks;)
       check_status(tt::block_attention_cpu_run_task(p, cplan, cplan.order[i]), "block_attention");
-    cpu_gemm_release(gctx);
   });
   at::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t b, int64_t e) {
     check_status(tt::block_attention_cpu_merge(p, cplan, b, e), "block_attention");

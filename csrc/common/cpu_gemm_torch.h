@@ -1,6 +1,7 @@
-// The CPU kernels' GEMM provider (tt::CpuGemm, block_attention.h): C[M,N] (+)= A[M,K] @ op(B) on ATen's matrix
-// libraries, so torch-free kernel code gets MKL/oneDNN sgemm and, where the CPU has native bf16/fp16 units
-// (AMX), oneDNN's brgemm. Shared by every CPU kernel that multiplies matrices.
+// The CPU kernels' matrix library (tt::CpuGemm, block_attention.h): fp32 C[M,N] (+)= A[M,K] @ op(B) on ATen's
+// sgemm (MKL / oneDNN), so torch-free kernel code gets the library where it wins (the MoE op's many-token experts,
+// widened attention tiles). bf16 tiles do not come here: the kernels multiply them with their own vdpbf16ps / AMX
+// code (block_attention_bf16_cpu.cpp), which needs no packing API of the library.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -8,20 +9,6 @@
 
 namespace tt::torch_glue {
 
-// Context of the callback: whether B tiles are packed to VNNI pairs for brgemm.
-struct CpuGemmCtx {
-  bool vnni = false;
-};
-
-// bf16/fp16 tiles go to the matrix library as they are only where it has native units for them (AMX: oneDNN's
-// brgemm can pack); elsewhere widening to fp32 and sgemm is far faster than ATen's bf16 fallback GEMM.
-// TWOTOWER_CPU_LOWP_GEMM=native|fp32 overrides the choice (tests run both).
-bool cpu_native_lowp(at::ScalarType st);
-
-// A CpuGemm for tiles of `st` whose context lives in `ctx` (which must outlive the kernel call).
-CpuGemm make_cpu_gemm(at::ScalarType st, CpuGemmCtx& ctx);
-
-// Call at the end of a parallel region that used the gemm (releases brgemm's per-thread AMX state).
-void cpu_gemm_release(const CpuGemmCtx& ctx);
+CpuGemm cpu_sgemm();
 
 }  // namespace tt::torch_glue

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_isa.h"
 #include "common/platform.h"
 #if defined(__CUDACC__)
 #include "common/half_cuda.cuh"
@@ -92,11 +93,20 @@ TT_HOST_DEVICE float mamba_conv_silu(const MambaScanParams& p, int64_t b, int64_
   return to_float(from_float<T>(mamba_silu(acc)));
 }
 
-// CPU: the scan for work items [begin, end) of batch*nheads (item = b*nheads + h). Reads the conv state
-// but never writes it, so it may run in parallel with any other items.
-Status mamba_scan_cpu(const MambaScanParams& p, int64_t begin, int64_t end);
-// CPU: final conv state of rows [begin, end); run after every scan item that reads the state is done.
-Status mamba_conv_state_update_cpu(const MambaScanParams& p, int64_t begin, int64_t end);
+// CPU, in two phases through a scratch `act` [batch, seqlen, conv_dim] fp32 (the activated conv output of every
+// live token, already rounded to the storage dtype), so a group's B and C channels are convolved once, not once
+// per head:
+//   1. mamba_conv_cpu over items (row b, block of kMambaConvBlock channels) = b * mamba_conv_blocks(p) + block:
+//      act for those channels, then their final conv state (conv_state_out) — each item is the only reader of its
+//      channels' conv state, so the in-place update needs no second pass;
+//   2. mamba_scan_cpu over items (row b, head h) = b * nheads + h, after every conv item: the recurrence, y and
+//      the final SSM state. Items of one phase may run in any order on any threads.
+// `isa` picks the recurrence's vector code (AVX-512, AVX2 + FMA or scalar); every path computes the same
+// operations in the same order, so the results are bitwise equal across them.
+constexpr int64_t kMambaConvBlock = 256;
+inline int64_t mamba_conv_blocks(const MambaScanParams& p) { return (p.conv_dim + kMambaConvBlock - 1) / kMambaConvBlock; }
+Status mamba_conv_cpu(const MambaScanParams& p, float* act, int64_t begin, int64_t end);
+Status mamba_scan_cpu(const MambaScanParams& p, CpuIsa isa, const float* act, int64_t begin, int64_t end);
 
 // CUDA: the scan and (if conv_state_out) the conv-state update, on `stream` (a cudaStream_t); async.
 Status mamba_scan_cuda(const MambaScanParams& p, void* stream);

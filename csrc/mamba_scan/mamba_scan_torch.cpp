@@ -8,6 +8,8 @@
 #include <optional>
 
 #include "mamba_scan/mamba_scan.h"
+#include "common/call_scratch_cpu.h"
+#include "common/cpu_isa_torch.h"
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 
@@ -143,15 +145,18 @@ Tensor mamba_block_scan_cpu(const Tensor& xbc, const Tensor& dt, const Tensor& c
   auto plan = plan_mamba_block_scan(xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                     seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out);
   const auto& p = plan.p;
-  // (row, head) items of seqlen x headdim x dstate state updates each: inline for an AR step or a small
-  // model's block, a dynamic split for a denoiser block of a wide model or a prompt (common/parallel_cpu.h).
+  const tt::CpuIsa isa = cpu_isa_from_env("TWOTOWER_SCAN_CPU_ISA", tt::CpuIsa::kAvx512);
+  // The activated conv output of every live token, fp32 (common/call_scratch_cpu.h: no per-call allocation).
+  struct ActTag;
+  const tt::CallScratch<float, ActTag> scratch(size_t(p.batch * p.seqlen * p.conv_dim));
+  float* act = scratch.data();
+  // Conv items (row, channel block), then (row, head) scan items once every conv item is done. Each runs inline
+  // for an AR step or a small model's block and splits dynamically for a wide model or a prompt
+  // (common/parallel_cpu.h); work per item in elements of about the same cost.
+  tt::parallel_chunks(p.batch * tt::mamba_conv_blocks(p), p.seqlen * tt::kMambaConvBlock * p.kernel,
+                      [&](int64_t b, int64_t e) { check_status(tt::mamba_conv_cpu(p, act, b, e), "mamba_block_scan"); });
   tt::parallel_chunks(p.batch * p.nheads, p.seqlen * p.headdim * p.dstate, [&](int64_t b, int64_t e) {
-    check_status(tt::mamba_scan_cpu(p, b, e), "mamba_block_scan");
-  });
-  // The conv state is rewritten only after every (row, head) item has read it: it may be the input too.
-  // A copy of (kernel - 1) columns per row: inline unless the batch is large.
-  tt::parallel_chunks(p.batch, (p.kernel - 1) * p.conv_dim, [&](int64_t b, int64_t e) {
-    check_status(tt::mamba_conv_state_update_cpu(p, b, e), "mamba_block_scan");
+    check_status(tt::mamba_scan_cpu(p, isa, act, b, e), "mamba_block_scan");
   });
   return plan.y;
 }

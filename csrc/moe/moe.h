@@ -89,9 +89,13 @@ struct MoeCpuPlan {
   bool any_library = false;
   int64_t bad_index = -1;            // first flat (t*k + j) whose id is outside [0, E), or -1
   int64_t bad_value = 0;             // that id
+  std::vector<int64_t> work_count;   // planning scratch: slots per expert, then each active expert's next slot
+  std::vector<int32_t> work_ids;     // planning scratch: the ids as int32
 };
 
-MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg);
+// Fills pl for p's routing; its vectors keep their capacity, so a plan reused across calls allocates nothing once
+// warm.
+void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl);
 inline int64_t moe_down_tiles(const MoeParams& p, const MoeCpuPlan& pl) {
   return (p.hidden + pl.tile_down - 1) / pl.tile_down;
 }

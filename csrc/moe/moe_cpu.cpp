@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common/half_cpu.h"
+#include "common/vec8_cpu.h"
 #include "moe/moe.h"
 
 namespace tt {
@@ -126,34 +127,43 @@ const void* weight_rows(const MoeParams& p, MoeCpuIsa isa, bool up, int64_t e, i
 // The matrix library on fp32 operands: C[M, N] = A[M, K] @ B[N, K]^T.
 void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
-  g.fn(g.ctx, DType::kFloat32, M, N, K, A, lda, B, ldb, true, C, ldc, false);
+  g.fn(g.ctx, M, N, K, A, lda, B, ldb, true, C, ldc, false);
 }
 
 }  // namespace
 
-MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg) {
-  MoeCpuPlan pl;
+void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
   const int64_t T = p.tokens, k = p.topk, E = p.experts, n = T * k;
-  std::vector<int64_t> count(E + 1, 0);
-  std::vector<int32_t> ids(n);
+  pl.active.clear();
+  pl.begin.clear();
+  pl.library.clear();
+  pl.up_items.clear();
+  pl.any_library = false;
+  pl.bad_index = -1;
+  pl.bad_value = 0;
+  std::vector<int64_t>& count = pl.work_count;
+  std::vector<int32_t>& ids = pl.work_ids;
+  count.assign(E + 1, 0);
+  ids.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = p.ids_int64 ? static_cast<const int64_t*>(p.expert_ids)[i]
                                   : static_cast<const int32_t*>(p.expert_ids)[i];
     if (e < 0 || e >= E) {
       pl.bad_index = i;
       pl.bad_value = e;
-      return pl;
+      return;
     }
     ids[i] = int32_t(e);
     ++count[e];
   }
-  std::vector<int64_t> pos(E, -1);
+  std::vector<int64_t>& pos = count;  // reused in place: each active expert's next slot
   pl.begin.push_back(0);
   for (int64_t e = 0; e < E; ++e) {
     if (count[e] == 0) continue;
+    const int64_t c = count[e];
     pos[e] = pl.begin.back();
     pl.active.push_back(int32_t(e));
-    pl.begin.push_back(pl.begin.back() + count[e]);
+    pl.begin.push_back(pl.begin.back() + c);
   }
   pl.slot_token.resize(n);
   pl.slot_weight.resize(n);
@@ -178,7 +188,6 @@ MoeCpuPlan moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg) {
   for (int64_t a = 0; a < na; ++a)
     if (!pl.library[a])
       for (int64_t t = 0; t < tiles; ++t) pl.up_items.push_back({int32_t(a), int32_t(t)});
-  return pl;
 }
 
 Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, const MoeUpItem& item,
@@ -193,9 +202,18 @@ Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuCon
     const void* b = weight_rows(p, cfg.isa, true, e, n0, nt, false, s.wb, &ldb);
     moe_gemm_nt(cfg.isa, p.dtype, M, nt, H, p.x, tok, p.x_stride, b, ldb, s.c.data(), nt);
     for (int64_t i = 0; i < M; ++i) {
-      const float* c = s.c.data() + i * nt;
-      store_rounded(p.dtype, static_cast<char*>(buf.hidden) + ((s0 + i) * I + n0) * es, nt,
-                    [c](int64_t j) { return relu2(c[j]); });
+      float* c = s.c.data() + i * nt;
+      void* h = static_cast<char*>(buf.hidden) + ((s0 + i) * I + n0) * es;
+      if (p.dtype == DType::kBFloat16) {  // 8 at a time: the scalar rounding's NaN branch keeps GCC from vectorising
+        int64_t j = 0;
+        for (; j + kLanes8 <= nt; j += kLanes8) {
+          const f32x8 v = load8(c + j), r = v < splat8(0.f) ? splat8(0.f) : v;  // relu(NaN) = NaN
+          store_bf16x8(static_cast<uint16_t*>(h) + j, r * r);
+        }
+        for (; j < nt; ++j) static_cast<bf16_t*>(h)[j] = from_float<bf16_t>(relu2(c[j]));
+      } else {
+        store_rounded(p.dtype, h, nt, [c](int64_t j) { return relu2(c[j]); });
+      }
     }
     return Status::kOk;
   }

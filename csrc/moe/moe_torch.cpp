@@ -26,6 +26,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/call_scratch_cpu.h"
 #include "common/cpu_gemm_torch.h"
 #include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
@@ -211,7 +212,7 @@ struct MoeWork {
   std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
 
   void work() {
-    tt::MoeCpuScratch s;
+    thread_local tt::MoeCpuScratch s;  // grown on demand, kept across calls
     for (int64_t i; (i = next.fetch_add(1)) < total;) {
       if (i >= n_up) {
         while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
@@ -260,23 +261,24 @@ void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
 
 void run_moe_cpu(const tt::MoeParams& p) {
   if (p.tokens == 0) return;
-  CpuGemmCtx gctx;
   tt::MoeCpuConfig cfg;
   cfg.isa = cpu_isa_from_env("TWOTOWER_MOE_CPU_ISA", tt::kMoeCpuIsaMax);
   cfg.gemm = moe_cpu_gemm_choice();
-  cfg.library = make_cpu_gemm(at::kFloat, gctx);
-  const auto pl = tt::moe_cpu_plan(p, cfg);
+  cfg.library = cpu_sgemm();
+  // The plan and the hidden activations reuse per-thread storage (no allocation once warm); helpers get them by
+  // reference / pointer (common/call_scratch_cpu.h).
+  thread_local tt::MoeCpuPlan plan;
+  tt::MoeCpuPlan& pl = plan;
+  tt::moe_cpu_plan(p, cfg, pl);
   TORCH_CHECK_VALUE(pl.bad_index < 0, "twotower: expert_ids must be in [0, ", p.experts, ") (w_up's experts), got ",
                     pl.bad_value, " at [", pl.bad_index / std::max<int64_t>(p.topk, 1), ", ",
                     pl.bad_index % std::max<int64_t>(p.topk, 1), "]");
-  const auto st = p.dtype == tt::DType::kFloat32 ? at::kFloat : p.dtype == tt::DType::kBFloat16 ? at::kBFloat16
-                                                                                                 : at::kHalf;
-  const auto opts = at::TensorOptions().dtype(st);
-  auto hidden = at::empty({p.tokens * p.topk, p.inter}, opts);
-  Tensor hidden32 = st == at::kFloat ? hidden
-                    : pl.any_library ? at::empty({p.tokens * p.topk, p.inter}, opts.dtype(at::kFloat))
-                                     : Tensor();
-  const tt::MoeCpuBuffers buf{hidden.data_ptr(), hidden32.defined() ? hidden32.data_ptr<float>() : nullptr};
+  const int64_t es = p.dtype == tt::DType::kFloat32 ? 4 : 2, slots = p.tokens * p.topk;
+  struct HiddenTag;
+  struct Hidden32Tag;
+  const tt::CallScratch<float, HiddenTag> hidden(size_t(slots * p.inter * es + 3) / 4);
+  const tt::CallScratch<float, Hidden32Tag> hidden32(es == 4 || !pl.any_library ? 0 : size_t(slots * p.inter));
+  const tt::MoeCpuBuffers buf{hidden.data(), es == 4 ? hidden.data() : pl.any_library ? hidden32.data() : nullptr};
   const int64_t expert_bytes = tt::moe_weight_bytes(p, p.inter, p.hidden) + tt::moe_weight_bytes(p, p.hidden, p.inter);
   const bool parallel = int64_t(pl.active.size()) * expert_bytes >= kParallelMinBytes;
   const int64_t n_up = int64_t(pl.up_items.size());

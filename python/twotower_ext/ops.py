@@ -38,6 +38,13 @@ def _has_kernel(name: str, device: torch.device) -> bool:
     return not _FORCE_REFERENCE and device.type.upper() in kernel_devices(name)
 
 
+def cpu_isas() -> list[str]:
+    """The CPU instruction-set levels this CPU runs, lowest first ("scalar", "avx2", "avx512", "avx512_bf16",
+    "amx"; AMX only where the OS grants the tile state): the values the TWOTOWER_<OP>_CPU_ISA variables take
+    (MOE, SCAN, ATTN), which force a CPU kernel's path (tests and benchmarks run each in turn)."""
+    return list(torch.ops.twotower.cpu_isas())
+
+
 # ----------------------------------------------------------------------------------------------------
 # merge_states
 

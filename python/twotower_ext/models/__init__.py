@@ -27,10 +27,9 @@ Denoiser tower (reads the cache, never writes it)
     logits = model.denoise(x [B, S], cache, t, rows)    # [B, S, V] fp32; t: [B] (or a float) per row
     logits = model.mock_ar(last_tokens [B], cache, rows)  # [B, V]: no time conditioning, KV[:-1], snapshot
   NVIDIA-compat mode passes the batch-mean t broadcast to every row. CUDA-graph capture: call decode /
-  extend (through `model.extend_step`, which leaves the host length count to the caller) / denoise /
-  mock_ar with contiguous rows (a slice) and dense_moe=True: then no host sync and no data-dependent
-  shape remains (the default grouped MoE reads per-expert token counts on the host; it is the faster
-  eager path). Attention goes through `twotower_ext.ops.block_attention` (its reference fallback syncs);
+  extend (through `model.extend_step`, which leaves the host length count to the caller; `active=` makes
+  rows inert, for padded batch buckets) / denoise / mock_ar with contiguous rows (a slice): then no host
+  sync and no data-dependent shape remains. Attention goes through `twotower_ext.ops.block_attention` (its reference fallback syncs);
   the context tower's extensions use its causal mode over the whole cache with the device lengths.
 
 Numerics follow NVIDIA's reference code (modeling_nemotron_h.py / modeling_nemotron_twotower.py); see
