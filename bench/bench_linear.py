@@ -57,7 +57,7 @@ def _rows(name: str, N: int, K: int, ms, dtype, threads: int, mm: float, read: f
         base = harness.time_cpu(lambda: F.linear(x, plain[next(turn) % copies]), warmup=min(copies, 20))
         flops = 2 * M * N * K
         bound = max(flops / mm, wbytes / read)
-        path = torch.ops.twotower.linear_cpu_plan(M, N, K, dtype, "", threads, False)
+        path = torch.ops.twotower.linear_cpu_plan(M, N, K, dtype, "", threads)
         rows.append({"dtype": str(dtype).removeprefix("torch."), "threads": threads, "weight": name, "N": N, "K": K,
                      "M": M, "path": path, "median_us": t.median_s * 1e6, "GB/s": wbytes / t.median_s / 1e9,
                      "GFLOP/s": flops / t.median_s / 1e9, "bound_us": bound * 1e6, "%bound": 100 * bound / t.median_s,

@@ -33,7 +33,7 @@ TORCH_LIBRARY(twotower, m) {
   // Dense linear on packed weights (CPU; csrc/linear/linear.h): y [..., n] = x [..., K] @ W^T.
   m.def("linear(Tensor x, Tensor w, int n) -> Tensor");
   // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.
-  m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads, bool forced=False) -> str");
+  m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads) -> str");
   // Host-side view of the CUDA MoE (no tensors, no GPU needed): the grouped-GEMM kernel a call would get.
   // The CPU instruction-set levels this CPU runs (common/cpu_isa.h), lowest first: the values TWOTOWER_CPU_ISA takes.
   m.def("cpu_isas() -> str[]");

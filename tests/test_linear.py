@@ -214,8 +214,8 @@ def test_no_rows():
 # the plan (a pure function: what each CPU gets, asked from any machine)
 
 
-def plan(m, n=1288, k=320, dtype=torch.float32, isa="amx", threads=1, forced=False):
-    return torch.ops.twotower.linear_cpu_plan(m, n, k, dtype, isa, threads, forced)
+def plan(m, n=1288, k=320, dtype=torch.float32, isa="amx", threads=1):
+    return torch.ops.twotower.linear_cpu_plan(m, n, k, dtype, isa, threads)
 
 
 def test_plan_choices():
@@ -224,7 +224,7 @@ def test_plan_choices():
     assert plan(16, dtype=torch.bfloat16) == "micro:amx"
     assert plan(16, dtype=torch.bfloat16, isa="avx512_bf16") == "micro:avx512_bf16"
     assert plan(1, dtype=torch.bfloat16, isa="avx2") == "micro:avx2"
-    assert plan(16, isa="scalar", forced=True) == "micro:scalar"
+    assert plan(16, isa="scalar") == "micro:scalar"
     # the instruction set never depends on M (batch invariance); decode sizes (1..16 rows x a batch) stay on the
     # micro kernel, prefill sizes go to the matrix library: later for fp32 than for bf16, earliest for widened bf16
     for dtype, isa, last_micro in ((torch.float32, "amx", 1024), (torch.float32, "avx2", 1024),

@@ -53,19 +53,16 @@ inline int64_t linear_amx_ld(int64_t K) { return (K + 31) / 32 * 32; }
 inline int64_t linear_amx_x_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * linear_amx_ld(K); }
 void linear_amx_pad_x(const LinearParams& p, uint16_t* dst);
 
-// For the matrix library: panels [p0, p1) of W as a [K, (p1 - p0) * 16] row-major matrix in W's dtype, i.e. B of
-// C = x @ B for those 16 * (p1 - p0) columns (the padding columns zero).
-void linear_unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, void* dst);
-
 // The plan of one call (pure: unit-tested through the linear_cpu_plan op).
 enum class LinearPath : int32_t { kMicro = 0, kLibrary = 1 };
 struct LinearPlan {
   LinearPath path = LinearPath::kMicro;
   CpuIsa isa = CpuIsa::kScalar;   // the micro kernel's instruction set
 };
-// isa: the best instruction set allowed (this CPU's, or the one TWOTOWER_LINEAR_CPU_ISA forces: then exactly it,
-// forced = true); threads: the intra-op threads the call may use. The library path multiplies in bf16 where the
-// CPU has bf16 dot products (the plan's isa is avx512_bf16 or amx), else in fp32 (bf16 widened).
-LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, bool forced, int64_t threads);
+// isa: the best instruction set allowed (this CPU's, or the one TWOTOWER_LINEAR_CPU_ISA forces), which the micro
+// kernel runs as it is (fp32 at most avx512: the bf16 units do not take it); threads: the intra-op threads the call
+// may use. The library path multiplies in bf16 where the CPU has bf16 dot products (isa avx512_bf16 or amx), else
+// in fp32 (bf16 widened).
+LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, int64_t threads);
 
 }  // namespace tt

@@ -1,5 +1,5 @@
-// The dense linear on the CPU (torch-free, see linear.h): the scalar kernel, the dispatch by instruction set, the
-// matrix library's unpacked panels, and the plan.
+// The dense linear on the CPU (torch-free, see linear.h): the scalar kernel, the dispatch by instruction set and
+// the plan.
 #include <cmath>
 #include <cstdint>
 
@@ -54,41 +54,22 @@ void linear_cpu_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t p1
   linear_scalar_panels(p, p0, p1);
 }
 
-namespace {
-
-template <class T> void unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, T* dst) {
-  constexpr int64_t pair = sizeof(T) == 4 ? 1 : 2;  // bf16: k pairs
-  const int64_t cols = (p1 - p0) * kLinearPanel, steps = linear_panel_steps(p);
-  const T* w = static_cast<const T*>(p.w);
-  for (int64_t panel = p0; panel < p1; ++panel)
-    for (int64_t k = 0; k < p.K; ++k)
-      for (int64_t c = 0; c < kLinearPanel; ++c)
-        dst[k * cols + (panel - p0) * kLinearPanel + c] = w[((panel * steps + k / pair) * kLinearPanel + c) * pair + k % pair];
-}
-
-}  // namespace
-
-void linear_unpack_panels(const LinearParams& p, int64_t p0, int64_t p1, void* dst) {
-  if (p.dtype == DType::kFloat32) unpack_panels(p, p0, p1, static_cast<float*>(dst));
-  else unpack_panels(p, p0, p1, static_cast<uint16_t*>(dst));
-}
-
 // The instruction set depends only on the CPU and the dtype, never on M, so a row's result does not depend on the
 // other rows of its batch while the micro kernel runs (the engine's batch invariance); only prefill-sized M goes to
 // the matrix library. Measured on this project's Xeon (AVX-512, avx512_bf16, AMX), 1 thread, weights cycled
-// through copies larger than the cache, micro kernel vs library path (which unpacks the weights per call):
-//   fp32 [M, 320] x [320, 1288]: M=128 0.94 vs 0.91 ms, 512 2.8 vs 3.0, 1024 14.1 vs 13.5 (busy machine);
-//        [M, 4096] x [4096, 2688]: M=64 23 vs 32 ms, 512 104 vs 124, 1024 346 vs 369.
-//   bf16 (AMX vs oneDNN) [M, 320] x [320, 1288]: M=256 0.29 vs 0.41 ms, 1024 0.90 vs 0.93;
-//        [M, 4096] x [4096, 2688]: M=256 16 vs 17 ms, 512 28 vs 26, 1024 58 vs 47.
+// through copies larger than the cache, micro kernel vs library path (which copies the packed weights back to
+// W^T per call):
+//   fp32 [M, 320] x [320, 1288]: M=128 0.94 vs 0.91 ms, 512 2.8 vs 3.0, 1024 5.2 vs 4.9;
+//        [M, 4096] x [4096, 2688]: M=64 23 vs 32 ms, 256 35 vs 38, 512 104 vs 124, 1024 133 vs 136.
+//   bf16 (AMX vs oneDNN) [M, 320] x [320, 1288]: M=256 0.26 vs 0.45 ms, 1024 0.94 vs 0.87;
+//        [M, 4096] x [4096, 2688]: M=256 8.8 vs 12.1 ms, 1024 36 vs 28.
 // Widened bf16 (CPUs without bf16 dot products) runs its FMAs at fp32's rate plus the widening, against a library
 // path at sgemm's rate, so it switches earlier (not measured here: no such CPU). And the micro kernel splits only
-// the output panels over the threads (items of 12 panels, linear_torch.cpp): a matrix too narrow to give every
+// the output panels over the threads (items of kLinearItemPanels): a matrix too narrow to give every
 // thread an item leaves threads idle, which the library, splitting the rows too, does not once the call is
 // compute-bound.
-LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, bool forced, int64_t threads) {
+LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, int64_t threads) {
   (void)K;
-  (void)forced;  // a forced instruction set is used as it is, like the best one (the plan never changes it by M)
   LinearPlan plan;
   plan.isa = dt == DType::kFloat32 && int32_t(isa) > int32_t(CpuIsa::kAvx512) ? CpuIsa::kAvx512 : isa;
   const bool native_bf16 = dt == DType::kBFloat16 && int32_t(isa) >= int32_t(CpuIsa::kAvx512Bf16);

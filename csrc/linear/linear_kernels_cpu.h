@@ -45,6 +45,12 @@ template <class T> struct BlockOperands {
   const T* row(int j, int64_t s) const { return w + (j * steps + s) * per_row; }
 };
 
+// Prefetch distance: the next group of panels while it fits in L2 (2 MB here) beside the current one; past that
+// (long K: a group of 6 panels at K = 4096 is 1.5 MB) lines fetched a whole group ahead are evicted before use,
+// so each panel is prefetched kPrefetchRows rows ahead of its own stream instead.
+constexpr int64_t kPrefetchGroupBytes = 256 << 10;
+constexpr int64_t kPrefetchRows = 32;
+
 #ifdef TT_X86
 // One 64-byte row of each of NR panels `steps` rows long, at row s of the panels at pf, into L2: the kernels fetch
 // the next group of panels while they compute on this one, so the weights stream from memory at full rate even
@@ -115,7 +121,8 @@ template <class F> void drive(const LinearParams& p, int64_t p0, int64_t p1) {
   for (int64_t g = p0; g < p1; g += group) {
     const int64_t nr = p1 - g < group ? p1 - g : group;
     const int last_cols = g + nr - 1 == last_panel ? tail_cols : int(kLinearPanel);
-    const char* next = w + (g + nr < p1 ? g + nr : g) * panel_bytes;
+    const char* next = group * panel_bytes > kPrefetchGroupBytes ? w + g * panel_bytes + kPrefetchRows * 64
+                                                                  : w + (g + nr < p1 ? g + nr : g) * panel_bytes;
     for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
       const int64_t mr = base + (b < extra ? 1 : 0);
       table.fn[mr - 1][nr - 1](p, m0, g, last_cols, b == 0 ? next : w + g * panel_bytes);

@@ -4,7 +4,7 @@
 //
 // linear(x [..., K] fp32|bf16 (last dim contiguous), w packed (linear.h; python/twotower_ext/packed.py) in x's
 //   dtype, n) -> y [..., n] in x's dtype. CPU only: on CUDA the model keeps F.linear (cuBLAS) on plain weights.
-// linear_cpu_plan(m, n, k, dtype, isa, threads, forced) -> "micro:<isa>" | "library": the plan a call would get
+// linear_cpu_plan(m, n, k, dtype, isa, threads) -> "micro:<isa>" | "library": the plan a call would get
 //   (a pure function, any machine; isa "" means this CPU's best).
 // Environment (tests and benchmarks): TWOTOWER_LINEAR_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx forces the
 // micro kernel's instruction set; TWOTOWER_LINEAR_CPU_GEMM=micro|library forces the path (default auto: the plan).
@@ -28,8 +28,9 @@ namespace {
 using at::Tensor;
 using namespace tt::torch_glue;
 
-// Weights per matrix-library call on the library path (its panels unpacked into a scratch this big).
-constexpr int64_t kLibraryChunkElems = int64_t(1) << 18;
+// Weights per matrix-library call on the library path (its panels unpacked into a copy this big): wide enough
+// that the library's own blocking and packing pay (at 2^18, K = 4096 gave 64-column calls, 2x slower than one).
+constexpr int64_t kLibraryChunkElems = int64_t(1) << 22;
 
 std::vector<int64_t> packed_shape(int64_t n, int64_t k, at::ScalarType st) {
   const int64_t P = tt::linear_panels(n);
@@ -88,29 +89,26 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
 }
 
 // The matrix library through ATen (MKL sgemm; oneDNN for bf16 on CPUs with bf16 dot products, AMX where there is
-// one), a chunk of panels unpacked at a time into y's columns; elsewhere bf16 is widened to fp32 (exact) and the
-// results rounded once, like the micro kernels'.
-void run_library(const Tensor& x, const Tensor& y, const tt::LinearParams& p, tt::CpuIsa isa) {
+// one), a chunk of panels at a time: the chunk unpacked to W^T [K, 16 x panels] by ATen's (threaded) copy of a
+// permuted view, then one call into y's columns. Elsewhere bf16 is widened to fp32 (exact) and the results
+// rounded once, like the micro kernels'.
+void run_library(const Tensor& x, const Tensor& w, const Tensor& y, const tt::LinearParams& p, tt::CpuIsa isa) {
   const bool widen = p.dtype == tt::DType::kBFloat16 && int32_t(isa) < int32_t(tt::CpuIsa::kAvx512Bf16);
   const Tensor xin = widen ? x.to(at::kFloat) : x;
   const Tensor out = widen ? at::empty(y.sizes(), y.options().dtype(at::kFloat)) : y;
   const int64_t panels = tt::linear_panels(p.N);
   const int64_t chunk = std::max<int64_t>(1, kLibraryChunkElems / (p.K * tt::kLinearPanel));
-  const Tensor b = at::empty({p.K * std::min(chunk, panels) * tt::kLinearPanel}, x.options());
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
-    const int64_t p1 = std::min(panels, p0 + chunk), n0 = p0 * tt::kLinearPanel;
-    const int64_t width = (p1 - p0) * tt::kLinearPanel, cols = std::min(p.N, p1 * tt::kLinearPanel) - n0;
-    tt::linear_unpack_panels(p, p0, p1, b.data_ptr());
-    const Tensor bc = b.narrow(0, 0, p.K * width).view({p.K, width}).narrow(1, 0, cols);
+    const int64_t np = std::min(panels - p0, chunk), n0 = p0 * tt::kLinearPanel;
+    const int64_t cols = std::min(p.N - n0, np * tt::kLinearPanel);
+    const Tensor wc = w.narrow(0, p0, np);   // fp32 [np, K, 16]; bf16 [np, K2, 16, 2] -> [K2, 2, np, 16]
+    Tensor b = w.dim() == 3 ? wc.permute({1, 0, 2}).reshape({p.K, np * tt::kLinearPanel})
+                            : wc.permute({1, 3, 0, 2}).reshape({-1, np * tt::kLinearPanel}).narrow(0, 0, p.K);
+    b = b.narrow(1, 0, cols);
     Tensor o = out.narrow(1, n0, cols);
-    at::mm_out(o, xin, widen ? bc.to(at::kFloat) : bc);
+    at::mm_out(o, xin, widen ? b.to(at::kFloat) : b);
   }
   if (widen) y.copy_(out);
-}
-
-bool env_set(const char* var) {
-  const char* v = std::getenv(var);
-  return v != nullptr && v[0] != '\0';
 }
 
 tt::LinearPath forced_path(tt::LinearPath planned) {
@@ -133,16 +131,16 @@ Tensor linear_cpu(const Tensor& x_in, const Tensor& w, int64_t n) {
   p.y_stride = n;
   if (p.M == 0) return y;
   y = y.view({p.M, n});
-  const char* isa_var = "TWOTOWER_LINEAR_CPU_ISA";
-  const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype, cpu_isa_from_env(isa_var, tt::CpuIsa::kAmx),
-                                        env_set(isa_var), at::get_num_threads());
-  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, y, p, plan.isa);
+  const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype,
+                                        cpu_isa_from_env("TWOTOWER_LINEAR_CPU_ISA", tt::CpuIsa::kAmx),
+                                        at::get_num_threads());
+  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, w, y, p, plan.isa);
   else run_micro(plan.isa, p);
   return y.view(shape);
 }
 
-std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, std::string isa, int64_t threads,
-                               bool forced) {
+std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, std::string isa,
+                               int64_t threads) {
   TORCH_CHECK_VALUE(m >= 0 && n >= 1 && k >= 0 && threads >= 1, "twotower: linear_cpu_plan needs m >= 0, n >= 1, "
                     "k >= 0 and threads >= 1, got m = ", m, ", n = ", n, ", k = ", k, ", threads = ", threads);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, "twotower: dtype must be float32 or bfloat16, got ",
@@ -151,7 +149,7 @@ std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType d
   TORCH_CHECK_VALUE(isa.empty() || tt::cpu_isa_from_name(isa.c_str(), &best), "twotower: isa must be '' (this CPU's "
                     "best), scalar, avx2, avx512, avx512_bf16 or amx, got '", isa, "'");
   const auto dt = dtype == at::kFloat ? tt::DType::kFloat32 : tt::DType::kBFloat16;
-  const auto plan = tt::linear_cpu_plan(m, n, k, dt, best, forced, threads);
+  const auto plan = tt::linear_cpu_plan(m, n, k, dt, best, threads);
   return plan.path == tt::LinearPath::kLibrary ? std::string("library")
                                                : std::string("micro:") + tt::cpu_isa_name(plan.isa);
 }
