@@ -4,7 +4,7 @@ Runs the named microbenchmarks (all by default), prints markdown tables and writ
 bench/results/<name>-<device>.{md,json}, unless other processes kept the CPU busy during a timing (then
 nothing is saved: rerun on a quiet machine, or --allow-busy to save results marked busy).
 `python -m bench.readme` then regenerates the README's benchmark tables from those JSON files. --baseline: the
-benchmarks that support it (mamba_scan, moe, block_attention) also time the same calls on another build of the
+benchmarks that support it (mamba_scan, moe, block_attention, core) also time the same calls on another build of the
 package (`installed`: the one installed in this interpreter, e.g. main's wheel; or a source tree and its built
 _C*.so) in the same run, as the "main_*" / "vs_main" columns (harness.run_in_baseline).
 """
@@ -23,7 +23,8 @@ BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan
            "soak": "bench_soak",           # soak: a `twotower serve` subprocess under load, disconnects, bad input
            "demo": "bench_demo",           # demo: what `twotower generate --prompt "def "` prints (README)
            "scale": "bench_scale",         # scale: replicas on Ray Serve (needs the ray extra)
-           "prefix": "bench_prefix"}       # prefix: time to the first token with the prefix cache off / on
+           "prefix": "bench_prefix",       # prefix: time to the first token with the prefix cache off / on
+           "core": "bench_core"}           # core: the decode core's per-row parameters, host time, vs the old engine
 
 
 def main(argv=None) -> int:

@@ -6,30 +6,27 @@
     inside the model's passes (prefill, extension, denoiser / mock-AR pass) and the commit op — at 1, 8 and 32
     rows, AR and diffusion. Goal: at 32 rows <= 1.5x its time at 1 row.
 (c) throughput, generated tokens/s, EOS off, gamma 0.8, on the three models of the README's serving table: this
-    core's static batch (one `generate` of c requests) against the old engine's (set TWOTOWER_BENCH_BASELINE to
-    a built checkout of main at the start of this work: `git worktree add DIR 502abbf && tools/dev_build.sh
-    DIR/build/dev`), and this core serving c closed-loop clients (arrivals and departures at any pass) against
-    its own static batch; the old scheduler's closed loop is shown beside it. Goal: >= 0.95x at every
-    concurrency. Both trees run the same points (bench/serve_points.py) in fresh processes, one after the
-    other, on the same machine.
+    core's static batch (one `generate` of c requests) against the old engine's (`python -m bench core
+    --baseline TREE:LIB` with a built checkout of main at the start of this work: `git worktree add DIR
+    502abbf && tools/dev_build.sh DIR/build/dev`), and this core serving c closed-loop clients (arrivals and
+    departures at any pass) against its own static batch; the old scheduler's closed loop is shown beside
+    it. Goal: >= 0.95x at every concurrency. Both builds run the same points (bench/serve_points.py: the
+    public API both have), the baseline in a child process right before this one's (harness.run_in_baseline).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from . import harness
+from . import harness, serve_points
 
 COLUMNS = ["part", "model", "mode", "rows", "measure", "value", "reference", "ratio", "goal"]
 PARITY = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity", "checkpoint")
-POINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_points.py")
 
 
 def _prompts(vocab: int, n: int = 64, seed: int = 0) -> list[list[int]]:
@@ -106,26 +103,7 @@ def _host_b(lm, quick: bool) -> list[dict]:
     return rows
 
 
-def _job(path: str, points: list[dict], env: dict) -> list[float]:
-    job = {"path": path, "threads": torch.get_num_threads(), "points": points}
-    p = subprocess.run([sys.executable, POINTS], input=json.dumps(job), capture_output=True, text=True, env=env,
-                       timeout=7200)
-    if p.returncode != 0:
-        raise RuntimeError(f"bench core: the points worker failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout)["tokens_per_s"]
-
-
-def _baseline_env() -> dict | None:
-    base = os.environ.get("TWOTOWER_BENCH_BASELINE")
-    if not base:
-        return None
-    libs = [os.path.join(base, "build", "dev", f) for f in os.listdir(os.path.join(base, "build", "dev"))
-            if f.startswith("_C") and f.endswith(".so")]
-    return {**os.environ, "PYTHONPATH": os.path.join(base, "python"), "TWOTOWER_EXT_LIB": libs[0]}
-
-
 def _throughput_c(name: str, path: str, vocab: int, new: int, conc, waves_max: int) -> list[dict]:
-    base_env = _baseline_env()
     prompts = _prompts(vocab)
     rows = []
     for mode in ("diffusion", "ar"):
@@ -134,8 +112,10 @@ def _throughput_c(name: str, path: str, vocab: int, new: int, conc, waves_max: i
             points.append({"kind": "static", "mode": mode, "new": new, "c": c, "waves": 1, "prompts": prompts})
             points.append({"kind": "loop", "mode": mode, "new": new, "c": c,
                            "waves": max(1, min(waves_max, 32 // c)), "prompts": prompts})
-        new_tps = _job(path, points, dict(os.environ))
-        old_tps = _job(path, points, base_env) if base_env else [None] * len(points)
+        job = {"path": path, "threads": torch.get_num_threads(), "points": points}
+        old = harness.run_in_baseline("serve_points", "run_job", job=job)
+        new_tps = serve_points.run_job(job)["tokens_per_s"]
+        old_tps = old["tokens_per_s"] if old else [None] * len(points)
         for i, c in enumerate(conc):
             static, loop = new_tps[2 * i], new_tps[2 * i + 1]
             old_static, old_loop = old_tps[2 * i], old_tps[2 * i + 1]
@@ -168,9 +148,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         with torch.inference_mode():
             rows += [{"model": "parity checkpoint (fp32)", **r} for r in _params_ab(parity, quick)]
             rows += [{"model": "shipped (fp32)", **r} for r in _host_b(lm, quick)]
-        if not os.environ.get("TWOTOWER_BENCH_BASELINE"):
-            print("bench core: TWOTOWER_BENCH_BASELINE is not set: (c) runs without the old engine's columns",
-                  file=sys.stderr)
+        if harness.baseline() is None:
+            print("bench core: no --baseline: (c) runs without the old engine's columns", file=sys.stderr)
         conc = (1, 4) if quick else (1, 4, 8, 16, 32)
         models = [("shipped (fp32)", tt.default_model_path(), lm.config.vocab_size, 32, 4)]
         if not quick:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from . import harness
-from .bench_mamba_scan import G, H, N, P, make
+from .bench_mamba_scan import MODELS, make
+
+H, P, N, G, _K = MODELS["real"]
 
 COLUMNS = ["device", "dtype", "B", "L", "chunk", "threads", "chunked_ms", "p10-p90_us", "GFLOP", "GFLOP/s",
            "%fp32_mm", "op_ms", "speedup", "other_cores", "load1"]
@@ -30,7 +32,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for L in lengths:
-            a = make(1, L, dtype, device, gen)
+            a = make("real", 1, L, dtype, device, gen)
             seeds = a["conv_state"].clone(), a["ssm_state"].clone()
 
             def call(scan, **kw):

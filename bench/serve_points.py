@@ -1,18 +1,14 @@
 """Throughput points of a loaded model, written against the public API that every version of twotower_ext has
 (`lm.generate`, `serve.Scheduler(...).submit(...).result()`), so bench/bench_core.py can run the same points on
-an older checkout in a subprocess (its baseline) and on this tree in-process, side by side in one run.
-
-    python bench/serve_points.py < job.json > result.json     # the worker, run with the tree under test
-"""
+an older build in a child process (its baseline, harness.run_in_baseline) and on this tree, side by side in one
+run."""
 from __future__ import annotations
 
-import json
-import sys
 import threading
 import time
 
 
-def static_batch(lm, prompts, mode: str, new: int, reps: int = 3) -> float:
+def static_batch(lm, prompts, mode: str, new: int, reps: int = 5) -> float:
     """Generated tokens/s of the prompts as one `generate` batch (EOS off), the median of reps runs."""
     rates = []
     for _ in range(reps):
@@ -66,7 +62,3 @@ def run_job(job: dict) -> dict:
             else:
                 out.append(closed_loop(lm, p["prompts"], p["mode"], p["new"], p["c"], p["waves"]))
     return {"tokens_per_s": out}
-
-
-if __name__ == "__main__":
-    json.dump(run_job(json.load(sys.stdin)), sys.stdout)

@@ -112,6 +112,7 @@ class ModelRunner:
         self.executed_passes = 0
         self.loop_kind = "while" if graph_mod.while_supported() else "unrolled"
         self._warned_while = False
+        self._slices: dict = {}
 
     @property
     def snapshot(self) -> bool:
@@ -193,14 +194,14 @@ class ModelRunner:
         if pending:
             self._check_capacity(pending, g.block_size)
         if self.graphs is None:   # eagerly: exactly the group's rows, exactly the extending rows
-            exact = Rows(slice(g.lo, g.lo + n), self.max_rows)
+            exact = self._rows(g.lo, n)
             if pending:
                 ext = exact if len(pending) == n else Rows(pending, self.max_rows)
                 self.clock.phase(ctx_phase, lambda: self._extend(g, ext, None))
             self.clock.phase(pass_phase, lambda: self._pass(g, exact, None, self.block_steps(g) if g.device_loop else 0))
         else:
             a, size = padded_slice(g.lo, n, self.max_rows)
-            rows = Rows(slice(a, a + size), self.max_rows)
+            rows = self._rows(a, size)
             steps = self.block_steps(g) if g.device_loop else 0
             static = (g.mode, g.block_size, g.mask_id, g.compat, g.device_loop, steps, g.slot, a, size)
 
@@ -232,6 +233,13 @@ class ModelRunner:
         if not g.device_loop:
             self.executed_passes += 1
 
+    def _rows(self, lo: int, n: int) -> Rows:
+        """The cache rows [lo, lo + n), made once per slice (a Rows caches its index tensors)."""
+        key = (lo, n)
+        if key not in self._slices:
+            self._slices[key] = Rows(slice(lo, lo + n), self.max_rows)
+        return self._slices[key]
+
     def _check_capacity(self, rows: list[int], add: int) -> None:
         full = [b for b in rows if self.cache.lens_host[b] + add > self.cache.capacity]
         if full:   # admission sizes every request's context: this is a bug, not a user error
@@ -251,8 +259,6 @@ class ModelRunner:
         if g.diffusion:
             xs = b.block_tokens(g.block_size)
             x = rows.take(xs)
-            if ext is None:
-                self.model.check_extend(x, self.cache, rows)
             self.model.extend_step(x, self.cache, rows, active=ext)
             blk = rows.take(b.block) + 1
             kept = (rows.take(b.max_new).long() - blk * g.block_size).clamp(max=g.block_size).to(torch.int32)
@@ -260,13 +266,13 @@ class ModelRunner:
                            (b.block, blk), (b.kept, kept), (b.hist, torch.zeros_like(rows.take(b.hist)))):
                 rows.put(t, self._sel(ext, new, rows.take(t)))
         else:
-            tok = rows.take(b.token)
-            if ext is None:
-                self.model.check_extend(tok, self.cache, rows)
             mock = g.mode == "mock_ar"
-            logits = self.model.extend_step(tok, self.cache, rows, logits=not mock, snapshot=mock, active=ext)
+            logits = self.model.extend_step(rows.take(b.token), self.cache, rows, logits=not mock, snapshot=mock,
+                                            active=ext)
             if not mock:
                 rows.put(b.ar_logits(), self._sel(ext, logits, rows.take(b.ar_logits())))
+            if ext is None:   # eagerly the host's `pending` says which rows extend: no flags to clear
+                return
         done = rows.take(b.done)
         rows.put(b.done, self._sel(ext, torch.zeros_like(done), done))
 
@@ -356,10 +362,9 @@ class ModelRunner:
         if g.top_k > 0:
             sampled = torch.ones_like(x, dtype=torch.bool) if member is None else member[:, None]
             self._store_top(rows, logits[:, None], sampled, g.top_k, g.mask_id)
-        if member is None:   # eagerly the rows are the group's slice: views, updated in place
-            rows.take(b.token).copy_(x)
+        if member is None:   # eagerly the rows are the group's slice: views, updated in place (no ready flags:
+            rows.take(b.token).copy_(x)   # the host's `pending` says which rows extend)
             block += 1
-            rows.take(b.done).fill_(True)
             return
         if lp is not None:
             lp.copy_(self._sel(member, out_lp, lp))
@@ -390,8 +395,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------
     def _readback(self, groups: list[Group]) -> list:
-        """What the host needs of every group that ran, in one device-to-host copy (float64 holds the token
-        ids and counters exactly, and the log-probabilities)."""
+        """What the host needs of every group that ran, in one device-to-host copy."""
         b = self.batch
         parts, layouts = [], []
         for g in groups:
@@ -408,11 +412,13 @@ class ModelRunner:
                 if k > 0:
                     cols["top_lp"] = top_lp[sl, :S, :k].reshape(len(g.requests), -1)
                     cols["top_id"] = top_id[sl, :S, :k].reshape(len(g.requests), -1)
-            parts += [t.double() for t in cols.values()]
+            parts += cols.values()
             layouts.append((g, len(g.requests), [(name, t.shape[1]) for name, t in cols.items()]))
         if not parts:
             return []
-        host = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy()
+        # float64 holds the token ids and counters exactly, and the log-probabilities; without those, int64
+        dtype = torch.float64 if any(g.top_k >= 0 for g in groups) else torch.int64
+        host = torch.cat([t.reshape(-1).to(dtype) for t in parts]).cpu().numpy()
         outs, at = [], 0
         for g, n, names in layouts:
             out = types.SimpleNamespace()

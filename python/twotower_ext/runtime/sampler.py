@@ -8,13 +8,28 @@ import torch
 from .. import ops
 
 
+_ONE_STEP: dict = {}   # device -> the commit rule's constants for a one-position, one-step block
+
+
+def _one_step(device: torch.device) -> tuple:
+    """(gamma 0, step 0, steps_per_block 1, kept 1) as [1] tensors on device, made once: a sampling call then
+    passes only tensors (no per-call fills; under capture they are the graph's constant inputs)."""
+    if device not in _ONE_STEP:
+        i32 = dict(dtype=torch.int32, device=device)
+        _ONE_STEP[device] = (torch.zeros(1, dtype=torch.float32, device=device), torch.zeros(1, **i32),
+                             torch.ones(1, **i32), torch.ones(1, **i32))
+    return _ONE_STEP[device]
+
+
 def sample_tokens(logits: torch.Tensor, temperature, seed, index, exclude: int = -1, logprob=None) -> torch.Tensor:
     """Next tokens [n, 1] int64 from logits [n, V]: argmax where temperature is 0, else a Gumbel-max sample
     of logits / temperature keyed by (seed, index). temperature, seed, index: a number or [n] / [1] device
     tensors. exclude: a vocabulary id never drawn (mock-AR's mask id), -1 for none. logprob: an fp32 [n, 1]
     tensor that receives each token's log-probability (temperature 1)."""
     x = torch.full((logits.shape[0], 1), exclude, dtype=torch.long, device=logits.device)
-    ops.threshold_unmask(logits[:, None], x, exclude, 0.0, 0, 1, temperature, seed, index, 1, out_logprob=logprob)
+    gamma, step, steps, kept = _one_step(logits.device)
+    ops.threshold_unmask(logits[:, None], x, exclude, gamma, step, steps, temperature, seed, index, kept,
+                         out_logprob=logprob)
     return x
 
 
