@@ -5,7 +5,7 @@ checkpoint, see `checkpoint`), batch 1 after a 100-token context, at 1 and 2 thr
 The bound of a pass is max(FLOPs / matmul rate, weight bytes / read rate), both rates measured in this run at
 the row's thread count: the matmul rate by a 1024^3 matmul in the row's dtype, the read rate by a pure read of
 256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the Mamba scan, counted by
-`twotower_ext.costmodel`; weight bytes: the tower's dense weights, the LM head when the pass has logits, and
+`twotower_ext.analysis.costmodel`; weight bytes: the tower's dense weights, the LM head when the pass has logits, and
 the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
 `%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
 model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
@@ -108,7 +108,7 @@ def _profile(fn) -> list[dict]:
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
-    from twotower_ext import costmodel
+    from twotower_ext.analysis import costmodel
 
     if device != "cpu":
         raise SystemExit("bench passes: CPU only (the GPU passes are in bench roofline)")

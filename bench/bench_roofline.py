@@ -2,7 +2,7 @@
 
 Each pass is timed alone on a cache prefilled with `CTX` tokens per row (the AR step and the extension
 reset the row lengths after each call, so every call sees the same context): median wall time (CPU) or
-CUDA events. The prediction is `twotower_ext.costmodel.estimate` with this run's copy bandwidth and
+CUDA events. The prediction is `twotower_ext.analysis.costmodel.estimate` with this run's copy bandwidth and
 matmul rate (bench/harness.py), so `measured/predicted` says how far the engine is from streaming each
 pass's bytes at the machine's bandwidth (or its FLOPs at the matmul rate, whichever binds). The distinct
 experts a pass touched are counted on the device (`costmodel.distinct_experts`, around the router) and
@@ -50,7 +50,7 @@ def _models(quick: bool):
 @contextlib.contextmanager
 def expert_tally(n_experts: int):
     """Counts the distinct experts of every routing call on the device (read once when the block ends)."""
-    from twotower_ext import costmodel
+    from twotower_ext.analysis import costmodel
     from twotower_ext.models import layers
 
     route, counts = layers.route, []
@@ -75,7 +75,7 @@ def _timer(device: str):
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     import twotower_ext as tt
-    from twotower_ext import costmodel
+    from twotower_ext.analysis import costmodel
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     wbytes = torch.finfo(dtype).bits // 8

@@ -126,8 +126,8 @@ def _optional(name: str, results: str, command: str):
 
 
 def memory_section(results: str) -> str:
-    """The real config's memory per expert format: computed (twotower_ext.memory), not measured."""
-    from twotower_ext.memory import format_memory_table, memory_rows, reserve_note
+    """The real config's memory per expert format: computed (twotower_ext.analysis.memory), not measured."""
+    from twotower_ext.analysis.memory import format_memory_table, memory_rows, reserve_note
     from twotower_ext.models.config import NemotronHConfig
     from twotower_ext.models.random_init import REAL_CONFIG
 

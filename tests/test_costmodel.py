@@ -1,4 +1,4 @@
-"""The roofline cost model (twotower_ext.costmodel): the real config against a hand calculation, the
+"""The roofline cost model (twotower_ext.analysis.costmodel): the real config against a hand calculation, the
 distinct-expert formula against simulation, the break-even against batch, the device-side expert counter
 against a plain count, the CLI table, and bad input."""
 import math
@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from twotower_ext import cli, costmodel
+from twotower_ext import cli
+from twotower_ext.analysis import costmodel
 from twotower_ext.models.config import NemotronHConfig
 from twotower_ext.models.random_init import REAL_CONFIG
 from twotower_ext.models.weights import expected_tensors
@@ -145,7 +146,7 @@ def test_bad_input(capsys):
     with pytest.raises(ValueError, match="expert_ids must be an integer tensor"):
         costmodel.distinct_experts(torch.zeros(3), 8)
     assert cli.main(["info", "--roofline", "--real-config", "--device", "tpu"]) == 2
-    assert "twotower: --device must be one of h100, h200, cpu, got 'tpu'" in capsys.readouterr().err
+    assert "twotower: argument --device: expected one of h100, h200, cpu, got 'tpu'" in capsys.readouterr().err
     assert cli.main(["info", "--roofline", "--real-config", "--model", PARITY]) == 2
     assert "twotower: --real-config and --model are exclusive" in capsys.readouterr().err
 

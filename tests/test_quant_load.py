@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import twotower_ext as tt
-from twotower_ext import cli, costmodel, quant
-from twotower_ext.memory import GIB, Gpu, format_memory_table, memory_rows, other_weight_bytes, routed_expert_bytes
+from twotower_ext import cli, quant
+from twotower_ext.analysis import costmodel
+from twotower_ext.analysis.memory import GIB, Gpu, format_memory_table, memory_rows, other_weight_bytes, routed_expert_bytes
 from twotower_ext.models import NemotronHConfig
 from twotower_ext.models.random_init import random_checkpoint
 from twotower_ext.models.weights import load_weights

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import twotower_ext as tt
-from twotower_ext.detokenize import TextStream
+from twotower_ext.runtime.detokenize import TextStream
 from twotower_ext.serve.chat_template import ChatTemplate, ChatTemplateError
 
 from serving import HTTP, Server, http, post

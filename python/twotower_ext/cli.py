@@ -122,7 +122,7 @@ def _cmd_generate(a) -> int:
     import torch
 
     from .api import check_device, load
-    from .detokenize import TextStream
+    from .runtime.detokenize import TextStream
     from .threads import cap_threads
 
     check_device(a.device, "--device")
@@ -166,19 +166,28 @@ def _cmd_generate(a) -> int:
 
 # ------------------------------------------------------------------------------------------------- info
 def _info_args(i: argparse.ArgumentParser) -> None:
-    from .costmodel import add_info_arguments
+    from .quant import CHOICES
 
     i.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the small model shipped with "
                    "the package, twotower_ext.default_model_path())")
-    add_info_arguments(i)   # --roofline, --real-config, --device, ...: the cost model's table
+    g = i.add_argument_group("roofline (predicted cost of each pass; see twotower_ext.analysis.costmodel)")
+    g.add_argument("--roofline", action="store_true", help="print the roofline table for batch 1..64")
+    g.add_argument("--real-config", action="store_true",
+                   help="use Nemotron-TwoTower-30B-A3B's config (no weights needed) instead of --model")
+    g.add_argument("--device", default="h200",
+                   help="h100 | h200 (datasheet numbers) | cpu (this machine, measured now); default h200")
+    g.add_argument("--dtype", default="bf16", help="weight dtype: bf16 | fp32 (default bf16)")
+    g.add_argument("--ctx-len", type=int, default=4096, help="context tokens before each pass (default 4096)")
+    g.add_argument("--block-size", type=int, default=16, help="diffusion block size (default 16)")
+    g.add_argument("--experts", default="bf16", choices=CHOICES, help="routed-expert storage the bytes "
+                   "per pass count: bf16 (= --dtype, unquantised) | fp8 | int4 (default bf16)")
 
 
 @command("info", "print a checkpoint's config, parameter counts, cache sizes and memory per expert format "
          "(checks its tensors against the config, as loading does)", _info_args)
 def _cmd_info(a) -> int:
     if a.roofline:
-        from .costmodel import print_roofline
-        return print_roofline(a)
+        return _print_roofline(a)
     if a.real_config:
         if a.model:
             raise CliError("--real-config and --model are exclusive")
@@ -215,10 +224,46 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _print_roofline(a) -> int:
+    """`twotower info --roofline`: the cost model's table for --model's config (or --real-config) on --device."""
+    import torch
+
+    from .analysis import costmodel
+    from .models import NemotronHConfig
+
+    if a.dtype not in costmodel.DTYPE_BYTES:
+        raise CliError(f"argument --dtype: expected one of {', '.join(costmodel.DTYPE_BYTES)}, got {a.dtype!r}")
+    if a.real_config and a.model:
+        raise CliError("--real-config and --model are exclusive")
+    if a.ctx_len < 0:
+        raise CliError(f"argument --ctx-len: expected an integer >= 0, got {a.ctx_len}")
+    if a.block_size < 1:
+        raise CliError(f"argument --block-size: expected an integer >= 1, got {a.block_size}")
+    if a.device not in costmodel.DEVICE_NAMES:  # before measuring or reading anything
+        raise CliError(f"argument --device: expected one of {', '.join(costmodel.DEVICE_NAMES)}, got {a.device!r}")
+    if a.real_config:
+        from .models.random_init import REAL_CONFIG
+
+        cfg, what = NemotronHConfig.from_dict(REAL_CONFIG), "Nemotron-TwoTower-30B-A3B (real config, no weights)"
+    else:
+        path = _model_path(a)
+        cfg, what = NemotronHConfig.from_json(path), path
+    dev = costmodel.device_preset(a.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype])
+    p = costmodel.param_counts(cfg)
+    print(f"model: {what}: {p['tower'] / 1e9:.3g}B parameters per tower, {p['active_per_token'] / 1e9:.3g}B "
+          f"active per AR token")
+    print(f"device: {dev.name}: {dev.bandwidth / 1e9:.1f} GB/s, {dev.flops / 1e12:.3g} TFLOP/s ({dev.source})")
+    print(f"{a.dtype} weights, {a.experts} routed experts, context {a.ctx_len} tokens, block {a.block_size}; roofline = "
+          f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound; bound: m = bandwidth, c = compute")
+    print(costmodel.format_table(costmodel.roofline_rows(cfg, dev, costmodel.DTYPE_BYTES[a.dtype], a.ctx_len,
+                                                         a.block_size, experts=a.experts)))
+    return 0
+
+
 def _print_memory(cfg, dtype: str) -> None:
-    """The memory table of twotower_ext.memory (weights per expert format, cache per 4K row, GPUs that fit)."""
-    from .costmodel import DTYPE_BYTES
-    from .memory import format_memory_table, memory_rows, reserve_note
+    """The memory table of twotower_ext.analysis.memory (weights per expert format, cache per 4K row, GPUs that fit)."""
+    from .analysis.costmodel import DTYPE_BYTES
+    from .analysis.memory import format_memory_table, memory_rows, reserve_note
 
     if dtype not in DTYPE_BYTES:
         raise CliError(f"argument --dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")

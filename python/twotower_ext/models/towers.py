@@ -285,7 +285,7 @@ class TwoTowerModel:
         row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
         The cache is not modified. With contiguous rows the pass has no host syncs and no data-dependent
         shapes (CUDA-graph capturable).
-        probe(layer index, kind, hidden states) is called after every layer (diagnose.py's NaN scan)."""
+        probe(layer index, kind, hidden states) is called after every layer (analysis/diagnose.py's NaN scan)."""
         r = cache.rows(rows)
         x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
         self._check_block(x, r)

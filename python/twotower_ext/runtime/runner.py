@@ -385,7 +385,7 @@ class ModelRunner:
     def _explain(self, g: Group, e: Exception) -> Exception:
         """NaN logits found by the commit step: say which tower and layer first produced a non-finite value."""
         if isinstance(e, ValueError) and "must not contain NaN" in str(e) and g.diffusion:
-            from ..diagnose import nonfinite_origin
+            from ..analysis.diagnose import nonfinite_origin
 
             rows = Rows(slice(g.lo, g.lo + len(g.requests)), self.max_rows)
             x = rows.take(self.batch.block_tokens(g.block_size))

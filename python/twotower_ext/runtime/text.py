@@ -7,7 +7,7 @@ comes from here. Text that could still be the start of a stop string is held bac
 settle it, so a stream never shows text past a stop."""
 from __future__ import annotations
 
-from ..detokenize import TextStream
+from .detokenize import TextStream
 
 
 class RequestText:

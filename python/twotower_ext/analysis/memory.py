@@ -46,7 +46,7 @@ GPUS = (
 
 def routed_expert_bytes(cfg, fmt: str, dtype_bytes: int = 2) -> int:
     """Bytes of the routed experts of both towers stored in `fmt` (bf16: unquantised, dtype_bytes each)."""
-    from .quant import expert_pair_bytes
+    from ..quant import expert_pair_bytes
 
     per_expert = expert_pair_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size, dtype_bytes)
     return 2 * cfg.layer_kinds.count("moe") * cfg.n_routed_experts * per_expert
@@ -57,7 +57,7 @@ def other_weight_bytes(cfg, dtype_bytes: int = 2) -> int:
     loader's own layout (laid out on the meta device: nothing is allocated)."""
     import torch
 
-    from .models.weights import build_weights
+    from ..models.weights import build_weights
 
     dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
     _, targets = build_weights(cfg, dtype, "meta", "meta")
@@ -68,8 +68,8 @@ def memory_rows(cfg, dtype_bytes: int = 2, row_tokens: int = ROW_TOKENS, gpus=GP
     """One row per expert format: weight bytes (routed experts, other, total), one cache row's bytes and,
     per GPU, how many cache rows fit beside the weights (-1: the weights alone do not fit). dtype_bytes:
     the model dtype (2: bf16, 4: fp32) of the unquantised experts, every other weight and the cache."""
-    from .models.cache import cache_row_bytes
-    from .quant import CHOICES
+    from ..models.cache import cache_row_bytes
+    from ..quant import CHOICES
 
     kv, state = cache_row_bytes(cfg, dtype_bytes)
     row = kv * row_tokens + state

@@ -92,7 +92,7 @@ def device_preset(name: str, dtype=None) -> Device:
 
 
 def _config(config):
-    from .models.config import NemotronHConfig
+    from ..models.config import NemotronHConfig
 
     if isinstance(config, NemotronHConfig):
         return config
@@ -129,14 +129,14 @@ def _expert_params(cfg) -> int:
 def expert_bytes_per_pass(cfg, experts: str, weight_bytes: float) -> float:
     """Stored bytes of one routed expert (up + down, data + scales) in `experts` format (quant.expert_pair_bytes;
     bf16 = unquantised: weight_bytes per weight)."""
-    from .quant import expert_pair_bytes
+    from ..quant import expert_pair_bytes
 
     return float(expert_pair_bytes(experts, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes))
 
 
 def _time_weights(cfg) -> tuple[list, list]:
     """adaLN-single time conditioning of the denoiser: t_embedder (256 -> H -> H), t_block (H -> 3H), tables."""
-    from .models.weights import T_FREQ_DIM
+    from ..models.weights import T_FREQ_DIM
 
     H = cfg.hidden_size
     return ([(H, T_FREQ_DIM, False), (H, H, False), (3 * H, H, False)],
@@ -360,56 +360,3 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def add_info_arguments(parser) -> None:
-    """The roofline options of `twotower info`."""
-    from .quant import CHOICES
-
-    g = parser.add_argument_group("roofline (predicted cost of each pass; see twotower_ext.costmodel)")
-    g.add_argument("--roofline", action="store_true", help="print the roofline table for batch 1..64")
-    g.add_argument("--real-config", action="store_true",
-                   help="use Nemotron-TwoTower-30B-A3B's config (no weights needed) instead of --model")
-    g.add_argument("--device", default="h200",
-                   help="h100 | h200 (datasheet numbers) | cpu (this machine, measured now); default h200")
-    g.add_argument("--dtype", default="bf16", help="weight dtype: bf16 | fp32 (default bf16)")
-    g.add_argument("--ctx-len", type=int, default=4096, help="context tokens before each pass (default 4096)")
-    g.add_argument("--block-size", type=int, default=16, help="diffusion block size (default 16)")
-    g.add_argument("--experts", default="bf16", choices=CHOICES, help="routed-expert storage the bytes "
-                   "per pass count: bf16 (= --dtype, unquantised) | fp8 | int4 (default bf16)")
-
-
-def print_roofline(args) -> int:
-    """`twotower info --roofline`: the table for --model's config (or --real-config) on --device."""
-    from . import default_model_path
-    from .models.config import NemotronHConfig
-
-    if args.dtype not in DTYPE_BYTES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
-    if args.real_config and args.model:
-        raise ValueError("--real-config and --model are exclusive")
-    _positive_int("--ctx-len", args.ctx_len, 0, where="")
-    _positive_int("--block-size", args.block_size, 1, where="")
-    if args.device not in DEVICE_NAMES:  # before measuring or reading anything
-        raise ValueError(f"--device must be one of {', '.join(DEVICE_NAMES)}, got {args.device!r}")
-    if args.real_config:
-        from .models.random_init import REAL_CONFIG
-
-        cfg, what = NemotronHConfig.from_dict(REAL_CONFIG), "Nemotron-TwoTower-30B-A3B (real config, no weights)"
-    else:
-        path = args.model or default_model_path()
-        if path is None:
-            raise ValueError("no --model given and this installation ships no default model")
-        cfg, what = NemotronHConfig.from_json(path), path
-    import torch
-
-    dev = device_preset(args.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
-    p = param_counts(cfg)
-    print(f"model: {what}: {p['tower'] / 1e9:.3g}B parameters per tower, {p['active_per_token'] / 1e9:.3g}B "
-          f"active per AR token")
-    print(f"device: {dev.name}: {dev.bandwidth / 1e9:.1f} GB/s, {dev.flops / 1e12:.3g} TFLOP/s ({dev.source})")
-    print(f"{args.dtype} weights, {args.experts} routed experts, context {args.ctx_len} tokens, block {args.block_size}; roofline = "
-          f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound; bound: m = bandwidth, c = compute")
-    print(format_table(roofline_rows(cfg, dev, DTYPE_BYTES[args.dtype], args.ctx_len, args.block_size,
-                                     experts=args.experts)))
-    return 0
