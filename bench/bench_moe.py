@@ -33,7 +33,7 @@ from . import harness
 COLUMNS = ["device", "model", "dtype", "weights", "T", "experts", "MB", "median_ms", "p10-p90_us", "main_ms", "vs_main",
            "GB/s", "%read_bw", "%copy_bw", "vs_bf16", "loop_ms", "vs_loop", "dense_ms", "vs_dense"]
 
-E, K, H, I = 128, 6, 2688, 1856   # models/random_init.REAL_CONFIG's
+E, K, H, I = 128, 6, 2688, 1856   # models/config.REAL_CONFIG's
 W8_H, W8_I, W8_LAYERS = 336, 232, 8   # the width-1/8 model's expert size (real expert count); layers cycled per call
 QUANT_FORMATS = ("fp8", "int4")
 QUANT_TOKENS = (1, 16)

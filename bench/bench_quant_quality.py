@@ -3,7 +3,7 @@
   python -m bench.bench_quant_quality [--prompts 32] [--prompt-len 64] [--new-tokens 64] [--width 0.0625]
 
 Two models: the shipped one (trained) and a random-weight model of the real layer pattern (all 52 layers of
-models/random_init.REAL_PATTERN at `--width` of the real widths, bf16 checkpoint, the shipped tokenizer's
+models/config.REAL_PATTERN at `--width` of the real widths, bf16 checkpoint, the shipped tokenizer's
 vocabulary). Each is loaded three times (experts=None, "fp8", "int4", same dtype) and all three decode the same
 held-out prompts (bench_quality.heldout_prompts) greedily, in one batch, with no EOS stop, in AR mode and in
 diffusion at gamma 0.8 (blocks of 16, up to 16 passes each). Per quantised model and mode, against the

@@ -129,7 +129,7 @@ def memory_section(results: str) -> str:
     """The real config's memory per expert format: computed (twotower_ext.analysis.memory), not measured."""
     from twotower_ext.analysis.memory import format_memory_table, memory_rows, reserve_note
     from twotower_ext.models.config import NemotronHConfig
-    from twotower_ext.models.random_init import REAL_CONFIG
+    from twotower_ext.models.config import REAL_CONFIG
 
     del results
     return (f"`twotower info --real-config` (bf16 model):\n\n"

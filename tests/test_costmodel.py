@@ -12,7 +12,7 @@ import torch
 from twotower_ext import cli
 from twotower_ext.analysis import costmodel
 from twotower_ext.models.config import NemotronHConfig
-from twotower_ext.models.random_init import REAL_CONFIG
+from twotower_ext.models.config import REAL_CONFIG
 from twotower_ext.models.weights import expected_tensors
 
 PARITY = os.path.join(os.path.dirname(__file__), "data", "parity", "checkpoint")

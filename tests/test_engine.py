@@ -296,7 +296,8 @@ def test_patch_runs_reference_methods_here_sharing_weights():
 
 
 def test_random_checkpoint_of_the_real_pattern_loads_and_decodes(tmp_path):
-    from twotower_ext.models.random_init import REAL_PATTERN, random_checkpoint, scaled_config
+    from twotower_ext.models.config import REAL_PATTERN
+    from twotower_ext.models.random_init import random_checkpoint, scaled_config
 
     cfg = scaled_config(width=1 / 16, layers=7, vocab=300)
     assert cfg["hybrid_override_pattern"] == REAL_PATTERN[:7] and cfg["num_hidden_layers"] == 7

@@ -192,7 +192,7 @@ def _cmd_info(a) -> int:
         if a.model:
             raise CliError("--real-config and --model are exclusive")
         from .models import NemotronHConfig
-        from .models.random_init import REAL_CONFIG
+        from .models.config import REAL_CONFIG
 
         print("model: Nemotron-TwoTower-30B-A3B (real config, no weights)")
         _print_memory(NemotronHConfig.from_dict(REAL_CONFIG), a.dtype)
@@ -242,7 +242,7 @@ def _print_roofline(a) -> int:
     if a.device not in costmodel.DEVICE_NAMES:  # before measuring or reading anything
         raise CliError(f"argument --device: expected one of {', '.join(costmodel.DEVICE_NAMES)}, got {a.device!r}")
     if a.real_config:
-        from .models.random_init import REAL_CONFIG
+        from .models.config import REAL_CONFIG
 
         cfg, what = NemotronHConfig.from_dict(REAL_CONFIG), "Nemotron-TwoTower-30B-A3B (real config, no weights)"
     else:

@@ -1,6 +1,6 @@
 """Random-weight checkpoints in NVIDIA's format, for benchmarks and tests at any width.
 
-`REAL_CONFIG` is Nemotron-TwoTower-30B-A3B's config; `scaled_config` shrinks its
+`scaled_config` shrinks config.REAL_CONFIG (Nemotron-TwoTower-30B-A3B's config): its
 widths and/or layer count while keeping the layer pattern's structure. The weights are scaled so
 activations stay O(1) through many layers (like an initialised model, not a trained one).
 """
@@ -12,23 +12,9 @@ import os
 
 import torch
 
-from .config import NemotronHConfig
+from .config import REAL_CONFIG, REAL_PATTERN, NemotronHConfig
 from .safetensors_io import save_file
 from .weights import build_weights
-
-REAL_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-REAL_CONFIG = {
-    "architectures": ["NemotronHTwoTowerForCausalLM"], "model_type": "nemotron_h",
-    "hidden_size": 2688, "num_hidden_layers": 52, "hybrid_override_pattern": REAL_PATTERN,
-    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
-    "mamba_num_heads": 64, "mamba_head_dim": 64, "n_groups": 8, "ssm_state_size": 128, "conv_kernel": 4,
-    "chunk_size": 128, "use_conv_bias": True, "n_routed_experts": 128, "num_experts_per_tok": 6,
-    "moe_intermediate_size": 1856, "moe_shared_expert_intermediate_size": 3712, "routed_scaling_factor": 2.5,
-    "norm_topk_prob": True, "n_group": 1, "topk_group": 1, "layer_norm_epsilon": 1e-5, "vocab_size": 131072,
-    "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0, "time_step_limit": [0.0, math.inf],
-    "residual_in_fp32": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
-
 
 def scaled_config(width: float = 1.0, layers: int | None = None, vocab: int | None = None, **over) -> dict:
     """REAL_CONFIG with hidden/head counts/expert widths times `width`, the first `layers` layers of the
