@@ -275,10 +275,44 @@ def scale_section(results: str, device: str = "cpu") -> str:
     return "\n".join(text)
 
 
+SERVE_COLUMNS = ["model", "mode", "concurrency", "requests", "tokens/s", "p50_s", "p99_s", "ttfb_p50_s", "tokens/nfe",
+                 "rows/pass", "static_batch_tokens/s"]
+
+
+def serve_section(results: str, device: str = "cpu") -> str:
+    """`python -m bench serve`: closed-loop clients against the same requests as one static `generate` batch."""
+    d, missing = _optional(f"serve-{device}", results, "python -m bench serve")
+    if d is None:
+        return missing
+    return f"{provenance(d)}\n\n{table(d['rows'], SERVE_COLUMNS, 'serve')}"
+
+
+CORE_COLUMNS = ["part", "model", "mode", "rows", "measure", "value", "reference", "ratio", "goal"]
+
+
+def core_section(results: str, device: str = "cpu") -> str:
+    """`python -m bench core --baseline ...`: (a) mixed parameters, (b) host time per iteration, (c) vs the static
+    batch and the old engine; then which goals the run met."""
+    d, missing = _optional(f"core-{device}", results, "python -m bench core --baseline TREE:LIB")
+    if d is None:
+        return missing
+    rows = d["rows"]
+    text = [provenance(d), "", table(rows, CORE_COLUMNS, "core"), ""]
+    for measure in dict.fromkeys(r["measure"] for r in rows if r.get("goal")):
+        sel = [r for r in rows if r["measure"] == measure and r.get("goal")]
+        goal = sel[0]["goal"]
+        op, bound = goal.split()
+        ok = [r for r in sel if (r["ratio"] <= float(bound) if op == "<=" else r["ratio"] >= float(bound))]
+        lo, hi = min(r["ratio"] for r in sel), max(r["ratio"] for r in sel)
+        text.append(f"- {measure}: {len(ok)} of {len(sel)} rows meet {goal} (ratios {lo:.2f}-{hi:.2f}).")
+    return "\n".join(text)
+
+
 SECTIONS = {"kernels-cpu": kernels_section, "passes-cpu": passes_section, "e2e-cpu": e2e_section,
             "quality": quality_section, "memory": memory_section, "quant-speed-cpu": quant_speed_section,
             "quant-quality": quant_quality_section, "demo": demo_section, "soak-cpu": soak_section,
-            "scale-cpu": scale_section, "prefix-cpu": prefix_section}
+            "scale-cpu": scale_section, "prefix-cpu": prefix_section, "core-cpu": core_section,
+            "serve-cpu": serve_section}
 
 
 def render(text: str, results: str = RESULTS) -> str:

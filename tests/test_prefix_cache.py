@@ -17,7 +17,6 @@ from twotower_ext.models.cache import cache_row_bytes
 from twotower_ext.runtime import DecodeCore, DecodeParams, Generator, Request
 from twotower_ext.runtime.prefix_cache import PrefixCache, chunk_keys, plan_waves, root_key
 from twotower_ext.runtime.prefix_store import PrefixStore, model_root
-from twotower_ext.serve import Scheduler
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
 CKPT = os.path.join(DATA, "checkpoint")
@@ -311,6 +310,9 @@ def test_staggered_requests_that_share_and_extend_a_prefix(lm, budget_entries, r
 
 
 def test_metrics_report_queries_hits_and_memory(lm, rng):
+    pytest.importorskip("prometheus_client", reason="the serve extra (prometheus_client) is not installed")
+    from twotower_ext.serve import Scheduler
+
     sched = Scheduler(lm, max_batch=2, max_len=128, prefix_cache_gb=0.01)
     try:
         prompt = shared_prompts(rng, 1)[0]

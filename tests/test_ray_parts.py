@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import twotower_ext as tt
-from twotower_ext.serve.metrics import Metrics
+
+pytest.importorskip("prometheus_client", reason="the serve extra (prometheus_client) is not installed")
+from twotower_ext.serve.metrics import Metrics  # noqa: E402
 from twotower_ext.serve.ray.exposition import label_samples, merge_expositions
 from twotower_ext.serve.ray.options import FleetOptions
 from twotower_ext.serve.ray.policy import affinity_key, prompt_head, rank_replicas, rendezvous_order

@@ -207,7 +207,7 @@ phase_build() {
   export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}" TWOTOWER_EXT_LIB="$lib"
   "$py" - >>"$logs/build.log" 2>&1 <<'PY'
 import json, torch, twotower_ext as tt
-from twotower_ext.graphs import while_supported
+from twotower_ext.runtime.graphs import while_supported
 info = tt.build_info()
 print("build_info", json.dumps(info))
 assert info["cuda"], "the module was built without CUDA kernels"
