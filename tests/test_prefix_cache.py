@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_segments(model, segment: int = SEGMENT):
-    """Segments of `segment` tokens; whole segments run the chunked SSD form, shorter ones the op (as at the
-    defaults, where both are 256)."""
+    """Segments of `segment` tokens; whole segments run the chunked SSD form, shorter ones the op (as on CUDA at
+    the defaults, where both are 256), so the equalities below cover the boundary between the two forms."""
     model.prefill_segment = model.prefill_chunked_min_len = segment
     return model
 

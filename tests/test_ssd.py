@@ -149,13 +149,20 @@ def cache_states(cache):
             for i, t in enumerate(ts) if t is not None}
 
 
-def test_threshold_keeps_parity_prompts_sequential(model, monkeypatch):
-    """Below prefill_chunked_min_len (every parity prompt, blocks, AR steps) the op runs; from it on, the
-    chunked scan, with the model's chunk size."""
-    assert model.prefill_chunked_min_len == towers.PREFILL_CHUNKED_MIN_LEN > 40
+def test_chunked_form_only_on_cuda_and_from_its_threshold(model, monkeypatch):
+    """The plan: chunked SSD from PREFILL_CHUNKED_MIN_LEN tokens on CUDA, never on the CPU (the op is faster at
+    every prefill pass length there). With a threshold set, passes below it (every parity prompt, blocks, AR
+    steps) run the op and passes from it on the chunked scan, with the model's chunk size."""
+    assert towers.prefill_chunked_min_len("cuda") == towers.PREFILL_CHUNKED_MIN_LEN == towers.PREFILL_SEGMENT > 40
+    assert towers.prefill_chunked_min_len("cuda:1") == towers.PREFILL_CHUNKED_MIN_LEN
+    assert towers.prefill_chunked_min_len("cpu") is None and model.prefill_chunked_min_len is None
     used = []
     real = layers.mamba_chunked_scan
     monkeypatch.setattr(layers, "mamba_chunked_scan", lambda *a, **k: used.append(k["chunk_size"]) or real(*a, **k))
+    cache = model.new_cache(1, 600)
+    model.prefill([[5] * 300], cache, logits=False)
+    assert used == []
+    monkeypatch.setattr(model, "prefill_chunked_min_len", towers.PREFILL_CHUNKED_MIN_LEN)
     cache = model.new_cache(1, 512)
     model.prefill([list(range(5, 45))], cache, logits=False)
     model.extend(torch.full((1, 16), 7), cache)
@@ -174,7 +181,8 @@ def test_long_prompt_prefill_matches_sequential(model, snapshot, gen):
     x = block.clone()
     x[:, ::2] = 3
     results = []
-    for min_len in (10 ** 9, 64):  # sequential, then chunked
+    default = model.prefill_chunked_min_len
+    for min_len in (None, 64):  # sequential, then chunked
         model.prefill_chunked_min_len = min_len
         try:
             cache = model.new_cache(3, 352, snapshot=snapshot)
@@ -188,7 +196,7 @@ def test_long_prompt_prefill_matches_sequential(model, snapshot, gen):
             out["denoise_after"] = model.denoise(x, cache, 0.25, rows=[2, 0])
             results.append(out)
         finally:
-            model.prefill_chunked_min_len = towers.PREFILL_CHUNKED_MIN_LEN
+            model.prefill_chunked_min_len = default
     seq, chunked = results
     assert seq.keys() == chunked.keys()
     for name in seq:

@@ -34,9 +34,9 @@ Denoiser tower (reads the cache, never writes it)
 
 Numerics follow NVIDIA's reference code (modeling_nemotron_h.py / modeling_nemotron_twotower.py); see
 layers.py. Prefill and extension use the same seeded scan op as the denoiser (`ops.mamba_block_scan`),
-an fp32 token-by-token recurrence, with per-row lengths for ragged prompts; a pass of at least
+an fp32 token-by-token recurrence, with per-row lengths for ragged prompts; on CUDA a pass of at least
 `model.prefill_chunked_min_len` tokens runs the same recurrence in chunked SSD form instead (ssd.py: batched
-matmuls, fp32 state, equal up to fp32 rounding). A prompt longer than `model.prefill_segment` tokens is
+matmuls, fp32 state, equal up to fp32 rounding; on the CPU the op is faster at every length prefill passes have). A prompt longer than `model.prefill_segment` tokens is
 prefilled in segments of that many (the first fresh, each next an extension of the row), so the state at
 every segment boundary is computed alike from token 0 or from a boundary the prefix cache restored
 (docs/semantics.md, "Prefix cache").

@@ -16,8 +16,8 @@ H/G heads each); the group's C.B scores are computed once and the R heads of a g
 matmuls' column dimension where they share an operand.
 
 `mamba_chunked_scan` is a drop-in for `ops.mamba_block_scan` (same arguments and results) that does the
-conv / dt work through the reference's shared helpers and the recurrence here; the context tower uses it
-for passes of at least `TwoTowerModel.prefill_chunked_min_len` tokens.
+conv / dt work through the reference's shared helpers and the recurrence here; on CUDA the context tower uses
+it for passes of at least `TwoTowerModel.prefill_chunked_min_len` tokens (towers.prefill_chunked_min_len).
 """
 from __future__ import annotations
 

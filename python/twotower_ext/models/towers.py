@@ -13,21 +13,25 @@ from .config import NemotronHConfig
 from .layers import mamba_mixer, mlp, modulate, moe, rms_norm, time_modulation
 from .weights import TwoTowerWeights, load_weights
 
-# Default of TwoTowerModel.prefill_chunked_min_len. At the real Mamba shapes on one CPU thread the chunked
-# scan already beats the token loop from ~64 tokens (about 2x at 256, 2-3x at 2048; `python -m bench
-# prefill`), but it runs ~50 smaller ops per pass where the op runs one, so with several threads on a busy
-# machine the barriers can eat that margin on short passes; 256 keeps short prompts, blocks and AR steps on
-# the exact op and sends the long prompts, where the loop's cost grows, to the chunked form. It is above
-# every parity prompt (<= 40 tokens), so the golden tests keep the exact sequential path.
+# From how many tokens a context pass on CUDA runs the Mamba recurrence in chunked SSD form (ssd.py: batched
+# matmuls, where the op walks the tokens one by one); shorter passes (blocks, AR steps, the parity prompts, a
+# prompt's last segment) keep the exact op. Equal to PREFILL_SEGMENT, so whole segments run one form and every
+# shorter one the other, whatever rows share the pass.
 PREFILL_CHUNKED_MIN_LEN = 256
+
+
+def prefill_chunked_min_len(device) -> int | None:
+    """TwoTowerModel.prefill_chunked_min_len for a context tower on `device`: PREFILL_CHUNKED_MIN_LEN on CUDA;
+    None (never chunked) on the CPU, where the op's recurrence in registers runs a 256-token segment 1.3-3.3x
+    faster than the chunked form (real and width-1/8 Mamba shapes, 1-4 rows, fp32/bf16, 1-2 threads: 11-17 ms
+    vs 18-39 ms per real-shape row; `python -m bench prefill` shows the two at 512 / 2048 tokens)."""
+    return PREFILL_CHUNKED_MIN_LEN if torch.device(device).type == "cuda" else None
 
 # Default of TwoTowerModel.prefill_segment: a prompt longer than this is prefilled as segments of this many
 # tokens (the first a fresh pass, each next an extension of the row), so the context tower's state at every
 # multiple of it is computed the same way whether a prompt starts from token 0 or from a boundary the prefix
-# cache restored (runtime/prefix_store.py); docs/semantics.md, "Prefix cache". Equal to
-# PREFILL_CHUNKED_MIN_LEN, so every whole segment runs the chunked SSD form and every shorter one (a prompt's
-# last) the exact op, whatever rows share the pass; a multiple of the SSD chunk (128), so segments split the
-# scan where its own chunks end.
+# cache restored (runtime/prefix_store.py); docs/semantics.md, "Prefix cache". A multiple of the SSD chunk
+# (128), so where whole segments run the chunked form (CUDA) segments split the scan where its chunks end.
 PREFILL_SEGMENT = 256
 
 
@@ -54,10 +58,9 @@ class TwoTowerModel:
         self.config, self.weights, self.dtype = config, weights, dtype
         self.ctx_device, self.den_device = torch.device(ctx_device), torch.device(den_device)
         self.res_dtype = torch.float32 if config.residual_in_fp32 else dtype
-        # Context passes of at least this many tokens (long prompts) run the Mamba recurrence in chunked
-        # SSD form (ssd.py: batched matmuls over chunks of prefill_chunk_size tokens); shorter ones (the
-        # parity prompts, 16-token blocks, AR steps) the exact token-by-token scan op. See PREFILL_CHUNKED_MIN_LEN.
-        self.prefill_chunked_min_len = PREFILL_CHUNKED_MIN_LEN
+        # Context passes of at least this many tokens run the Mamba recurrence in chunked SSD form (chunks of
+        # prefill_chunk_size tokens), shorter ones the token-by-token op; None: always the op (the CPU).
+        self.prefill_chunked_min_len = prefill_chunked_min_len(self.ctx_device)
         self.prefill_chunk_size = config.chunk_size
         self.prefill_segment = PREFILL_SEGMENT
 
@@ -232,7 +235,8 @@ class TwoTowerModel:
         if active is not None:   # inert rows scan no token: their Mamba states stay
             seq_lens = active.to(torch.int32) * L
         eps = cfg.layer_norm_epsilon
-        chunk = self.prefill_chunk_size if L >= self.prefill_chunked_min_len else None
+        chunk = (self.prefill_chunk_size if self.prefill_chunked_min_len is not None
+                 and L >= self.prefill_chunked_min_len else None)
         x = F.embedding(ids, w.embeddings)
         for i, layer in enumerate(w.layers):
             res = x.to(self.res_dtype)
