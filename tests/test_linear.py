@@ -54,6 +54,17 @@ def test_every_path_within_fp32_rounding(M, N, K, dtype, gemm, isa, monkeypatch,
     check(ops.linear(x, packed.pack(w)), x, w)
 
 
+@pytest.mark.parametrize("isa", FORCED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_library_path_over_several_chunks(dtype, isa, monkeypatch, gen):
+    """The library path unpacks 2^22 weights at a time (64 panels at K = 4095), the threads splitting each chunk's
+    panels: N = 1100 takes two chunks, the second partial, and an odd K leaves bf16's last k pair half empty."""
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
+    monkeypatch.setenv("TWOTOWER_LINEAR_CPU_GEMM", "library")
+    x, w = make(3, 1100, 4095, dtype, gen)
+    check(ops.linear(x, packed.pack(w)), x, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_plan_and_leading_dims(dtype, gen):
     """The plan's own choice over M from 1 to 300 rows; x [..., K] keeps its leading dims; a strided x (a row

@@ -53,6 +53,11 @@ inline int64_t linear_amx_ld(int64_t K) { return (K + 31) / 32 * 32; }
 inline int64_t linear_amx_x_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * linear_amx_ld(K); }
 void linear_amx_pad_x(const LinearParams& p, uint16_t* dst);
 
+// Panels [p0, p1) of the packed weight back to W^T for the matrix-library path: dst[k * ld + n - 16 p0] = W[n, k]
+// for k < K and every column of those panels (the zero padding included), in the weight's dtype. A permutation, at
+// memory speed (AVX2 where the CPU has it: ATen's copy of the permuted view ran at ~3 GB/s).
+void linear_unpack_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t p1, void* dst, int64_t ld);
+
 // The plan of one call (pure: unit-tested through the linear_cpu_plan op).
 enum class LinearPath : int32_t { kMicro = 0, kLibrary = 1 };
 struct LinearPlan {

@@ -88,6 +88,33 @@ struct Bf16Widened {
 
 }  // namespace
 
+// One panel row of bf16 pairs (16 x 32 bits: output c's k and k + 1) into two 16-element rows of W^T: the low
+// halves to row k, the high halves to row k + 1 (when it exists). packus works in 128-bit lanes, hence the permute.
+// k pairs outside, panels inside: each row of W^T is written front to back (whole cache lines), the panels read as
+// parallel streams of 64-byte rows.
+void linear_avx2_unpack_bf16(const LinearParams& p, int64_t p0, int64_t p1, uint16_t* dst, int64_t ld) {
+  const uint16_t* w = static_cast<const uint16_t*>(p.w);
+  const int64_t K2 = (p.K + 1) / 2, panel_elems = K2 * kLinearPanel * 2;
+  const __m256i low = _mm256_set1_epi32(0xFFFF);
+  for (int64_t s = 0; s < K2; ++s) {
+    uint16_t* even_row = dst + 2 * s * ld;
+    uint16_t* odd_row = 2 * s + 1 < p.K ? even_row + ld : nullptr;
+    const uint16_t* src_row = w + s * kLinearPanel * 2;
+    for (int64_t j = p0; j < p1; ++j) {
+      const __m256i* src = reinterpret_cast<const __m256i*>(src_row + j * panel_elems);
+      const __m256i a = _mm256_loadu_si256(src), b = _mm256_loadu_si256(src + 1);
+      const int64_t col = (j - p0) * kLinearPanel;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(even_row + col),
+                          _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(a, low),
+                                                                       _mm256_and_si256(b, low)), 0xD8));
+      if (odd_row != nullptr)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd_row + col),
+                            _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_srli_epi32(a, 16),
+                                                                         _mm256_srli_epi32(b, 16)), 0xD8));
+    }
+  }
+}
+
 void linear_avx2_panels(const LinearParams& p, int64_t p0, int64_t p1) {
   if (p.dtype == DType::kFloat32) return drive<F32>(p, p0, p1);
   drive<Bf16Widened>(p, p0, p1);

@@ -2,6 +2,7 @@
 // the plan.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/half_cpu.h"
 #include "linear/linear_kernels_cpu.h"
@@ -54,15 +55,40 @@ void linear_cpu_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t p1
   linear_scalar_panels(p, p0, p1);
 }
 
+void linear_unpack_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t p1, void* dst, int64_t ld) {
+  if (p.dtype == DType::kFloat32) {   // a panel row (one k, 16 outputs) is 64 contiguous bytes of W^T's row k
+    const float* w = static_cast<const float*>(p.w);
+    float* d = static_cast<float*>(dst);
+    for (int64_t k = 0; k < p.K; ++k)   // rows of W^T front to back (see the AVX2 bf16 unpack)
+      for (int64_t j = p0; j < p1; ++j)
+        std::memcpy(d + k * ld + (j - p0) * kLinearPanel, w + (j * p.K + k) * kLinearPanel, kLinearPanel * 4);
+    return;
+  }
+#ifdef TT_X86
+  if (int32_t(isa) >= int32_t(CpuIsa::kAvx2)) return linear_avx2_unpack_bf16(p, p0, p1, static_cast<uint16_t*>(dst), ld);
+#else
+  (void)isa;
+#endif
+  const uint16_t* w = static_cast<const uint16_t*>(p.w);   // [P, K2, 16, 2]: the k pair of output c side by side
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  const int64_t K2 = (p.K + 1) / 2;
+  for (int64_t s = 0; s < K2; ++s)
+    for (int64_t i = 0; i < 2 && 2 * s + i < p.K; ++i)
+      for (int64_t j = p0; j < p1; ++j)
+        for (int64_t c = 0; c < kLinearPanel; ++c)
+          d[(2 * s + i) * ld + (j - p0) * kLinearPanel + c] = w[((j * K2 + s) * kLinearPanel + c) * 2 + i];
+}
+
 // The instruction set depends only on the CPU and the dtype, never on M, so a row's result does not depend on the
 // other rows of its batch while the micro kernel runs (the engine's batch invariance); only prefill-sized M goes to
 // the matrix library. Measured on this project's Xeon (AVX-512, avx512_bf16, AMX), 1 thread, weights cycled
-// through copies larger than the cache, micro kernel vs library path (which copies the packed weights back to
-// W^T per call):
+// through copies larger than the cache, micro kernel vs library path (which unpacks the weights back to W^T per
+// call):
 //   fp32 [M, 320] x [320, 1288]: M=128 0.94 vs 0.91 ms, 512 2.8 vs 3.0, 1024 5.2 vs 4.9;
 //        [M, 4096] x [4096, 2688]: M=64 23 vs 32 ms, 256 35 vs 38, 512 104 vs 124, 1024 133 vs 136.
 //   bf16 (AMX vs oneDNN) [M, 320] x [320, 1288]: M=256 0.26 vs 0.45 ms, 1024 0.94 vs 0.87;
-//        [M, 4096] x [4096, 2688]: M=256 8.8 vs 12.1 ms, 1024 36 vs 28.
+//        [M, 4096] x [4096, 2688]: M=256 8.4 vs 8.8-13 ms, 512 18 vs 14-19, 1024 37 vs 25-30 (the library path
+//        with the AVX2 unpack; it was 28 at 1024 with ATen's copy of the permuted view).
 // Widened bf16 (CPUs without bf16 dot products) runs its FMAs at fp32's rate plus the widening, against a library
 // path at sgemm's rate, so it switches earlier (not measured here: no such CPU). And the micro kernel splits only
 // the output panels over the threads (items of kLinearItemPanels): a matrix too narrow to give every

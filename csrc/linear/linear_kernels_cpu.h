@@ -21,6 +21,8 @@ void linear_scalar_panels(const LinearParams& p, int64_t p0, int64_t p1);
 void linear_avx2_panels(const LinearParams& p, int64_t p0, int64_t p1);
 void linear_avx512_panels(const LinearParams& p, int64_t p0, int64_t p1, bool vdpbf16ps);
 void linear_amx_panels(const LinearParams& p, int64_t p0, int64_t p1);
+// bf16 panels [p0, p1) back to W^T (linear_unpack_panels), AVX2.
+void linear_avx2_unpack_bf16(const LinearParams& p, int64_t p0, int64_t p1, uint16_t* dst, int64_t ld);
 
 inline int64_t linear_elem_bytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 // Address of y[m, n].

@@ -89,22 +89,26 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
 }
 
 // The matrix library through ATen (MKL sgemm; oneDNN for bf16 on CPUs with bf16 dot products, AMX where there is
-// one), a chunk of panels at a time: the chunk unpacked to W^T [K, 16 x panels] by ATen's (threaded) copy of a
-// permuted view, then one call into y's columns. Elsewhere bf16 is widened to fp32 (exact) and the results
-// rounded once, like the micro kernels'.
+// one), a chunk of panels at a time: the chunk unpacked to W^T [K, 16 x panels] (linear_unpack_panels, threads over
+// panels), then one call into y's columns. Elsewhere bf16 is widened to fp32 (exact) and the results rounded once,
+// like the micro kernels'.
 void run_library(const Tensor& x, const Tensor& w, const Tensor& y, const tt::LinearParams& p, tt::CpuIsa isa) {
   const bool widen = p.dtype == tt::DType::kBFloat16 && int32_t(isa) < int32_t(tt::CpuIsa::kAvx512Bf16);
   const Tensor xin = widen ? x.to(at::kFloat) : x;
   const Tensor out = widen ? at::empty(y.sizes(), y.options().dtype(at::kFloat)) : y;
   const int64_t panels = tt::linear_panels(p.N);
-  const int64_t chunk = std::max<int64_t>(1, kLibraryChunkElems / (p.K * tt::kLinearPanel));
+  const int64_t chunk = std::min(panels, std::max<int64_t>(1, kLibraryChunkElems / (p.K * tt::kLinearPanel)));
+  const Tensor buf = at::empty({p.K, chunk * tt::kLinearPanel}, w.options());
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(panels - p0, chunk), n0 = p0 * tt::kLinearPanel;
-    const int64_t cols = std::min(p.N - n0, np * tt::kLinearPanel);
-    const Tensor wc = w.narrow(0, p0, np);   // fp32 [np, K, 16]; bf16 [np, K2, 16, 2] -> [K2, 2, np, 16]
-    Tensor b = w.dim() == 3 ? wc.permute({1, 0, 2}).reshape({p.K, np * tt::kLinearPanel})
-                            : wc.permute({1, 3, 0, 2}).reshape({-1, np * tt::kLinearPanel}).narrow(0, 0, p.K);
-    b = b.narrow(1, 0, cols);
+    const int64_t cols = std::min(p.N - n0, np * tt::kLinearPanel), ld = np * tt::kLinearPanel;
+    // threads over panels with at::parallel_for, the pool the library's own threads are (helpers from our other
+    // pool would fight the library's threads spinning after each call on a 2-core machine)
+    at::parallel_for(0, np, std::max<int64_t>(1, (int64_t(1) << 18) / (p.K * tt::kLinearPanel)), [&](int64_t b, int64_t e) {
+      tt::linear_unpack_panels(isa, p, p0 + b, p0 + e, static_cast<char*>(buf.data_ptr()) +
+                               (b * tt::kLinearPanel) * buf.element_size(), ld);
+    });
+    const Tensor b = buf.view({-1}).narrow(0, 0, p.K * ld).view({p.K, ld}).narrow(1, 0, cols);
     Tensor o = out.narrow(1, n0, cols);
     at::mm_out(o, xin, widen ? b.to(at::kFloat) : b);
   }
