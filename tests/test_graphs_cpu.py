@@ -195,6 +195,28 @@ def test_serving_core_graphs_match_eager_with_mixed_groups_and_new_parameters(lm
     same_results([(h.tokens, h.nfe, h.finish_reason, h.logprobs, h.top_logprobs) for h in handles], want)
 
 
+def test_a_padded_bucket_over_another_groups_live_rows(lm, fake_cuda_graphs):
+    """3 diffusion rows of block 8 (bucket 4) placed ahead of 5 rows of block 16 in an 8-row cache: every pass of
+    the block-8 group replays a bucket that holds a live, mid-block row of the other group, which must come out
+    untouched (its step, counts, tokens and done flag are its own group's). Graph replays equal eager, and each
+    row equals that row alone."""
+    rng = random.Random(11)
+    reqs = [([1] + [rng.randint(4, 511) for _ in range(rng.randint(3, 20))],
+             DecodeParams(block_size=8 if i < 3 else 16, steps_per_block=8 if i < 3 else 16, max_new_tokens=32,
+                          threshold=[0.5, 0.8, 0.95][i % 3], temperature=0.9 if i % 2 else 0.0, seed=i,
+                          eos_token_id=None))
+            for i in range(8)]
+    eager, _ = _run_core(lm.model, reqs, graphs=False, stagger=8)
+    graph, core = _run_core(lm.model, reqs, graphs=True, stagger=8)
+    same_results(graph, eager)
+    # the block-8 group's graph: rows [0, 4) of which row 3 is the block-16 group's (key: kind, mode, block
+    # size, ..., start, size)
+    assert any(k[0] == "denoise" and k[2] == 8 and k[-2:] == (0, 4) for k in core.runner.graphs.graphs)
+    for (prompt, params), got in zip(reqs, graph):
+        alone, _ = _run_core(lm.model, [(prompt, params)], graphs=False, stagger=1)
+        same_results([got], alone)
+
+
 def test_inert_rows_of_an_extension_keep_their_state(lm):
     """TwoTowerModel.extend_step(active=...): inactive rows keep K/V, Mamba states, snapshot and length bit for
     bit; active rows get exactly the unmasked extension."""
