@@ -173,6 +173,16 @@ def test_threads_and_dtype_defaults_are_shared():
     assert tt.load(CKPT, threads=0).threads is None and tt.load(CKPT, threads=2).threads == 2
     with pytest.raises(ValueError, match="threads must be None or an int >= 0"):
         tt.load(CKPT, threads=-1)
+
+
+def test_load_caps_threads_at_the_usable_cores(capsys):
+    """threads=100000 (which segfaulted in OpenMP) runs on the cores this process may use, saying so."""
+    from twotower_ext.threads import usable_cores
+
+    lm = tt.load(CKPT, threads=100000)
+    assert lm.threads == usable_cores()
+    assert "twotower: warning: load: threads 100000 is more than the" in capsys.readouterr().err
+    assert len(lm.generate([[1, 5, 6]], max_new_tokens=4, mode="ar", eos_token_id=None).new_tokens[0]) == 4
     before = torch.get_num_threads()
     with using_threads(before + 1):
         assert torch.get_num_threads() == before + 1

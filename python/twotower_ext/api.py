@@ -8,7 +8,7 @@ import torch
 
 from .runtime import DecodeParams, GenerationResult, Generator
 from .runtime.prefix_store import budget_bytes
-from .threads import recommended_threads, using_threads
+from .threads import cap_threads, recommended_threads, using_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -154,6 +154,8 @@ def load(path: str, device="cpu", dtype=None, denoiser_device=None, threads: int
         check_device(denoiser_device, "denoiser_device")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
         raise ValueError(f"load: threads must be None or an int >= 0 (0: torch's setting), got {threads!r}")
+    if threads:   # more OpenMP threads than cores only wait on each other (and 20000 abort in libgomp)
+        threads = cap_threads(threads, "load: threads")
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path) \
             or not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"load: {path!r} is not a checkpoint directory (no config.json)")
