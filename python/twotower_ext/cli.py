@@ -186,11 +186,11 @@ def _info_args(i: argparse.ArgumentParser) -> None:
 @command("info", "print a checkpoint's config, parameter counts, cache sizes and memory per expert format "
          "(checks its tensors against the config, as loading does)", _info_args)
 def _cmd_info(a) -> int:
+    if a.real_config and a.model:
+        raise CliError("--real-config and --model are exclusive")
     if a.roofline:
         return _print_roofline(a)
     if a.real_config:
-        if a.model:
-            raise CliError("--real-config and --model are exclusive")
         from .models import NemotronHConfig
         from .models.config import REAL_CONFIG
 
@@ -231,10 +231,7 @@ def _print_roofline(a) -> int:
     from .analysis import costmodel
     from .models import NemotronHConfig
 
-    if a.dtype not in costmodel.DTYPE_BYTES:
-        raise CliError(f"argument --dtype: expected one of {', '.join(costmodel.DTYPE_BYTES)}, got {a.dtype!r}")
-    if a.real_config and a.model:
-        raise CliError("--real-config and --model are exclusive")
+    weight_bytes = _dtype_bytes(a.dtype)
     if a.ctx_len < 0:
         raise CliError(f"argument --ctx-len: expected an integer >= 0, got {a.ctx_len}")
     if a.block_size < 1:
@@ -255,20 +252,27 @@ def _print_roofline(a) -> int:
     print(f"device: {dev.name}: {dev.bandwidth / 1e9:.1f} GB/s, {dev.flops / 1e12:.3g} TFLOP/s ({dev.source})")
     print(f"{a.dtype} weights, {a.experts} routed experts, context {a.ctx_len} tokens, block {a.block_size}; roofline = "
           f"max(bytes / bandwidth, FLOPs / rate) per pass, a lower bound; bound: m = bandwidth, c = compute")
-    print(costmodel.format_table(costmodel.roofline_rows(cfg, dev, costmodel.DTYPE_BYTES[a.dtype], a.ctx_len,
-                                                         a.block_size, experts=a.experts)))
+    print(costmodel.format_table(costmodel.roofline_rows(cfg, dev, weight_bytes, a.ctx_len, a.block_size,
+                                                         experts=a.experts)))
     return 0
+
+
+def _dtype_bytes(dtype: str) -> int:
+    """Bytes per weight of `twotower info --dtype` (the cost model's and the memory table's)."""
+    from .analysis.costmodel import DTYPE_BYTES
+
+    if dtype not in DTYPE_BYTES:
+        raise CliError(f"argument --dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
 
 
 def _print_memory(cfg, dtype: str) -> None:
     """The memory table of twotower_ext.analysis.memory (weights per expert format, cache per 4K row, GPUs that fit)."""
-    from .analysis.costmodel import DTYPE_BYTES
     from .analysis.memory import format_memory_table, memory_rows, reserve_note
 
-    if dtype not in DTYPE_BYTES:
-        raise CliError(f"argument --dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    weight_bytes = _dtype_bytes(dtype)
     print(f"\nmemory on one device, both towers ({dtype} model; --experts at load time):\n")
-    print(format_memory_table(memory_rows(cfg, DTYPE_BYTES[dtype])))
+    print(format_memory_table(memory_rows(cfg, weight_bytes)))
     print(f"\n{reserve_note()}")
 
 
