@@ -340,6 +340,12 @@ TT_HOST_DEVICE int32_t unmask_rank(const float* conf, const bool* masked, int32_
 Status threshold_unmask_scan_cpu(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad,
                                  int64_t item_begin, int64_t item_end);
 
+// CPU, one work item of phase 1: the state of vocabulary entries [lo, hi) (lo a multiple of 4) of masked position s
+// of row b, whose logits (p.dtype) are slice[0, hi - lo); *has_nan: one of them is NaN. p.logits is not read, so a
+// caller that computes a slice's logits itself (lm_head_unmask) scans them with the very same code.
+UnmaskState threshold_unmask_scan_slice_cpu(const ThresholdUnmaskParams& p, const void* slice, int64_t b, int64_t s,
+                                            int64_t lo, int64_t hi, bool* has_nan);
+
 // CPU, phase 2: merge the slices and apply the commit rule for rows [b_begin, b_end). A row with a bad value is
 // treated as on CUDA (the binding raises before calling this).
 Status threshold_unmask_commit_cpu(const ThresholdUnmaskParams& p, const UnmaskState* states, int64_t b_begin,

@@ -55,6 +55,7 @@ struct SliceScan {
   float temperature;
   uint64_t seed, block;
   int64_t s;
+  int32_t lo;   // the slice's first entry: the scanned logits are slice[v - lo]
 };
 
 #if defined(TT_UNMASK_AVX2)
@@ -172,7 +173,7 @@ inline __m256 sanitise8(__m256 x, __m256i idx, __m256i mask) {
 
 // Pass 1 over whole kLanes chunks from v; returns where it stopped.
 template <typename T, bool kSample>
-int32_t pass1_simd(const T* row, int32_t v, int32_t hi, const SliceScan& sc, Lanes& ln) {
+int32_t pass1_simd(const T* slice, int32_t v, int32_t hi, const SliceScan& sc, Lanes& ln) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), mask = _mm256_set1_epi32(sc.mask);
   const __m256 temp = set1(sc.temperature);
   __m256 mv[4], gv[4], nan = _mm256_setzero_ps();
@@ -188,7 +189,7 @@ int32_t pass1_simd(const T* row, int32_t v, int32_t hi, const SliceScan& sc, Lan
     if constexpr (kSample) gumbel32(sc, v >> 2, g);
     for (int a = 0; a < 4; ++a) {
       const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(v + 8 * a), iota);
-      __m256 x = load8(row, v + 8 * a);
+      __m256 x = load8(slice, v - sc.lo + 8 * a);
       nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
       x = sanitise8(x, idx, mask);
       const __m256 gt = _mm256_cmp_ps(x, mv[a], _CMP_GT_OQ);
@@ -213,7 +214,7 @@ int32_t pass1_simd(const T* row, int32_t v, int32_t hi, const SliceScan& sc, Lan
 }
 
 template <typename T>
-int32_t pass2_simd(const T* row, int32_t v, int32_t hi, float max, const SliceScan& sc, Lanes& ln) {
+int32_t pass2_simd(const T* slice, int32_t v, int32_t hi, float max, const SliceScan& sc, Lanes& ln) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), mask = _mm256_set1_epi32(sc.mask);
   const __m256 m = set1(max);
   __m256 s[4];
@@ -221,7 +222,7 @@ int32_t pass2_simd(const T* row, int32_t v, int32_t hi, float max, const SliceSc
   for (; v + kLanes <= hi; v += kLanes) {
     for (int a = 0; a < 4; ++a) {
       const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(v + 8 * a), iota);
-      const __m256 x = sanitise8(load8(row, v + 8 * a), idx, mask);
+      const __m256 x = sanitise8(load8(slice, v - sc.lo + 8 * a), idx, mask);
       s[a] = vadd(s[a], exp8_sum(vsub(x, m)));
     }
   }
@@ -233,13 +234,14 @@ int32_t pass2_simd(const T* row, int32_t v, int32_t hi, float max, const SliceSc
 inline float sanitise(float x, int32_t v, int32_t mask) { return v == mask ? -INFINITY : clamp_pos_inf(x); }
 
 template <typename T, bool kSample>
-UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc, bool* has_nan) {
+UnmaskState scan_slice(const T* slice, int32_t hi, const SliceScan& sc, bool* has_nan) {
+  const int32_t lo = sc.lo;
   Lanes ln;
   // Pass 1: max / argmax (+ the Gumbel-score argmax). lo is a multiple of 4, so every whole chunk starts
   // on a Philox group.
   int32_t v = lo;
 #if defined(TT_UNMASK_AVX2)
-  v = pass1_simd<T, kSample>(row, v, hi, sc, ln);
+  v = pass1_simd<T, kSample>(slice, v, hi, sc, ln);
 #endif
   for (; v + kLanes <= hi; v += kLanes) {
     float g[kLanes];
@@ -250,7 +252,7 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
       }
     }
     for (int j = 0; j < kLanes; ++j) {
-      float x = load_logit(row, v + j);
+      float x = load_logit(slice, v + j - lo);
       ln.nan |= x != x;
       x = sanitise(x, v + j, sc.mask);
       if (x > ln.mv[j]) {
@@ -267,7 +269,7 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
     }
   }
   for (; v < hi; ++v) {  // tail in lane 0: its indices exceed every earlier one, so '>' still keeps the first
-    float x = load_logit(row, v);
+    float x = load_logit(slice, v - lo);
     ln.nan |= x != x;
     x = sanitise(x, v, sc.mask);
     if (x > ln.mv[0]) {
@@ -287,19 +289,20 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
   reduce_lanes(ln.mv, ln.mi, &st.max, &st.arg);
   if constexpr (kSample) {
     reduce_lanes(ln.gv, ln.gi, &st.gmax, &st.garg);
-    if (st.garg >= 0) st.gval = clamp_pos_inf(load_logit(row, st.garg));
+    if (st.garg >= 0) st.gval = clamp_pos_inf(load_logit(slice, st.garg - lo));
   }
   *has_nan = ln.nan;
   if (st.arg < 0) return st;  // all -inf: the sum stays 0
   // Pass 2: sum of exp(x - slice max); the mask entry maps to -inf and adds exactly 0.
   v = lo;
 #if defined(TT_UNMASK_AVX2)
-  v = pass2_simd<T>(row, v, hi, st.max, sc, ln);
+  v = pass2_simd<T>(slice, v, hi, st.max, sc, ln);
 #endif
   for (; v + kLanes <= hi; v += kLanes) {
-    for (int j = 0; j < kLanes; ++j) ln.sv[j] += tt_exp(sanitise(load_logit(row, v + j), v + j, sc.mask) - st.max);
+    for (int j = 0; j < kLanes; ++j)
+      ln.sv[j] += tt_exp(sanitise(load_logit(slice, v + j - lo), v + j, sc.mask) - st.max);
   }
-  for (; v < hi; ++v) ln.sv[0] += tt_exp(sanitise(load_logit(row, v), v, sc.mask) - st.max);
+  for (; v < hi; ++v) ln.sv[0] += tt_exp(sanitise(load_logit(slice, v - lo), v, sc.mask) - st.max);
   float sum = 0.f;
   for (int j = 0; j < kLanes; ++j) sum += ln.sv[j];
   st.sum = sum;
@@ -307,35 +310,40 @@ UnmaskState scan_slice(const T* row, int32_t lo, int32_t hi, const SliceScan& sc
 }
 
 template <typename T>
-void scan_items(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad, int64_t begin, int64_t end) {
-  const int64_t ns = unmask_num_slices(p);
-  const T* logits = static_cast<const T*>(p.logits);
-  for (int64_t item = begin; item < end; ++item) {
+UnmaskState scan_one(const ThresholdUnmaskParams& p, const T* slice, int64_t b, int64_t s, int64_t lo, int64_t hi,
+                     bool* has_nan) {
+  const SliceScan sc{int32_t(p.mask_id), p.temperature.at(b), uint64_t(p.seed.at(b)), uint64_t(p.block.at(b)), s,
+                     int32_t(lo)};
+  return sc.temperature > 0.f ? scan_slice<T, true>(slice, int32_t(hi), sc, has_nan)
+                              : scan_slice<T, false>(slice, int32_t(hi), sc, has_nan);
+}
+
+}  // namespace
+
+UnmaskState threshold_unmask_scan_slice_cpu(const ThresholdUnmaskParams& p, const void* slice, int64_t b, int64_t s,
+                                            int64_t lo, int64_t hi, bool* has_nan) {
+  return p.dtype == DType::kFloat32 ? scan_one(p, static_cast<const float*>(slice), b, s, lo, hi, has_nan)
+                                    : scan_one(p, static_cast<const bf16_t*>(slice), b, s, lo, hi, has_nan);
+}
+
+Status threshold_unmask_scan_cpu(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad,
+                                 int64_t item_begin, int64_t item_end) {
+  if (p.seq > kUnmaskMaxSeq || p.vocab > INT32_MAX || p.slice_width % 4 != 0) return Status::kUnsupportedShape;
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16) return Status::kUnsupportedDType;
+  const int64_t ns = unmask_num_slices(p), elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t r = item / ns, slice = item % ns, b = r / p.seq, s = r % p.seq;
     bad[item] = 0;
     if (p.x[b * p.x_batch_stride + s] != p.mask_id) {  // committed position: nothing to read
       states[item] = unmask_empty_state();
       continue;
     }
-    const T* row = logits + b * p.logits_batch_stride + s * p.logits_seq_stride;
     const int64_t lo = slice * p.slice_width, hi = lo + p.slice_width < p.vocab ? lo + p.slice_width : p.vocab;
+    const int64_t at = b * p.logits_batch_stride + s * p.logits_seq_stride + lo;
     bool has_nan = false;
-    const SliceScan sc{int32_t(p.mask_id), p.temperature.at(b), uint64_t(p.seed.at(b)), uint64_t(p.block.at(b)), s};
-    states[item] = sc.temperature > 0.f ? scan_slice<T, true>(row, int32_t(lo), int32_t(hi), sc, &has_nan)
-                                        : scan_slice<T, false>(row, int32_t(lo), int32_t(hi), sc, &has_nan);
+    states[item] = threshold_unmask_scan_slice_cpu(p, static_cast<const char*>(p.logits) + at * elem, b, s, lo, hi,
+                                                   &has_nan);
     bad[item] = has_nan;
-  }
-}
-
-}  // namespace
-
-Status threshold_unmask_scan_cpu(const ThresholdUnmaskParams& p, UnmaskState* states, uint8_t* bad,
-                                 int64_t item_begin, int64_t item_end) {
-  if (p.seq > kUnmaskMaxSeq || p.vocab > INT32_MAX || p.slice_width % 4 != 0) return Status::kUnsupportedShape;
-  switch (p.dtype) {
-    case DType::kFloat32: scan_items<float>(p, states, bad, item_begin, item_end); break;
-    case DType::kBFloat16: scan_items<bf16_t>(p, states, bad, item_begin, item_end); break;
-    default: return Status::kUnsupportedDType;
   }
   return Status::kOk;
 }
