@@ -21,6 +21,11 @@ TORCH_LIBRARY(twotower, m) {
   m.def("threshold_unmask(Tensor logits, Tensor(a!) x, int mask_id, Tensor gamma, Tensor step, Tensor steps_per_block, "
         "Tensor temperature, Tensor seed, Tensor block, Tensor? kept, Tensor(b!) counts, Tensor(c!) done, "
         "Tensor(d!)? logprob) -> ()");
+  // The denoiser's LM head fused with threshold_unmask (CPU; csrc/lm_head_unmask/lm_head_unmask.h): the commit step
+  // on hidden @ w^T (w packed as for linear, n = vocab) without materialising the logits unless logits_out is given.
+  m.def("lm_head_unmask(Tensor hidden, Tensor w, int n, Tensor(a!) x, int mask_id, Tensor gamma, Tensor step, "
+        "Tensor steps_per_block, Tensor temperature, Tensor seed, Tensor block, Tensor? kept, Tensor(b!) counts, "
+        "Tensor(c!) done, Tensor(d!)? logprob, Tensor(e!)? logits_out) -> ()");
   m.def("mamba_block_scan(Tensor xBC, Tensor dt, Tensor conv_state, Tensor ssm_state, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? seq_lens, float dt_min, float dt_max, "
         "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");

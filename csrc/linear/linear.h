@@ -42,6 +42,18 @@ struct LinearParams {
   const uint16_t* x_amx = nullptr;  // the AMX path's x: linear_amx_pad_x's copy
 };
 
+// Output columns [n0, n0 + n) of a packed weight (n0 a multiple of 16) are a packed weight of n outputs in the
+// same layout (whole panels, zero padded past N): p with w moved to panel n0 / 16 and N = n (y unchanged: column
+// j of the range is written at y[m, j]). Each output is the same sum over k in the same order wherever its panel
+// sits and whichever rows a call covers, so the range computed on its own gives the bits of the whole call.
+inline LinearParams linear_columns(const LinearParams& p, int64_t n0, int64_t n) {
+  LinearParams q = p;
+  const int64_t panel_bytes = (p.dtype == DType::kFloat32 ? p.K : (p.K + 1) / 2) * kLinearPanel * 4;
+  q.w = static_cast<const char*>(p.w) + n0 / kLinearPanel * panel_bytes;
+  q.N = n;
+  return q;
+}
+
 // The micro kernel of `isa` for output panels [p0, p1) of every row. The instruction set must run here and have
 // code for the dtype: fp32 runs on scalar, avx2 and avx512 (kAvx512Bf16 and kAmx mean avx512 for it); bf16 on
 // every one (scalar, avx2 and avx512 widen it to fp32, avx512_bf16 runs vdpbf16ps, amx tiles).

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from . import reference
 from .packed import PackedLinear
 
-OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear"]
+OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear",
+            "lm_head_unmask"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,26 +208,79 @@ def threshold_unmask(logits, x, mask_id: int, gamma, step, steps_per_block, temp
     NaN logits at masked positions raise on CPU; on CUDA they count as -inf (the debug mode raises). Exact
     definition and numerics: `reference.threshold_unmask` and csrc/threshold_unmask/threshold_unmask.h.
     """
-    device = logits.device
+    batch = logits.shape[0] if logits.dim() > 0 else 0
+    rows, counts, done = _commit_args(batch, logits.shape[1] if logits.dim() == 3 else 0, logits.device, gamma, step,
+                                      steps_per_block, temperature, seed, block, kept, out_counts, out_done)
+    if not _has_kernel("threshold_unmask", logits.device):
+        return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block,
+                                          kept, counts, done, out_logprob)
+    args, kept_t = _row_args(rows, kept, logits.device)
+    torch.ops.twotower.threshold_unmask(logits, x, int(mask_id), *args, kept_t, counts, done, out_logprob)
+    return counts, done
+
+
+def _commit_args(batch: int, seq: int, device, gamma, step, steps_per_block, temperature, seed, block, kept,
+                 out_counts, out_done) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The commit step's per-row arguments by name (Python numbers checked: kind, and range against seq) and the
+    counts / done outputs (the given ones, or new [batch] tensors on device)."""
     rows = {"gamma": gamma, "step": step, "steps_per_block": steps_per_block, "temperature": temperature,
             "seed": seed, "block": block}
     numbers_given = {k: v for k, v in {**rows, "kept": kept}.items() if v is not None and not isinstance(v, torch.Tensor)}
     for k, v in numbers_given.items():
         _check_number(k, v)
-    msg = reference.unmask_row_error(logits.shape[1] if logits.dim() == 3 else 0,
-                                     **{k: v for k, v in numbers_given.items() if k not in ("seed", "block")})
+    msg = reference.unmask_row_error(seq, **{k: v for k, v in numbers_given.items() if k not in ("seed", "block")})
     if msg:
         raise ValueError(msg)
-    batch = logits.shape[0] if logits.dim() > 0 else 0
     counts = out_counts if out_counts is not None else torch.empty(batch, dtype=torch.int32, device=device)
     done = out_done if out_done is not None else torch.empty(batch, dtype=torch.bool, device=device)
-    if not _has_kernel("threshold_unmask", device):
-        return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block,
-                                          kept, counts, done, out_logprob)
-    args = [_row_tensor(k, v, device) for k, v in rows.items()]
+    return rows, counts, done
+
+
+def _row_args(rows: dict, kept, device) -> tuple[list, torch.Tensor | None]:
+    """_commit_args' per-row values as the ops take them (_row_tensor), in the schemas' order, and kept's."""
     kept_t = None if kept is None else _row_tensor("kept", kept, device)
-    torch.ops.twotower.threshold_unmask(logits, x, int(mask_id), *args, kept_t, counts, done, out_logprob)
-    return counts, done
+    return [_row_tensor(k, v, device) for k, v in rows.items()], kept_t
+
+
+# ----------------------------------------------------------------------------------------------------
+# lm_head_unmask
+
+
+@torch.library.register_fake("twotower::lm_head_unmask")
+def _lm_head_unmask_fake(hidden, w, n, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept,
+                         counts, done, logprob, logits_out):
+    torch._check(hidden.dim() == 3, lambda: "hidden must be [batch, seq, hidden_size]")
+    return None  # x, counts, done, logprob and logits_out are written in place
+
+
+def lm_head_unmask(hidden, w, x, mask_id: int, gamma, step, steps_per_block, temperature=0.0, seed=0, block=0,
+                   kept=None, out_counts=None, out_done=None, out_logprob=None, logits: bool = False):
+    """The denoiser's LM head and the commit step in one: threshold_unmask(linear(hidden, w), x, ...) with the same
+    arguments (see `threshold_unmask`), x updated in place.
+
+    hidden [B, S, K] (the final normed hidden states, in the model dtype); w the LM head: a `packed.PackedLinear`
+    on the CPU runs the fused kernel (csrc/lm_head_unmask/lm_head_unmask.h: each vocabulary slice's logits are
+    computed for the masked positions only and scanned while in cache, never stored; the commit is bit for bit the
+    unfused one's on the micro kernel's logits). Anything else (CUDA, plain weights, the reference) composes linear
+    and threshold_unmask (on the logits widened to fp32); there is no CUDA kernel of the fusion.
+
+    Returns (counts, done, logits): logits [B, S, V] in hidden's dtype (every position's, the linear's output) when
+    `logits` is true, else None (the fused kernel then never materialises them). NaN in a masked position's logits
+    (NaN in its hidden row) raises on the CPU like threshold_unmask's NaN logits. No host synchronisation."""
+    B = hidden.shape[0] if hidden.dim() > 0 else 0
+    S = hidden.shape[1] if hidden.dim() == 3 else 0
+    rows, counts, done = _commit_args(B, S, hidden.device, gamma, step, steps_per_block, temperature, seed, block,
+                                      kept, out_counts, out_done)
+    if not (isinstance(w, PackedLinear) and hidden.is_cpu and _has_kernel("lm_head_unmask", hidden.device)):
+        out = linear(hidden, w)
+        threshold_unmask(out.float(), x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, counts,
+                         done, out_logprob)
+        return counts, done, out if logits else None
+    args, kept_t = _row_args(rows, kept, hidden.device)
+    out = hidden.new_empty((B, S, w.n)) if logits else None
+    torch.ops.twotower.lm_head_unmask(hidden, w.data, w.n, x, int(mask_id), *args, kept_t, counts, done, out_logprob,
+                                      out)
+    return counts, done, out
 
 
 # ----------------------------------------------------------------------------------------------------
