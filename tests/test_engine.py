@@ -101,13 +101,13 @@ def test_compat_mode_conditions_every_row_on_the_batch_mean_t(lm, monkeypatch):
     reference); the default: each row its own fraction. Checked on the t the model receives, on a batch whose
     rows commit at different rates."""
     seen = []
-    real = lm.model.denoise
+    real = lm.model.denoise_commit
 
     def spy(x, cache, t, *a, **kw):
         seen.append(((x == 3).double().mean(1), torch.as_tensor(t).double().reshape(-1).expand(x.shape[0])))
         return real(x, cache, t, *a, **kw)
 
-    monkeypatch.setattr(lm.model, "denoise", spy)
+    monkeypatch.setattr(lm.model, "denoise_commit", spy)
     prompts = [PROMPTS["p0"], PROMPTS["p2"][:len(PROMPTS["p0"])]]
     for compat in (True, False):
         seen.clear()

@@ -1,6 +1,6 @@
-"""The model calls a decode step makes (decode, extend, denoise, mock_ar) never read device values on the host and
-never produce a data-dependent shape, so a CUDA graph can capture them: checked on CPU with a TorchDispatchMode
-that fails on every op that reads a value back or sizes its output from the data, and with the Tensor methods
+"""The model calls a decode step makes (decode, extend, denoise, denoise_commit, mock_ar) never read device values on
+the host and never produce a data-dependent shape, so a CUDA graph can capture them: checked on CPU with a
+TorchDispatchMode that fails on every op that reads a value back or sizes its output from the data, and with the Tensor methods
 that copy to the host patched to fail."""
 import contextlib
 import os
@@ -109,6 +109,13 @@ def test_model_calls_have_no_host_reads(which, tmp_path, monkeypatch):
             logits = model.decode(block[:, 0], cache, rows)
             model.extend(block, cache, rows, snapshot=True)
             den = model.denoise(block, cache, t, rows)
+            committed = block.clone()   # the runner's call: the pass, the LM head and the commit in one
+            i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=dev)   # noqa: E731
+            counts, done, den_logits = model.denoise_commit(
+                committed, cache, t, rows, mask_id=3, gamma=torch.tensor([0.9], device=dev), step=i32(0, 1, 2),
+                steps_per_block=i32(4), temperature=torch.tensor([0.0, 1.0, 0.5], device=dev),
+                seed=torch.tensor([1], device=dev), block=torch.tensor([0, 1, 2], device=dev), kept=i32(4, 3, 4),
+                logits=True)
             mock = model.mock_ar(block[:, -1], cache, rows)
             model.decode(block[1:, 1], cache, slice(1, 3), snapshot=True)   # a sub-range
             # a padded-bucket extension: row 0 inert (runtime/runner.py's graphs)
@@ -116,6 +123,7 @@ def test_model_calls_have_no_host_reads(which, tmp_path, monkeypatch):
                               active=torch.tensor([False, True, True], device=dev))
             cache.count_appended(slice(1, 3), 4)
         assert logits.shape == (3, V) and den.shape == (3, 4, V) and mock.shape == (3, V)
+        assert torch.equal(den_logits.float(), den) and counts.shape == (3,) and not torch.equal(committed, block)
         assert all(torch.isfinite(x).all() for x in (logits, den, mock))
         # The host counted what was appended; the device advanced its own lengths: they agree.
         want = [lens_before[0] + 5, lens_before[1] + 10, lens_before[2] + 10]

@@ -179,7 +179,7 @@ def test_scheduler_shutdown_finishes_in_flight(lm):
 
 def test_a_failed_pass_fails_its_rows_and_the_server_goes_on(lm, monkeypatch):
     s = Scheduler(lm, max_batch=2, max_queue=2, max_len=64)
-    real, calls = lm.model.denoise, []
+    real, calls = lm.model.denoise_commit, []
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -187,7 +187,7 @@ def test_a_failed_pass_fails_its_rows_and_the_server_goes_on(lm, monkeypatch):
             raise RuntimeError("injected failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(lm.model, "denoise", flaky)
+    monkeypatch.setattr(lm.model, "denoise_commit", flaky)
     try:
         h = s.submit([1, 5], mode="diffusion", max_tokens=8)
         with pytest.raises(RuntimeError, match="injected failure"):

@@ -25,6 +25,8 @@ Context tower (causal; writes the cache in place)
 
 Denoiser tower (reads the cache, never writes it)
     logits = model.denoise(x [B, S], cache, t, rows)    # [B, S, V] fp32; t: [B] (or a float) per row
+    counts, done, _ = model.denoise_commit(x, cache, t, rows, mask_id=..., gamma=..., ...)  # the pass + the
+                                                        # commit step on x in place, LM head fused (lm_head_unmask)
     logits = model.mock_ar(last_tokens [B], cache, rows)  # [B, V]: no time conditioning, KV[:-1], snapshot
   NVIDIA-compat mode passes the batch-mean t broadcast to every row. CUDA-graph capture: call decode /
   extend (through `model.extend_step`, which leaves the host length count to the caller; `active=` makes

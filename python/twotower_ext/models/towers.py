@@ -289,7 +289,25 @@ class TwoTowerModel:
         row's current states, read-only. Returns logits [B, S, V] fp32 (position j predicts token j).
         The cache is not modified. With contiguous rows the pass has no host syncs and no data-dependent
         shapes (CUDA-graph capturable).
-        probe(layer index, kind, hidden states) is called after every layer (analysis/diagnose.py's NaN scan)."""
+        probe(layer index, kind, hidden states) is called after every layer (analysis/diagnose.py's NaN scan).
+        Decoding does not call this but denoise_commit (the LM head fused with the commit step)."""
+        return self._denoiser_logits(self._denoise_hidden(x, cache, t, rows, probe))
+
+    @torch.no_grad()
+    def denoise_commit(self, x: torch.Tensor, cache: ContextCache, t, rows=None, *, mask_id: int, gamma, step,
+                       steps_per_block, temperature=0.0, seed=0, block=0, kept=None, out_counts=None, out_done=None,
+                       out_logprob=None, logits: bool = False):
+        """denoise, then ops.threshold_unmask on its logits (the arguments after `rows`; x [B, S] int64 on the
+        denoiser's device, updated in place), in one: the pass's final hidden states go to ops.lm_head_unmask,
+        which on the CPU computes and scans each vocabulary slice of the masked positions' logits in cache and
+        never stores them (docs/semantics.md). Returns (counts, done, logits [B, S, V] in the model dtype with
+        logits=True, else None). No host syncs, like denoise."""
+        h = self._denoise_hidden(x, cache, t, rows)
+        return ops.lm_head_unmask(h, self.weights.denoiser.lm_head, x, mask_id, gamma, step, steps_per_block,
+                                  temperature, seed, block, kept, out_counts, out_done, out_logprob, logits)
+
+    def _denoise_hidden(self, x, cache: ContextCache, t, rows=None, probe=None) -> torch.Tensor:
+        """denoise's pass up to the LM head: the final normed hidden states [B, S, H] in the model dtype."""
         r = cache.rows(rows)
         x = torch.as_tensor(x).to(device=self.den_device, dtype=torch.long)
         self._check_block(x, r)
@@ -300,6 +318,10 @@ class TwoTowerModel:
         st = cache.den
         mod = time_modulation(t, self.weights.time, self.dtype)
         return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, probe)
+
+    def _denoiser_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The denoiser's LM head on its final hidden states: logits fp32."""
+        return ops.linear(h, self.weights.denoiser.lm_head).float()
 
     @torch.no_grad()
     def mock_ar(self, tokens: torch.Tensor, cache: ContextCache, rows=None) -> torch.Tensor:
@@ -313,7 +335,7 @@ class TwoTowerModel:
         self._check_block(x, r)
         st = cache.den
         ctx_lens = r.take(st.lens) - 1
-        return self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st)[:, 0]
+        return self._denoiser_logits(self._denoiser_pass(x, r, None, ctx_lens, st.prev_conv, st.prev_ssm, st))[:, 0]
 
     def _check_block(self, x: torch.Tensor, r: Rows) -> None:
         if x.dim() != 2 or x.shape[0] != len(r):
@@ -321,6 +343,8 @@ class TwoTowerModel:
                              f"got shape {tuple(x.shape)}")
 
     def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, probe=None):
+        """The denoiser's layers over ids [B, S]: the final normed hidden states in the model dtype (the LM head's
+        input)."""
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
@@ -354,4 +378,4 @@ class TwoTowerModel:
             x = res + out
             if probe is not None:
                 probe(i, layer.kind, x)
-        return ops.linear(rms_norm(x, w.norm_f, eps).to(self.dtype), w.lm_head).float()
+        return rms_norm(x, w.norm_f, eps).to(self.dtype)

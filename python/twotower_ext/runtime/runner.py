@@ -5,8 +5,10 @@ small device-to-host copy of what the passes produced.
 Per group and iteration (docs/semantics.md for the rules):
 - diffusion: first the pending extension — the rows whose block was committed at the last iteration and go
   on get it appended to the context, and start their next block (all masked, step 0, next block index) —
-  then one denoiser pass over the group's rows and one `threshold_unmask` commit with every row's own
-  parameters (threshold, steps, step, temperature, seed, block index, kept length) as tensors. A lockstep
+  then one denoiser pass over the group's rows and one commit with every row's own parameters (threshold,
+  steps, step, temperature, seed, block index, kept length) as tensors: the model's denoise_commit, whose LM
+  head and commit are one op (`lm_head_unmask`: on the CPU the logits are never stored unless the group
+  returns top logprobs). A lockstep
   group with device_loop runs a whole block instead (a WHILE node, or the steps unrolled).
 - AR / mock-AR: the pending extension by each row's last sampled token (mock-AR: with the Mamba snapshot),
   then (mock-AR: the denoiser's mock-AR pass and) one sampling call for every row, greedy and sampling rows
@@ -31,7 +33,6 @@ import warnings
 import numpy as np
 import torch
 
-from .. import ops
 from ..models.cache import Rows
 from . import graphs as graph_mod
 from .batch import PersistentBatch
@@ -318,7 +319,6 @@ class ModelRunner:
             t = frac
         # rows whose kept positions were all committed before this pass: a lockstep group's, riding along
         open_before = None if member is None and not g.lockstep else ~rows.take(b.done)
-        logits = self.model.denoise(x, self.cache, t, rows)
         counts = torch.empty(x.shape[0], dtype=torch.int32, device=self.dev)
         held_step = step = rows.take(b.step)
         steps, kept = rows.take(b.steps), rows.take(b.kept)
@@ -329,9 +329,12 @@ class ModelRunner:
         # logprobs: written at the positions this pass commits (rows outside the group commit nothing)
         out_lp = rows.take(b.logprob_buffers()[0])[:, :S] if g.top_k >= 0 else None
         was = x == mask if g.top_k > 0 else None
-        ops.threshold_unmask(logits, x, mask, rows.take(b.gamma), step, steps, rows.take(b.temperature),
-                             rows.take(b.seed), rows.take(b.block), kept, out_counts=counts, out_done=done,
-                             out_logprob=out_lp)
+        # the pass, the LM head and the commit in one (ops.lm_head_unmask): the logits are materialised only
+        # for the groups that return alternatives
+        _, _, logits = self.model.denoise_commit(
+            x, self.cache, t, rows, mask_id=mask, gamma=rows.take(b.gamma), step=step, steps_per_block=steps,
+            temperature=rows.take(b.temperature), seed=rows.take(b.seed), block=rows.take(b.block), kept=kept,
+            out_counts=counts, out_done=done, out_logprob=out_lp, logits=g.top_k > 0)
         if g.top_k > 0:
             self._store_top(rows, logits, was & (x != mask), g.top_k, mask)
         hist = rows.take(b.hist)
