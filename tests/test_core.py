@@ -71,7 +71,7 @@ def test_mixed_parameters_staggered_equal_each_row_alone(lm):
 
 def test_one_commit_call_per_group_per_pass(lm, monkeypatch):
     """32 diffusion rows with 4 thresholds, greedy and sampling rows, their own seeds and steps: every pass
-    commits the whole group in one threshold_unmask call (counted by the profiler), not one per sampling row."""
+    commits the whole group in one commit call (counted by the profiler), not one per sampling row."""
     rows = mixed_rows(32, seed=3)
     kw = dict(mode="diffusion", max_new_tokens=32, block_size=16, eos_token_id=None,
               threshold=[p["threshold"] for _, p in rows], temperature=[p["temperature"] for _, p in rows],
@@ -82,7 +82,8 @@ def test_one_commit_call_per_group_per_pass(lm, monkeypatch):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         res = lm.generate(prompts, **kw)
     events = prof.key_averages()
-    unmask = sum(e.count for e in events if e.key == "twotower::threshold_unmask")
+    # the CPU's commit op is the LM head fused with threshold_unmask; elsewhere threshold_unmask after the head
+    unmask = sum(e.count for e in events if e.key in ("twotower::threshold_unmask", "twotower::lm_head_unmask"))
     passes = res.stats["executed_passes"]
     assert unmask == passes, (unmask, passes)
 
@@ -152,7 +153,7 @@ def test_logprobs_are_the_committing_pass_distribution(lm, monkeypatch):
     that committed it, its alternatives that distribution's k likeliest; recomputed in fp64 from the logits
     the commit op saw. In every mode; the same rows alone and in a mixed batch agree."""
     seen = []
-    real = ops.threshold_unmask
+    real, real_head = ops.threshold_unmask, ops.lm_head_unmask
 
     def spy(logits, x, mask_id, *a, **kw):
         before = x.clone()
@@ -160,13 +161,22 @@ def test_logprobs_are_the_committing_pass_distribution(lm, monkeypatch):
         seen.append((logits.double(), before, x.clone(), mask_id))
         return out
 
+    def head_spy(hidden, w, x, mask_id, *a, logits=False, **kw):   # the denoiser's commits: the logits it computed
+        before = x.clone()
+        counts, done, out = real_head(hidden, w, x, mask_id, *a, logits=True, **kw)
+        seen.append((out.double(), before, x.clone(), mask_id))
+        return counts, done, out if logits else None
+
     prompts = [[1, 5, 9, 11], [1, 300, 301, 7, 8]]
     for mode in ("diffusion", "ar", "mock_ar"):
         seen.clear()
-        monkeypatch.setattr(ops, "threshold_unmask", spy)
+        monkeypatch.setattr(ops, "lm_head_unmask", head_spy)
+        if mode != "diffusion":   # (lm_head_unmask composes threshold_unmask where it has no kernel)
+            monkeypatch.setattr(ops, "threshold_unmask", spy)
         res = lm.generate(prompts, mode=mode, max_new_tokens=20, logprobs=3, temperature=[0.0, 0.8], seed=5,
                           eos_token_id=None)
         monkeypatch.setattr(ops, "threshold_unmask", real)
+        monkeypatch.setattr(ops, "lm_head_unmask", real_head)
         want = [[] for _ in prompts]   # per row, in commit order: (position index within the output, lp, top)
         for logits, before, after, mask in seen:
             lp = logits.clone()

@@ -304,7 +304,8 @@ class TwoTowerModel:
         logits=True, else None). No host syncs, like denoise."""
         h = self._denoise_hidden(x, cache, t, rows)
         return ops.lm_head_unmask(h, self.weights.denoiser.lm_head, x, mask_id, gamma, step, steps_per_block,
-                                  temperature, seed, block, kept, out_counts, out_done, out_logprob, logits)
+                                  temperature, seed, block, kept, out_counts=out_counts, out_done=out_done,
+                                  out_logprob=out_logprob, logits=logits)
 
     def _denoise_hidden(self, x, cache: ContextCache, t, rows=None, probe=None) -> torch.Tensor:
         """denoise's pass up to the LM head: the final normed hidden states [B, S, H] in the model dtype."""
