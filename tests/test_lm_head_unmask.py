@@ -11,25 +11,9 @@ import torch
 from twotower_ext import ops, packed
 
 import oracle
+from test_linear import FORCED   # lm_head_unmask runs the linear's kernels: its forced instruction sets, skip reasons
 
-ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
 MASK = 5
-
-
-def isa_skip_reason(isa):
-    """Why `isa` cannot be forced here (the op says so when asked), or None."""
-    x, w = torch.ones(1, 2), packed.pack(torch.ones(1, 2))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TWOTOWER_LINEAR_CPU_ISA", isa)
-        try:
-            ops.linear(x, w)
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-FORCED = [pytest.param(i, marks=pytest.mark.skipif(isa_skip_reason(i) is not None, reason=str(isa_skip_reason(i))))
-          for i in ISAS]
 
 
 def make(B, S, K, V, dtype, gen, committed=0.3):
