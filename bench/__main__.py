@@ -24,7 +24,8 @@ BENCHES = {"merge_states": "bench_merge_states", "mamba_scan": "bench_mamba_scan
            "demo": "bench_demo",           # demo: what `twotower generate --prompt "def "` prints (README)
            "scale": "bench_scale",         # scale: replicas on Ray Serve (needs the ray extra)
            "prefix": "bench_prefix",       # prefix: time to the first token with the prefix cache off / on
-           "core": "bench_core"}           # core: the decode core's per-row parameters, host time, vs the old engine
+           "core": "bench_core",           # core: the decode core's per-row parameters, host time, vs the old engine
+           "lm_head_unmask": "bench_lm_head_unmask"}   # the denoiser's LM head + commit: unfused vs fused
 
 
 def main(argv=None) -> int:
