@@ -122,16 +122,16 @@ def test_nan_weights_name_the_tower_and_layer(lm):
 
 def _block_history(lm, monkeypatch, **kw):
     """Run diffusion recording x after every commit step: [(block, step, x)]."""
-    seen, orig = [], ops.threshold_unmask
+    seen, orig = [], ops.lm_head_unmask   # the denoiser's LM head fused with the commit step
 
-    def record(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out):
-        res = orig(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out)
+    def record(hidden, w, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out):
+        res = orig(hidden, w, x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, **out)
         seen.append((int(block[0]), int(step[0]), x.clone()))
         return res
 
-    monkeypatch.setattr(ops, "threshold_unmask", record)
+    monkeypatch.setattr(ops, "lm_head_unmask", record)
     res = lm.generate(PROMPTS["p1"], eos_token_id=None, **kw)
-    monkeypatch.setattr(ops, "threshold_unmask", orig)
+    monkeypatch.setattr(ops, "lm_head_unmask", orig)
     return res, seen
 
 
