@@ -1,7 +1,7 @@
 """The model calls a decode step makes (decode, extend, denoise, denoise_commit, mock_ar) never read device values on
 the host and never produce a data-dependent shape, so a CUDA graph can capture them: checked on CPU with a
-TorchDispatchMode that fails on every op that reads a value back or sizes its output from the data, and with the Tensor methods
-that copy to the host patched to fail."""
+TorchDispatchMode that fails on every op that reads a value back or sizes its output from the data, and with the
+Tensor methods that copy to the host patched to fail."""
 import contextlib
 import os
 
