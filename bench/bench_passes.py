@@ -1,6 +1,8 @@
 """Each CPU pass next to its roofline: ms per denoiser pass, AR step and block extension on the width-1/8
-real-pattern random model (hidden 336, 52 layers, 128 experts top-6, vocab 131072; written once as a bf16
-checkpoint, see `checkpoint`), batch 1 after a 100-token context, at 1 and 2 threads, fp32 and bf16.
+real-pattern random model (hidden 320, 52 layers, 128 experts top-6, vocab 131072; written once as a bf16
+checkpoint, see `checkpoint`), batch 1 after a 100-token context, at 1 and 2 threads, fp32 and bf16. The
+denoiser pass is timed as the engine runs it (`model.denoise_commit`: the layers, then the LM head fused with the
+commit step, ops.lm_head_unmask), on a block with every other position masked.
 
 The bound of a pass is max(FLOPs / matmul rate, weight bytes / read rate), both rates measured in this run at
 the row's thread count: the matmul rate by a 1024^3 matmul in the row's dtype, the read rate by a pure read of
@@ -9,7 +11,7 @@ the row's thread count: the matmul rate by a 1024^3 matmul in the row's dtype, t
 the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
 `%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
 model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
-before): a baseline under the same machine load. The profile of one denoiser pass (packed, 1 thread,
+before; the LM head then unfused: F.linear and threshold_unmask): a baseline under the same machine load. The profile of one denoiser pass (packed, 1 thread,
 torch.profiler, ops by self time) goes into the results beside the table.
 
   python -m bench passes                  # results/passes-cpu.{md,json}
@@ -53,6 +55,8 @@ def checkpoint(path: str | None = None) -> str:
 def _passes(model, cfg):
     """{label: (fn, cost key, tokens in the pass)} on a cache holding CTX tokens; the AR step and the extension
     reset the length after each call so every call sees the same context."""
+    from twotower_ext.runtime.params import DecodeParams
+
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, cfg.vocab_size, (1, CTX), generator=g)
     cache = model.new_cache(1, CTX + BLOCK + 1)
@@ -63,8 +67,13 @@ def _passes(model, cfg):
         cache.lens_host[:] = [CTX]
 
     block = torch.randint(4, cfg.vocab_size, (1, BLOCK), generator=g)
-    half = torch.where(torch.arange(BLOCK) % 2 == 0, block, torch.full_like(block, 3))   # a typical later pass
-    return {PASSES[0]: (lambda: model.denoise(half, cache, 0.5), "nfe"),
+    mask = DecodeParams.mask_token_id
+    half = torch.where(torch.arange(BLOCK) % 2 == 0, block, torch.full_like(block, mask))   # a typical later pass
+
+    def denoise_commit():   # as the engine runs it: the pass, the LM head and the commit step (on a copy of x)
+        model.denoise_commit(half.clone(), cache, 0.5, mask_id=mask, gamma=0.8, step=0, steps_per_block=BLOCK)
+
+    return {PASSES[0]: (denoise_commit, "nfe"),
             PASSES[1]: (lambda: (model.decode(block[:, 0], cache), reset()), "ar_step"),
             PASSES[2]: (lambda: (model.extend(block, cache), reset()), "extension")}
 

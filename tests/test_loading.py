@@ -159,21 +159,23 @@ def test_broken_index_and_missing_files_are_reported(tmp_path):
         load_weights(str(tmp_path), NemotronHConfig.from_json(CKPT))
 
 
-def test_bf16_load_keeps_the_fp32_parameters_fp32():
+def test_bf16_load_keeps_the_fp32_parameters_fp32_and_the_router_fp64():
     cfg = NemotronHConfig.from_json(CKPT)
     w = load_weights(CKPT, cfg, torch.bfloat16)
     raw = read_all()
-    kept = {"A_log", "D", "dt_bias", "router", "bias"}
+    kept = {"A_log": torch.float32, "D": torch.float32, "dt_bias": torch.float32, "router": torch.float64,
+            "bias": torch.float64}
     for tower, prefix in ((w.context, "context_tower"), (w.denoiser, "denoiser_tower")):
         for i, layer in enumerate(tower.layers):
             for fld in dataclasses.fields(layer.mixer):
                 t = getattr(layer.mixer, fld.name)
                 if isinstance(t, (torch.Tensor, PackedLinear)):
-                    assert t.dtype == (torch.float32 if fld.name in kept else torch.bfloat16), (i, fld.name)
+                    assert t.dtype == kept.get(fld.name, torch.bfloat16), (i, fld.name)
         m = tower.layers[0].mixer
         assert torch.equal(m.A_log, raw[f"{prefix}.layers.0.mixer.A_log"])
         assert torch.equal(unpack(m.in_proj), raw[f"{prefix}.layers.0.mixer.in_proj.weight"].bfloat16())
-        assert torch.equal(tower.layers[2].mixer.bias, raw[f"{prefix}.layers.2.mixer.gate.e_score_correction_bias"])
+        assert torch.equal(tower.layers[2].mixer.bias, raw[f"{prefix}.layers.2.mixer.gate.e_score_correction_bias"].double())
+        assert torch.equal(tower.layers[2].mixer.router, raw[f"{prefix}.layers.2.mixer.gate.weight"].double())
     assert w.time.tables.dtype == torch.bfloat16
 
 

@@ -5,7 +5,7 @@ Loading
                                           denoiser_device=None)   # or "cuda:1": denoiser elsewhere
   reads config.json (`NemotronHConfig.from_json`, validated) and model.safetensors or the sharded
   model-*.safetensors + model.safetensors.index.json by NVIDIA's names, memory-mapped, each tensor
-  allocated once on its device in its dtype (A_log, D, dt_bias, router weight and correction bias fp32).
+  allocated once on its device in its dtype (A_log, D, dt_bias fp32; router weight and correction bias fp64).
   A checkpoint that does not match the config raises CheckpointError listing the names.
 
 State
