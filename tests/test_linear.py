@@ -282,3 +282,45 @@ def test_compiles_under_torch_compile(gen):
 
 def test_build_lists_the_op():
     assert tt.build_info()["ops"]["linear"] == ["CPU"]   # ops.linear routes every non-CPU packed weight to the reference
+
+
+def test_concurrent_callers_share_the_helper_threads(gen):
+    """Four Python threads splitting ops over the same helper threads at once (common/worker_pool_cpu.h: one offer
+    slot, the latest offer wins, every caller finishes its own work): each gets the single-thread bits, for the
+    linear (parallel_chunks) and the MoE op (its own phases) alike."""
+    import threading
+
+    x, w = make(16, 20000, 256, torch.float32, gen)
+    p = packed.pack(w)
+    E, H, I, k = 32, 256, 128, 4   # 8 MB of experts: above the MoE op's 4 MB for splitting
+    mx = torch.randn(40, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(40)])
+    mw = torch.rand(40, k, generator=gen)
+    up = torch.randn(E, I, H, generator=gen) * 0.1
+    down = torch.randn(E, H, I, generator=gen) * 0.1
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want_lin, want_moe = ops.linear(x, p), ops.moe_experts(mx, ids, mw, up, down)
+        torch.set_num_threads(2)
+        bad: list = []
+
+        def caller():
+            torch.set_num_threads(2)   # (a new thread's own setting)
+            try:
+                for _ in range(20):
+                    if not torch.equal(ops.linear(x, p), want_lin) or not torch.equal(
+                            ops.moe_experts(mx, ids, mw, up, down), want_moe):
+                        bad.append("different bits")
+            except Exception as e:   # noqa: BLE001 - reported below
+                bad.append(repr(e))
+
+        ts = [threading.Thread(target=caller) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in ts), "a caller hung"
+        assert bad == []
+    finally:
+        torch.set_num_threads(old)

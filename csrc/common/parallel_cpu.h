@@ -7,8 +7,8 @@
 // for it to arrive), a scheduler tick or more per op. Measured on the loaded 2-core machine, 2 threads:
 // a 300 us Mamba block scan took 15-20 ms (docs/threads.md).
 //
-// Here the caller posts helper tasks to torch's inter-op pool and starts on the work itself; everyone claims
-// chunks from one shared counter, and the caller waits only for chunks a helper has claimed and not yet
+// Here the caller offers the work to the pool's helpers (worker_pool_cpu.h) and starts on it itself; everyone
+// claims chunks from one shared counter, and the caller waits only for chunks a helper has claimed and not yet
 // finished. A helper that starts late finds nothing left and returns without touching the work, so a
 // descheduled thread costs at most the chunk it holds, and on a quiet machine the helpers join within
 // microseconds. Work too small to amortise a hand-off runs inline.
@@ -24,12 +24,14 @@
 #include <mutex>
 #include <thread>
 
+#include "common/worker_pool_cpu.h"
+
 namespace tt {
 
 // Below this many elements of work per thread (~50-150 us for these kernels) a second thread does not pay.
 constexpr int64_t kParallelMinWork = int64_t(1) << 18;
 
-struct ChunkQueue {
+struct ChunkQueue final : PoolTask {
   std::atomic<int64_t> next{0}, finished{0};
   int64_t items = 0, chunk = 1;
   const std::function<void(int64_t, int64_t)>* fn = nullptr;  // valid while finished < items
@@ -37,7 +39,7 @@ struct ChunkQueue {
   std::exception_ptr error;
 
   // Claim and run chunks until none is left.
-  void drain() {
+  void work() override {
     for (int64_t b; (b = next.fetch_add(chunk)) < items;) {
       const int64_t e = std::min(items, b + chunk);
       try {
@@ -60,7 +62,7 @@ void parallel_chunks(int64_t items, int64_t work_per_item, F&& fn) {
   if (items <= 0) return;
   const int64_t work = std::max<int64_t>(1, work_per_item);
   const int64_t threads = std::min<int64_t>({int64_t(at::get_num_threads()), items, items * work / kParallelMinWork});
-  if (threads <= 1 || at::in_parallel_region()) {
+  if (threads <= 1 || at::in_parallel_region() || pool_in_task()) {
     fn(int64_t(0), items);
     return;
   }
@@ -69,8 +71,11 @@ void parallel_chunks(int64_t items, int64_t work_per_item, F&& fn) {
   q->items = items;
   q->chunk = std::min(std::max<int64_t>(1, kParallelMinWork / 4 / work), (items + threads - 1) / threads);
   q->fn = &body;
-  for (int64_t t = 1; t < threads; ++t) at::launch([q] { q->drain(); });
-  q->drain();
+  pool_offer(q, threads - 1);
+  {
+    PoolTaskScope scope;
+    q->work();
+  }
   while (q->finished.load() < items) std::this_thread::yield();  // only chunks a helper is running now
   if (q->error) std::rethrow_exception(q->error);
 }

@@ -30,6 +30,7 @@
 #include "common/cpu_gemm_torch.h"
 #include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
+#include "common/worker_pool_cpu.h"
 #include "moe/moe.h"
 
 namespace {
@@ -203,7 +204,7 @@ constexpr int64_t kParallelMinBytes = 4 << 20;
 // The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
 // down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
 // exactly one thread and counted in `finished` once run (or skipped after a failure).
-struct MoeWork {
+struct MoeWork final : tt::PoolTask {
   int64_t n_up = 0, total = 0;
   std::atomic<int64_t> next{0}, up_done{0}, finished{0};
   std::atomic<bool> failed{false};
@@ -211,7 +212,7 @@ struct MoeWork {
   std::exception_ptr error;
   std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
 
-  void work() {
+  void work() override {
     thread_local tt::MoeCpuScratch s;  // grown on demand, kept across calls
     for (int64_t i; (i = next.fetch_add(1)) < total;) {
       if (i >= n_up) {
@@ -235,11 +236,12 @@ struct MoeWork {
 // Why not at::parallel_for: an OpenMP region ends in a barrier that waits for every team thread to have been
 // scheduled at least once, and on a busy 2-core machine a woken thread can wait a whole time slice (measured:
 // a T=1 bf16 layer took 52-60 ms on 2 threads against 34 ms on 1; any OpenMP region cost 10-50 ms there). Here
-// the calling thread works through the items itself and threads - 1 helpers on the inter-op pool join whenever
-// they get to run; the caller waits only for items a helper has already claimed. A helper that starts after
-// everything is claimed finds nothing to do (the shared state outlives the call; the items' references do
-// not, and are only used for claimed items). Used for the microkernel path only: the library path calls MKL,
-// whose own threading expects an OpenMP thread, so calls with library experts take one at::parallel_for region.
+// the calling thread works through the items itself and threads - 1 pool helpers (common/worker_pool_cpu.h)
+// join whenever they get to run; the caller waits only for items a helper has already claimed. A helper that
+// starts after everything is claimed finds nothing to do (the shared state outlives the call; the items'
+// references do not, and are only used for claimed items). Used for the microkernel path only: the library
+// path calls MKL, whose own threading expects an OpenMP thread, so calls with library experts take one
+// at::parallel_for region.
 void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
                 std::function<void(int64_t, tt::MoeCpuScratch&)> item) {
   auto w = std::make_shared<MoeWork>();
@@ -247,14 +249,13 @@ void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
   w->total = n_up + n_down;
   w->item = std::move(item);
   const int64_t threads = at::get_num_threads();
-  if (parallel && threads > 1) {
-    if (library) {
-      at::parallel_for(0, std::min(threads, w->total), 1, [&](int64_t, int64_t) { w->work(); });
-    } else {
-      for (int64_t h = 1; h < std::min(threads, w->total); ++h) at::launch([w] { w->work(); });
-    }
+  if (parallel && threads > 1 && library) {
+    at::parallel_for(0, std::min(threads, w->total), 1, [&](int64_t, int64_t) { w->work(); });
+  } else {
+    if (parallel && threads > 1 && !tt::pool_in_task()) tt::pool_offer(w, std::min(threads, w->total) - 1);
+    tt::PoolTaskScope scope;
+    w->work();
   }
-  w->work();
   while (w->finished.load(std::memory_order_acquire) < w->total) std::this_thread::yield();
   if (w->error) std::rethrow_exception(w->error);
 }
