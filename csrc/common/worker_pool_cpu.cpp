@@ -1,12 +1,19 @@
-// The CPU ops' helper threads: one offer slot, a generation counter the helpers sleep on (std::atomic::wait,
-// a futex) and threads started on demand. See worker_pool_cpu.h.
+// The CPU ops' helper threads: one offer slot, a generation counter the helpers watch (awake for a while, then
+// asleep in std::atomic::wait: a futex on a 32-bit word) and threads started on demand. See worker_pool_cpu.h.
 #include "common/worker_pool_cpu.h"
 
 #include <atomic>
-#include <cstdlib>
+#include <chrono>
 #include <mutex>
 #include <thread>
 #include <utility>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TT_POOL_PAUSE() _mm_pause()
+#else
+#define TT_POOL_PAUSE() ((void)0)
+#endif
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -23,7 +30,7 @@ struct Pool {
   std::shared_ptr<PoolTask> task;       // the latest offer
   int64_t helpers = 0;                  // how many helpers it asked for: helper i takes it if i < helpers
   int64_t started = 0;
-  std::atomic<uint64_t> generation{0};  // bumped by every offer
+  std::atomic<uint32_t> generation{0};  // bumped by every offer
 };
 
 // Leaked on purpose: the helpers are detached and may still be waiting on it while statics are destroyed at
@@ -32,8 +39,16 @@ Pool* g_pool = new Pool;
 
 void helper_loop(Pool* pool, int64_t index) {
   t_in_task = true;
-  uint64_t seen = 0;
+  uint32_t seen = 0;
   for (;;) {
+    // Awake for kPoolSpinNs first, yielding to any other thread that wants this core, then asleep.
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 1; pool->generation.load(std::memory_order_acquire) == seen; ++spins) {
+      TT_POOL_PAUSE();
+      if (spins % 64 != 0) continue;
+      if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(kPoolSpinNs)) break;
+      std::this_thread::yield();
+    }
     pool->generation.wait(seen, std::memory_order_acquire);   // returns once the generation differs from seen
     std::shared_ptr<PoolTask> task;
     {

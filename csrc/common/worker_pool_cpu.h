@@ -3,17 +3,23 @@
 //
 // Why not torch's inter-op pool (at::launch): a task posted there started on its thread 44-73 us later on
 // average on the 2-core VM (up to 1.4 ms; a probe posting after 0.2-2 ms of other work), as long as a whole
-// Mamba scan or small linear takes, so a second thread rarely got a share. A helper here sleeps on a futex
-// word and starts within a few microseconds of the offer (3 us round trip measured on the same VM). Why not
-// OpenMP: its regions end in a barrier that waits for every team thread (docs/threads.md). A task is only
-// ever offered: the caller works through it too and never waits for a helper that has not claimed a part of
-// it (parallel_cpu.h), so a helper that is descheduled, busy with another caller's task or slow to wake costs
-// nothing but its own share.
+// Mamba scan or small linear takes, so a second thread rarely got a share. A helper here stays awake for
+// kPoolSpinNs after each task (yielding to any other thread that wants its core) and then sleeps on a futex:
+// in a pass, where ops follow each other within a millisecond, it picks an offer up in ~6-13 us instead of
+// the ~60 us a sleeping one took to wake on that VM. Why not OpenMP: its regions end in a barrier that waits
+// for every team thread (docs/threads.md). A task is only ever offered: the caller works through it too and
+// never waits for a helper that has not claimed a part of it (parallel_cpu.h), so a helper that is
+// descheduled, busy with another caller's task or slow to wake costs nothing but its own share.
 #pragma once
 #include <cstdint>
 #include <memory>
 
 namespace tt {
+
+// How long an idle helper stays awake: longer than the gaps between the ops of a decode pass (the torch ops
+// between two of ours), short enough that an idle process gives its cores back at once. Measured on the
+// width-1/8 denoiser pass at 2 threads: 0 (always asleep) 55-59 ms bf16, 1 ms 47-54 ms.
+constexpr int64_t kPoolSpinNs = 1000000;
 
 // Work that any number of threads may run at the same time, each claiming parts until none is left.
 struct PoolTask {

@@ -76,11 +76,12 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
   // An item's work for parallel_chunks, which adds a thread per 2^18 units (and splits nothing below twice that):
   // its weight bytes, times the blocks of 8 rows that read them again from the cache, over kBytesPerWorkUnit. So a
-  // second thread joins from ~8 MB-equivalents (~0.4 ms on one thread: the LM heads, the real model's
-  // projections), not for the hundred small linears of a pass: a helper woken per call costs more than half of
-  // such a call saves (the 2-core VM, 2 threads, fp32 16-token pass of the width-1/8 model: 118 ms with every
-  // linear from 0.5 MB split, 104 ms with F.linear, whose library keeps small GEMMs on one thread).
-  constexpr int64_t kBytesPerWorkUnit = 16;
+  // second thread joins from ~2 MB-equivalents (~0.1 ms on one thread: at M = 16 a 0.7 MB weight, the larger
+  // projections of the width-1/8 model; at M = 1 the real model's): with the pool's helpers awake between the ops
+  // of a pass (common/worker_pool_cpu.h) that pays. Measured on the 2-core VM, 2 threads, the width-1/8 denoiser
+  // pass: fp32 72.8 / 69.1 / 68.1 ms from 2 MB-equivalents against 81.4 / 74.7 / 79.6 from 8 MB; before the pool,
+  // when a helper was a task on torch's inter-op pool, splitting from 0.5 MB made the pass slower (118 vs 104 ms).
+  constexpr int64_t kBytesPerWorkUnit = 4;
   const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
                        (1 + p.M / 8) / kBytesPerWorkUnit;
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
