@@ -76,12 +76,12 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
   // An item's work for parallel_chunks, which adds a thread per 2^18 units (and splits nothing below twice that):
   // its weight bytes, times the blocks of 8 rows that read them again from the cache, over kBytesPerWorkUnit. So a
-  // second thread joins from ~2 MB-equivalents (~0.1 ms on one thread: at M = 16 a 0.7 MB weight, the larger
-  // projections of the width-1/8 model; at M = 1 the real model's): with the pool's helpers awake between the ops
-  // of a pass (common/worker_pool_cpu.h) that pays. Measured on the 2-core VM, 2 threads, the width-1/8 denoiser
-  // pass: fp32 72.8 / 69.1 / 68.1 ms from 2 MB-equivalents against 81.4 / 74.7 / 79.6 from 8 MB; before the pool,
-  // when a helper was a task on torch's inter-op pool, splitting from 0.5 MB made the pass slower (118 vs 104 ms).
-  constexpr int64_t kBytesPerWorkUnit = 4;
+  // second thread joins from ~0.5 MB-equivalents (~35 us on one thread: the width-1/8 model's projections even at
+  // M = 1): with the pool's helpers awake between the ops of a pass (common/worker_pool_cpu.h) that pays. Measured
+  // on the 2-core VM at 2 threads (denoiser pass / AR step, ms): bf16 45.4 / 22.0 and 45.7 / 22.4 splitting from
+  // 0.5 MB, 49.0 / 25.2 and 47.2 / 24.8 from 2 MB, 47.5 / 27.9 from 8 MB. Before the pool, when a helper was a
+  // task on torch's inter-op pool, splitting from 0.5 MB made the pass slower (118 vs 104 ms fp32).
+  constexpr int64_t kBytesPerWorkUnit = 1;
   const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
                        (1 + p.M / 8) / kBytesPerWorkUnit;
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {

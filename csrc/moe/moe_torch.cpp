@@ -196,14 +196,14 @@ tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
   return v == "micro" ? tt::MoeCpuGemmChoice::kMicro : tt::MoeCpuGemmChoice::kLibrary;
 }
 
-// Below this many weight bytes per call the phases run on the calling thread: waking the intra-op threads costs
-// more than the work (measured on a busy 2-core machine: ~20-50 ms per OpenMP region; 1 thread 0.08 ms for a
-// 16-expert 160 x 96 layer), and the small models of the tests and of the parity fixtures live here.
-constexpr int64_t kParallelMinBytes = 4 << 20;
+// Below this many weight bytes per call the phases run on the calling thread: handing items to a helper costs
+// more than the work (the pool's helper picks an offer up in ~6-13 us when awake, ~60 us when asleep: ~0.1 ms of
+// expert reads), and the small models of the tests and of the parity fixtures live here. From 1 MB an AR step's
+// MoE layers of the width-1/8 model (6 experts, 1.7 MB bf16) split too: measured at 2 threads, bf16 AR step
+// 22.0 / 22.4 ms against 27.9 / 27.5 with the 4 MB this was when a helper was a task on torch's inter-op pool
+// (where a busy 2-core machine made any hand-off cost 20-50 ms).
+constexpr int64_t kParallelMinBytes = 1 << 20;
 
-// The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
-// down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
-// exactly one thread and counted in `finished` once run (or skipped after a failure).
 struct MoeWork final : tt::PoolTask {
   int64_t n_up = 0, total = 0;
   std::atomic<int64_t> next{0}, up_done{0}, finished{0};
