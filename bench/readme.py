@@ -43,6 +43,11 @@ KERNELS = {
     "threshold_unmask": (["dtype", "B", "V", "T", "median_us", "GB/s", "read_GB/s", "%read", "lean_torch_us", "speedup"],
                          "baseline: NVIDIA's greedy step (T=0) / torch Gumbel-max (T=1); limit: a pure read of the "
                          "same bytes"),
+    "lm_head_unmask": (["dtype", "B", "S", "K", "V", "threads", "unfused_ms", "fused_ms", "speedup", "unfused_MB",
+                        "fused_MB"],
+                       "the denoiser's LM head and commit step: baseline ops.linear + ops.threshold_unmask (the logits "
+                       "written and read back), fused ops.lm_head_unmask (no logits in memory; the head's weight read "
+                       "once per 32 fp32 / 64 bf16 masked positions); MB: the bytes each must move at least"),
     "prefill": (["dtype", "L", "chunk", "chunked_ms", "GFLOP/s", "%fp32_mm", "op_ms", "speedup"],
                 "the chunked SSD prefill (PyTorch matmuls) against the seeded scan op; limit: the fp32 matmul rate"),
     "linear": (["dtype", "threads", "weight", "M", "path", "median_us", "GB/s", "GFLOP/s", "bound_us", "%bound", "F.linear_us",
