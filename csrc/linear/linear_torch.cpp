@@ -22,6 +22,26 @@
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 #include "linear/linear.h"
+#include "linear/linear_torch.h"
+
+namespace tt::torch_glue {
+
+void check_packed_weight(const at::Tensor& w, int64_t n, const at::Tensor& x, const char* x_name, const char* what,
+                         const char* k_name) {
+  check_dtype(w, x.scalar_type(), "w");
+  check_same_device(w, "w", x, x_name);
+  const int64_t K = x.size(-1), P = tt::linear_panels(n);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  const std::vector<int64_t> want = fp32 ? std::vector<int64_t>{P, K, tt::kLinearPanel}
+                                         : std::vector<int64_t>{P, (K + 1) / 2, tt::kLinearPanel, 2};
+  const char* layout = fp32 ? "[ceil(n / 16), in_features, 16]" : "[ceil(n / 16), ceil(in_features / 2), 16, 2]";
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: w must be ", what, " packed by "
+              "twotower_ext.packed.pack for n = ", n, " outputs and ", k_name, " = ", K, ": a contiguous ", layout,
+              " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
+              w.sizes());
+}
+
+}  // namespace tt::torch_glue
 
 namespace {
 
@@ -32,12 +52,6 @@ using namespace tt::torch_glue;
 // that the library's own blocking and packing pay (at 2^18, K = 4096 gave 64-column calls, 2x slower than one).
 constexpr int64_t kLibraryChunkElems = int64_t(1) << 22;
 
-std::vector<int64_t> packed_shape(int64_t n, int64_t k, at::ScalarType st) {
-  const int64_t P = tt::linear_panels(n);
-  return st == at::kFloat ? std::vector<int64_t>{P, k, tt::kLinearPanel}
-                          : std::vector<int64_t>{P, (k + 1) / 2, tt::kLinearPanel, 2};
-}
-
 tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                    "twotower: x must be float32 or bfloat16, got ", x.scalar_type());
@@ -45,16 +59,8 @@ tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
               x.sizes());
   check_last_dim_contiguous(x, "x");
   TORCH_CHECK_VALUE(n >= 1, "twotower: n (out_features) must be >= 1, got ", n);
-  check_dtype(w, x.scalar_type(), "w");
-  check_same_device(w, "w", x, "x");
+  check_packed_weight(w, n, x, "x", "a linear weight", "x's in_features");
   const int64_t K = x.size(1);
-  const auto want = packed_shape(n, K, x.scalar_type());
-  const char* layout = x.scalar_type() == at::kFloat ? "[ceil(n / 16), in_features, 16]"
-                                                     : "[ceil(n / 16), ceil(in_features / 2), 16, 2]";
-  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: w must be a linear weight packed by "
-              "twotower_ext.packed.pack for n = ", n, " outputs and x's in_features = ", K, ": a contiguous ", layout,
-              " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
-              w.sizes());
   tt::LinearParams p{};
   p.x = x.data_ptr();
   p.w = w.data_ptr();

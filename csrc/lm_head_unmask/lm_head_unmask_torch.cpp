@@ -19,6 +19,7 @@
 #include "common/cpu_isa_torch.h"
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
+#include "linear/linear_torch.h"
 #include "lm_head_unmask/lm_head_unmask.h"
 #include "threshold_unmask/threshold_unmask_torch.h"
 
@@ -36,16 +37,7 @@ void check_head(const Tensor& hidden, const Tensor& w, int64_t n) {
               tt::kUnmaskMaxSeq, "], got shape ", hidden.sizes());
   check_last_dim_contiguous(hidden, "hidden");
   TORCH_CHECK_VALUE(n >= 2 && n <= INT32_MAX, "twotower: n (the vocabulary size) must be in [2, 2^31), got ", n);
-  check_dtype(w, hidden.scalar_type(), "w");
-  check_same_device(w, "w", hidden, "hidden");
-  const int64_t K = hidden.size(2), P = tt::linear_panels(n);
-  const bool fp32 = hidden.scalar_type() == at::kFloat;
-  const auto want = fp32 ? std::vector<int64_t>{P, K, tt::kLinearPanel}
-                         : std::vector<int64_t>{P, (K + 1) / 2, tt::kLinearPanel, 2};
-  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: w must be the LM head packed by "
-              "twotower_ext.packed.pack for n = ", n, " outputs and hidden's K = ", K, ": a contiguous ",
-              at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
-              w.sizes());
+  check_packed_weight(w, n, hidden, "hidden", "the LM head", "hidden's K");
 }
 
 void lm_head_unmask_cpu(const Tensor& hidden, const Tensor& w, int64_t n, const Tensor& x, int64_t mask_id,

@@ -204,6 +204,9 @@ tt::MoeCpuGemmChoice moe_cpu_gemm_choice() {
 // (where a busy 2-core machine made any hand-off cost 20-50 ms).
 constexpr int64_t kParallelMinBytes = 1 << 20;
 
+// The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
+// down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
+// exactly one thread and counted in `finished` once run (or skipped after a failure).
 struct MoeWork final : tt::PoolTask {
   int64_t n_up = 0, total = 0;
   std::atomic<int64_t> next{0}, up_done{0}, finished{0};

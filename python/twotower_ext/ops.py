@@ -267,15 +267,15 @@ def lm_head_unmask(hidden, w, x, mask_id: int, gamma, step, steps_per_block, tem
     Returns (counts, done, logits): logits [B, S, V] in hidden's dtype (every position's, the linear's output) when
     `logits` is true, else None (the fused kernel then never materialises them). NaN in a masked position's logits
     (NaN in its hidden row) raises on the CPU like threshold_unmask's NaN logits. No host synchronisation."""
+    if not (isinstance(w, PackedLinear) and hidden.is_cpu and _has_kernel("lm_head_unmask", hidden.device)):
+        out = linear(hidden, w)   # threshold_unmask checks the commit arguments
+        counts, done = threshold_unmask(out.float(), x, mask_id, gamma, step, steps_per_block, temperature, seed,
+                                        block, kept, out_counts, out_done, out_logprob)
+        return counts, done, out if logits else None
     B = hidden.shape[0] if hidden.dim() > 0 else 0
     S = hidden.shape[1] if hidden.dim() == 3 else 0
     rows, counts, done = _commit_args(B, S, hidden.device, gamma, step, steps_per_block, temperature, seed, block,
                                       kept, out_counts, out_done)
-    if not (isinstance(w, PackedLinear) and hidden.is_cpu and _has_kernel("lm_head_unmask", hidden.device)):
-        out = linear(hidden, w)
-        threshold_unmask(out.float(), x, mask_id, gamma, step, steps_per_block, temperature, seed, block, kept, counts,
-                         done, out_logprob)
-        return counts, done, out if logits else None
     args, kept_t = _row_args(rows, kept, hidden.device)
     out = hidden.new_empty((B, S, w.n)) if logits else None
     torch.ops.twotower.lm_head_unmask(hidden, w.data, w.n, x, int(mask_id), *args, kept_t, counts, done, out_logprob,
