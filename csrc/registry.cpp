@@ -35,6 +35,14 @@ TORCH_LIBRARY(twotower, m) {
         "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
         "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
+  // The layers' RMSNorms (CPU; csrc/norm/norm.h): the RMSNorm with the denoiser's modulation before
+  // (modulate_first) or after it, optionally after the residual add x + gate * add (then also returning that sum);
+  // Mamba-2's grouped z-gated RMSNorm.
+  m.def("rms_norm(Tensor x, Tensor w, float eps, Tensor? shift=None, Tensor? scale=None, bool modulate_first=False) "
+        "-> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor add, Tensor? gate, Tensor w, float eps, Tensor? shift=None, "
+        "Tensor? scale=None, bool modulate_first=False) -> (Tensor, Tensor)");
+  m.def("gated_rms_norm(Tensor y, Tensor z, Tensor w, int group, float eps) -> Tensor");
   // Dense linear on packed weights (CPU; csrc/linear/linear.h): y [..., n] = x [..., K] @ W^T.
   m.def("linear(Tensor x, Tensor w, int n) -> Tensor");
   // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.

@@ -260,3 +260,30 @@ def time_modulation(t, emb0_w, emb0_b, emb2_w, emb2_b, block_w, block_b, dtype, 
     e = lin(e, emb0_w, emb0_b)
     e = lin(F.silu(e), emb2_w, emb2_b)
     return lin(F.silu(e), block_w, block_b).view(t.shape[0], 3, -1)
+
+
+def add_rms_norm(x, add, gate, w, eps, shift=None, scale=None, modulate_first=False):
+    """The layer input in fp64: s = x + gate * add (gate and shift / scale [groups, H] per group of x's rows),
+    the modulation s (1 + scale) + shift before or after RMSNorm(.) * w. Returns (normed, s)."""
+    H = x.shape[-1]
+    grouped = lambda t: _f64(t).reshape(-1, 1, H)  # noqa: E731  [groups, 1, H]
+    s = _f64(x).reshape(-1, H)
+    if add is not None:
+        a = _f64(add).reshape(-1, H)
+        if gate is not None:
+            a = (a.reshape(gate.shape[0], -1, H) * grouped(gate)).reshape(-1, H)
+        s = s + a
+    mod = lambda v: (v.reshape(shift.shape[0], -1, H) * (1 + grouped(scale)) + grouped(shift)).reshape(-1, H)  # noqa: E731
+    v = mod(s) if shift is not None and modulate_first else s
+    h = v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps) * _f64(w)
+    if shift is not None and not modulate_first:
+        h = mod(h)
+    return h.reshape(x.shape), s.reshape(x.shape)
+
+
+def gated_rms_norm(y, z, w, group: int, eps):
+    """Mamba-2's gated norm in fp64: g = y z sigmoid(z), RMSNorm over groups of `group` channels, times w."""
+    z64 = _f64(z)
+    g = _f64(y) * z64 / (1 + torch.exp(-z64))
+    gg = g.reshape(*g.shape[:-1], -1, group)
+    return (gg / torch.sqrt((gg * gg).mean(-1, keepdim=True) + eps)).reshape(g.shape) * _f64(w)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twotower_ext.models import TwoTowerModel
+from twotower_ext import ops
 from twotower_ext.models import layers
 from twotower_ext.models.weights import T_FREQ_DIM, MLPWeights, MoEWeights, TimeWeights
 
@@ -58,9 +59,9 @@ def prompts(golden):
 def test_rms_norm_fp32_and_bf16_bitwise(gen):
     x = torch.randn(37, 1001, generator=gen) * 3 + 0.5
     w = torch.randn(1001, generator=gen)
-    torch.testing.assert_close(layers.rms_norm(x, w, 1e-5).double(), oracle.rms_norm(x, w, 1e-5), rtol=4e-6, atol=4e-6)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5).double(), oracle.rms_norm(x, w, 1e-5), rtol=4e-6, atol=4e-6)
     xb, wb = x.bfloat16(), w.bfloat16()
-    got = layers.rms_norm(xb, wb, 1e-5)
+    got = ops.rms_norm(xb, wb, 1e-5)
     want, ambiguous = oracle.rms_norm_bf16(xb, wb, 1e-5)
     assert got.dtype == torch.bfloat16
     # The draw must be able to tell the reference's two roundings from one rounding of the product (what

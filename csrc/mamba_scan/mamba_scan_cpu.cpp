@@ -37,47 +37,6 @@ inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 // ---------------------------------------------------------------------------------------------------
 // Phase 1: conv + SiLU.
 
-template <typename T> inline f32x8 widen8(const T* src);
-template <> inline f32x8 widen8<float>(const float* src) { return load8(src); }
-template <> inline f32x8 widen8<bf16_t>(const bf16_t* src) {
-  typedef uint16_t u16x8 __attribute__((vector_size(16)));
-  typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  u16x8 h;
-  std::memcpy(&h, src, sizeof h);
-  return __builtin_bit_cast(f32x8, __builtin_convertvector(h, u32x8) << 16);
-}
-template <> inline f32x8 widen8<fp16_t>(const fp16_t* src) {
-#ifdef TT_X86
-  return __builtin_bit_cast(f32x8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-#else
-  f32x8 v;
-  for (int i = 0; i < kLanes8; ++i) v[i] = to_float(src[i]);
-  return v;
-#endif
-}
-
-// v rounded to T (round to nearest even, like from_float), back in fp32.
-template <typename T> inline f32x8 round8(f32x8 v);
-template <> inline f32x8 round8<float>(f32x8 v) { return v; }
-template <> inline f32x8 round8<bf16_t>(f32x8 v) {
-  typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  const u32x8 u = __builtin_bit_cast(u32x8, v);
-  const u32x8 r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  return v != v ? v : __builtin_bit_cast(f32x8, r);  // NaN stays NaN (the carry could reach the sign)
-}
-template <> inline f32x8 round8<fp16_t>(f32x8 v) {
-#ifdef TT_X86
-  const __m256 x = __builtin_bit_cast(__m256, v);
-  return __builtin_bit_cast(f32x8, _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)));
-#else
-  for (int i = 0; i < kLanes8; ++i) v[i] = to_float(from_float<fp16_t>(v[i]));
-  return v;
-#endif
-}
-
-// x / (1 + exp(-x)) (exp8 saturates at exp(88): a SiLU of x < -88 is a tiny negative number, not -0).
-inline f32x8 silu8(f32x8 x) { return x / (splat8(1.f) + exp8(-x)); }
-
 // Raw xBC row j of the concatenation [conv_state_in | xBC] of batch row b.
 template <typename T>
 const T* concat_row(const MambaScanParams& p, int64_t b, int64_t j) {

@@ -13,7 +13,7 @@ from . import reference
 from .packed import PackedLinear
 
 OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear",
-            "lm_head_unmask"]
+            "lm_head_unmask", "rms_norm", "add_rms_norm", "gated_rms_norm"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -368,3 +368,64 @@ def linear(x, w) -> torch.Tensor:
     if _FORCE_REFERENCE or not x.is_cpu:   # the op has a kernel on the CPU only (test_build checks)
         return reference.linear(x, w)
     return torch.ops.twotower.linear.default(x, w.data, w.n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# norms
+
+
+@torch.library.register_fake("twotower::rms_norm")
+def _rms_norm_fake(x, w, eps, shift=None, scale=None, modulate_first=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("twotower::add_rms_norm")
+def _add_rms_norm_fake(x, add, gate, w, eps, shift=None, scale=None, modulate_first=False):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("twotower::gated_rms_norm")
+def _gated_rms_norm_fake(y, z, w, group, eps):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _norm_kernel(name: str, x, *tensors) -> bool:
+    """Whether a norm call takes the kernel: one dtype for every tensor (mixed dtypes, e.g. an fp32 residual
+    stream, follow the reference's promotion) and no autograd (the kernels have no backward; training runs the
+    reference)."""
+    if not _has_kernel(name, x.device):
+        return False
+    ts = [t for t in tensors if t is not None]
+    if any(t.dtype != x.dtype for t in ts):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in ts)))
+
+
+def rms_norm(x, w, eps: float, shift=None, scale=None, modulate_first: bool = False) -> torch.Tensor:
+    """NemotronHRMSNorm of x [..., H] with weight w [H] (normalise in fp32, cast back, times w), with the
+    denoiser's adaLN modulation x * (1 + scale) + shift before it (modulate_first) or after it: shift / scale
+    [groups, H], row r of x (flattened to [rows, H]) using group r // (rows // groups). Exact rounding contract
+    in `reference.rms_norm` and csrc/norm/norm.h (the CPU kernel: one pass over each row; the order of its
+    fp32 sum of squares is its own). Returns a new tensor of x's shape."""
+    if _norm_kernel("rms_norm", x, w, shift, scale):
+        return torch.ops.twotower.rms_norm.default(x, w, float(eps), shift, scale, bool(modulate_first))
+    return reference.rms_norm(x, w, eps, shift, scale, modulate_first)
+
+
+def add_rms_norm(x, add, gate, w, eps: float, shift=None, scale=None,
+                 modulate_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input from the residual stream: s = x + gate * add (gate [groups, H] as rms_norm's shift, or
+    None), then rms_norm of s (cast to w's dtype, after the modulation when modulate_first). Returns (normed, s);
+    see `reference.add_rms_norm`. One kernel pass on the CPU where every tensor has one dtype."""
+    if _norm_kernel("add_rms_norm", x, add, gate, w, shift, scale):
+        return torch.ops.twotower.add_rms_norm.default(x, add, gate, w, float(eps), shift, scale, bool(modulate_first))
+    return reference.add_rms_norm(x, add, gate, w, eps, shift, scale, modulate_first)
+
+
+def gated_rms_norm(y, z, w, group: int, eps: float) -> torch.Tensor:
+    """Mamba-2's output norm: g = y * silu(z) in fp32, RMSNorm over groups of `group` channels, times w, rounded
+    to y's dtype once (`reference.gated_rms_norm`; the CPU kernel's SiLU exp differs in the last bits)."""
+    if _norm_kernel("gated_rms_norm", y, z, w):
+        return torch.ops.twotower.gated_rms_norm.default(y, z, w, int(group), float(eps))
+    return reference.gated_rms_norm(y, z, w, group, eps)

@@ -5,6 +5,7 @@ Written for clarity, not speed. Each function has the same contract as the op of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
 # merge_states
@@ -388,3 +389,47 @@ def linear(x, w):
     from .packed import unpack
     acc = torch.promote_types(x.dtype, torch.float32)
     return (x.to(acc) @ unpack(w).to(device=x.device, dtype=acc).t()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# norms (NemotronH's RMSNorm with the denoiser's adaLN modulation; Mamba-2's gated norm)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation x * (1 + scale) + shift in x's dtype; shift / scale [groups, H] apply to x's rows
+    grouped as x.view(groups, -1, H) (the denoiser: x [B, S, H], one (shift, scale) per block)."""
+    v = x.reshape(shift.shape[0], -1, x.shape[-1])
+    return (v * (1.0 + scale.unsqueeze(1)) + shift.unsqueeze(1)).view(x.shape)
+
+
+def rms_norm(x, w, eps: float, shift=None, scale=None, modulate_first: bool = False):
+    """NemotronHRMSNorm: normalise x in fp32, cast back to x's dtype, then times w (in the promoted dtype), with
+    the denoiser's modulation (shift and scale, see `modulate`) before it (modulate_first) or after it."""
+    if shift is not None and modulate_first:
+        x = modulate(x, shift, scale)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    h = w * xf.to(x.dtype)
+    return modulate(h, shift, scale) if shift is not None and not modulate_first else h
+
+
+def add_rms_norm(x, add, gate, w, eps: float, shift=None, scale=None, modulate_first: bool = False):
+    """A layer's input: the residual add s = x + gate * add (gate [groups, H] like `modulate`'s, or None:
+    x + add; in the promoted dtype, the residual's), then `rms_norm` of s cast to w's dtype, with modulate_first
+    modulating s before that cast (as NVIDIA's blocks do). Returns (normed, s)."""
+    if gate is not None:
+        add = (add.reshape(gate.shape[0], -1, add.shape[-1]) * gate.unsqueeze(1)).view(add.shape)
+    s = x + add
+    v = modulate(s, shift, scale) if shift is not None and modulate_first else s
+    h = rms_norm(v.to(w.dtype), w, eps)
+    return (modulate(h, shift, scale) if shift is not None and not modulate_first else h), s
+
+
+def gated_rms_norm(y, z, w, group: int, eps: float):
+    """Mamba-2's output norm: RMSNorm over groups of `group` channels of y * silu(z), in fp32, times w, rounded
+    to y's dtype once."""
+    g = y.float() * F.silu(z.float())
+    shape = g.shape
+    g = g.view(*shape[:-1], shape[-1] // group, group)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.view(shape) * w.float()).to(y.dtype)

@@ -1,6 +1,7 @@
 """NemotronH layer math, written to round like NVIDIA's reference code (modeling_nemotron_h.py and
-modeling_nemotron_twotower.py): RMSNorm in fp32 then cast, Mamba-2 through the seeded block-scan op with
-the grouped z-gated RMSNorm, relu^2 MLPs, the fp64 sigmoid router, adaLN-single time conditioning.
+modeling_nemotron_twotower.py): Mamba-2 through the seeded block-scan op with the grouped z-gated RMSNorm,
+relu^2 MLPs, the fp64 sigmoid router, adaLN-single time conditioning. The RMSNorms with the residual add and
+the modulation around them are ops (ops.rms_norm, ops.add_rms_norm; their rounding in reference.py).
 """
 from __future__ import annotations
 
@@ -14,22 +15,6 @@ from .. import ops
 from .config import NemotronHConfig
 from .ssd import mamba_chunked_scan
 from .weights import T_FREQ_DIM, MambaWeights, MLPWeights, MoEWeights, TimeWeights
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """NemotronHRMSNorm: normalise in fp32, cast back, then scale (in the weight's dtype)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor, group: int, eps: float) -> torch.Tensor:
-    """Mamba-2 output norm: RMSNorm over groups of `group` channels of y * silu(z), in fp32, times w."""
-    g = y.float() * F.silu(z.float())
-    shape = g.shape
-    g = g.view(*shape[:-1], shape[-1] // group, group)
-    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
-    return (g.view(shape) * w.float()).to(y.dtype)
 
 
 def relu2_mlp(x: torch.Tensor, up, down) -> torch.Tensor:
@@ -52,7 +37,7 @@ def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_sta
     outs = (conv_state, ssm_state) if write_state else (None, None)
     scan = ops.mamba_block_scan if chunk_size is None else partial(mamba_chunked_scan, chunk_size=chunk_size)
     y = scan(xbc, dt, conv_state, ssm_state, w.conv_w, w.conv_b, w.dt_bias, w.A_log, w.D, seq_lens, lo, hi, *outs)
-    y = gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon)
+    y = ops.gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon)
     return ops.linear(y, w.out_proj)
 
 
@@ -112,7 +97,3 @@ def time_modulation(t: torch.Tensor, w: TimeWeights, dtype: torch.dtype) -> torc
     e = F.linear(timestep_embedding(t), w.emb0_w, w.emb0_b)
     e = F.linear(F.silu(e), w.emb2_w, w.emb2_b)
     return F.linear(F.silu(e), w.block_w, w.block_b).view(t.shape[0], 3, -1)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1.0 + scale.unsqueeze(1)) + shift.unsqueeze(1)

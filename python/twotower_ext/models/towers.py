@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .. import ops
 from .cache import ContextCache, Rows
 from .config import NemotronHConfig
-from .layers import mamba_mixer, mlp, modulate, moe, rms_norm, time_modulation
+from .layers import mamba_mixer, mlp, moe, time_modulation
 from .weights import TwoTowerWeights, load_weights
 
 # From how many tokens a context pass on CUDA runs the Mamba recurrence in chunked SSD form (ssd.py: batched
@@ -210,7 +210,8 @@ class TwoTowerModel:
 
     def _context_logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights.context
-        return ops.linear(rms_norm(x, w.norm_f, self.config.layer_norm_epsilon).to(self.dtype), w.lm_head).float()
+        h = ops.rms_norm(x, w.norm_f.to(self.res_dtype), self.config.layer_norm_epsilon)
+        return ops.linear(h.to(self.dtype), w.lm_head).float()
 
     def _context_pass(self, ids: torch.Tensor, cache: ContextCache, r: Rows, new_lens: list[int] | None = None,
                       active: torch.Tensor | None = None, fresh: bool = False):
@@ -238,9 +239,8 @@ class TwoTowerModel:
         chunk = (self.prefill_chunk_size if self.prefill_chunked_min_len is not None
                  and L >= self.prefill_chunked_min_len else None)
         x = F.embedding(ids, w.embeddings)
+        h = ops.rms_norm(x, w.layers[0].norm, eps)
         for i, layer in enumerate(w.layers):
-            res = x.to(self.res_dtype)
-            h = rms_norm(x.to(layer.norm.dtype), layer.norm, eps)
             if layer.kind == "mamba":
                 conv, ssm = r.take(st.conv[i]), r.take(st.ssm[i])
                 out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True, chunk_size=chunk)
@@ -268,7 +268,10 @@ class TwoTowerModel:
                 out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
-            x = res + out
+            if i + 1 < len(w.layers):   # the residual add and the next layer's norm, in one
+                h, x = ops.add_rms_norm(x.to(self.res_dtype), out, None, w.layers[i + 1].norm, eps)
+            else:
+                x = x.to(self.res_dtype) + out
         # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
         added = L if new_lens is None else torch.tensor(new_lens, dtype=torch.int32, device=dev)
         if active is not None:
@@ -349,18 +352,15 @@ class TwoTowerModel:
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
-        tables = self.weights.time.tables
+        n = len(w.layers)
+        # Per layer the time conditioning's (shift, scale, gate) rows [B, H] (views of one add), or None.
+        shifts = scales = gates = [None] * n
+        if mod is not None:
+            shifts, scales, gates = (m.unbind(1) for m in (self.weights.time.tables[None] + mod[:, None]).unbind(2))
+        first = [layer.kind in ("mamba", "attention") for layer in w.layers]   # modulate, then norm (else after)
         x = F.embedding(ids, w.embeddings)
+        h = ops.rms_norm(x, w.layers[0].norm, eps, shifts[0], scales[0], first[0])
         for i, layer in enumerate(w.layers):
-            res = x.to(self.res_dtype)
-            if mod is not None:
-                shift, scale, gate = (tables[i][None] + mod).unbind(1)
-            if layer.kind in ("mamba", "attention"):  # modulate, then norm
-                h = modulate(x, shift, scale) if mod is not None else x
-                h = rms_norm(h.to(layer.norm.dtype), layer.norm, eps)
-            else:                                      # norm, then modulate
-                h = rms_norm(x.to(layer.norm.dtype), layer.norm, eps)
-                h = modulate(h, shift, scale) if mod is not None else h
             if layer.kind == "mamba":
                 out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))
             elif layer.kind == "attention":
@@ -374,9 +374,12 @@ class TwoTowerModel:
                 out = moe(h, layer.mixer, cfg)
             else:
                 out = mlp(h, layer.mixer)
-            if mod is not None:
-                out = gate.unsqueeze(1) * out
-            x = res + out
+            # The residual add (gated) and the next layer's norm (the last layer: the final norm), in one.
+            if i + 1 < n:
+                h, x = ops.add_rms_norm(x.to(self.res_dtype), out, gates[i], w.layers[i + 1].norm, eps, shifts[i + 1],
+                                        scales[i + 1], first[i + 1])
+            else:
+                h, x = ops.add_rms_norm(x.to(self.res_dtype), out, gates[i], w.norm_f.to(self.res_dtype), eps)
             if probe is not None:
                 probe(i, layer.kind, x)
-        return rms_norm(x, w.norm_f, eps).to(self.dtype)
+        return h.to(self.dtype)

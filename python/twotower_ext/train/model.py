@@ -4,7 +4,8 @@ The weights are the inference model's own `TwoTowerWeights` (models/weights.py, 
 names) with every tensor turned into a trainable `nn.Parameter` in place: the checkpoint name -> tensor
 map of `build_weights` keeps pointing at them, so saving writes exactly the names and shapes
 `expected_tensors` lists and `tt.load` reads the result like NVIDIA's checkpoint. Layer math reuses the
-inference functions (rms_norm, gated_rms_norm, moe, time_modulation, modulate); only what inference does
+inference functions (ops.rms_norm, ops.gated_rms_norm, moe, time_modulation: the ops take their plain PyTorch
+reference under autograd); only what inference does
 with non-differentiable ops or sequentially is written here:
 
 - Mamba-2: the chunked (SSD) form of the same recurrence (models/ssd.py, the function the inference model's
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from ..models.config import NemotronHConfig
-from ..models.layers import gated_rms_norm, mlp, modulate, moe, rms_norm, route, time_modulation
+from ..models.layers import mlp, moe, route, time_modulation
 from ..models.random_init import write_checkpoint
 from ..models.safetensors_io import SafetensorsFile
 from ..models.ssd import ssd_chunked_scan
@@ -252,7 +253,7 @@ def mamba_train(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, chunk: i
     y, _, ssm = ssd_chunked_scan(x4.float(), dt, A, Bm.reshape(B, L, G, N).float(), Cm.reshape(B, L, G, N).float(),
                                  w.D, ssm_state, chunk, return_chunk_states=True)
     y = y.reshape(B, L, -1).to(h.dtype)
-    out = ops.linear(gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon), w.out_proj)
+    out = ops.linear(ops.gated_rms_norm(y, z, w.norm, cfg.d_inner // cfg.n_groups, cfg.layer_norm_epsilon), w.out_proj)
     if not states:
         return out
     conv_states = raw[:, :L].unfold(1, K - 1, chunk).transpose(-1, -2)      # [B, L/chunk, K-1, C]
@@ -289,7 +290,7 @@ def context_forward(w: TwoTowerWeights, cfg: NemotronHConfig, ids: torch.Tensor,
     kv, mstates = {}, {}
     x = F.embedding(ids, tw.embeddings)
     for i, layer in enumerate(tw.layers):
-        h = rms_norm(x, layer.norm, eps)
+        h = ops.rms_norm(x, layer.norm, eps)
         if layer.kind == "mamba":
             out = mamba_train(h, layer.mixer, cfg, block, states=collect)
             if collect:
@@ -304,7 +305,7 @@ def context_forward(w: TwoTowerWeights, cfg: NemotronHConfig, ids: torch.Tensor,
         else:
             out = mlp(h, layer.mixer)
         x = x + out
-    logits = ops.linear(rms_norm(x, tw.norm_f, eps), tw.lm_head).float()
+    logits = ops.linear(ops.rms_norm(x, tw.norm_f, eps), tw.lm_head).float()
     return (logits, kv, mstates) if collect else logits
 
 
@@ -333,9 +334,9 @@ def denoiser_forward(w: TwoTowerWeights, cfg: NemotronHConfig, noisy: torch.Tens
     for i, layer in enumerate(dw.layers):
         shift, scale, gate = (tables[i][None] + mod).unbind(1)
         if layer.kind in ("mamba", "attention"):       # modulate, then norm (as the inference denoiser)
-            h = rms_norm(modulate(x, shift, scale), layer.norm, eps)
+            h = ops.rms_norm(x, layer.norm, eps, shift, scale, modulate_first=True)
         else:
-            h = modulate(rms_norm(x, layer.norm, eps), shift, scale)
+            h = ops.rms_norm(x, layer.norm, eps, shift, scale)
         if layer.kind == "mamba":
             conv, ssm = mstates[i]
             out = mamba_train(h, layer.mixer, cfg, block, conv.reshape(B * nb, *conv.shape[2:]),
@@ -350,7 +351,7 @@ def denoiser_forward(w: TwoTowerWeights, cfg: NemotronHConfig, noisy: torch.Tens
         else:
             out = mlp(h, layer.mixer)
         x = x + gate.unsqueeze(1) * out
-    return ops.linear(rms_norm(x, dw.norm_f, eps), dw.lm_head).float().view(B, L, -1)
+    return ops.linear(ops.rms_norm(x, dw.norm_f, eps), dw.lm_head).float().view(B, L, -1)
 
 
 def _moe(h, w: MoEWeights, cfg: NemotronHConfig, loads: dict | None, i: int) -> torch.Tensor:
