@@ -15,6 +15,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GROUPS = [(1, 1), (2, 1), (4, 2), (8, 3), (8, 8), (3, 2)]
 
 
+ISAS = [i for i in ("scalar", "avx2", "avx512") if i in ops.cpu_isas()]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each path of the dot products in turn (TWOTOWER_ROUTE_CPU_ISA)."""
+    monkeypatch.setenv("TWOTOWER_ROUTE_CPU_ISA", request.param)
+    return request.param
+
+
 def groups_for(E):
     return [(g, tg) for g, tg in GROUPS if E % g == 0 and (g == 1 or E // g >= 2)]
 
@@ -62,6 +72,23 @@ def test_matches_oracle_and_reference(gen, T, H, E, k, dtype):
             torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("H", [5, 17, 336])
+def test_every_isa_matches_the_oracle(gen, isa, H):
+    x, router, bias = make(gen, 33, H, 130, torch.bfloat16)
+    ids, w = route(x, router, bias, 7, 2, 1)
+    want_ids, want_w = oracle.route(x, router, bias, 7, 2, 1, True, 2.5)
+    order = ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), want_ids)
+    torch.testing.assert_close(w.gather(1, order), want_w, rtol=1e-12, atol=1e-12)
+
+
+def test_isa_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("TWOTOWER_ROUTE_CPU_ISA", "sse")
+    x, router, bias = make(torch.Generator(), 2, 8, 8)
+    with pytest.raises(ValueError, match="TWOTOWER_ROUTE_CPU_ISA must be scalar, avx2 or avx512"):
+        route(x, router, bias, 2)
+
+
 def test_strided_rows(gen):
     """x, router and bias views with row (element) strides: read in place, same result as the contiguous copies."""
     xb = torch.randn(20, 50, generator=gen)
@@ -99,7 +126,7 @@ def expected_tied(x, router, bias, k, n_group, topk_group, norm, scaling):
 
 @pytest.mark.parametrize("kind", ["integer", "duplicated"])
 @pytest.mark.parametrize("E", [8, 16, 128, 129, 130])
-def test_ties_follow_torch_topk(gen, E, kind):
+def test_ties_follow_torch_topk(gen, E, kind, isa):
     """k from 1 to E (both of ATen's paths: partial_sort when k * 64 <= E, nth_element otherwise), grouped and not:
     the ids equal torch.topk's on the same choice values, element for element (its selection among tied experts AND
     its output order)."""

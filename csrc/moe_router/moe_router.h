@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_isa.h"
 #include "common/platform.h"
 
 namespace tt {
@@ -30,7 +31,10 @@ struct MoeRouteParams {
   bool norm_topk_prob;
   double scaling;
   DType dtype;             // x's
+  CpuIsa isa;              // the dot products' instruction set: scalar, AVX2 or AVX-512 (at most kMoeRouteIsaMax)
 };
+
+constexpr CpuIsa kMoeRouteIsaMax = CpuIsa::kAvx512;
 
 // Tokens [token_begin, token_end); the caller parallelises over token ranges (any split gives the same bits).
 Status moe_route_cpu(const MoeRouteParams& p, int64_t token_begin, int64_t token_end);

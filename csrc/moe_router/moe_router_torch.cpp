@@ -1,8 +1,10 @@
 // Torch-side adapter of moe_route: argument checks (messages name the argument), the plan that fills the kernel's
 // params struct, the CPU entry point and its registration. The schema is in csrc/registry.cpp.
+// Environment (tests and benchmarks): TWOTOWER_ROUTE_CPU_ISA=scalar|avx2|avx512 forces the dot products' path.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common/cpu_isa_torch.h"
 #include "common/parallel_cpu.h"
 #include "common/torch_checks.h"
 #include "moe_router/moe_router.h"
@@ -65,6 +67,7 @@ MoeRoutePlan plan_moe_route(const Tensor& x, const Tensor& router, const Tensor&
   p.bias_stride = bias.stride(0);
   p.norm_topk_prob = norm_topk_prob;
   p.scaling = scaling;
+  p.isa = cpu_isa_from_env("TWOTOWER_ROUTE_CPU_ISA", tt::kMoeRouteIsaMax);
   return plan;
 }
 
