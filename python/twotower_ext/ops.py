@@ -13,7 +13,7 @@ from . import reference
 from .packed import PackedLinear
 
 OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear",
-            "lm_head_unmask", "rms_norm", "add_rms_norm", "gated_rms_norm"]
+            "lm_head_unmask", "rms_norm", "add_rms_norm", "gated_rms_norm", "moe_route"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,6 +343,41 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.
         return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down, up_scale, down_scale, group)
     torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out, up_scale, down_scale, group)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_route
+
+
+@torch.library.register_fake("twotower::moe_route")
+def _moe_route_fake(x, router, bias, k, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0):
+    torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
+    return x.new_empty((x.shape[0], k), dtype=torch.int64), x.new_empty((x.shape[0], k), dtype=torch.float64)
+
+
+def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+              scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVIDIA's MoE router in one call (see `reference.moe_route` and csrc/moe_router/moe_router.h for the exact
+    semantics): fp64 sigmoid scores of x @ router^T, top-k experts by score + bias (grouped when n_group > 1),
+    chosen with torch.topk(sorted=False)'s selection and output order (ties included), weights = the chosen scores,
+    renormalised when norm_topk_prob, times scaling.
+
+    x [T, H] fp32/bf16/fp16 (last dim contiguous); router [E, H] and bias [E], fp64 (the loader's; another float
+    dtype is converted here, per call); 1 <= k <= E; E % n_group == 0, 1 <= topk_group <= n_group. Returns
+    (ids [T, k] int64, weights [T, k] fp64). NaN in x[t] gives token t NaN weights (never a plausible routing:
+    every logit of t is NaN); other tokens are unaffected. The reference runs instead where the op has no
+    kernel (CUDA), for fp64 x, and when autograd needs it (grad enabled and x, router or bias requiring grad:
+    training differentiates through the router).
+    """
+    if (not _has_kernel("moe_route", x.device) or x.dtype == torch.float64 or
+            (torch.is_grad_enabled() and (x.requires_grad or router.requires_grad or bias.requires_grad))):
+        return reference.moe_route(x, router, bias, k, n_group, topk_group, norm_topk_prob, scaling)
+    if router.dtype != torch.float64 and router.is_floating_point():
+        router = router.double()
+    if bias.dtype != torch.float64 and bias.is_floating_point():
+        bias = bias.double()
+    return torch.ops.twotower.moe_route.default(x, router, bias, int(k), int(n_group), int(topk_group),
+                                                bool(norm_topk_prob), float(scaling))
 
 
 # ----------------------------------------------------------------------------------------------------

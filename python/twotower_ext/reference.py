@@ -380,6 +380,40 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# moe_route
+
+
+def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+              scaling: float = 1.0):
+    """Router of NVIDIA's reference (csrc/moe_router/moe_router.h): logits in fp64, sigmoid scores, top-k by
+    score + correction bias (n_group > 1: within the topk_group groups whose two best choices sum highest, the
+    other groups' choices set to 0.0), torch.topk(sorted=False)'s selection and order, weights = the chosen raw
+    scores (renormalised when norm_topk_prob), times scaling. NaN in x gives that token NaN weights.
+    x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp64). Differentiable (training's route)."""
+    scores = F.linear(x.double(), router.double()).sigmoid()
+    return moe_route_select(scores, bias, k, n_group, topk_group, norm_topk_prob, scaling)
+
+
+def moe_route_select(scores, bias, k: int, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                     scaling: float = 1.0):
+    """moe_route from the sigmoid scores [T, E] fp64 on: the selection and the weights. (The tie tests feed it
+    scores computed one element at a time: torch's vectorised sigmoid rounds the tensor's last few elements through
+    another exp than the rest, which can split an exact tie between equal logits.)"""
+    choice = scores + bias.double()
+    if n_group > 1:
+        E = scores.shape[-1]
+        per = choice.view(-1, n_group, E // n_group)
+        group_scores = per.topk(2, dim=-1)[0].sum(dim=-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False)[1], 1.0)
+        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // n_group, dim=1), 0.0)
+    idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * scaling
+
+
+# ----------------------------------------------------------------------------------------------------
 # linear
 
 

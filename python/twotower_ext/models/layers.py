@@ -48,20 +48,10 @@ def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_sta
 def route(x: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Router of NVIDIA's reference: logits in fp64, sigmoid scores, top-k by score + correction bias
     (torch.topk ties), weights = chosen raw scores renormalised, times routed_scaling_factor.
-    x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp64)."""
-    scores = F.linear(x.double(), w.router.double()).sigmoid()
-    choice = scores + w.bias.double()
-    if cfg.n_group > 1:
-        E = cfg.n_routed_experts
-        per = choice.view(-1, cfg.n_group, E // cfg.n_group)
-        group_scores = per.topk(2, dim=-1)[0].sum(dim=-1)
-        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1], 1.0)
-        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // cfg.n_group, dim=1), 0.0)
-    idx = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return idx, weights * cfg.routed_scaling_factor
+    x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp64). One `ops.moe_route` call (the fused CPU op;
+    `reference.moe_route` on other devices and under autograd)."""
+    return ops.moe_route(x, w.router, w.bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                         cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
 
 def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, experts=None) -> torch.Tensor:
