@@ -81,15 +81,17 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
   }
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
   // An item's work for parallel_chunks, which adds a thread per 2^18 units (and splits nothing below twice that):
-  // its weight bytes, times the blocks of 8 rows that read them again from the cache, over kBytesPerWorkUnit. So a
-  // second thread joins from ~0.5 MB-equivalents (~35 us on one thread: the width-1/8 model's projections even at
-  // M = 1): with the pool's helpers awake between the ops of a pass (common/worker_pool_cpu.h) that pays. Measured
-  // on the 2-core VM at 2 threads (denoiser pass / AR step, ms): bf16 45.4 / 22.0 and 45.7 / 22.4 splitting from
-  // 0.5 MB, 49.0 / 25.2 and 47.2 / 24.8 from 2 MB, 47.5 / 27.9 from 8 MB. Before the pool, when a helper was a
-  // task on torch's inter-op pool, splitting from 0.5 MB made the pass slower (118 vs 104 ms fp32).
-  constexpr int64_t kBytesPerWorkUnit = 1;
+  // its weight bytes, times the blocks of 8 rows that read them again from the cache, times kWorkPerByte. So a
+  // second thread joins from ~128 KB-equivalents (~10 us on one thread from the cache, 2-3x that from memory, as in
+  // a pass, where every weight is read once): with the pool's helpers awake between the ops of a pass
+  // (common/worker_pool_cpu.h) that pays. Measured on the 2-core VM at 2 threads, width-1/8 model, bf16 (denoiser
+  // pass / AR step, ms, three alternating runs each): splitting from 128 KB 36.4-38.7 / 15.6-16.8, from 0.5 MB
+  // 37.8-38.5 / 17.3-17.5; earlier, from 2 MB 49.0 / 25.2 and from 8 MB 47.5 / 27.9 (with the glue around the ops
+  // then). Before the pool, when a helper was a task on torch's inter-op pool, splitting from 0.5 MB made the pass
+  // slower (118 vs 104 ms fp32).
+  constexpr int64_t kWorkPerByte = 4;
   const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
-                       (1 + p.M / 8) / kBytesPerWorkUnit;
+                       (1 + p.M / 8) * kWorkPerByte;
   tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
     tt::linear_cpu_panels(isa, p, b * tt::kLinearItemPanels, std::min(panels, e * tt::kLinearItemPanels));
   });
