@@ -75,11 +75,12 @@ std::tuple<Tensor, Tensor> moe_route_cpu(const Tensor& x, const Tensor& router, 
                                          int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scaling) {
   auto plan = plan_moe_route(x, router, bias, k, n_group, topk_group, norm_topk_prob, scaling);
   const auto& p = plan.p;
-  // Items are tiles of 4 tokens (the kernel's; any split gives the same bits). A 4-wide fp64 FMA does about a
-  // quarter of an element of the other kernels' work, so one tile weighs experts * hidden: a decode pass
-  // (16 tokens, E 128, H 336) runs inline, a long prefill splits.
+  // Items are tiles of 4 tokens (the kernel's; any split gives the same bits), each weighing 4 * experts * hidden
+  // units of parallel_chunks' work: a decode block (16 tokens, E 128, H 320) splits over 2 threads, where the
+  // helper pool is awake between a pass's ops (2 threads, fp64 router weights cycled from memory: 66 -> 39 us per
+  // call; weighing a tile E * H ran it inline), an AR step's single token runs inline.
   constexpr int64_t kTile = 4;
-  tt::parallel_chunks((p.tokens + kTile - 1) / kTile, p.experts * p.hidden, [&](int64_t b, int64_t e) {
+  tt::parallel_chunks((p.tokens + kTile - 1) / kTile, 4 * p.experts * p.hidden, [&](int64_t b, int64_t e) {
     check_status(tt::moe_route_cpu(p, b * kTile, std::min(p.tokens, e * kTile)), "moe_route");
   });
   return {plan.ids, plan.weights};
