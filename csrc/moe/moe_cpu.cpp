@@ -14,6 +14,9 @@ namespace {
 // narrower column block; 48 weight rows x K=2688 x 2 B = 258 KB streamed per item, enough to amortise the
 // item's start, and H = 2688 gives 56 down items (dynamic scheduling over 2..16 threads stays balanced).
 constexpr int64_t kTile = 48;
+// Matrices with short rows get items of up to kMaxItemTiles 48-row tiles, up to ~kItemBytes of weights (tile_rows).
+constexpr int64_t kItemBytes = int64_t(128) << 10;
+constexpr int64_t kMaxItemTiles = 2;
 // Columns per library call on the up path (weights widened to fp32 in chunks of this many rows).
 constexpr int64_t kLibraryChunk = 192;
 
@@ -130,6 +133,21 @@ void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* 
   g.fn(g.ctx, M, N, K, A, lda, B, ldb, true, C, ldc, false);
 }
 
+// Rows per work item for an [n, k] weight matrix: kTile, or for short rows (the width-1/8 model's experts: k = 320
+// or 232, 15-60 KB per 48 rows) kMaxItemTiles tiles where they stay under kItemBytes, at most the whole matrix.
+// An expert's items are contiguous weight rows that the threads claim one after another, so 48-row items of short
+// rows broke each thread's stream into small pieces. Measured on the 2-core Xeon, the width-1/8 model's 23 MoE calls
+// of a pass replayed with the experts evicted (medians of 7, three alternating runs each), 2 threads, bf16:
+// denoiser 18.2-19.3 ms -> 16.4-17.1 with 96-row items, AR step 2.10-2.60 -> 1.95-2.14; fp32 unchanged (33.8-34.6
+// both). Items of a whole matrix (192-240 rows) were slower at 2 threads (bf16 denoiser 20.3-21.4: 2 uneven items
+// per matrix do not balance).
+int64_t tile_rows(const MoeParams& p, int64_t n, int64_t k) {
+  // A quantised row is dequantised into a scratch of x's dtype: its bytes there bound the item too.
+  const int64_t row_bytes = std::max({int64_t(1), moe_weight_bytes(p, 1, k), k * elem_size(p.dtype)});
+  const int64_t tiles = std::clamp<int64_t>(kItemBytes / (row_bytes * kTile), 1, kMaxItemTiles);
+  return std::min(tiles * kTile, (n + kTile - 1) / kTile * kTile);
+}
+
 }  // namespace
 
 void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
@@ -173,7 +191,8 @@ void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
     pl.slot_weight[s] = p.weights_fp64 ? static_cast<const double*>(p.expert_weights)[i]
                                        : double(static_cast<const float*>(p.expert_weights)[i]);
   }
-  pl.tile_up = pl.tile_down = kTile;
+  pl.tile_up = tile_rows(p, p.inter, p.hidden);
+  pl.tile_down = tile_rows(p, p.hidden, p.inter);
   const int64_t na = int64_t(pl.active.size()), max_micro = moe_micro_max_rows(cfg.isa, p.dtype);
   pl.library.resize(na);
   for (int64_t a = 0; a < na; ++a) {
@@ -182,7 +201,7 @@ void moe_cpu_plan(const MoeParams& p, const MoeCpuConfig& cfg, MoeCpuPlan& pl) {
                     (cfg.gemm == MoeCpuGemmChoice::kAuto && rows > max_micro);
     pl.any_library = pl.any_library || pl.library[a];
   }
-  const int64_t tiles = (p.inter + kTile - 1) / kTile;
+  const int64_t tiles = (p.inter + pl.tile_up - 1) / pl.tile_up;
   for (int64_t a = 0; a < na; ++a)
     if (pl.library[a]) pl.up_items.push_back({int32_t(a), -1});
   for (int64_t a = 0; a < na; ++a)
