@@ -16,10 +16,13 @@
 //   - avx512 (fp32, bf16, fp16): 16-wide fp32 FMA, bf16 widened by a shift, fp16 by vcvtph2ps, in registers.
 //   - avx2 (fp32, bf16, fp16): the same 8 wide (the AMD EPYC CI machines: no AVX-512).
 //   - scalar: other architectures.
-// With 16-bit weights each k step also prefetches (into L2) the same k of the next NR weight rows, one column block
-// ahead: their rows are half as long as fp32 ones (an expert of the width-1/8 model is 336 x 232: 10 cache lines a row)
-// and the hardware streamer barely starts on one before the block moves on. Measured on the Xeon, 1 thread, 32 real-size
-// experts from DRAM, T=1: bf16 9.3-9.5 ms (main, no prefetch) -> 8.0-8.1; with fp32 weights it cost ~5%, so not there.
+// Each k step also prefetches (into L2) the same k of the next NR weight rows, one column block ahead, one prefetch
+// per cache line: with short rows (an expert of the width-1/8 model is 320 x 232: 10 cache lines a bf16 row) the
+// hardware streamer barely starts on one before the block moves on. Measured on the Xeon, 1 thread, 32 real-size
+// experts from DRAM, T=1: bf16 9.3-9.5 ms (no prefetch) -> 8.0-8.1. With fp32 weights it cost ~5% at the real size
+// (10.5 KB rows), so fp32 prefetches only rows up to kPrefetchF32MaxRowBytes: the width-1/8 model's fp32 experts
+// (1-1.3 KB rows), the 23 MoE calls of a denoiser pass replayed from memory, 59.0-60.4 -> 51.5-53.1 ms at 1 thread,
+// 34.2-34.4 -> 29.4-30.2 at 2; the AVX2 kernel (forced on the Xeon) 64.7-66.8 -> 51.4-51.6 and 38.0-38.4 -> 29.7-30.7.
 // For many rows per expert the matrix library (MKL sgemm, oneDNN brgemm) is faster: it packs panels and runs
 // a compute-bound blocking that this streaming kernel does not; moe_micro_max_rows says where the switch is.
 #include <cstdint>
@@ -32,6 +35,8 @@
 
 namespace tt {
 namespace {
+
+constexpr int64_t kPrefetchF32MaxRowBytes = 4096;
 
 // Full unrolling of the MR / NR loops before scalar replacement: without it GCC keeps the accumulator array
 // on the stack (a store per FMA and ~1.5x slower at M = 16).
@@ -57,7 +62,7 @@ inline float dot_tail(const typename Tag::raw* a, const typename Tag::raw* b, in
 
 template <class Tag, int MR, int NR>
 void kernel_scalar(int64_t K, const typename Tag::raw* const* a, const typename Tag::raw* b, int64_t ldb, float* c,
-                   int64_t ldc) {
+                   int64_t ldc, bool) {
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) c[m * ldc + n] = dot_tail<Tag>(a[m], b + n * ldb, 0, K);
 }
@@ -82,7 +87,7 @@ inline float hsum8(__m256 v) {
 
 template <class Tag, int MR, int NR>
 void kernel_avx2(int64_t K, const typename Tag::raw* const* a, const typename Tag::raw* b, int64_t ldb, float* c,
-                 int64_t ldc) {
+                 int64_t ldc, bool pf) {
   __m256 acc[MR][NR];
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
@@ -90,7 +95,7 @@ void kernel_avx2(int64_t K, const typename Tag::raw* const* a, const typename Ta
   for (; k + 8 <= K; k += 8) {
     __m256 bv[NR];
     TT_UNROLL for (int n = 0; n < NR; ++n) bv[n] = load8<Tag>(b + n * ldb + k);
-    if (!std::is_same_v<Tag, F32> && (k * sizeof(*b)) % 64 == 0)  // 16-bit weights: one prefetch per line
+    if (pf && (k * sizeof(*b)) % 64 == 0)  // one prefetch per line
       TT_UNROLL for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(b + (NR + n) * ldb + k), _MM_HINT_T1);
     TT_UNROLL for (int m = 0; m < MR; ++m) {
       const __m256 av = load8<Tag>(a[m] + k);
@@ -113,7 +118,7 @@ template <class Tag> TT_AVX512 inline __m512 load16(const typename Tag::raw* p, 
 
 template <class Tag, int MR, int NR>
 TT_AVX512 void kernel_avx512(int64_t K, const typename Tag::raw* const* a, const typename Tag::raw* b, int64_t ldb,
-                             float* c, int64_t ldc) {
+                             float* c, int64_t ldc, bool pf) {
   __m512 acc[MR][NR];
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
@@ -121,7 +126,7 @@ TT_AVX512 void kernel_avx512(int64_t K, const typename Tag::raw* const* a, const
     const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
     __m512 bv[NR];
     TT_UNROLL for (int n = 0; n < NR; ++n) bv[n] = load16<Tag>(b + n * ldb + k, mask);
-    if (!std::is_same_v<Tag, F32>)
+    if (pf && (k * sizeof(*b)) % 64 == 0)  // one prefetch per line
       TT_UNROLL for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(b + (NR + n) * ldb + k), _MM_HINT_T1);
     TT_UNROLL for (int m = 0; m < MR; ++m) {
       const __m512 av = load16<Tag>(a[m] + k, mask);
@@ -134,7 +139,7 @@ TT_AVX512 void kernel_avx512(int64_t K, const typename Tag::raw* const* a, const
 
 template <class Tag, int MR, int NR>
 TT_AVX512BF16 void kernel_avx512bf16(int64_t K, const uint16_t* const* a, const uint16_t* b, int64_t ldb, float* c,
-                                     int64_t ldc) {
+                                     int64_t ldc, bool) {
   __m512 acc[MR][NR];
   TT_UNROLL for (int m = 0; m < MR; ++m)
     TT_UNROLL for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
@@ -158,7 +163,7 @@ TT_AVX512BF16 void kernel_avx512bf16(int64_t K, const uint16_t* const* a, const 
 // row block and from L1/L2 by the others (NR rows x K <= 6 x 2688 x 4 B = 64 KiB).
 
 template <class Tag> using KernelFn = void (*)(int64_t, const typename Tag::raw* const*, const typename Tag::raw*,
-                                               int64_t, float*, int64_t);
+                                               int64_t, float*, int64_t, bool);
 
 template <class Tag, int MaxMR, int MaxNR> struct KernelTable {
   KernelFn<Tag> fn[MaxMR][MaxNR];
@@ -169,8 +174,8 @@ template <class Tag, int MaxMR, int MaxNR, template <class, int, int> class K> s
 #define TT_MOE_KERNEL_ADAPTER(NAME, FN)                                                                    \
   template <class Tag, int MR, int NR> struct NAME {                                                       \
     static void run(int64_t K, const typename Tag::raw* const* a, const typename Tag::raw* b, int64_t ldb,  \
-                    float* c, int64_t ldc) {                                                               \
-      FN<Tag, MR, NR>(K, a, b, ldb, c, ldc);                                                               \
+                    float* c, int64_t ldc, bool pf) {                                                      \
+      FN<Tag, MR, NR>(K, a, b, ldb, c, ldc, pf);                                                           \
     }                                                                                                      \
   };
 TT_MOE_KERNEL_ADAPTER(ScalarK, kernel_scalar)
@@ -178,8 +183,9 @@ TT_MOE_KERNEL_ADAPTER(ScalarK, kernel_scalar)
 TT_MOE_KERNEL_ADAPTER(Avx2K, kernel_avx2)
 TT_MOE_KERNEL_ADAPTER(Avx512K, kernel_avx512)
 template <class Tag, int MR, int NR> struct Avx512Bf16K {
-  static void run(int64_t K, const uint16_t* const* a, const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
-    kernel_avx512bf16<Tag, MR, NR>(K, a, b, ldb, c, ldc);
+  static void run(int64_t K, const uint16_t* const* a, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                  bool pf) {
+    kernel_avx512bf16<Tag, MR, NR>(K, a, b, ldb, c, ldc, pf);
   }
 };
 #endif
@@ -199,13 +205,14 @@ void drive(int64_t M, int64_t N, int64_t Kd, const void* A, const int32_t* a_row
   static constexpr auto table = make_table<Tag, MaxMR, MaxNR, K>(std::make_integer_sequence<int, MaxMR * MaxNR>{});
   const raw* a = static_cast<const raw*>(A);
   const raw* b = static_cast<const raw*>(B);
+  const bool pf = !std::is_same_v<Tag, F32> || Kd * int64_t(sizeof(raw)) <= kPrefetchF32MaxRowBytes;
   for (int64_t n0 = 0; n0 < N; n0 += MaxNR) {
     const int nr = int(N - n0 < MaxNR ? N - n0 : MaxNR);
     for (int64_t m0 = 0; m0 < M; m0 += MaxMR) {
       const int mr = int(M - m0 < MaxMR ? M - m0 : MaxMR);
       const raw* ap[MaxMR];
       for (int i = 0; i < mr; ++i) ap[i] = a + (a_rows ? int64_t(a_rows[m0 + i]) : m0 + i) * lda;
-      table.fn[mr - 1][nr - 1](Kd, ap, b + n0 * ldb, ldb, C + m0 * ldc + n0, ldc);
+      table.fn[mr - 1][nr - 1](Kd, ap, b + n0 * ldb, ldb, C + m0 * ldc + n0, ldc, pf);
     }
   }
 }
