@@ -140,12 +140,18 @@ void library_nt(const CpuGemm& g, int64_t M, int64_t N, int64_t K, const float* 
 // of a pass replayed with the experts evicted (medians of 7, three alternating runs each), 2 threads, bf16:
 // denoiser 18.2-19.3 ms -> 16.4-17.1 with 96-row items, AR step 2.10-2.60 -> 1.95-2.14; fp32 unchanged (33.8-34.6
 // both). Items of a whole matrix (192-240 rows) were slower at 2 threads (bf16 denoiser 20.3-21.4: 2 uneven items
-// per matrix do not balance).
+// per matrix do not balance). Equal widths (78 / 84 rows) instead of 96 + a remainder, alternating with 96-row items:
+// fp32 denoiser 31.2-32.3 -> 30.0-30.7 ms, bf16 18.3-19.0 -> 16.1-18.5 (a slower hour of the machine).
 int64_t tile_rows(const MoeParams& p, int64_t n, int64_t k) {
   // A quantised row is dequantised into a scratch of x's dtype: its bytes there bound the item too.
   const int64_t row_bytes = std::max({int64_t(1), moe_weight_bytes(p, 1, k), k * elem_size(p.dtype)});
   const int64_t tiles = std::clamp<int64_t>(kItemBytes / (row_bytes * kTile), 1, kMaxItemTiles);
-  return std::min(tiles * kTile, (n + kTile - 1) / kTile * kTile);
+  if (tiles == 1) return kTile;
+  // As many items as tiles of tiles * kTile rows would give, of equal width (a multiple of 6, every microkernel's
+  // NR): a down call's items are its only ones (each spans every active expert), and 96 + 96 + 96 + 32 rows over 2
+  // threads leave one idle for a third of the phase, 84 + 84 + 84 + 68 do not.
+  const int64_t items = (n + tiles * kTile - 1) / (tiles * kTile);
+  return ((n + items - 1) / items + 5) / 6 * 6;
 }
 
 }  // namespace
