@@ -1,3 +1,7 @@
+// CPU MoE router (moe_router.h): per tile of 4 tokens the x rows widened to fp64 once, the router read once per
+// tile in dot tiles (AVX-512: 4 tokens x 4 experts x 8 lanes; AVX2 and scalar: 4 x 2 x 4), then per token the fp64
+// sigmoid (4 lanes), the optional group limit and ATen's own top-k algorithm on (value, index) pairs, so the
+// selection and its order, ties included, are torch.topk's.
 #include <algorithm>
 #include <cmath>
 #include <utility>
