@@ -1,5 +1,5 @@
 // The MoE router of NVIDIA's NemotronH reference, fused (torch-free). Per token t:
-//   logit[e]  = sum_h double(x[t, h]) * router[e, h]                         (fp64; own summation order)
+//   logit[e]  = sum_h double(x[t, h]) * double(router[e, h])                 (fp64; own summation order)
 //   score[e]  = 1 / (1 + exp(-logit[e]))                                     (fp64 sigmoid)
 //   choice[e] = score[e] + bias[e]
 //   n_group > 1: group g's score = the sum of its two largest choices; the topk_group best groups are kept
@@ -21,7 +21,9 @@ namespace tt {
 
 struct MoeRouteParams {
   const void* x;           // [tokens, hidden] of `dtype`, row stride x_row_stride, last dim contiguous
-  const double* router;    // [experts, hidden], row stride router_row_stride, last dim contiguous
+  const void* router;      // [experts, hidden] fp64, or fp32 (router_f32), row stride router_row_stride, last dim
+                           // contiguous; fp32 values widen to fp64 exactly (the same logits, half the bytes)
+  bool router_f32 = false;
   const double* bias;      // [experts], element stride bias_stride
   int64_t* ids;            // [tokens, k], contiguous
   double* weights;         // [tokens, k], contiguous

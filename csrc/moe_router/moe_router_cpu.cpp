@@ -24,18 +24,31 @@ constexpr int64_t kTileT = 4;  // tokens per tile: the router is read once per t
 constexpr int64_t kTileE = 2;     // experts per call: scalar and AVX2 (4 x 2 x 4 lanes of accumulators)
 constexpr int64_t kTileE512 = 4;  // AVX-512 (4 x 4 x 8 lanes)
 
-void dot_tile_scalar(const double* xb, int64_t hp, const double* const r[kTileE], int64_t hidden,
+// The router's rows are fp64 or fp32 (R): fp32 values widen to fp64 exactly, so both give the same bits.
+template <typename R>
+void dot_tile_scalar(const double* xb, int64_t hp, const R* const r[kTileE], int64_t hidden,
                      double out[kTileT][kTileE512]) {
   for (int64_t t = 0; t < kTileT; ++t)
     for (int64_t e = 0; e < kTileE; ++e) {
       double l[4] = {0.0, 0.0, 0.0, 0.0};
-      for (int64_t h = 0; h < hidden; ++h) l[h & 3] += xb[t * hp + h] * r[e][h];
+      for (int64_t h = 0; h < hidden; ++h) l[h & 3] += xb[t * hp + h] * double(r[e][h]);
       out[t][e] = (l[0] + l[1]) + (l[2] + l[3]);
     }
 }
 
 #ifdef TT_X86
-void dot_tile_avx2(const double* xb, int64_t hp, const double* const r[kTileE], int64_t hidden,
+inline __m256d load4d(const double* p) { return _mm256_loadu_pd(p); }
+inline __m256d load4d(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+// The first n (1..3) elements, the rest 0 (and not read).
+inline __m256d maskload4d(const double* p, int64_t n) {
+  return _mm256_maskload_pd(p, _mm256_set_epi64x(n > 3 ? -1 : 0, n > 2 ? -1 : 0, n > 1 ? -1 : 0, -1));
+}
+inline __m256d maskload4d(const float* p, int64_t n) {
+  return _mm256_cvtps_pd(_mm_maskload_ps(p, _mm_set_epi32(n > 3 ? -1 : 0, n > 2 ? -1 : 0, n > 1 ? -1 : 0, -1)));
+}
+
+template <typename R>
+void dot_tile_avx2(const double* xb, int64_t hp, const R* const r[kTileE], int64_t hidden,
                    double out[kTileT][kTileE512]) {
   __m256d acc[kTileT][kTileE];
   for (int64_t t = 0; t < kTileT; ++t)
@@ -43,17 +56,15 @@ void dot_tile_avx2(const double* xb, int64_t hp, const double* const r[kTileE], 
   const int64_t h4 = hidden & ~int64_t(3);
   for (int64_t h = 0; h < h4; h += 4) {
     __m256d rv[kTileE];
-    for (int64_t e = 0; e < kTileE; ++e) rv[e] = _mm256_loadu_pd(r[e] + h);
+    for (int64_t e = 0; e < kTileE; ++e) rv[e] = load4d(r[e] + h);
     for (int64_t t = 0; t < kTileT; ++t) {
       const __m256d xv = _mm256_loadu_pd(xb + t * hp + h);
       for (int64_t e = 0; e < kTileE; ++e) acc[t][e] = _mm256_fmadd_pd(xv, rv[e], acc[t][e]);
     }
   }
   if (h4 < hidden) {  // the x rows are zero past `hidden`; the router rows are not read there
-    const int64_t n = hidden - h4;
-    const __m256i mask = _mm256_set_epi64x(n > 3 ? -1 : 0, n > 2 ? -1 : 0, n > 1 ? -1 : 0, -1);
     __m256d rv[kTileE];
-    for (int64_t e = 0; e < kTileE; ++e) rv[e] = _mm256_maskload_pd(r[e] + h4, mask);
+    for (int64_t e = 0; e < kTileE; ++e) rv[e] = maskload4d(r[e] + h4, hidden - h4);
     for (int64_t t = 0; t < kTileT; ++t) {
       const __m256d xv = _mm256_loadu_pd(xb + t * hp + h4);
       for (int64_t e = 0; e < kTileE; ++e) acc[t][e] = _mm256_fmadd_pd(xv, rv[e], acc[t][e]);
@@ -67,7 +78,13 @@ void dot_tile_avx2(const double* xb, int64_t hp, const double* const r[kTileE], 
     }
 }
 
-TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const double* const r[kTileE512], int64_t hidden,
+TT_AVX512 inline __m512d load8d(const double* p) { return _mm512_loadu_pd(p); }
+TT_AVX512 inline __m512d load8d(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+TT_AVX512 inline __m512d maskload8d(const double* p, __mmask8 m) { return _mm512_maskz_loadu_pd(m, p); }
+TT_AVX512 inline __m512d maskload8d(const float* p, __mmask8 m) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, p)); }
+
+template <typename R>
+TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const R* const r[kTileE512], int64_t hidden,
                                double out[kTileT][kTileE512]) {
   __m512d acc[kTileT][kTileE512];
   for (int64_t t = 0; t < kTileT; ++t)
@@ -75,7 +92,7 @@ TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const double* const
   const int64_t h8 = hidden & ~int64_t(7);
   for (int64_t h = 0; h < h8; h += 8) {
     __m512d rv[kTileE512];
-    for (int64_t e = 0; e < kTileE512; ++e) rv[e] = _mm512_loadu_pd(r[e] + h);
+    for (int64_t e = 0; e < kTileE512; ++e) rv[e] = load8d(r[e] + h);
     for (int64_t t = 0; t < kTileT; ++t) {
       const __m512d xv = _mm512_loadu_pd(xb + t * hp + h);
       for (int64_t e = 0; e < kTileE512; ++e) acc[t][e] = _mm512_fmadd_pd(xv, rv[e], acc[t][e]);
@@ -84,7 +101,7 @@ TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const double* const
   if (h8 < hidden) {
     const __mmask8 mask = __mmask8((1u << (hidden - h8)) - 1);
     __m512d rv[kTileE512];
-    for (int64_t e = 0; e < kTileE512; ++e) rv[e] = _mm512_maskz_loadu_pd(mask, r[e] + h8);
+    for (int64_t e = 0; e < kTileE512; ++e) rv[e] = maskload8d(r[e] + h8, mask);
     for (int64_t t = 0; t < kTileT; ++t) {
       const __m512d xv = _mm512_loadu_pd(xb + t * hp + h8);
       for (int64_t e = 0; e < kTileE512; ++e) acc[t][e] = _mm512_fmadd_pd(xv, rv[e], acc[t][e]);
@@ -217,8 +234,8 @@ void select_token(const MoeRouteParams& p, const double* logits, int64_t token, 
   for (int64_t j = 0; j < p.k; ++j) w[j] = (p.norm_topk_prob ? w[j] / denom : w[j]) * p.scaling;
 }
 
-template <typename T>
-void route_tokens(const MoeRouteParams& p, int64_t token_begin, int64_t token_end) {
+template <typename T, typename R>
+void route_tokens(const MoeRouteParams& p, const R* router, int64_t token_begin, int64_t token_end) {
   const int64_t H = p.hidden, E = p.experts;
   const int64_t hp = (H + 7) & ~int64_t(7);
   Scratch s(p, hp);
@@ -238,8 +255,8 @@ void route_tokens(const MoeRouteParams& p, int64_t token_begin, int64_t token_en
       for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<double>(to_float(src[h]));
     }
     for (int64_t e0 = 0; e0 < E; e0 += ne) {
-      const double* r[kTileE512];  // experts past the last repeat it (their logits are dropped)
-      for (int64_t e = 0; e < ne; ++e) r[e] = p.router + std::min(e0 + e, E - 1) * p.router_row_stride;
+      const R* r[kTileE512];  // experts past the last repeat it (their logits are dropped)
+      for (int64_t e = 0; e < ne; ++e) r[e] = router + std::min(e0 + e, E - 1) * p.router_row_stride;
       double out[kTileT][kTileE512];
 #ifdef TT_X86
       if (p.isa >= CpuIsa::kAvx512) dot_tile_avx512(s.xb.data(), hp, r, H, out);
@@ -255,6 +272,11 @@ void route_tokens(const MoeRouteParams& p, int64_t token_begin, int64_t token_en
   }
 }
 
+template <typename T> void route_with(const MoeRouteParams& p, int64_t token_begin, int64_t token_end) {
+  if (p.router_f32) route_tokens<T>(p, static_cast<const float*>(p.router), token_begin, token_end);
+  else route_tokens<T>(p, static_cast<const double*>(p.router), token_begin, token_end);
+}
+
 }  // namespace
 
 Status moe_route_cpu(const MoeRouteParams& p, int64_t token_begin, int64_t token_end) {
@@ -263,9 +285,9 @@ Status moe_route_cpu(const MoeRouteParams& p, int64_t token_begin, int64_t token
     return Status::kUnsupportedShape;
   if (token_begin >= token_end) return Status::kOk;
   switch (p.dtype) {
-    case DType::kFloat32: route_tokens<float>(p, token_begin, token_end); break;
-    case DType::kBFloat16: route_tokens<bf16_t>(p, token_begin, token_end); break;
-    case DType::kFloat16: route_tokens<fp16_t>(p, token_begin, token_end); break;
+    case DType::kFloat32: route_with<float>(p, token_begin, token_end); break;
+    case DType::kBFloat16: route_with<bf16_t>(p, token_begin, token_end); break;
+    case DType::kFloat16: route_with<fp16_t>(p, token_begin, token_end); break;
     default: return Status::kUnsupportedDType;
   }
   return Status::kOk;

@@ -15,7 +15,7 @@ using at::Tensor;
 using namespace tt::torch_glue;
 
 // ---------------------------------------------------------------------------------------------------
-// moe_route(x [T, H], router [E, H] fp64, bias [E] fp64, k, n_group, topk_group, norm_topk_prob, scaling)
+// moe_route(x [T, H], router [E, H] fp64 or fp32, bias [E] fp64, k, n_group, topk_group, norm_topk_prob, scaling)
 //   -> (ids [T, k] int64, weights [T, k] fp64)
 
 struct MoeRoutePlan {
@@ -28,7 +28,8 @@ MoeRoutePlan plan_moe_route(const Tensor& x, const Tensor& router, const Tensor&
   MoeRoutePlan plan;
   auto& p = plan.p;
   p.dtype = kernel_dtype(x, "x");
-  check_dtype(router, at::kDouble, "router");
+  TORCH_CHECK_TYPE(router.scalar_type() == at::kDouble || router.scalar_type() == at::kFloat,
+                   "twotower: router must be float64 or float32, got ", router.scalar_type());
   check_dtype(bias, at::kDouble, "bias");
   check_same_device(x, "x", router, "router");
   check_same_device(x, "x", bias, "bias");
@@ -52,7 +53,8 @@ MoeRoutePlan plan_moe_route(const Tensor& x, const Tensor& router, const Tensor&
   plan.ids = at::empty({T, k}, x.options().dtype(at::kLong));
   plan.weights = at::empty({T, k}, x.options().dtype(at::kDouble));
   p.x = x.data_ptr();
-  p.router = router.data_ptr<double>();
+  p.router = router.data_ptr();
+  p.router_f32 = router.scalar_type() == at::kFloat;
   p.bias = bias.data_ptr<double>();
   p.ids = plan.ids.data_ptr<int64_t>();
   p.weights = plan.weights.data_ptr<double>();

@@ -362,8 +362,9 @@ def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, no
     chosen with torch.topk(sorted=False)'s selection and output order (ties included), weights = the chosen scores,
     renormalised when norm_topk_prob, times scaling.
 
-    x [T, H] fp32/bf16/fp16 (last dim contiguous); router [E, H] and bias [E], fp64 (the loader's; another float
-    dtype is converted here, per call); 1 <= k <= E; E % n_group == 0, 1 <= topk_group <= n_group. Returns
+    x [T, H] fp32/bf16/fp16 (last dim contiguous); router [E, H] fp64 or fp32 (the CPU loader's: the kernel widens
+    it exactly, the same logits for half the bytes) and bias [E] fp64 (another float dtype is converted here, per
+    call); 1 <= k <= E; E % n_group == 0, 1 <= topk_group <= n_group. Returns
     (ids [T, k] int64, weights [T, k] fp64). NaN in x[t] gives token t NaN weights (never a plausible routing:
     every logit of t is NaN); other tokens are unaffected. The reference runs instead where the op has no
     kernel (CUDA), for fp64 x, and when autograd needs it (grad enabled and x, router or bias requiring grad:
@@ -372,7 +373,7 @@ def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, no
     if (not _has_kernel("moe_route", x.device) or x.dtype == torch.float64 or
             (torch.is_grad_enabled() and (x.requires_grad or router.requires_grad or bias.requires_grad))):
         return reference.moe_route(x, router, bias, k, n_group, topk_group, norm_topk_prob, scaling)
-    if router.dtype != torch.float64 and router.is_floating_point():
+    if router.dtype not in (torch.float64, torch.float32) and router.is_floating_point():
         router = router.double()
     if bias.dtype != torch.float64 and bias.is_floating_point():
         bias = bias.double()

@@ -115,7 +115,7 @@ def _mixer_weights(cfg, kind: str) -> tuple[list, list]:
         mats += [(q, H, False), (kv, H, False), (kv, H, False), (H, q, False)]
     elif kind == "moe":
         Is = cfg.moe_shared_expert_intermediate_size
-        mats += [(cfg.n_routed_experts, H, True), (Is, H, False), (H, Is, False)]   # router (fp64 once loaded: +0.5%, left out), shared
+        mats += [(cfg.n_routed_experts, H, True), (Is, H, False), (H, Is, False)]   # router (fp32 on the CPU; fp64 off it: +0.5%, left out), shared
         vecs += [(cfg.n_routed_experts, True)]                                     # correction bias
     else:
         mats += [(cfg.intermediate_size, H, False), (H, cfg.intermediate_size, False)]

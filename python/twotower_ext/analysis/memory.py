@@ -5,7 +5,8 @@ exactly as the loader lays them out (models/weights.py):
 - routed experts: both towers' [E, I, H] up and [E, H, I] down stacks, quant.expert_bytes per matrix;
 - other weights: everything else (attention, Mamba, shared experts, routers, norms, embeddings, both LM
   heads, time conditioning) in the model dtype, with the tensors the loader keeps in fp32 (router, its
-  correction bias, A_log, D, dt_bias) counted at 4 bytes;
+  correction bias, A_log, D, dt_bias) counted at 4 bytes (the bias, and off the CPU the router, are held in fp64:
+  under 0.5% more);
 - the context cache of one row of `row_tokens` tokens: K/V of every attention layer for those tokens plus the
   Mamba conv + fp32 SSM state (models/cache.cache_row_bytes; the denoiser reads the same cache when both
   towers share the device, mock-AR's snapshot would add one more Mamba state per row).

@@ -5,9 +5,11 @@ checkpoint's headers, so a wrong checkpoint fails before anything is allocated, 
 unexpected and mis-shaped name listed. Then each tensor is allocated once on its target device in its
 target dtype and streamed from the memory-mapped file (see safetensors_io.copy_into); routed experts go
 straight into stacked [E, out, in] tensors. A_log, D, dt_bias, the router weight and its correction bias
-stay fp32 whatever the model dtype; `load_weights` then keeps the last two in fp64 (exactly the checkpoint's
-values): the router computes in fp64 (layers.route, as NVIDIA's reference does), and converting them at every
-MoE layer of every pass was ~10% of a width-1/8 bf16 AR step on the CPU.
+stay fp32 whatever the model dtype; the router computes in fp64 (layers.route, as NVIDIA's reference does), so
+`load_weights` keeps the bias in fp64, and the router weight too where the plain-PyTorch router runs (CUDA: converting
+it at every MoE layer of every pass was ~10% of a width-1/8 bf16 AR step when measured on the CPU). On the CPU the
+router op (ops.moe_route) widens the fp32 weight in registers, exactly, and so reads half the bytes (an AR step
+reads it from memory once per MoE layer).
 
 With `experts="fp8" | "int4"` the routed experts of both towers are quantised while loading (quant.py has the
 formats): their stacks are preallocated in the quantised format (quant.empty) and each checkpoint expert
@@ -74,7 +76,7 @@ class MLPWeights:
 
 @dataclass
 class MoEWeights:
-    router: torch.Tensor      # [E, hidden] fp32 (fp64 once load_weights returns)
+    router: torch.Tensor      # [E, hidden] fp32 (fp64 off the CPU once load_weights returns)
     bias: torch.Tensor        # [E] fp32 (e_score_correction_bias; likewise)
     up: torch.Tensor          # [E, I, hidden] (a quant.QuantizedExperts when loaded with experts=fp8/int4)
     down: torch.Tensor        # [E, hidden, I] (likewise)
@@ -356,5 +358,8 @@ def load_weights(path: str, cfg: NemotronHConfig, dtype: torch.dtype = torch.bfl
     for tower in (weights.context, weights.denoiser):
         for layer in tower.layers:
             if isinstance(layer.mixer, MoEWeights):
-                layer.mixer.router, layer.mixer.bias = layer.mixer.router.double(), layer.mixer.bias.double()
+                m = layer.mixer
+                m.bias = m.bias.double()
+                if m.router.device.type != "cpu":
+                    m.router = m.router.double()
     return weights
