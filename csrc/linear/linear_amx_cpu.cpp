@@ -55,18 +55,23 @@ TT_AMX void tile_block(const uint16_t* x, int64_t ldx, const uint16_t* w0, const
                        const uint16_t* tail, float (*out)[16][16], const char* pf) {
   const int64_t blocks = K2 / 16;
   _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (kTwo) _tile_zero(1);
+  if constexpr (kRows == 2) {
+    _tile_zero(2);
+    if (kTwo) _tile_zero(3);
+  }
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int r = 0; r < 16; ++r) prefetch_panel_rows<2>(pf, K2, kb * 16 + r);
     k_block<kRows, kTwo>(x + kb * 32, ldx, w0 + kb * kTileElems, w1 + kb * kTileElems);
   }
   if (tail != nullptr) k_block<kRows, kTwo>(x + blocks * 32, ldx, tail, tail + kTileElems);
+  // Only the tiles this block used (one row block and one panel skip half or three quarters of the stores).
   _tile_stored(0, out[0], 64);
-  _tile_stored(1, out[1], 64);
-  _tile_stored(2, out[2], 64);
-  _tile_stored(3, out[3], 64);
+  if (kTwo) _tile_stored(1, out[1], 64);
+  if constexpr (kRows == 2) {
+    _tile_stored(2, out[2], 64);
+    if (kTwo) _tile_stored(3, out[3], 64);
+  }
 }
 
 using TileBlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
@@ -80,7 +85,11 @@ TT_AMX void linear_amx_panels(const LinearParams& p, int64_t p0, int64_t p1) {
   const int64_t K2 = (p.K + 1) / 2, ldx = linear_amx_ld(p.K), last_panel = linear_panels(p.N) - 1;
   const int64_t tail_rows = K2 % 16, panel_elems = K2 * 2 * kLinearPanel;
   const int tail_cols = int(p.N - last_panel * kLinearPanel);
-  const TileConfig cfg;
+  TileConfig cfg;
+  if (p.M < 16) {  // one row block of fewer than 16 rows: its x and output tiles only that tall (the padding rows
+                   // were loaded, multiplied and stored for nothing: M = 1 moved 16 x tile rows per weight tile)
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = uint8_t(p.M);
+  }
   _tile_loadconfig(&cfg);
   alignas(64) float out[4][16][16];
   alignas(64) uint16_t tail[2][kTileElems] = {};
