@@ -216,7 +216,7 @@ def test_generate_is_thread_safe(lm):
 
 @pytest.fixture(scope="module")
 def parity_server(lm):
-    srv = Server(lm, "parity", max_batch=8, max_queue=16, max_len=512)
+    srv = Server(lm, "parity", max_batch=8, max_queue=16, max_len=2048)
     yield srv
     srv.close()
 
@@ -272,7 +272,7 @@ def test_http_64_requests_at_concurrency_16_equal_generate(lm, parity_server):
     ({"block_size": 0}, "block_size"), ({"steps": 0}, "steps"), ({"temperature": -1}, "temperature"),
     ({"seed": "x"}, "seed"), ({"prompt": []}, "prompt"), ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "text"}, "prompt"), ({"prompt": None}, "prompt"), ({"n": 0}, "n"), ({"stop": ["\n"]}, "stop"),
-    ({"foo": 1}, "foo"), ({"max_tokens": 1000}, "max_tokens"), ({"stream": "yes"}, "stream")])
+    ({"foo": 1}, "foo"), ({"max_tokens": 5000}, "max_tokens"), ({"stream": "yes"}, "stream")])
 def test_http_bad_fields_are_400_naming_the_field(parity_server, body, field):
     resp = post(parity_server, {"prompt": [1, 2, 3], **body})
     assert resp.status_code == 400, resp.text
@@ -294,7 +294,8 @@ def test_http_bad_json_and_no_chat_template(parity_server):
 def test_http_queue_full_is_429_at_once(lm):
     srv = Server(lm, "parity", max_batch=1, max_queue=1, max_len=512)
     try:
-        slow = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 120, "threshold": 1.0, "eos_token_id": None}
+        # one token per pass (threshold 1): ~0.5 s of passes on the 2-core VM, so it is surely still live below
+        slow = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 480, "threshold": 1.0, "eos_token_id": None}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post, srv, slow)
             wait_for(lambda: srv.sched.load()["live_rows"] == 1)
@@ -313,7 +314,9 @@ def test_http_queue_full_is_429_at_once(lm):
 def test_http_client_disconnect_cancels_and_frees_the_row(parity_server):
     sched = parity_server.sched
     before = sched.metrics.requests.get("cancelled", 0)
-    body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 400, "threshold": 1.0, "eos_token_id": None}
+    # one token per pass (threshold 1): 2000 passes, seconds of work (400 took ~0.5 s on the 2-core VM once the CPU
+    # passes got faster, as long as the non-streaming client's timeout, and the request sometimes finished first)
+    body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 2000, "threshold": 1.0, "eos_token_id": None}
     with httpx.stream("POST", parity_server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -380,9 +383,9 @@ def test_http_chat_with_a_template(tmp_path):
 
 @http
 def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
-    proc, url = serve_subprocess("--max-batch", "2", "--max-queue", "4", "--max-len", "1024", "--shutdown-timeout", "120")
+    proc, url = serve_subprocess("--max-batch", "2", "--max-queue", "4", "--max-len", "2048", "--shutdown-timeout", "120")
     try:   # one token per pass (threshold 1): long enough that both are surely live together
-        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 1000, "threshold": 1.0, "eos_token_id": None}
+        body = {"prompt": [1, 5, 6], "mode": "diffusion", "max_tokens": 2000, "threshold": 1.0, "eos_token_id": None}
         with ThreadPoolExecutor(2) as pool:
             futs = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
             wait_for(lambda: httpx.get(url + "/health").json()["live_rows"] == 2, timeout=30)
@@ -392,7 +395,7 @@ def test_cli_serve_sigterm_finishes_in_flight_and_exits_cleanly():
             assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
             for f in futs:                         # in-flight requests still complete, whole
                 resp = f.result()
-                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 1000
+                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 2000
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
         assert "server stopped" in log and "Traceback" not in log, log
