@@ -33,12 +33,12 @@ TORCH_LIBRARY(twotower, m) {
   // scales, group_size > 0); see csrc/moe/moe.h.
   m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
         "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
+  m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
+        "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
   // The MoE router (CPU; csrc/moe_router/moe_router.h): fp64 sigmoid scores, grouped top-k selection by score + bias
   // with torch.topk's tie order, renormalised weights. -> (ids [T, k] int64, weights [T, k] fp64).
   m.def("moe_route(Tensor x, Tensor router, Tensor bias, int k, int n_group=1, int topk_group=1, "
         "bool norm_topk_prob=True, float scaling=1.0) -> (Tensor, Tensor)");
-  m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
-        "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
   // The layers' RMSNorms (CPU; csrc/norm/norm.h): the RMSNorm with the denoiser's modulation before
   // (modulate_first) or after it, optionally after the residual add x + gate * add (then also returning that sum);
   // Mamba-2's grouped z-gated RMSNorm.

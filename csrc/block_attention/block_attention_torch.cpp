@@ -4,7 +4,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <optional>

@@ -39,6 +39,12 @@ def _has_kernel(name: str, device: torch.device) -> bool:
     return not _FORCE_REFERENCE and device.type.upper() in kernel_devices(name)
 
 
+def _autograd_needed(*tensors) -> bool:
+    """Whether autograd records a call on these tensors: the kernels have no backward, so those calls (training)
+    run the reference."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def cpu_isas() -> list[str]:
     """The CPU instruction-set levels this CPU runs, lowest first ("scalar", "avx2", "avx512", "avx512_bf16",
     "amx"; AMX only where the OS grants the tile state): the values the TWOTOWER_<OP>_CPU_ISA variables take
@@ -370,8 +376,7 @@ def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, no
     kernel (CUDA), for fp64 x, and when autograd needs it (grad enabled and x, router or bias requiring grad:
     training differentiates through the router).
     """
-    if (not _has_kernel("moe_route", x.device) or x.dtype == torch.float64 or
-            (torch.is_grad_enabled() and (x.requires_grad or router.requires_grad or bias.requires_grad))):
+    if not _has_kernel("moe_route", x.device) or x.dtype == torch.float64 or _autograd_needed(x, router, bias):
         return reference.moe_route(x, router, bias, k, n_group, topk_group, norm_topk_prob, scaling)
     if router.dtype not in (torch.float64, torch.float32) and router.is_floating_point():
         router = router.double()
@@ -430,12 +435,9 @@ def _norm_kernel(name: str, x, *tensors) -> bool:
     """Whether a norm call takes the kernel: one dtype for every tensor (mixed dtypes, e.g. an fp32 residual
     stream, follow the reference's promotion) and no autograd (the kernels have no backward; training runs the
     reference)."""
-    if not _has_kernel(name, x.device):
-        return False
     ts = [t for t in tensors if t is not None]
-    if any(t.dtype != x.dtype for t in ts):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in ts)))
+    return (_has_kernel(name, x.device) and all(t.dtype == x.dtype for t in ts)
+            and not _autograd_needed(x, *ts))
 
 
 def rms_norm(x, w, eps: float, shift=None, scale=None, modulate_first: bool = False) -> torch.Tensor:

@@ -454,9 +454,10 @@ def add_rms_norm(x, add, gate, w, eps: float, shift=None, scale=None, modulate_f
     if gate is not None:
         add = (add.reshape(gate.shape[0], -1, add.shape[-1]) * gate.unsqueeze(1)).view(add.shape)
     s = x + add
-    v = modulate(s, shift, scale) if shift is not None and modulate_first else s
-    h = rms_norm(v.to(w.dtype), w, eps)
-    return (modulate(h, shift, scale) if shift is not None and not modulate_first else h), s
+    v = s
+    if shift is not None and modulate_first:   # before the cast; after the norm, rms_norm modulates
+        v, shift, scale = modulate(s, shift, scale), None, None
+    return rms_norm(v.to(w.dtype), w, eps, shift, scale), s
 
 
 def gated_rms_norm(y, z, w, group: int, eps: float):

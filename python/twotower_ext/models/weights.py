@@ -77,7 +77,7 @@ class MLPWeights:
 @dataclass
 class MoEWeights:
     router: torch.Tensor      # [E, hidden] fp32 (fp64 off the CPU once load_weights returns)
-    bias: torch.Tensor        # [E] fp32 (e_score_correction_bias; likewise)
+    bias: torch.Tensor        # [E] fp32 (e_score_correction_bias; fp64 once load_weights returns)
     up: torch.Tensor          # [E, I, hidden] (a quant.QuantizedExperts when loaded with experts=fp8/int4)
     down: torch.Tensor        # [E, hidden, I] (likewise)
     shared: MLPWeights
