@@ -31,10 +31,13 @@ TORCH_LIBRARY(twotower, m) {
         "Tensor(a!)? conv_state_out, Tensor(b!)? ssm_state_out) -> Tensor");
   // Quantised experts: w_up / w_down float8_e4m3fn (fp8, per-channel fp32 scales) or uint8 (int4 packed, group
   // scales, group_size > 0); see csrc/moe/moe.h.
+  // shared_up / shared_down (CPU): the layer's shared expert (packed linears, shared_inter hidden), fused.
   m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
-        "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> Tensor");
+        "Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0, Tensor? shared_up=None, "
+        "Tensor? shared_down=None, int shared_inter=0) -> Tensor");
   m.def("moe_experts_out(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_up, Tensor w_down, "
-        "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0) -> ()");
+        "Tensor(a!) out, Tensor? w_up_scale=None, Tensor? w_down_scale=None, int group_size=0, "
+        "Tensor? shared_up=None, Tensor? shared_down=None, int shared_inter=0) -> ()");
   // The MoE router (CPU; csrc/moe_router/moe_router.h): fp64 sigmoid scores, grouped top-k selection by score + bias
   // with torch.topk's tie order, renormalised weights. -> (ids [T, k] int64, weights [T, k] fp64).
   m.def("moe_route(Tensor x, Tensor router, Tensor bias, int k, int n_group=1, int topk_group=1, "

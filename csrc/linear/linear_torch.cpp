@@ -26,16 +26,16 @@
 
 namespace tt::torch_glue {
 
-void check_packed_weight(const at::Tensor& w, int64_t n, const at::Tensor& x, const char* x_name, const char* what,
-                         const char* k_name) {
-  check_dtype(w, x.scalar_type(), "w");
-  check_same_device(w, "w", x, x_name);
+void check_packed_weight(const at::Tensor& w, const char* w_name, int64_t n, const at::Tensor& x, const char* x_name,
+                         const char* what, const char* k_name) {
+  check_dtype(w, x.scalar_type(), w_name);
+  check_same_device(w, w_name, x, x_name);
   const int64_t K = x.size(-1), P = tt::linear_panels(n);
   const bool fp32 = x.scalar_type() == at::kFloat;
   const std::vector<int64_t> want = fp32 ? std::vector<int64_t>{P, K, tt::kLinearPanel}
                                          : std::vector<int64_t>{P, (K + 1) / 2, tt::kLinearPanel, 2};
   const char* layout = fp32 ? "[ceil(n / 16), in_features, 16]" : "[ceil(n / 16), ceil(in_features / 2), 16, 2]";
-  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: w must be ", what, " packed by "
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: ", w_name, " must be ", what, " packed by "
               "twotower_ext.packed.pack for n = ", n, " outputs and ", k_name, " = ", K, ": a contiguous ", layout,
               " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
               w.sizes());
@@ -59,7 +59,7 @@ tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
               x.sizes());
   check_last_dim_contiguous(x, "x");
   TORCH_CHECK_VALUE(n >= 1, "twotower: n (out_features) must be >= 1, got ", n);
-  check_packed_weight(w, n, x, "x", "a linear weight", "x's in_features");
+  check_packed_weight(w, "w", n, x, "x", "a linear weight", "x's in_features");
   const int64_t K = x.size(1);
   tt::LinearParams p{};
   p.x = x.data_ptr();
@@ -133,25 +133,6 @@ tt::LinearPath forced_path(tt::LinearPath planned) {
   return v == "micro" ? tt::LinearPath::kMicro : tt::LinearPath::kLibrary;
 }
 
-Tensor linear_cpu(const Tensor& x_in, const Tensor& w, int64_t n) {
-  TORCH_CHECK(x_in.dim() >= 1, "twotower: x must be [..., in_features], got a 0-d tensor");
-  const Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});  // a view where the rows allow it
-  tt::LinearParams p = check_linear(x, w, n);
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = n;
-  Tensor y = at::empty(shape, x.options());
-  p.y = y.data_ptr();
-  p.y_stride = n;
-  if (p.M == 0) return y;
-  y = y.view({p.M, n});
-  const auto plan = tt::linear_cpu_plan(p.M, p.N, p.K, p.dtype,
-                                        cpu_isa_from_env("TWOTOWER_LINEAR_CPU_ISA", tt::CpuIsa::kAmx),
-                                        at::get_num_threads());
-  if (forced_path(plan.path) == tt::LinearPath::kLibrary) run_library(x, w, y, p, plan.isa);
-  else run_micro(plan.isa, p);
-  return y.view(shape);
-}
-
 std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, std::string isa,
                                int64_t threads) {
   TORCH_CHECK_VALUE(m >= 0 && n >= 1 && k >= 0 && threads >= 1, "twotower: linear_cpu_plan needs m >= 0, n >= 1, "
@@ -169,5 +150,35 @@ std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType d
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(twotower, CPU, m) { m.impl("linear", &linear_cpu); }
+namespace tt::torch_glue {
+
+using at::Tensor;
+
+tt::LinearPlan linear_call_plan(int64_t M, int64_t N, int64_t K, tt::DType dt) {
+  auto plan = tt::linear_cpu_plan(M, N, K, dt, cpu_isa_from_env("TWOTOWER_LINEAR_CPU_ISA", tt::CpuIsa::kAmx),
+                                  at::get_num_threads());
+  plan.path = forced_path(plan.path);
+  return plan;
+}
+
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& w, int64_t n) {
+  TORCH_CHECK(x_in.dim() >= 1, "twotower: x must be [..., in_features], got a 0-d tensor");
+  const Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});  // a view where the rows allow it
+  tt::LinearParams p = check_linear(x, w, n);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  Tensor y = at::empty(shape, x.options());
+  p.y = y.data_ptr();
+  p.y_stride = n;
+  if (p.M == 0) return y;
+  y = y.view({p.M, n});
+  const auto plan = linear_call_plan(p.M, p.N, p.K, p.dtype);
+  if (plan.path == tt::LinearPath::kLibrary) run_library(x, w, y, p, plan.isa);
+  else run_micro(plan.isa, p);
+  return y.view(shape);
+}
+
+}  // namespace tt::torch_glue
+
+TORCH_LIBRARY_IMPL(twotower, CPU, m) { m.impl("linear", &tt::torch_glue::linear_cpu); }
 TORCH_LIBRARY_IMPL(twotower, CompositeExplicitAutograd, m) { m.impl("linear_cpu_plan", &linear_cpu_plan_op); }

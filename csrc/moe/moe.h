@@ -18,6 +18,7 @@
 #include "block_attention/block_attention.h"  // CpuGemm
 #include "common/cpu_isa.h"
 #include "common/platform.h"
+#include "linear/linear.h"  // the shared expert's packed linears
 
 namespace tt {
 
@@ -120,6 +121,23 @@ Status moe_cpu_up_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuCon
                        const MoeCpuBuffers& buf, MoeCpuScratch& s);
 Status moe_cpu_down_item(const MoeParams& p, const MoeCpuPlan& pl, const MoeCpuConfig& cfg, int64_t tile,
                          const MoeCpuBuffers& buf, MoeCpuScratch& s);
+
+// The MoE layer's shared expert fused into the call (moe_shared_cpu.cpp): y += down @ relu(up @ x)^2 for every
+// token, with ops.linear's packed weights and micro kernel. up: x [T, H] -> the hidden [T, I_s] (its y, rows y_stride
+// apart; for AMX, x_amx is x's padded copy); down: that hidden (x, and x_amx: the same buffer, zero-padded to AMX's
+// whole tiles) -> [T, H] (its y, a scratch). Both on `isa` (linear_cpu_plan's for the call's rows).
+struct MoeShared {
+  LinearParams up, down;
+  CpuIsa isa = CpuIsa::kScalar;
+};
+// Work items of ~kMoeSharedItemBytes of weights (about a routed up item's), whole panels each.
+constexpr int64_t kMoeSharedItemBytes = int64_t(64) << 10;
+int64_t moe_shared_item_panels(const LinearParams& w);
+// Up panels [p0, p1) then their relu^2 in place (rounded to the dtype); down panels [p0, p1).
+void moe_shared_up_panels(const MoeShared& s, int64_t p0, int64_t p1);
+void moe_shared_down_panels(const MoeShared& s, int64_t p0, int64_t p1);
+// y [T, H] (the routed output, rows y_stride apart) += the down output, rounded once (after both phases).
+void moe_shared_add(const MoeShared& s, void* y, int64_t y_stride);
 
 // The inner GEMM: C[m, n] = sum_k A[row(m), k] * B[n, k] (fp32 accumulate; A and B both of `dt`, B rows
 // contiguous in k, ldb apart; row(m) = a_rows[m] or m when a_rows is null; C rows ldc apart).

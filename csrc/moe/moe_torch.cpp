@@ -6,17 +6,25 @@
 //   group_size 0), fp8 (float8_e4m3fn, fp32 scales [E,I] / [E,H]) or int4 (uint8 [E,I,ceil(H/2)] / [E,H,ceil(I/2)],
 //   bf16|fp16 scales [E,I,ceil(H/group)] / [E,H,ceil(I/group)]): python/twotower_ext/quant.py. moe_experts_out(..., out) writes y into out (any row stride, last dim contiguous);
 // every path has read x before it writes out, so out may be x.
+// shared_up / shared_down / shared_inter (CPU, float32 / bfloat16 x): the layer's shared expert, a relu^2 MLP of
+//   shared_inter hidden units with weights packed for ops.linear, added to y: exactly moe_experts(...) +
+//   linear(square(relu(linear(x, shared_up))), shared_down) in x's dtype, in the same two phases as the routed
+//   experts (moe_shared_cpu.cpp). Calls whose rows send a linear to the matrix library (prefill) compose the linear
+//   op instead, with the same result.
 // Environment (tests and benchmarks): TWOTOWER_MOE_CPU_ISA=scalar|avx2|avx512|avx512_bf16 forces the CPU
 // microkernel's instruction set (default: the best this CPU runs); TWOTOWER_MOE_CPU_GEMM=micro|library forces
 // the inner GEMM for every expert (default auto: by rows per expert); TWOTOWER_MOE_DEBUG=1 on CUDA checks the
 // ids after the launch (synchronises; not capturable).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/square.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -31,6 +39,7 @@
 #include "common/cpu_isa_torch.h"
 #include "common/torch_checks.h"
 #include "common/worker_pool_cpu.h"
+#include "linear/linear_torch.h"
 #include "moe/moe.h"
 
 namespace {
@@ -123,6 +132,36 @@ std::pair<Tensor, Tensor> check_weights(const Tensor& x, const Tensor& w_up, con
   p.group = int4 ? group : 0;
   p.scale_dtype = kernel_dtype(usc, "w_up_scale");
   return {usc, dsc};
+}
+
+// The shared expert's arguments: both packed weights or neither (then shared_inter is 0).
+struct SharedArgs {
+  bool on = false;
+  Tensor up, down;
+  int64_t inter = 0;
+};
+
+SharedArgs check_shared(const Tensor& x, const std::optional<Tensor>& up, const std::optional<Tensor>& down,
+                        int64_t inter) {
+  TORCH_CHECK_VALUE(up.has_value() == down.has_value(), "twotower: shared_up and shared_down (the shared expert's "
+                    "packed linears) must be given together, got only ", up.has_value() ? "shared_up" : "shared_down");
+  SharedArgs s;
+  if (!up.has_value()) {
+    TORCH_CHECK_VALUE(inter == 0, "twotower: shared_inter must be 0 without a shared expert, got ", inter);
+    return s;
+  }
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "twotower: x must be float32 "
+                   "or bfloat16 with a shared expert (packed linear weights), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(inter >= 1, "twotower: shared_inter (the shared expert's hidden units) must be >= 1 with "
+                    "shared_up / shared_down, got ", inter);
+  check_packed_weight(*up, "shared_up", inter, x, "x", "the shared expert's up weight", "x's hidden");
+  check_packed_weight(*down, "shared_down", x.size(1), at::empty({0, inter}, x.options()), "x",
+                      "the shared expert's down weight", "shared_inter");
+  s.on = true;
+  s.up = *up;
+  s.down = *down;
+  s.inter = inter;
+  return s;
 }
 
 MoePlan plan_moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
@@ -263,7 +302,20 @@ void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
   if (w->error) std::rethrow_exception(w->error);
 }
 
-void run_moe_cpu(const tt::MoeParams& p) {
+// The fused shared expert's params for a call of p's tokens, or false where a linear of it would take the matrix
+// library at this many rows (linear_call_plan): then the caller composes the linear op.
+bool plan_shared(const tt::MoeParams& p, const SharedArgs& sh, tt::MoeShared& out) {
+  const int64_t T = p.tokens, H = p.hidden, I = sh.inter;
+  const auto up = tt::torch_glue::linear_call_plan(T, I, H, p.dtype);
+  const auto down = tt::torch_glue::linear_call_plan(T, H, I, p.dtype);
+  if (up.path != tt::LinearPath::kMicro || down.path != tt::LinearPath::kMicro) return false;
+  out.isa = up.isa;
+  out.up = tt::LinearParams{p.x, sh.up.data_ptr(), nullptr, T, I, H, p.x_stride, 0, p.dtype};
+  out.down = tt::LinearParams{nullptr, sh.down.data_ptr(), nullptr, T, H, I, 0, H, p.dtype};
+  return true;
+}
+
+void run_moe_cpu(const tt::MoeParams& p, tt::MoeShared* shared) {
   if (p.tokens == 0) return;
   tt::MoeCpuConfig cfg;
   cfg.isa = cpu_isa_from_env("TWOTOWER_MOE_CPU_ISA", tt::kMoeCpuIsaMax);
@@ -284,28 +336,87 @@ void run_moe_cpu(const tt::MoeParams& p) {
   const tt::CallScratch<float, Hidden32Tag> hidden32(es == 4 || !pl.any_library ? 0 : size_t(slots * p.inter));
   const tt::MoeCpuBuffers buf{hidden.data(), es == 4 ? hidden.data() : pl.any_library ? hidden32.data() : nullptr};
   const int64_t expert_bytes = tt::moe_weight_bytes(p, p.inter, p.hidden) + tt::moe_weight_bytes(p, p.hidden, p.inter);
-  const bool parallel = int64_t(pl.active.size()) * expert_bytes >= kParallelMinBytes;
-  const int64_t n_up = int64_t(pl.up_items.size());
-  run_phases(n_up, tt::moe_down_tiles(p, pl), parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
-    check_status(i < n_up ? tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i], buf, s)
-                          : tt::moe_cpu_down_item(p, pl, cfg, i - n_up, buf, s),
-                 "moe_experts");
+  // The shared expert's buffers: its hidden [T, I_s] zero-padded to AMX's whole tiles (rows to 16, columns to 32:
+  // the down linear's AMX x as it is, and plain x, ld apart, for the other kernels), its output, x's AMX copy.
+  int64_t n_su = 0, n_sd = 0, su_panels = 1, sd_panels = 1, shared_bytes = 0;
+  struct SharedHiddenTag;
+  struct SharedOutTag;
+  struct SharedXTag;
+  const bool amx = shared != nullptr && shared->isa == tt::CpuIsa::kAmx && p.dtype == tt::DType::kBFloat16;
+  const int64_t ldh = shared ? tt::linear_amx_ld(shared->up.N) : 0, hrows = (p.tokens + 15) / 16 * 16;
+  const tt::CallScratch<float, SharedHiddenTag> shared_hidden(shared ? size_t(hrows * ldh * es + 3) / 4 : 0);
+  const tt::CallScratch<float, SharedOutTag> shared_out(shared ? size_t(p.tokens * p.hidden * es + 3) / 4 : 0);
+  const tt::CallScratch<float, SharedXTag> shared_x(amx ? size_t(tt::linear_amx_x_elems(p.tokens, p.hidden) + 1) / 2
+                                                        : 0);
+  if (shared) {
+    std::memset(shared_hidden.data(), 0, size_t(hrows * ldh * es));
+    shared->up.y = shared_hidden.data();
+    shared->up.y_stride = ldh;
+    shared->down.x = shared_hidden.data();
+    shared->down.x_stride = ldh;
+    shared->down.y = shared_out.data();
+    if (amx) {
+      tt::linear_amx_pad_x(shared->up, reinterpret_cast<uint16_t*>(shared_x.data()));
+      shared->up.x_amx = reinterpret_cast<const uint16_t*>(shared_x.data());
+      shared->down.x_amx = reinterpret_cast<const uint16_t*>(shared_hidden.data());
+    }
+    su_panels = tt::moe_shared_item_panels(shared->up);
+    sd_panels = tt::moe_shared_item_panels(shared->down);
+    n_su = (tt::linear_panels(shared->up.N) + su_panels - 1) / su_panels;
+    n_sd = (tt::linear_panels(shared->down.N) + sd_panels - 1) / sd_panels;
+    shared_bytes = 2 * shared->up.N * p.hidden * es;
+  }
+  const bool parallel = int64_t(pl.active.size()) * expert_bytes + shared_bytes >= kParallelMinBytes;
+  // Up phase: the shared expert's items first (claimed early, so the routed items even out the end), then the
+  // routed ones; down phase: the routed tiles, then the shared expert's (small) items.
+  const int64_t n_up = int64_t(pl.up_items.size()), n_down = tt::moe_down_tiles(p, pl);
+  run_phases(n_su + n_up, n_down + n_sd, parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
+    if (i < n_su) {
+      tt::moe_shared_up_panels(*shared, i * su_panels, std::min(tt::linear_panels(shared->up.N), (i + 1) * su_panels));
+    } else if (i < n_su + n_up) {
+      check_status(tt::moe_cpu_up_item(p, pl, cfg, pl.up_items[i - n_su], buf, s), "moe_experts");
+    } else if (i < n_su + n_up + n_down) {
+      check_status(tt::moe_cpu_down_item(p, pl, cfg, i - n_su - n_up, buf, s), "moe_experts");
+    } else {
+      const int64_t j = i - n_su - n_up - n_down;
+      tt::moe_shared_down_panels(*shared, j * sd_panels,
+                                 std::min(tt::linear_panels(shared->down.N), (j + 1) * sd_panels));
+    }
   });
+  if (shared) tt::moe_shared_add(*shared, p.y, p.y_stride);
+}
+
+// The CPU call: routed experts with the shared expert fused (plan_shared), or where it cannot be (many rows), the
+// shared MLP through the linear op first (out may be x) and added after.
+void moe_cpu(const tt::MoeParams& p, const SharedArgs& sh, const Tensor& x, const Tensor& out) {
+  tt::MoeShared fused;
+  if (!sh.on || p.tokens == 0 || plan_shared(p, sh, fused)) {
+    run_moe_cpu(p, sh.on && p.tokens > 0 ? &fused : nullptr);
+    return;
+  }
+  using tt::torch_glue::linear_cpu;
+  const Tensor y_shared = linear_cpu(at::square(at::relu(linear_cpu(x, sh.up, sh.inter))), sh.down, p.hidden);
+  run_moe_cpu(p, nullptr);
+  out.add_(y_shared);
 }
 
 Tensor moe_experts_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
                        const Tensor& w_down, const std::optional<Tensor>& w_up_scale,
-                       const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+                       const std::optional<Tensor>& w_down_scale, int64_t group_size,
+                       const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down,
+                       int64_t shared_inter) {
   auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr, w_up_scale, w_down_scale, group_size);
-  run_moe_cpu(plan.p);
+  moe_cpu(plan.p, check_shared(x, shared_up, shared_down, shared_inter), x, plan.out);
   return plan.out;
 }
 
 void moe_experts_out_cpu(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
                          const Tensor& w_down, const Tensor& out, const std::optional<Tensor>& w_up_scale,
-                         const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+                         const std::optional<Tensor>& w_down_scale, int64_t group_size,
+                         const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down,
+                         int64_t shared_inter) {
   auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out, w_up_scale, w_down_scale, group_size);
-  run_moe_cpu(plan.p);
+  moe_cpu(plan.p, check_shared(x, shared_up, shared_down, shared_inter), x, plan.out);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -331,9 +442,16 @@ void run_moe_cuda(const MoePlan& plan, const Tensor& x) {
   }
 }
 
+void check_no_shared(const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down) {
+  TORCH_CHECK_VALUE(!shared_up.has_value() && !shared_down.has_value(), "twotower: shared_up / shared_down (the fused "
+                    "shared expert) run on the CPU only; on CUDA ops.moe_experts adds the shared MLP itself");
+}
+
 Tensor moe_experts_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
                         const Tensor& w_down, const std::optional<Tensor>& w_up_scale,
-                        const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+                        const std::optional<Tensor>& w_down_scale, int64_t group_size,
+                        const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down, int64_t) {
+  check_no_shared(shared_up, shared_down);
   c10::cuda::CUDAGuard guard(x.device());
   auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, nullptr, w_up_scale, w_down_scale, group_size);
   run_moe_cuda(plan, x);
@@ -342,7 +460,9 @@ Tensor moe_experts_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor&
 
 void moe_experts_out_cuda(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const Tensor& w_up,
                           const Tensor& w_down, const Tensor& out, const std::optional<Tensor>& w_up_scale,
-                          const std::optional<Tensor>& w_down_scale, int64_t group_size) {
+                          const std::optional<Tensor>& w_down_scale, int64_t group_size,
+                          const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down, int64_t) {
+  check_no_shared(shared_up, shared_down);
   c10::cuda::CUDAGuard guard(x.device());
   auto plan = plan_moe(x, expert_ids, expert_weights, w_up, w_down, &out, w_up_scale, w_down_scale, group_size);
   run_moe_cuda(plan, x);

@@ -294,16 +294,23 @@ def lm_head_unmask(hidden, w, x, mask_id: int, gamma, step, steps_per_block, tem
 
 
 @torch.library.register_fake("twotower::moe_experts")
-def _moe_experts_fake(x, expert_ids, expert_weights, w_up, w_down, w_up_scale=None, w_down_scale=None, group_size=0):
+def _moe_experts_fake(x, expert_ids, expert_weights, w_up, w_down, w_up_scale=None, w_down_scale=None, group_size=0,
+                      shared_up=None, shared_down=None, shared_inter=0):
     torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("twotower::moe_experts_out")
 def _moe_experts_out_fake(x, expert_ids, expert_weights, w_up, w_down, out, w_up_scale=None, w_down_scale=None,
-                          group_size=0):
+                          group_size=0, shared_up=None, shared_down=None, shared_inter=0):
     torch._check(x.dim() == 2, lambda: "x must be [tokens, hidden]")
     return None  # out is written in place
+
+
+def relu2_mlp(x, up, down) -> torch.Tensor:
+    """NemotronH's MLP (the MoE layer's shared expert): linear(square(relu(linear(x, up))), down), each step rounded
+    to x's dtype; up / down plain [out, in] weights or `packed.PackedLinear`s (see `linear`)."""
+    return linear(torch.square(F.relu(linear(x, up))), down)
 
 
 def _quantized_args(x, w_up, w_down) -> tuple:
@@ -325,9 +332,10 @@ def _quantized_args(x, w_up, w_down) -> tuple:
     return w_up.data, w_down.data, w_up.scale, w_down.scale, w_up.group
 
 
-def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.Tensor:
+def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None, shared_up=None, shared_down=None) -> torch.Tensor:
     """Routed MoE experts: y[t] = sum_j expert_weights[t, j] * w_down[e] @ relu(w_up[e] @ x[t])^2,
-    e = expert_ids[t, j] (see `reference.moe_experts` and csrc/moe/moe.h for the exact numerics).
+    e = expert_ids[t, j] (see `reference.moe_experts` and csrc/moe/moe.h for the exact numerics), plus the layer's
+    shared expert `relu2_mlp(x, shared_up, shared_down)` when given (added in x's dtype).
 
     x [T, H] fp32/bf16/fp16 (last dim contiguous); expert_ids [T, k] int32/int64 in [0, E), k <= E;
     expert_weights [T, k] fp32/fp64; w_up [E, I, H], w_down [E, H, I] in x's dtype (last dim contiguous, other
@@ -338,16 +346,31 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None) -> torch.
 
     w_up / w_down may instead both be `quant.QuantizedExperts` of one format (fp8 or int4, see quant.py for the
     formats and the dequantisation contract): the kernel dequantises tile by tile in its inner loop.
+
+    shared_up [I_s, H] / shared_down [H, I_s]: with both `packed.PackedLinear` on the CPU the shared expert runs
+    inside the op, in the same two phases as the routed experts (csrc/moe/moe_shared_cpu.cpp: no hand-offs between
+    its steps, its weights streamed beside the routed ones); elsewhere (CUDA, plain weights) `relu2_mlp` beside the
+    op. The same result either way.
     """
+    if (shared_up is None) != (shared_down is None):
+        raise ValueError("twotower: shared_up and shared_down (the shared expert's weights) must be given together")
     ref_up, ref_down = w_up, w_down
     w_up, w_down, up_scale, down_scale, group = _quantized_args(x, w_up, w_down)
+    fused = (isinstance(shared_up, PackedLinear) and isinstance(shared_down, PackedLinear) and x.is_cpu
+             and _has_kernel("moe_experts", x.device))
+    if shared_up is not None and not fused:   # the shared MLP first: out may be x
+        shared = relu2_mlp(x, shared_up, shared_down)
+        return moe_experts(x, expert_ids, expert_weights, ref_up, ref_down, out).add_(shared)
     if not _has_kernel("moe_experts", x.device):
         if out is not None:
             _check_out(out, x)
         return reference.moe_experts(x, expert_ids, expert_weights, ref_up, ref_down, out)
+    sh = (shared_up.data, shared_down.data, shared_up.n) if fused else (None, None, 0)
     if out is None:
-        return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down, up_scale, down_scale, group)
-    torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out, up_scale, down_scale, group)
+        return torch.ops.twotower.moe_experts(x, expert_ids, expert_weights, w_up, w_down, up_scale, down_scale, group,
+                                              *sh)
+    torch.ops.twotower.moe_experts_out(x, expert_ids, expert_weights, w_up, w_down, out, up_scale, down_scale, group,
+                                       *sh)
     return out
 
 

@@ -17,12 +17,8 @@ from .ssd import mamba_chunked_scan
 from .weights import T_FREQ_DIM, MambaWeights, MLPWeights, MoEWeights, TimeWeights
 
 
-def relu2_mlp(x: torch.Tensor, up, down) -> torch.Tensor:
-    return ops.linear(torch.square(F.relu(ops.linear(x, up))), down)
-
-
 def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    return relu2_mlp(x, w.up, w.down)
+    return ops.relu2_mlp(x, w.up, w.down)
 
 
 def mamba_mixer(h: torch.Tensor, w: MambaWeights, cfg: NemotronHConfig, conv_state: torch.Tensor,
@@ -55,16 +51,17 @@ def route(x: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig) -> tuple[torch.T
 
 
 def moe(h: torch.Tensor, w: MoEWeights, cfg: NemotronHConfig, experts=None) -> torch.Tensor:
-    """Routed experts + shared expert. The routed experts run as one `ops.moe_experts` call on every device:
-    only the chosen experts are read, each token's k weighted outputs are summed in fp64 on the CPU (as
-    NVIDIA's reference accumulates), no host read and no data-dependent shapes (CUDA-graph capturable).
-    `experts` replaces the op (same signature): training passes `reference.moe_experts`, which autograd can
-    differentiate (the op has no backward)."""
+    """Routed experts + shared expert. One `ops.moe_experts` call on every device runs the routed experts (only the
+    chosen experts are read, each token's k weighted outputs summed in fp64 on the CPU, as NVIDIA's reference
+    accumulates; no host read, no data-dependent shapes: CUDA-graph capturable) and the shared expert (inside the op
+    on the CPU). `experts` replaces the routed op (same signature): training passes `reference.moe_experts`, which
+    autograd can differentiate (the op has no backward); the shared MLP then runs beside it."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     idx, weights = route(x, w, cfg)
-    routed = (experts or ops.moe_experts)(x, idx, weights, w.up, w.down)
-    return (routed + mlp(x, w.shared)).view(shape)
+    if experts is not None:
+        return (experts(x, idx, weights, w.up, w.down) + mlp(x, w.shared)).view(shape)
+    return ops.moe_experts(x, idx, weights, w.up, w.down, shared_up=w.shared.up, shared_down=w.shared.down).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------
