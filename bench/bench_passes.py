@@ -6,9 +6,9 @@ commit step, ops.lm_head_unmask), on a block with every other position masked.
 
 The bound of a pass is max(FLOPs / matmul rate, weight bytes / read rate), both rates measured in this run at
 the row's thread count (the best of 3 measurements each): the matmul rate by a 1024^3 matmul in the row's dtype, the
-read rate by a pure read of 256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the Mamba scan, counted by
-`twotower_ext.analysis.costmodel`; weight bytes: the tower's dense weights, the LM head when the pass has logits, and
-the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
+read rate by a pure read of 256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the
+Mamba scan, counted by `twotower_ext.analysis.costmodel`; weight bytes: the tower's dense weights, the LM head when the
+pass has logits, and the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
 `%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
 model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
 before; the LM head then unfused: F.linear and threshold_unmask): a baseline under the same machine load. The profile of one denoiser pass (packed, 1 thread,

@@ -46,10 +46,12 @@ struct LinearParams {
 // same layout (whole panels, zero padded past N): p with w moved to panel n0 / 16 and N = n (y unchanged: column
 // j of the range is written at y[m, j]). Each output is the same sum over k in the same order wherever its panel
 // sits and whichever rows a call covers, so the range computed on its own gives the bits of the whole call.
+inline int64_t linear_panel_bytes(const LinearParams& p) {  // one packed panel: 16 outputs over all of K
+  return (p.dtype == DType::kFloat32 ? p.K : (p.K + 1) / 2) * kLinearPanel * 4;
+}
 inline LinearParams linear_columns(const LinearParams& p, int64_t n0, int64_t n) {
   LinearParams q = p;
-  const int64_t panel_bytes = (p.dtype == DType::kFloat32 ? p.K : (p.K + 1) / 2) * kLinearPanel * 4;
-  q.w = static_cast<const char*>(p.w) + n0 / kLinearPanel * panel_bytes;
+  q.w = static_cast<const char*>(p.w) + n0 / kLinearPanel * linear_panel_bytes(p);
   q.N = n;
   return q;
 }

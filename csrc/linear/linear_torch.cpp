@@ -26,19 +26,19 @@
 
 namespace tt::torch_glue {
 
-void check_packed_weight(const at::Tensor& w, const char* w_name, int64_t n, const at::Tensor& x, const char* x_name,
-                         const char* what, const char* k_name) {
+void check_packed_weight(const at::Tensor& w, const char* w_name, int64_t n, int64_t K, const char* k_name,
+                         const at::Tensor& x, const char* x_name, const char* what) {
   check_dtype(w, x.scalar_type(), w_name);
   check_same_device(w, w_name, x, x_name);
-  const int64_t K = x.size(-1), P = tt::linear_panels(n);
+  const int64_t P = tt::linear_panels(n);
   const bool fp32 = x.scalar_type() == at::kFloat;
   const std::vector<int64_t> want = fp32 ? std::vector<int64_t>{P, K, tt::kLinearPanel}
                                          : std::vector<int64_t>{P, (K + 1) / 2, tt::kLinearPanel, 2};
   const char* layout = fp32 ? "[ceil(n / 16), in_features, 16]" : "[ceil(n / 16), ceil(in_features / 2), 16, 2]";
-  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: ", w_name, " must be ", what, " packed by "
-              "twotower_ext.packed.pack for n = ", n, " outputs and ", k_name, " = ", K, ": a contiguous ", layout,
-              " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ", "shape ",
-              w.sizes());
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(want) && w.is_contiguous(), "twotower: ", w_name, " must be ", what,
+              " packed by twotower_ext.packed.pack for n = ", n, " outputs and ", k_name, " = ", K, ": a contiguous ",
+              layout, " = ", at::IntArrayRef(want), " tensor, got ", w.is_contiguous() ? "" : "a non-contiguous ",
+              "shape ", w.sizes());
 }
 
 }  // namespace tt::torch_glue
@@ -59,7 +59,7 @@ tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
               x.sizes());
   check_last_dim_contiguous(x, "x");
   TORCH_CHECK_VALUE(n >= 1, "twotower: n (out_features) must be >= 1, got ", n);
-  check_packed_weight(w, "w", n, x, "x", "a linear weight", "x's in_features");
+  check_packed_weight(w, "w", n, x.size(-1), "x's in_features", x, "x", "a linear weight");
   const int64_t K = x.size(1);
   tt::LinearParams p{};
   p.x = x.data_ptr();

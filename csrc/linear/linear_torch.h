@@ -10,10 +10,10 @@
 namespace tt::torch_glue {
 
 // w (the argument w_name) must be a weight packed for ops.linear (linear.h; python/twotower_ext/packed.py) with n
-// outputs over the K = x.size(-1) inputs of x, in x's dtype and on x's device. The error calls it `what` ("a linear
-// weight") and K `k_name` ("x's in_features"), and says the layout and the shape it expected.
-void check_packed_weight(const at::Tensor& w, const char* w_name, int64_t n, const at::Tensor& x, const char* x_name,
-                         const char* what, const char* k_name);
+// outputs over K inputs (named k_name in the error: "x's in_features"), in x's dtype and on x's device. The error
+// calls the weight `what` ("a linear weight") and says the layout and the shape it expected.
+void check_packed_weight(const at::Tensor& w, const char* w_name, int64_t n, int64_t K, const char* k_name,
+                         const at::Tensor& x, const char* x_name, const char* what);
 
 // The plan a call of M rows gets here: linear_cpu_plan at torch's thread count, with the instruction set and the
 // path the environment forces (TWOTOWER_LINEAR_CPU_ISA, TWOTOWER_LINEAR_CPU_GEMM) where it does.

@@ -37,7 +37,7 @@ void check_head(const Tensor& hidden, const Tensor& w, int64_t n) {
               tt::kUnmaskMaxSeq, "], got shape ", hidden.sizes());
   check_last_dim_contiguous(hidden, "hidden");
   TORCH_CHECK_VALUE(n >= 2 && n <= INT32_MAX, "twotower: n (the vocabulary size) must be in [2, 2^31), got ", n);
-  check_packed_weight(w, "w", n, hidden, "hidden", "the LM head", "hidden's K");
+  check_packed_weight(w, "w", n, hidden.size(-1), "hidden's K", hidden, "hidden", "the LM head");
 }
 
 void lm_head_unmask_cpu(const Tensor& hidden, const Tensor& w, int64_t n, const Tensor& x, int64_t mask_id,

@@ -63,8 +63,7 @@ void moe_shared_add(const MoeShared& s, void* y, int64_t y_stride) {
 }
 
 int64_t moe_shared_item_panels(const LinearParams& w) {
-  const int64_t panel_bytes = kLinearPanel * (w.dtype == DType::kFloat32 ? w.K * 4 : (w.K + 1) / 2 * 4);
-  return std::max<int64_t>(1, kMoeSharedItemBytes / panel_bytes);
+  return std::max<int64_t>(1, kMoeSharedItemBytes / linear_panel_bytes(w));
 }
 
 }  // namespace tt

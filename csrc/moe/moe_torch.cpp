@@ -154,9 +154,9 @@ SharedArgs check_shared(const Tensor& x, const std::optional<Tensor>& up, const 
                    "or bfloat16 with a shared expert (packed linear weights), got ", x.scalar_type());
   TORCH_CHECK_VALUE(inter >= 1, "twotower: shared_inter (the shared expert's hidden units) must be >= 1 with "
                     "shared_up / shared_down, got ", inter);
-  check_packed_weight(*up, "shared_up", inter, x, "x", "the shared expert's up weight", "x's hidden");
-  check_packed_weight(*down, "shared_down", x.size(1), at::empty({0, inter}, x.options()), "x",
-                      "the shared expert's down weight", "shared_inter");
+  check_packed_weight(*up, "shared_up", inter, x.size(1), "x's hidden", x, "x", "the shared expert's up weight");
+  check_packed_weight(*down, "shared_down", x.size(1), inter, "shared_inter", x, "x",
+                      "the shared expert's down weight");
   s.on = true;
   s.up = *up;
   s.down = *down;
@@ -390,8 +390,9 @@ void run_moe_cpu(const tt::MoeParams& p, tt::MoeShared* shared) {
 // shared MLP through the linear op first (out may be x) and added after.
 void moe_cpu(const tt::MoeParams& p, const SharedArgs& sh, const Tensor& x, const Tensor& out) {
   tt::MoeShared fused;
-  if (!sh.on || p.tokens == 0 || plan_shared(p, sh, fused)) {
-    run_moe_cpu(p, sh.on && p.tokens > 0 ? &fused : nullptr);
+  const bool fuse = sh.on && plan_shared(p, sh, fused);
+  if (!sh.on || fuse) {
+    run_moe_cpu(p, fuse ? &fused : nullptr);
     return;
   }
   using tt::torch_glue::linear_cpu;

@@ -332,7 +332,8 @@ def _quantized_args(x, w_up, w_down) -> tuple:
     return w_up.data, w_down.data, w_up.scale, w_down.scale, w_up.group
 
 
-def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None, shared_up=None, shared_down=None) -> torch.Tensor:
+def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None, shared_up=None,
+                shared_down=None) -> torch.Tensor:
     """Routed MoE experts: y[t] = sum_j expert_weights[t, j] * w_down[e] @ relu(w_up[e] @ x[t])^2,
     e = expert_ids[t, j] (see `reference.moe_experts` and csrc/moe/moe.h for the exact numerics), plus the layer's
     shared expert `relu2_mlp(x, shared_up, shared_down)` when given (added in x's dtype).
