@@ -54,6 +54,11 @@ TORCH_LIBRARY(twotower, m) {
   m.def("linear(Tensor x, Tensor w, int n) -> Tensor");
   // Host-side view of its plan (no tensors): "micro:<isa>" or "library" for these sizes.
   m.def("linear_cpu_plan(int m, int n, int k, ScalarType dtype, str isa, int threads) -> str");
+  // A tower's layers in one call (CPU; csrc/tower/tower_torch.cpp): the ops above, in models/towers.py's order, over
+  // the layer table of models/tower_program.py. states: the cache tensors it reads and (write) advances in place.
+  m.def("tower_layers(Tensor x, Tensor h, Tensor?[] weights, int[] ints, float[] floats, Tensor(a!)[] states, "
+        "Tensor attn_lens, Tensor? seq_lens, Tensor? kv_index, Tensor? kv_keep, Tensor? modulation, int row0, "
+        "bool write) -> (Tensor, Tensor)");
   // Host-side view of the CUDA MoE (no tensors, no GPU needed): the grouped-GEMM kernel a call would get.
   // The CPU instruction-set levels this CPU runs (common/cpu_isa.h), lowest first: the values TWOTOWER_CPU_ISA takes.
   m.def("cpu_isas() -> str[]");

@@ -13,7 +13,7 @@ from . import reference
 from .packed import PackedLinear
 
 OP_NAMES = ["merge_states", "mamba_block_scan", "threshold_unmask", "block_attention", "moe_experts", "linear",
-            "lm_head_unmask", "rms_norm", "add_rms_norm", "gated_rms_norm", "moe_route"]
+            "lm_head_unmask", "rms_norm", "add_rms_norm", "gated_rms_norm", "moe_route", "tower_layers"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +35,8 @@ def use_reference(flag: bool = True) -> bool:
     return old
 
 
-def _has_kernel(name: str, device: torch.device) -> bool:
+def has_kernel(name: str, device: torch.device) -> bool:
+    """Whether a call of op `name` on `device` takes the compiled kernel (else the reference, see use_reference)."""
     return not _FORCE_REFERENCE and device.type.upper() in kernel_devices(name)
 
 
@@ -73,7 +74,7 @@ def merge_states(o, lse) -> tuple[torch.Tensor, torch.Tensor]:
         o = torch.stack(list(o))
     if isinstance(lse, (list, tuple)):
         lse = torch.stack(list(lse))
-    if not _has_kernel("merge_states", o.device):
+    if not has_kernel("merge_states", o.device):
         return reference.merge_states(o, lse)
     return torch.ops.twotower.merge_states(o, lse)
 
@@ -109,7 +110,7 @@ def block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale=None, out=Non
     write the result into; it is returned as the first element. causal=True: block query j sees the context and
     block keys 0..j only (the context tower's extension; S = 1 is an AR step).
     """
-    if not _has_kernel("block_attention", q.device):
+    if not has_kernel("block_attention", q.device):
         o, lse = reference.block_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_lens, scale, causal)
         if out is None:
             return o, lse
@@ -149,7 +150,7 @@ def mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_
     conv_weight may be NVIDIA's [C, 1, K] conv1d weight or [C, K]."""
     if conv_weight.dim() == 3:
         conv_weight = conv_weight.squeeze(1)
-    if not _has_kernel("mamba_block_scan", xBC.device):
+    if not has_kernel("mamba_block_scan", xBC.device):
         return reference.mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                           seq_lens, dt_min, dt_max, conv_state_out, ssm_state_out)
     return torch.ops.twotower.mamba_block_scan(xBC, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias,
@@ -217,7 +218,7 @@ def threshold_unmask(logits, x, mask_id: int, gamma, step, steps_per_block, temp
     batch = logits.shape[0] if logits.dim() > 0 else 0
     rows, counts, done = _commit_args(batch, logits.shape[1] if logits.dim() == 3 else 0, logits.device, gamma, step,
                                       steps_per_block, temperature, seed, block, kept, out_counts, out_done)
-    if not _has_kernel("threshold_unmask", logits.device):
+    if not has_kernel("threshold_unmask", logits.device):
         return reference.threshold_unmask(logits, x, mask_id, gamma, step, steps_per_block, temperature, seed, block,
                                           kept, counts, done, out_logprob)
     args, kept_t = _row_args(rows, kept, logits.device)
@@ -273,7 +274,7 @@ def lm_head_unmask(hidden, w, x, mask_id: int, gamma, step, steps_per_block, tem
     Returns (counts, done, logits): logits [B, S, V] in hidden's dtype (every position's, the linear's output) when
     `logits` is true, else None (the fused kernel then never materialises them). NaN in a masked position's logits
     (NaN in its hidden row) raises on the CPU like threshold_unmask's NaN logits. No host synchronisation."""
-    if not (isinstance(w, PackedLinear) and hidden.is_cpu and _has_kernel("lm_head_unmask", hidden.device)):
+    if not (isinstance(w, PackedLinear) and hidden.is_cpu and has_kernel("lm_head_unmask", hidden.device)):
         out = linear(hidden, w)   # threshold_unmask checks the commit arguments
         counts, done = threshold_unmask(out.float(), x, mask_id, gamma, step, steps_per_block, temperature, seed,
                                         block, kept, out_counts, out_done, out_logprob)
@@ -313,7 +314,7 @@ def relu2_mlp(x, up, down) -> torch.Tensor:
     return linear(torch.square(F.relu(linear(x, up))), down)
 
 
-def _quantized_args(x, w_up, w_down) -> tuple:
+def quantized_args(hidden: int, w_up, w_down) -> tuple:
     """(w_up, w_down, w_up_scale, w_down_scale, group_size) for the op: the tensors themselves when dense, the
     QuantizedExperts' storage otherwise (both must be quantised, in one format, with the op's k's)."""
     from .quant import QuantizedExperts
@@ -326,8 +327,8 @@ def _quantized_args(x, w_up, w_down) -> tuple:
     if w_up.fmt != w_down.fmt or w_up.group != w_down.group:
         raise ValueError(f"twotower: w_up and w_down must have one format, got w_up {w_up.fmt} (group {w_up.group}) "
                          f"and w_down {w_down.fmt} (group {w_down.group})")
-    if w_up.k != x.shape[-1] or w_down.k != w_up.shape[1]:
-        raise ValueError(f"twotower: w_up's k must be hidden = {x.shape[-1]} (x's) and w_down's k inter = "
+    if w_up.k != hidden or w_down.k != w_up.shape[1]:
+        raise ValueError(f"twotower: w_up's k must be hidden = {hidden} (x's) and w_down's k inter = "
                          f"{w_up.shape[1]} (w_up's), got {w_up.k} and {w_down.k}")
     return w_up.data, w_down.data, w_up.scale, w_down.scale, w_up.group
 
@@ -356,13 +357,13 @@ def moe_experts(x, expert_ids, expert_weights, w_up, w_down, out=None, shared_up
     if (shared_up is None) != (shared_down is None):
         raise ValueError("twotower: shared_up and shared_down (the shared expert's weights) must be given together")
     ref_up, ref_down = w_up, w_down
-    w_up, w_down, up_scale, down_scale, group = _quantized_args(x, w_up, w_down)
+    w_up, w_down, up_scale, down_scale, group = quantized_args(x.shape[-1], w_up, w_down)
     fused = (isinstance(shared_up, PackedLinear) and isinstance(shared_down, PackedLinear) and x.is_cpu
-             and _has_kernel("moe_experts", x.device))
+             and has_kernel("moe_experts", x.device))
     if shared_up is not None and not fused:   # the shared MLP first: out may be x
         shared = relu2_mlp(x, shared_up, shared_down)
         return moe_experts(x, expert_ids, expert_weights, ref_up, ref_down, out).add_(shared)
-    if not _has_kernel("moe_experts", x.device):
+    if not has_kernel("moe_experts", x.device):
         if out is not None:
             _check_out(out, x)
         return reference.moe_experts(x, expert_ids, expert_weights, ref_up, ref_down, out)
@@ -400,7 +401,7 @@ def moe_route(x, router, bias, k: int, n_group: int = 1, topk_group: int = 1, no
     kernel (CUDA), for fp64 x, and when autograd needs it (grad enabled and x, router or bias requiring grad:
     training differentiates through the router).
     """
-    if not _has_kernel("moe_route", x.device) or x.dtype == torch.float64 or _autograd_needed(x, router, bias):
+    if not has_kernel("moe_route", x.device) or x.dtype == torch.float64 or _autograd_needed(x, router, bias):
         return reference.moe_route(x, router, bias, k, n_group, topk_group, norm_topk_prob, scaling)
     if router.dtype not in (torch.float64, torch.float32) and router.is_floating_point():
         router = router.double()
@@ -460,7 +461,7 @@ def _norm_kernel(name: str, x, *tensors) -> bool:
     stream, follow the reference's promotion) and no autograd (the kernels have no backward; training runs the
     reference)."""
     ts = [t for t in tensors if t is not None]
-    return (_has_kernel(name, x.device) and all(t.dtype == x.dtype for t in ts)
+    return (has_kernel(name, x.device) and all(t.dtype == x.dtype for t in ts)
             and not _autograd_needed(x, *ts))
 
 
@@ -491,3 +492,31 @@ def gated_rms_norm(y, z, w, group: int, eps: float) -> torch.Tensor:
     if _norm_kernel("gated_rms_norm", y, z, w):
         return torch.ops.twotower.gated_rms_norm.default(y, z, w, int(group), float(eps))
     return reference.gated_rms_norm(y, z, w, group, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tower_layers
+
+
+@torch.library.register_fake("twotower::tower_layers")
+def _tower_layers_fake(x, h, weights, ints, floats, states, attn_lens, seq_lens, kv_index, kv_keep, modulation, row0,
+                       write):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def tower_layers(x, h, weights, ints, floats, states, attn_lens, seq_lens=None, kv_index=None, kv_keep=None,
+                 modulation=None, row0: int = 0, write: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tower's layers in one call (CPU; csrc/tower/tower_torch.cpp): the loop of models/towers.py over the layer
+    table (weights, ints, floats) that `models.tower_program.build` makes, calling the same ops in the same order,
+    so the result is bit for bit the Python loop's; what it saves is the Python and dispatch between the ops.
+
+    x, h [n, L, hidden]: the residual stream and layer 0's normed input. states: per Mamba layer its (conv, ssm)
+    cache tensors, per attention layer its (k, v) store, whole (all cache rows); the call uses rows
+    [row0, row0 + n). attn_lens int32 [n]: the context length attention reads. write (the context tower): the Mamba
+    states are advanced in place, K/V written at kv_index ([n * L] int64 positions of the flattened store; where
+    kv_keep [n * L, 1, 1] is False a position keeps its K/V) and attention is causal; else (the denoiser) the
+    states are read only. seq_lens: the Mamba scan's per-row token counts. modulation [n, layers, 3, hidden]: the
+    denoiser's per-layer (shift, scale, gate). Returns (h, x) after the last layer: with a final norm in the table
+    its normed output and the residual sum, else the last layer's output and the residual sum (x + it)."""
+    return torch.ops.twotower.tower_layers.default(x, h, weights, ints, floats, states, attn_lens, seq_lens, kv_index,
+                                                   kv_keep, modulation, int(row0), bool(write))

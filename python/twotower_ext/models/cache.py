@@ -117,21 +117,44 @@ class CacheStore:
                  active: torch.Tensor | None = None) -> None:
         """Store k, v [n, L, Hkv, D] of attention layer i at cache positions pos [n, L] (a device tensor) of
         the selected rows: one index_copy_ into the flattened [batch * capacity] token axis, no host read.
-        Rows where `active` (bool [n]) is False keep their K/V: they rewrite what they hold at positions inside
-        their own row (a full inert row's positions are clamped into it)."""
-        cap = self.k[i].shape[1]
-        if active is not None:
-            L = pos.shape[1]
-            start = torch.where(active, pos[:, 0], pos[:, 0].clamp(max=cap - L))
-            pos = start[:, None] + torch.arange(L, device=pos.device)
-        flat = (rows.ids(pos.device)[:, None] * cap + pos).reshape(-1)
+        Rows where `active` (bool [n]) is False keep their K/V (see kv_index)."""
+        flat, keep = self.kv_index(rows, pos, active)
         for store, val in ((self.k[i], k), (self.v[i], v)):
             tokens = store.view(-1, *store.shape[2:])
             val = val.reshape(-1, *store.shape[2:])
-            if active is not None:
-                keep = active.repeat_interleave(pos.shape[1]).view(-1, 1, 1)
+            if keep is not None:
                 val = torch.where(keep, val, tokens.index_select(0, flat))
             tokens.index_copy_(0, flat, val)
+
+    def kv_index(self, rows: Rows, pos: torch.Tensor, active: torch.Tensor | None = None):
+        """Where write_kv stores the K/V of positions pos [n, L] of the selected rows: (flat [n * L] int64 indices
+        into the flattened [batch * capacity] token axis, keep [n * L, 1, 1] bool or None); (None, None) without
+        attention layers. Rows where `active`
+        (bool [n]) is False get keep False: they rewrite what they hold at positions inside their own row (a full
+        inert row's positions are clamped into it). The same for every attention layer (ops.tower_layers takes
+        them once per pass)."""
+        stores = [k for k in self.k if k is not None]
+        if not stores:
+            return None, None
+        cap = stores[0].shape[1]
+        L = pos.shape[1]
+        if active is not None:
+            start = torch.where(active, pos[:, 0], pos[:, 0].clamp(max=cap - L))
+            pos = start[:, None] + torch.arange(L, device=pos.device)
+        flat = (rows.ids(pos.device)[:, None] * cap + pos).reshape(-1)
+        keep = None if active is None else active.repeat_interleave(L).view(-1, 1, 1)
+        return flat, keep
+
+    def layer_states(self, conv: list, ssm: list) -> list[torch.Tensor]:
+        """The cache tensors ops.tower_layers reads, in layer order: (conv[i], ssm[i]) of each Mamba layer (this
+        store's current or snapshot lists), (k[i], v[i]) of each attention layer; whole, every row."""
+        out = []
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                out += (self.k[i], self.v[i])
+            elif self.conv[i] is not None:
+                out += (conv[i], ssm[i])
+        return out
 
     def reset(self, rows: Rows) -> None:
         for i in self.mamba_layers():

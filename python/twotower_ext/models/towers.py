@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .. import ops
 from .cache import ContextCache, Rows
 from .config import NemotronHConfig
+from . import tower_program
 from .layers import mamba_mixer, mlp, moe, time_modulation
 from .weights import TwoTowerWeights, load_weights
 
@@ -63,6 +64,10 @@ class TwoTowerModel:
         self.prefill_chunked_min_len = prefill_chunked_min_len(self.ctx_device)
         self.prefill_chunk_size = config.chunk_size
         self.prefill_segment = PREFILL_SEGMENT
+        # Whether eligible CPU passes run their layers as one op (ops.tower_layers; False: the Python loop, the same
+        # result bit for bit: tests and `bench passes` compare the two).
+        self.tower_op = True
+        self._programs: dict = {}
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
@@ -81,6 +86,21 @@ class TwoTowerModel:
         pre-extension Mamba states mock-AR needs."""
         return ContextCache(self.config, batch, capacity, self.dtype, self.ctx_device, self.den_device,
                             snapshot=snapshot, mirror=mirror)
+
+    def layer_program(self, tower: str):
+        """The layer table of the "context" or "denoiser" tower for ops.tower_layers (tower_program.build), built on
+        first use; None where the tower runs its Python loop: tower_op off, no kernel on its device (CUDA, where graphs remove the
+        glue instead; ops.use_reference), an fp32 residual stream in a narrower model (the norms then run the
+        reference), autograd on, or weights the op does not take (tower_program.eligible)."""
+        dev = self.ctx_device if tower == "context" else self.den_device
+        if not self.tower_op or not ops.has_kernel("tower_layers", dev) or self.res_dtype != self.dtype or torch.is_grad_enabled():
+            return None
+        if tower not in self._programs:
+            w = self.weights.context if tower == "context" else self.weights.denoiser
+            final = None if tower == "context" else w.norm_f.to(self.res_dtype)
+            self._programs[tower] = tower_program.build(w.layers, self.config, self.dtype, final,
+                                                        modulate_first=tower == "denoiser")
+        return self._programs[tower]
 
     # ------------------------------------------------------------------------------------------------
     # context tower
@@ -240,38 +260,44 @@ class TwoTowerModel:
                  and L >= self.prefill_chunked_min_len else None)
         x = F.embedding(ids, w.embeddings)
         h = ops.rms_norm(x, w.layers[0].norm, eps)
-        for i, layer in enumerate(w.layers):
-            if layer.kind == "mamba":
-                conv, ssm = r.take(st.conv[i]), r.take(st.ssm[i])
-                out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True, chunk_size=chunk)
-                r.put(st.conv[i], conv)
-                r.put(st.ssm[i], ssm)
-            elif layer.kind == "attention":
-                a = layer.mixer
-                q = ops.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
-                k = ops.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                v = ops.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
-                if kv_at is None:
-                    st.write_kv(i, r, pos, k, v, active)
+        prog = self.layer_program("context") if r.sl is not None and kv_at is None and not fresh and chunk is None else None
+        if prog is not None:   # the same layers as the loop below, as one op
+            flat, keep = st.kv_index(r, pos, active)
+            _, x = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(st.conv, st.ssm), lens,
+                                    seq_lens, flat, keep, None, r.sl.start, True)
+        else:
+            for i, layer in enumerate(w.layers):
+                if layer.kind == "mamba":
+                    conv, ssm = r.take(st.conv[i]), r.take(st.ssm[i])
+                    out = mamba_mixer(h, layer.mixer, cfg, conv, ssm, seq_lens, write_state=True, chunk_size=chunk)
+                    r.put(st.conv[i], conv)
+                    r.put(st.ssm[i], ssm)
+                elif layer.kind == "attention":
+                    a = layer.mixer
+                    q = ops.linear(h, a.q).view(n, L, cfg.num_attention_heads, cfg.head_dim)
+                    k = ops.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                    v = ops.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
+                    if kv_at is None:
+                        st.write_kv(i, r, pos, k, v, active)
+                    else:
+                        at = kv_at[:, :, None, None].expand_as(k)
+                        st.write_kv(i, r, pos, k.gather(1, at), v.gather(1, at))
+                    if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
+                        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=True, scale=cfg.head_dim ** -0.5,
+                                                           enable_gqa=True).transpose(1, 2)
+                    else:      # the cached keys [0, lens) then the new ones, causal among those
+                        o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), lens,
+                                                   cfg.head_dim ** -0.5, causal=True)
+                    out = ops.linear(o.reshape(n, L, -1), a.o)
+                elif layer.kind == "moe":
+                    out = moe(h, layer.mixer, cfg)
                 else:
-                    at = kv_at[:, :, None, None].expand_as(k)
-                    st.write_kv(i, r, pos, k.gather(1, at), v.gather(1, at))
-                if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
-                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                       is_causal=True, scale=cfg.head_dim ** -0.5,
-                                                       enable_gqa=True).transpose(1, 2)
-                else:      # the cached keys [0, lens) then the new ones, causal among those
-                    o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), lens,
-                                               cfg.head_dim ** -0.5, causal=True)
-                out = ops.linear(o.reshape(n, L, -1), a.o)
-            elif layer.kind == "moe":
-                out = moe(h, layer.mixer, cfg)
-            else:
-                out = mlp(h, layer.mixer)
-            if i + 1 < len(w.layers):   # the residual add and the next layer's norm, in one
-                h, x = ops.add_rms_norm(x.to(self.res_dtype), out, None, w.layers[i + 1].norm, eps)
-            else:
-                x = x.to(self.res_dtype) + out
+                    out = mlp(h, layer.mixer)
+                if i + 1 < len(w.layers):   # the residual add and the next layer's norm, in one
+                    h, x = ops.add_rms_norm(x.to(self.res_dtype), out, None, w.layers[i + 1].norm, eps)
+                else:
+                    x = x.to(self.res_dtype) + out
         # Lengths advance last: `lens` may be a view of them, read by every attention layer above.
         added = L if new_lens is None else torch.tensor(new_lens, dtype=torch.int32, device=dev)
         if active is not None:
@@ -355,11 +381,17 @@ class TwoTowerModel:
         n = len(w.layers)
         # Per layer the time conditioning's (shift, scale, gate) rows [B, H] (views of one add), or None.
         shifts = scales = gates = [None] * n
+        modulation = None if mod is None else self.weights.time.tables[None] + mod[:, None]   # [B, n, 3, H]
         if mod is not None:
-            shifts, scales, gates = (m.unbind(1) for m in (self.weights.time.tables[None] + mod[:, None]).unbind(2))
+            shifts, scales, gates = (m.unbind(1) for m in modulation.unbind(2))
         first = [layer.kind in ("mamba", "attention") for layer in w.layers]   # modulate, then norm (else after)
         x = F.embedding(ids, w.embeddings)
         h = ops.rms_norm(x, w.layers[0].norm, eps, shifts[0], scales[0], first[0])
+        prog = self.layer_program("denoiser") if probe is None and r.sl is not None else None
+        if prog is not None:   # the same layers as the loop below, as one op
+            h, _ = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(conv_states, ssm_states),
+                                    ctx_lens, None, None, None, modulation, r.sl.start, False)
+            return h.to(self.dtype)
         for i, layer in enumerate(w.layers):
             if layer.kind == "mamba":
                 out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))
