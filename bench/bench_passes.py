@@ -11,7 +11,9 @@ Mamba scan, counted by `twotower_ext.analysis.costmodel`; weight bytes: the towe
 pass has logits, and the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
 `%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
 model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
-before; the LM head then unfused: F.linear and threshold_unmask): a baseline under the same machine load. The profile of one denoiser pass (packed, 1 thread,
+before; the LM head then unfused: F.linear and threshold_unmask): a baseline under the same machine load. `layers`:
+"op" where the tower's layers run as one op (ops.tower_layers, the model as loaded), "Python" where they run the
+Python loop of models/towers.py (tower_op off: the packed model's baseline in the same run, and every F.linear row). The profile of one denoiser pass (packed, 1 thread,
 torch.profiler, ops by self time) goes into the results beside the table.
 
   python -m bench passes                  # results/passes-cpu.{md,json}
@@ -32,7 +34,7 @@ import torch
 from . import harness
 from .bench_roofline import expert_tally
 
-COLUMNS = ["pass", "dtype", "linears", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
+COLUMNS = ["pass", "dtype", "linears", "layers", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
            "read_GB/s", "bound_ms", "bound", "%bound", "other_cores", "load1"]
 PASSES = ("denoiser pass (16 tokens)", "AR step", "block extension (16 tokens)")
 CTX = 100
@@ -133,10 +135,14 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         torch.set_num_threads(1)
         EXTRA["profile"][dname] = _profile(passes[PASSES[0]][0])
         packs = type(model.weights.denoiser.lm_head).__name__ == "PackedLinear"   # not on the code before them
-        for linears in ("packed", "F.linear") if packs else ("F.linear",):
+        loops = hasattr(model, "tower_op")                                         # likewise
+        runs = ([("packed", "op"), ("packed", "Python")] if loops else [("packed", "Python")]) if packs else []
+        for linears, layers in runs + [("F.linear", "Python")]:
             if linears == "F.linear" and packs:
                 unpack_linears(model.weights)
-            rows += _time_passes(passes, dtype, linears, est, cfg, (1,) if quick else (1, 2))
+            if loops:
+                model.tower_op = layers == "op"
+            rows += _time_passes(passes, model, dtype, linears, layers, est, cfg, (1,) if quick else (1, 2))
         del lm, model, passes
         gc.collect()
     torch.set_num_threads(threads_before)
@@ -148,7 +154,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     return rows
 
 
-def _time_passes(passes, dtype, linears: str, est: dict, cfg, thread_counts) -> list[dict]:
+def _time_passes(passes, model, dtype, linears: str, layers: str, est: dict, cfg, thread_counts) -> list[dict]:
     """One row per (threads, pass): its median time next to its bound, both rates measured now."""
     rows = []
     for threads in thread_counts:
@@ -159,14 +165,14 @@ def _time_passes(passes, dtype, linears: str, est: dict, cfg, thread_counts) -> 
         read = harness.best_of(harness.measure_read_bandwidth) * 1e9
         for label, (fn, key) in passes.items():
             t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
-            with expert_tally(cfg.n_routed_experts) as counts:
+            with expert_tally(cfg.n_routed_experts, model) as counts:
                 fn()
             touched = torch.stack(counts).double().mean().item()
             flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
             compute, memory = flops / mm, wbytes / read
             bound = max(compute, memory)
             rows.append({"pass": label, "dtype": str(dtype).removeprefix("torch."), "linears": linears,
-                         "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
+                         "layers": layers, "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
                          "weight_MB": wbytes / 1e6, "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9,
                          "read_GB/s": read / 1e9, "bound_ms": bound * 1e3,
                          "bound": "compute" if compute >= memory else "memory", "%bound": 100 * bound / t.median_s,

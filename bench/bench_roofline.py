@@ -48,12 +48,15 @@ def _models(quick: bool):
 
 
 @contextlib.contextmanager
-def expert_tally(n_experts: int):
-    """Counts the distinct experts of every routing call on the device (read once when the block ends)."""
+def expert_tally(n_experts: int, model=None):
+    """Counts the distinct experts of every routing call on the device (read once when the block ends). The calls
+    made inside ops.tower_layers (the CPU's layers as one op) are not Python's to count, so `model`'s layers run the
+    Python loop inside the block: the same routing bit for bit (tests/test_tower_layers.py)."""
     from twotower_ext.analysis import costmodel
     from twotower_ext.models import layers
 
     route, counts = layers.route, []
+    op = getattr(model, "tower_op", None)
 
     def counted(x, w, cfg):
         idx, weights = route(x, w, cfg)
@@ -61,10 +64,14 @@ def expert_tally(n_experts: int):
         return idx, weights
 
     layers.route = counted
+    if op is not None:
+        model.tower_op = False
     try:
         yield counts
     finally:
         layers.route = route
+        if op is not None:
+            model.tower_op = op
 
 
 def _timer(device: str):
@@ -108,7 +115,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             for label, fn in passes.items():
                 key = label.split(",")[0]
                 t = time_it(fn)
-                with expert_tally(cfg.n_routed_experts) as counts:
+                with expert_tally(cfg.n_routed_experts, model) as counts:
                     fn()
                 touched = torch.stack(counts).double().mean().item() if counts else float("nan")
                 ms[label] = t.median_s * 1e3

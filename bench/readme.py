@@ -161,14 +161,14 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "before %bound", "F.linear ms", "F.linear %bound", "ms",
-                  "%bound", "vs F.linear", "bound ms", "bound"]
+PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "before %bound", "F.linear ms", "F.linear %bound",
+                  "loop ms", "loop %bound", "ms", "%bound", "vs F.linear", "vs loop", "bound ms", "bound"]
 
 
 def passes_section(results: str, device: str = "cpu") -> str:
-    """Each pass against its bound: the linears on packed weights (ms), the same run with them plain (F.linear
-    ms), and the run on the code before the packed linears (passes_before); then the op profile of one denoiser
-    pass, before and now."""
+    """Each pass against its bound: the model as loaded (ms: packed linears, the layers as one op), the same run with
+    the layers in the Python loop (loop ms) and with plain linears (F.linear ms), and the run on the code before the
+    packed linears (passes_before); then the op profile of one denoiser pass, before and now."""
     after, missing = _optional(f"passes-{device}", results, "python -m bench passes")
     if after is None:
         return missing
@@ -176,14 +176,17 @@ def passes_section(results: str, device: str = "cpu") -> str:
     key = lambda r: (r["pass"], r["dtype"], r["threads"])  # noqa: E731
     old = {key(r): r for r in before["rows"]} if before else {}
     plain = {key(r): r for r in after["rows"] if r.get("linears") == "F.linear"}
+    loop = {key(r): r for r in after["rows"] if r.get("linears") == "packed" and r.get("layers") == "Python"}
     rows = []
     for r in after["rows"]:
-        if r.get("linears", "packed") != "packed":
+        if r.get("linears", "packed") != "packed" or r.get("layers", "op") != "op":
             continue
-        b, f = old.get(key(r), {}), plain.get(key(r), {})
+        b, f, lp = old.get(key(r), {}), plain.get(key(r), {}), loop.get(key(r), {})
         rows.append({**r, "before ms": b.get("ms", ""), "before %bound": b.get("%bound", ""),
                      "F.linear ms": f.get("ms", ""), "F.linear %bound": f.get("%bound", ""),
-                     "vs F.linear": f["ms"] / r["ms"] if f else "", "bound ms": r["bound_ms"]})
+                     "loop ms": lp.get("ms", ""), "loop %bound": lp.get("%bound", ""),
+                     "vs F.linear": f["ms"] / r["ms"] if f else "", "vs loop": lp["ms"] / r["ms"] if lp else "",
+                     "bound ms": r["bound_ms"]})
     text = [f"Now: {provenance(after)}"] + ([f"Before: {provenance(before)}"] if before else [])
     text += ["", table(rows, PASSES_COLUMNS, "passes")]
     for dtype, ops in after.get("profile", {}).items():
