@@ -379,19 +379,21 @@ class TwoTowerModel:
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
         n = len(w.layers)
-        # Per layer the time conditioning's (shift, scale, gate) rows [B, H] (views of one add), or None.
-        shifts = scales = gates = [None] * n
+        # The time conditioning's per-layer (shift, scale, gate) rows: modulation[:, i, 0 / 1 / 2] [B, H], or None.
         modulation = None if mod is None else self.weights.time.tables[None] + mod[:, None]   # [B, n, 3, H]
-        if mod is not None:
-            shifts, scales, gates = (m.unbind(1) for m in modulation.unbind(2))
-        first = [layer.kind in ("mamba", "attention") for layer in w.layers]   # modulate, then norm (else after)
+        first0 = w.layers[0].kind in ("mamba", "attention")   # modulate, then norm (else after)
         x = F.embedding(ids, w.embeddings)
-        h = ops.rms_norm(x, w.layers[0].norm, eps, shifts[0], scales[0], first[0])
+        h = ops.rms_norm(x, w.layers[0].norm, eps, *((None, None) if mod is None else modulation[:, 0, :2].unbind(1)),
+                         first0)
         prog = self.layer_program("denoiser") if probe is None and r.sl is not None else None
         if prog is not None:   # the same layers as the loop below, as one op
             h, _ = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(conv_states, ssm_states),
                                     ctx_lens, None, None, None, modulation, r.sl.start, False)
             return h.to(self.dtype)
+        shifts = scales = gates = [None] * n
+        if mod is not None:
+            shifts, scales, gates = (m.unbind(1) for m in modulation.unbind(2))
+        first = [layer.kind in ("mamba", "attention") for layer in w.layers]
         for i, layer in enumerate(w.layers):
             if layer.kind == "mamba":
                 out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))
