@@ -107,7 +107,7 @@ def test_quantised_experts(ckpt, fmt):
     assert calls
 
 
-def test_parity_checkpoint_runs_the_op(monkeypatch):
+def test_parity_checkpoint_runs_the_op():
     """The shipped parity checkpoint (fp32) takes the op on every decode pass (its token identity with NVIDIA's
     outputs is tests/test_model.py's and test_engine.py's, which run through it)."""
     from test_model import CKPT

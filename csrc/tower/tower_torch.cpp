@@ -27,41 +27,34 @@ using OptTensor = std::optional<Tensor>;
 enum Kind : int64_t { kMamba = 0, kAttention = 1, kMoe = 2, kMlp = 3 };
 constexpr int64_t kHeaderInts = 2;  // per layer: kind, the next norm's modulate_first
 
+// The schemas of csrc/registry.cpp as C++ signatures (mutable / optional tensors: const std::optional<Tensor>&).
+using LinearSig = Tensor(const Tensor&, const Tensor&, int64_t);
+using ScanSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, double, const OptTensor&,
+                       const OptTensor&);
+using GatedNormSig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double);
+using AddNormSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
+                                              const OptTensor&, const OptTensor&, bool);
+using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, const Tensor&, std::optional<double>, bool);
+using RouteSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t,
+                                            bool, double);
+using ExpertsSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                          const OptTensor&, int64_t, const OptTensor&, const OptTensor&, int64_t);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
 struct Ops {
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t)> linear =
-      op<Tensor(const Tensor&, const Tensor&, int64_t)>("twotower::linear");
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                  double, double, const OptTensor&, const OptTensor&)>
-      scan = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, double, const OptTensor&,
-                       const OptTensor&)>("twotower::mamba_block_scan");
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double)> gated_norm =
-      op<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double)>("twotower::gated_rms_norm");
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                                      double, const OptTensor&, const OptTensor&, bool)>
-      add_norm = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
-                                               const OptTensor&, const OptTensor&, bool)>("twotower::add_rms_norm");
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, const Tensor&, std::optional<double>, bool)>
-      attention = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                const Tensor&, const Tensor&, std::optional<double>, bool)>(
-          "twotower::block_attention");
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                                                      int64_t, bool, double)>
-      route = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t,
-                                            bool, double)>("twotower::moe_route");
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const OptTensor&, const OptTensor&, int64_t, const OptTensor&, const OptTensor&,
-                                  int64_t)>
-      experts = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, int64_t, const OptTensor&, const OptTensor&, int64_t)>(
-          "twotower::moe_experts");
+  c10::TypedOperatorHandle<LinearSig> linear = op<LinearSig>("twotower::linear");
+  c10::TypedOperatorHandle<ScanSig> scan = op<ScanSig>("twotower::mamba_block_scan");
+  c10::TypedOperatorHandle<GatedNormSig> gated_norm = op<GatedNormSig>("twotower::gated_rms_norm");
+  c10::TypedOperatorHandle<AddNormSig> add_norm = op<AddNormSig>("twotower::add_rms_norm");
+  c10::TypedOperatorHandle<AttentionSig> attention = op<AttentionSig>("twotower::block_attention");
+  c10::TypedOperatorHandle<RouteSig> route = op<RouteSig>("twotower::moe_route");
+  c10::TypedOperatorHandle<ExpertsSig> experts = op<ExpertsSig>("twotower::moe_experts");
 };
 
 const Ops& ops() {
@@ -154,7 +147,8 @@ std::tuple<Tensor, Tensor> tower_layers_cpu(const Tensor& x_in, const Tensor& h_
       const Tensor proj = o.linear.call(h, in_proj, in_n);
       const Tensor z = proj.narrow(-1, 0, d_inner), xbc = proj.narrow(-1, d_inner, conv_dim),
                    dt = proj.narrow(-1, d_inner + conv_dim, heads);
-      const OptTensor conv_out = write ? OptTensor(conv) : std::nullopt, ssm_out = write ? OptTensor(ssm) : std::nullopt;
+      const OptTensor conv_out = write ? OptTensor(conv) : std::nullopt;
+      const OptTensor ssm_out = write ? OptTensor(ssm) : std::nullopt;
       Tensor y = o.scan.call(xbc, dt, conv, ssm, conv_w, conv_b, dt_bias, A_log, D, seq_lens, dt_min, dt_max,
                              conv_out, ssm_out);
       y = o.gated_norm.call(y, z, norm, group, eps);

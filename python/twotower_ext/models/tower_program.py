@@ -9,12 +9,15 @@ Three streams, read in order by the op (keep the two in step):
 - weights (tensor or None): per layer the kind's weights, then the norm after it (the next layer's; the last layer's
   the final norm, or None where the tower adds its last output without one: the context tower).
 
-| kind | code | weights | ints | floats |
-|---|---|---|---|---|
-| mamba | 0 | in_proj, out_proj, conv_w [C, K], conv_b or None, dt_bias, A_log, D, norm | in_proj n, out_proj n, d_inner, conv_dim, heads, norm group | dt_min, dt_max |
-| attention | 1 | q, k, v, o | q n, k n, v n, o n, q heads, kv heads, head_dim | scale |
-| moe | 2 | router, bias (fp64), up, down, up scale or None, down scale or None, shared up, shared down | k, n_group, topk_group, norm_topk_prob, group_size, shared inter | routed_scaling_factor |
-| mlp | 3 | up, down | up n, down n | |
+Per kind (the op's `states` list, CacheStore.layer_states, holds each layer's cache tensors in the same order):
+
+- mamba (kind 0): weights in_proj, out_proj, conv_w [C, K], conv_b or None, dt_bias, A_log, D, norm; ints in_proj n,
+  out_proj n, d_inner, conv_dim, heads, norm group; floats dt_min, dt_max. States: conv, ssm.
+- attention (1): weights q, k, v, o; ints q n, k n, v n, o n, q heads, kv heads, head_dim; floats scale. States: the
+  k and v stores.
+- moe (2): weights router, bias (fp64), up, down, up scale or None, down scale or None, shared up, shared down; ints
+  k, n_group, topk_group, norm_topk_prob, group_size, shared inter; floats routed_scaling_factor.
+- mlp (3): weights up, down; ints up n, down n.
 
 Linear weights are the PackedLinear's data (n in the ints); the experts as `ops.quantized_args` gives them.
 """

@@ -91,7 +91,9 @@ class TwoTowerModel:
         """The layer table of the "context" or "denoiser" tower for ops.tower_layers (tower_program.build), built on
         first use; None where the tower runs its Python loop: tower_op off, no kernel on its device (CUDA, where graphs remove the
         glue instead; ops.use_reference), an fp32 residual stream in a narrower model (the norms then run the
-        reference), autograd on, or weights the op does not take (tower_program.eligible)."""
+        reference), autograd on, or weights the op does not take (tower_program.eligible). The table holds the weight
+        tensors the tower had at first use (their values may change in place; replacing a weight object needs a new
+        model)."""
         dev = self.ctx_device if tower == "context" else self.den_device
         if not self.tower_op or not ops.has_kernel("tower_layers", dev) or self.res_dtype != self.dtype or torch.is_grad_enabled():
             return None
@@ -260,7 +262,8 @@ class TwoTowerModel:
                  and L >= self.prefill_chunked_min_len else None)
         x = F.embedding(ids, w.embeddings)
         h = ops.rms_norm(x, w.layers[0].norm, eps)
-        prog = self.layer_program("context") if r.sl is not None and kv_at is None and not fresh and chunk is None else None
+        one_op = r.sl is not None and kv_at is None and not fresh and chunk is None
+        prog = self.layer_program("context") if one_op else None
         if prog is not None:   # the same layers as the loop below, as one op
             flat, keep = st.kv_index(r, pos, active)
             _, x = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(st.conv, st.ssm), lens,
@@ -387,8 +390,9 @@ class TwoTowerModel:
                          first0)
         prog = self.layer_program("denoiser") if probe is None and r.sl is not None else None
         if prog is not None:   # the same layers as the loop below, as one op
-            h, _ = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(conv_states, ssm_states),
-                                    ctx_lens, None, None, None, modulation, r.sl.start, False)
+            states = st.layer_states(conv_states, ssm_states)
+            h, _ = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, states, ctx_lens, None, None, None,
+                                    modulation, r.sl.start, False)
             return h.to(self.dtype)
         shifts = scales = gates = [None] * n
         if mod is not None:
