@@ -6,6 +6,7 @@
 // of a width-1/8 AR step's main thread, with the helper thread idle through it. CUDA removes the same cost with
 // graphs; the CPU has none, so the loop itself moves here. It composes the very ops the Python loop calls, with
 // the same arguments in the same order, so its result is bit for bit the Python loop's (tests/test_tower_layers.py).
+// The loop stays the definition (CUDA, the reference, prefill run it): a change to a layer's math goes into both.
 //
 // The layer table (weights, ints, floats) is built once per tower by models/tower_program.py, which also
 // documents it; `states` holds each layer's cache tensors (whole, all rows; this op takes rows [row0, row0 + n)).

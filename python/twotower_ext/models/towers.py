@@ -264,7 +264,7 @@ class TwoTowerModel:
         h = ops.rms_norm(x, w.layers[0].norm, eps)
         one_op = r.sl is not None and kv_at is None and not fresh and chunk is None
         prog = self.layer_program("context") if one_op else None
-        if prog is not None:   # the same layers as the loop below, as one op
+        if prog is not None:   # the same layers as the loop below, as one op (csrc/tower/: a change goes into both)
             flat, keep = st.kv_index(r, pos, active)
             _, x = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(st.conv, st.ssm), lens,
                                     seq_lens, flat, keep, None, r.sl.start, True)
