@@ -218,6 +218,18 @@ def test_threads_give_the_single_thread_bits(gen):
     assert torch.equal(part[0], one[0][5:12]) and torch.equal(part[1], one[1][5:12])
 
 
+@pytest.mark.parametrize("H", [336, 37])
+def test_a_lone_token_gets_its_tiles_bits(gen, isa, H):
+    """A call of one token (an AR step's) computes a one-row tile: the same logits bit for bit as inside a tile of 4,
+    on every instruction set (router in fp32 and fp64)."""
+    x, router, bias = make(gen, 9, H, 64, torch.bfloat16)
+    for r in (router, router.float()):
+        many = route(x, r, bias, 6, 8, 4)
+        for t in range(9):
+            one = route(x[t:t + 1], r, bias, 6, 8, 4)
+            assert torch.equal(one[0], many[0][t:t + 1]) and torch.equal(one[1], many[1][t:t + 1]), t
+
+
 def test_fake_shapes_and_opcheck(gen):
     from torch._subclasses.fake_tensor import FakeTensorMode
     x, router, bias = make(gen, 5, 24, 16, torch.bfloat16)

@@ -16,19 +16,20 @@ namespace {
 
 constexpr int64_t kTileT = 4;  // tokens per tile: the router is read once per tile of tokens
 
-// out[t][e] = xb[t] . r[e] for the tile's kTileT token rows (xb: [kTileT][hp] fp64, zero-padded to hp, a multiple
-// of 8) and NE router rows of `hidden` elements. Every (t, e) gets the same arithmetic (lanes over h, the tail
-// masked in, then a fixed pairwise sum of the lanes) whatever its place in the tile: equal router rows give equal
-// logits (exact ties stay ties), and a token's logits do not depend on which tokens share its tile. The
-// instruction sets differ in their lane count (and so round differently), never between tokens or experts.
+// out[t][e] = xb[t] . r[e] for the tile's first NT token rows (NT = kTileT, or 1 for a lone token; xb: [kTileT][hp]
+// fp64, zero-padded to hp, a multiple of 8) and NE router rows of `hidden` elements. Every (t, e) gets the same
+// arithmetic (lanes over h, the tail masked in, then a fixed pairwise sum of the lanes) whatever its place in the tile
+// and the tile's NT: equal router rows give equal logits (exact ties stay ties), and a token's logits do not depend on
+// which tokens share its tile. The instruction sets differ in their lane count (and so round differently), never
+// between tokens or experts.
 constexpr int64_t kTileE = 2;     // experts per call: scalar and AVX2 (4 x 2 x 4 lanes of accumulators)
 constexpr int64_t kTileE512 = 4;  // AVX-512 (4 x 4 x 8 lanes)
 
 // The router's rows are fp64 or fp32 (R): fp32 values widen to fp64 exactly, so both give the same bits.
-template <typename R>
+template <int NT, typename R>
 void dot_tile_scalar(const double* xb, int64_t hp, const R* const r[kTileE], int64_t hidden,
                      double out[kTileT][kTileE512]) {
-  for (int64_t t = 0; t < kTileT; ++t)
+  for (int64_t t = 0; t < NT; ++t)
     for (int64_t e = 0; e < kTileE; ++e) {
       double l[4] = {0.0, 0.0, 0.0, 0.0};
       for (int64_t h = 0; h < hidden; ++h) l[h & 3] += xb[t * hp + h] * double(r[e][h]);
@@ -47,17 +48,17 @@ inline __m256d maskload4d(const float* p, int64_t n) {
   return _mm256_cvtps_pd(_mm_maskload_ps(p, _mm_set_epi32(n > 3 ? -1 : 0, n > 2 ? -1 : 0, n > 1 ? -1 : 0, -1)));
 }
 
-template <typename R>
+template <int NT, typename R>
 void dot_tile_avx2(const double* xb, int64_t hp, const R* const r[kTileE], int64_t hidden,
                    double out[kTileT][kTileE512]) {
   __m256d acc[kTileT][kTileE];
-  for (int64_t t = 0; t < kTileT; ++t)
+  for (int64_t t = 0; t < NT; ++t)
     for (int64_t e = 0; e < kTileE; ++e) acc[t][e] = _mm256_setzero_pd();
   const int64_t h4 = hidden & ~int64_t(3);
   for (int64_t h = 0; h < h4; h += 4) {
     __m256d rv[kTileE];
     for (int64_t e = 0; e < kTileE; ++e) rv[e] = load4d(r[e] + h);
-    for (int64_t t = 0; t < kTileT; ++t) {
+    for (int64_t t = 0; t < NT; ++t) {
       const __m256d xv = _mm256_loadu_pd(xb + t * hp + h);
       for (int64_t e = 0; e < kTileE; ++e) acc[t][e] = _mm256_fmadd_pd(xv, rv[e], acc[t][e]);
     }
@@ -65,12 +66,12 @@ void dot_tile_avx2(const double* xb, int64_t hp, const R* const r[kTileE], int64
   if (h4 < hidden) {  // the x rows are zero past `hidden`; the router rows are not read there
     __m256d rv[kTileE];
     for (int64_t e = 0; e < kTileE; ++e) rv[e] = maskload4d(r[e] + h4, hidden - h4);
-    for (int64_t t = 0; t < kTileT; ++t) {
+    for (int64_t t = 0; t < NT; ++t) {
       const __m256d xv = _mm256_loadu_pd(xb + t * hp + h4);
       for (int64_t e = 0; e < kTileE; ++e) acc[t][e] = _mm256_fmadd_pd(xv, rv[e], acc[t][e]);
     }
   }
-  for (int64_t t = 0; t < kTileT; ++t)
+  for (int64_t t = 0; t < NT; ++t)
     for (int64_t e = 0; e < kTileE; ++e) {
       alignas(32) double l[4];
       _mm256_store_pd(l, acc[t][e]);
@@ -83,17 +84,17 @@ TT_AVX512 inline __m512d load8d(const float* p) { return _mm512_cvtps_pd(_mm256_
 TT_AVX512 inline __m512d maskload8d(const double* p, __mmask8 m) { return _mm512_maskz_loadu_pd(m, p); }
 TT_AVX512 inline __m512d maskload8d(const float* p, __mmask8 m) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, p)); }
 
-template <typename R>
+template <int NT, typename R>
 TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const R* const r[kTileE512], int64_t hidden,
                                double out[kTileT][kTileE512]) {
   __m512d acc[kTileT][kTileE512];
-  for (int64_t t = 0; t < kTileT; ++t)
+  for (int64_t t = 0; t < NT; ++t)
     for (int64_t e = 0; e < kTileE512; ++e) acc[t][e] = _mm512_setzero_pd();
   const int64_t h8 = hidden & ~int64_t(7);
   for (int64_t h = 0; h < h8; h += 8) {
     __m512d rv[kTileE512];
     for (int64_t e = 0; e < kTileE512; ++e) rv[e] = load8d(r[e] + h);
-    for (int64_t t = 0; t < kTileT; ++t) {
+    for (int64_t t = 0; t < NT; ++t) {
       const __m512d xv = _mm512_loadu_pd(xb + t * hp + h);
       for (int64_t e = 0; e < kTileE512; ++e) acc[t][e] = _mm512_fmadd_pd(xv, rv[e], acc[t][e]);
     }
@@ -102,12 +103,12 @@ TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const R* const r[kT
     const __mmask8 mask = __mmask8((1u << (hidden - h8)) - 1);
     __m512d rv[kTileE512];
     for (int64_t e = 0; e < kTileE512; ++e) rv[e] = maskload8d(r[e] + h8, mask);
-    for (int64_t t = 0; t < kTileT; ++t) {
+    for (int64_t t = 0; t < NT; ++t) {
       const __m512d xv = _mm512_loadu_pd(xb + t * hp + h8);
       for (int64_t e = 0; e < kTileE512; ++e) acc[t][e] = _mm512_fmadd_pd(xv, rv[e], acc[t][e]);
     }
   }
-  for (int64_t t = 0; t < kTileT; ++t)
+  for (int64_t t = 0; t < NT; ++t)
     for (int64_t e = 0; e < kTileE512; ++e) {
       alignas(64) double l[8];
       _mm512_store_pd(l, acc[t][e]);
@@ -115,6 +116,17 @@ TT_AVX512 void dot_tile_avx512(const double* xb, int64_t hp, const R* const r[kT
     }
 }
 #endif
+
+// out's first NT token rows on the instruction set `isa` (rows past NT are left untouched).
+template <int NT, typename R>
+void dot_tile(CpuIsa isa, const double* xb, int64_t hp, const R* const r[kTileE512], int64_t hidden,
+              double out[kTileT][kTileE512]) {
+#ifdef TT_X86
+  if (isa >= CpuIsa::kAvx512) return dot_tile_avx512<NT>(xb, hp, r, hidden, out);
+  if (isa == CpuIsa::kAvx2) return dot_tile_avx2<NT>(xb, hp, r, hidden, out);
+#endif
+  dot_tile_scalar<NT>(xb, hp, r, hidden, out);
+}
 
 // The sigmoid 1 / (1 + exp(-l)), 4 logits at a time (the C library's exp, one call per element, cost more than the
 // dot products): exp by Cody-Waite reduction to |r| <= ln2 / 2 and the degree-13 Taylor polynomial (truncation
@@ -258,13 +270,9 @@ void route_tokens(const MoeRouteParams& p, const R* router, int64_t token_begin,
       const R* r[kTileE512];  // experts past the last repeat it (their logits are dropped)
       for (int64_t e = 0; e < ne; ++e) r[e] = router + std::min(e0 + e, E - 1) * p.router_row_stride;
       double out[kTileT][kTileE512];
-#ifdef TT_X86
-      if (p.isa >= CpuIsa::kAvx512) dot_tile_avx512(s.xb.data(), hp, r, H, out);
-      else if (p.isa == CpuIsa::kAvx2) dot_tile_avx2(s.xb.data(), hp, r, H, out);
-      else dot_tile_scalar(s.xb.data(), hp, r, H, out);
-#else
-      dot_tile_scalar(s.xb.data(), hp, r, H, out);
-#endif
+      // A lone token (an AR step's) takes a one-row tile: the same arithmetic per (token, expert), a quarter of it.
+      if (nt == 1) dot_tile<1>(p.isa, s.xb.data(), hp, r, H, out);
+      else dot_tile<kTileT>(p.isa, s.xb.data(), hp, r, H, out);
       for (int64_t t = 0; t < nt; ++t)
         for (int64_t e = 0; e < ne && e0 + e < E; ++e) s.logits[t * E + e0 + e] = out[t][e];
     }
