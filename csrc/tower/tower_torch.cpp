@@ -24,9 +24,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Layer kinds and record sizes: the layout of models/tower_program.py (keep the two in step).
+// Layer kinds: the codes of models/tower_program.py's layout (keep the two in step).
 enum Kind : int64_t { kMamba = 0, kAttention = 1, kMoe = 2, kMlp = 3 };
-constexpr int64_t kHeaderInts = 2;  // per layer: kind, the next norm's modulate_first
 
 // The schemas of csrc/registry.cpp as C++ signatures (mutable / optional tensors: const std::optional<Tensor>&).
 using LinearSig = Tensor(const Tensor&, const Tensor&, int64_t);

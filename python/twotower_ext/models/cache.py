@@ -113,12 +113,11 @@ class CacheStore:
     def attention_layers(self):
         return [i for i, k in enumerate(self.k) if k is not None]
 
-    def write_kv(self, i: int, rows: Rows, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 active: torch.Tensor | None = None) -> None:
-        """Store k, v [n, L, Hkv, D] of attention layer i at cache positions pos [n, L] (a device tensor) of
-        the selected rows: one index_copy_ into the flattened [batch * capacity] token axis, no host read.
-        Rows where `active` (bool [n]) is False keep their K/V (see kv_index)."""
-        flat, keep = self.kv_index(rows, pos, active)
+    def write_kv(self, i: int, flat: torch.Tensor, keep: torch.Tensor | None, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+        """Store k, v [n, L, Hkv, D] of attention layer i at the flattened token positions `flat` ([n * L], from
+        kv_index): one index_copy_ into the [batch * capacity] token axis, no host read. Where `keep` ([n * L, 1, 1]
+        bool, from kv_index, or None) is False a position keeps what it holds."""
         for store, val in ((self.k[i], k), (self.v[i], v)):
             tokens = store.view(-1, *store.shape[2:])
             val = val.reshape(-1, *store.shape[2:])
@@ -127,12 +126,11 @@ class CacheStore:
             tokens.index_copy_(0, flat, val)
 
     def kv_index(self, rows: Rows, pos: torch.Tensor, active: torch.Tensor | None = None):
-        """Where write_kv stores the K/V of positions pos [n, L] of the selected rows: (flat [n * L] int64 indices
-        into the flattened [batch * capacity] token axis, keep [n * L, 1, 1] bool or None); (None, None) without
-        attention layers. Rows where `active`
-        (bool [n]) is False get keep False: they rewrite what they hold at positions inside their own row (a full
-        inert row's positions are clamped into it). The same for every attention layer (ops.tower_layers takes
-        them once per pass)."""
+        """Where write_kv stores the K/V of positions pos [n, L] (a device tensor) of the selected rows: (flat [n * L]
+        int64 indices into the flattened [batch * capacity] token axis, keep [n * L, 1, 1] bool or None); (None, None)
+        without attention layers. Rows where `active` (bool [n]) is False get keep False: they rewrite what they hold
+        at positions inside their own row (a full inert row's positions are clamped into it). The same for every
+        attention layer of a pass, so a pass computes them once."""
         stores = [k for k in self.k if k is not None]
         if not stores:
             return None, None

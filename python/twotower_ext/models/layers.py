@@ -76,6 +76,12 @@ def timestep_embedding(t: torch.Tensor, dim: int = T_FREQ_DIM, max_period: float
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
+def modulates_first(kind: str) -> bool:
+    """Whether a denoiser layer of this kind applies its adaLN modulation before its RMSNorm (Mamba and attention
+    layers, as NVIDIA's reference does) rather than after it (MoE and MLP layers)."""
+    return kind in ("mamba", "attention")
+
+
 def time_modulation(t: torch.Tensor, w: TimeWeights, dtype: torch.dtype) -> torch.Tensor:
     """t [B] (fraction of the block still masked) -> t_block(t_embedder(t)) viewed [B, 3, hidden]: the
     per-row (shift, scale, gate) offsets added to each layer's scale_shift_table. t is cast to the model

@@ -30,6 +30,7 @@ import torch
 from .. import ops
 from ..packed import PackedLinear
 from .config import NemotronHConfig
+from .layers import modulates_first
 
 KINDS = {"mamba": 0, "attention": 1, "moe": 2, "mlp": 3}
 DTYPES = (torch.float32, torch.bfloat16)
@@ -92,7 +93,7 @@ def build(layers, cfg: NemotronHConfig, dtype: torch.dtype, final_norm=None,
     for i, layer in enumerate(layers):
         w = layer.mixer
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        ints += [KINDS[layer.kind], int(modulate_first and nxt is not None and nxt.kind in ("mamba", "attention"))]
+        ints += [KINDS[layer.kind], int(modulate_first and nxt is not None and modulates_first(nxt.kind))]
         if layer.kind == "mamba":
             conv_w = w.conv_w.squeeze(1) if w.conv_w.dim() == 3 else w.conv_w
             weights += [w.in_proj.data, w.out_proj.data, conv_w, w.conv_b, w.dt_bias, w.A_log, w.D, w.norm]

@@ -11,7 +11,7 @@ from .. import ops
 from .cache import ContextCache, Rows
 from .config import NemotronHConfig
 from . import tower_program
-from .layers import mamba_mixer, mlp, moe, time_modulation
+from .layers import mamba_mixer, mlp, modulates_first, moe, time_modulation
 from .weights import TwoTowerWeights, load_weights
 
 # From how many tokens a context pass on CUDA runs the Mamba recurrence in chunked SSD form (ssd.py: batched
@@ -89,13 +89,14 @@ class TwoTowerModel:
 
     def layer_program(self, tower: str):
         """The layer table of the "context" or "denoiser" tower for ops.tower_layers (tower_program.build), built on
-        first use; None where the tower runs its Python loop: tower_op off, no kernel on its device (CUDA, where graphs remove the
-        glue instead; ops.use_reference), an fp32 residual stream in a narrower model (the norms then run the
-        reference), autograd on, or weights the op does not take (tower_program.eligible). The table holds the weight
-        tensors the tower had at first use (their values may change in place; replacing a weight object needs a new
-        model)."""
+        first use; None where the tower runs its Python loop: tower_op off, no kernel on its device (CUDA, where
+        graphs remove the glue instead; ops.use_reference), an fp32 residual stream in a narrower model (the norms then
+        run the reference), autograd on, or weights the op does not take (tower_program.eligible). The table holds
+        the weight tensors the tower had at first use (their values may change in place; replacing a weight object
+        needs a new model)."""
         dev = self.ctx_device if tower == "context" else self.den_device
-        if not self.tower_op or not ops.has_kernel("tower_layers", dev) or self.res_dtype != self.dtype or torch.is_grad_enabled():
+        if (not self.tower_op or not ops.has_kernel("tower_layers", dev) or self.res_dtype != self.dtype
+                or torch.is_grad_enabled()):
             return None
         if tower not in self._programs:
             w = self.weights.context if tower == "context" else self.weights.denoiser
@@ -264,8 +265,8 @@ class TwoTowerModel:
         h = ops.rms_norm(x, w.layers[0].norm, eps)
         one_op = r.sl is not None and kv_at is None and not fresh and chunk is None
         prog = self.layer_program("context") if one_op else None
+        flat, keep = st.kv_index(r, pos, active)   # where every attention layer writes its K/V
         if prog is not None:   # the same layers as the loop below, as one op (csrc/tower/: a change goes into both)
-            flat, keep = st.kv_index(r, pos, active)
             _, x = ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, st.layer_states(st.conv, st.ssm), lens,
                                     seq_lens, flat, keep, None, r.sl.start, True)
         else:
@@ -281,10 +282,10 @@ class TwoTowerModel:
                     k = ops.linear(h, a.k).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                     v = ops.linear(h, a.v).view(n, L, cfg.num_key_value_heads, cfg.head_dim)
                     if kv_at is None:
-                        st.write_kv(i, r, pos, k, v, active)
+                        st.write_kv(i, flat, keep, k, v)
                     else:
                         at = kv_at[:, :, None, None].expand_as(k)
-                        st.write_kv(i, r, pos, k.gather(1, at), v.gather(1, at))
+                        st.write_kv(i, flat, keep, k.gather(1, at), v.gather(1, at))
                     if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
                         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                            is_causal=True, scale=cfg.head_dim ** -0.5,
@@ -384,10 +385,9 @@ class TwoTowerModel:
         n = len(w.layers)
         # The time conditioning's per-layer (shift, scale, gate) rows: modulation[:, i, 0 / 1 / 2] [B, H], or None.
         modulation = None if mod is None else self.weights.time.tables[None] + mod[:, None]   # [B, n, 3, H]
-        first0 = w.layers[0].kind in ("mamba", "attention")   # modulate, then norm (else after)
         x = F.embedding(ids, w.embeddings)
         h = ops.rms_norm(x, w.layers[0].norm, eps, *((None, None) if mod is None else modulation[:, 0, :2].unbind(1)),
-                         first0)
+                         modulates_first(w.layers[0].kind))
         prog = self.layer_program("denoiser") if probe is None and r.sl is not None else None
         if prog is not None:   # the same layers as the loop below, as one op
             states = st.layer_states(conv_states, ssm_states)
@@ -397,7 +397,7 @@ class TwoTowerModel:
         shifts = scales = gates = [None] * n
         if mod is not None:
             shifts, scales, gates = (m.unbind(1) for m in modulation.unbind(2))
-        first = [layer.kind in ("mamba", "attention") for layer in w.layers]
+        first = [modulates_first(layer.kind) for layer in w.layers]
         for i, layer in enumerate(w.layers):
             if layer.kind == "mamba":
                 out = mamba_mixer(h, layer.mixer, cfg, r.take(conv_states[i]), r.take(ssm_states[i]))

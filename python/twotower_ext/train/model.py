@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from ..models.config import NemotronHConfig
-from ..models.layers import mlp, moe, route, time_modulation
+from ..models.layers import mlp, modulates_first, moe, route, time_modulation
 from ..models.random_init import write_checkpoint
 from ..models.safetensors_io import SafetensorsFile
 from ..models.ssd import ssd_chunked_scan
@@ -333,7 +333,7 @@ def denoiser_forward(w: TwoTowerWeights, cfg: NemotronHConfig, noisy: torch.Tens
     x = F.embedding(noisy, dw.embeddings).view(B * nb, block, -1)
     for i, layer in enumerate(dw.layers):
         shift, scale, gate = (tables[i][None] + mod).unbind(1)
-        if layer.kind in ("mamba", "attention"):       # modulate, then norm (as the inference denoiser)
+        if modulates_first(layer.kind):       # modulate, then norm (as the inference denoiser)
             h = ops.rms_norm(x, layer.norm, eps, shift, scale, modulate_first=True)
         else:
             h = ops.rms_norm(x, layer.norm, eps, shift, scale)
