@@ -6,7 +6,8 @@ commit step, ops.lm_head_unmask), on a block with every other position masked.
 
 The bound of a pass is max(FLOPs / matmul rate, weight bytes / read rate), both rates measured in this run at
 the row's thread count (the best of 3 measurements each): the matmul rate by a 1024^3 matmul in the row's dtype, the
-read rate by a pure read of 256 MB (bench/harness.py). FLOPs: every matmul (experts k per token), attention and the
+read rate by a pure read of 256 MB (bench/harness.py) from 2 MB pages where the weights live in them
+(twotower_ext.hugepages; `read_pages`). FLOPs: every matmul (experts k per token), attention and the
 Mamba scan, counted by `twotower_ext.analysis.costmodel`; weight bytes: the tower's dense weights, the LM head when the
 pass has logits, and the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
 `%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
@@ -34,8 +35,8 @@ import torch
 from . import harness
 from .bench_roofline import expert_tally
 
-COLUMNS = ["pass", "dtype", "linears", "layers", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
-           "read_GB/s", "bound_ms", "bound", "%bound", "other_cores", "load1"]
+COLUMNS = ["pass", "dtype", "linears", "layers", "pages", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
+           "read_GB/s", "read_pages", "bound_ms", "bound", "%bound", "other_cores", "load1"]
 PASSES = ("denoiser pass (16 tokens)", "AR step", "block extension (16 tokens)")
 CTX = 100
 BLOCK = 16
@@ -88,20 +89,44 @@ def _weight_bytes(est: dict, key: str, touched: float) -> float:
     return parts["weights"] + parts["embeddings"] + parts["lm_head"] + experts
 
 
+def _rewrite(obj, fn) -> None:
+    """Each value in a weights dataclass tree (fields and list items) for which fn returns a replacement replaced by
+    it; the walk descends into the dataclasses and lists fn returns None for."""
+    def visit(v):
+        new = fn(v)
+        if new is not None:
+            return new
+        if dataclasses.is_dataclass(v):
+            _rewrite(v, fn)
+        elif isinstance(v, list):
+            v[:] = [visit(x) for x in v]
+        return v
+
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, visit(getattr(obj, f.name)))
+
+
 def unpack_linears(obj) -> None:
     """Every packed linear weight in a weights dataclass tree replaced by its plain tensor (ops.linear is then
     F.linear)."""
     from twotower_ext import packed
 
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
+    _rewrite(obj, lambda v: packed.unpack(v) if isinstance(v, packed.PackedLinear) else None)
+
+
+def small_pages(obj) -> None:
+    """Every weight tensor of hugepages.MIN_BYTES or more in a weights dataclass tree (packed ones included) replaced
+    by a copy from torch's allocator, in 4 KB pages: the baseline of the weights in huge pages."""
+    from twotower_ext import hugepages, packed
+
+    def fn(v):
+        if isinstance(v, torch.Tensor):
+            return v.clone() if v.nbytes >= hugepages.MIN_BYTES else v
         if isinstance(v, packed.PackedLinear):
-            setattr(obj, f.name, packed.unpack(v))
-        elif dataclasses.is_dataclass(v):
-            unpack_linears(v)
-        elif isinstance(v, list):
-            for item in v:
-                unpack_linears(item)
+            return dataclasses.replace(v, data=fn(v.data))
+        return None
+
+    _rewrite(obj, fn)
 
 
 def _profile(fn) -> list[dict]:
@@ -126,7 +151,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     path = checkpoint()
     threads_before = torch.get_num_threads()
     rows, EXTRA["profile"] = [], {}
+    read_huge = _huge_pages()   # every row's bound takes the huge-page read rate where the model's weights have them
     for dtype in (torch.float32, torch.bfloat16):
+        huge = read_huge
         lm = tt.load(path, dtype=dtype, threads=0)
         model, cfg = lm.model, lm.config
         dname = str(dtype).removeprefix("torch.")
@@ -134,16 +161,30 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         passes = _passes(model, cfg)
         torch.set_num_threads(1)
         EXTRA["profile"][dname] = _profile(passes[PASSES[0]][0])
+        del lm
         packs = type(model.weights.denoiser.lm_head).__name__ == "PackedLinear"   # not on the code before them
         loops = hasattr(model, "tower_op")                                         # likewise
-        runs = ([("packed", "op"), ("packed", "Python")] if loops else [("packed", "Python")]) if packs else []
-        for linears, layers in runs + [("F.linear", "Python")]:
+        # each run removes one change: the weights' huge pages, the layers as one op, the packed linears
+        loaded = "2M" if huge else "4K"
+        if not packs:
+            runs = []
+        elif not loops:
+            runs = [("packed", "Python", loaded)]
+        else:
+            runs = [("packed", "op", loaded)] + [("packed", "op", "4K")] * huge + [("packed", "Python", "4K")]
+        for linears, layers, pages in runs + [("F.linear", "Python", "4K")]:
+            if pages == "4K" and huge:   # once: the same weights copied to 4 KB pages, on a model of their own
+                huge = False
+                small_pages(model.weights)
+                model = type(model)(cfg, model.weights, model.dtype, model.ctx_device, model.den_device)
+                passes = _passes(model, cfg)
             if linears == "F.linear" and packs:
                 unpack_linears(model.weights)
             if loops:
                 model.tower_op = layers == "op"
-            rows += _time_passes(passes, model, dtype, linears, layers, est, cfg, (1,) if quick else (1, 2))
-        del lm, model, passes
+            rows += _time_passes(passes, model, dtype, linears, layers, pages, read_huge, est, cfg,
+                                 (1,) if quick else (1, 2))
+        del model, passes
         gc.collect()
     torch.set_num_threads(threads_before)
     harness.print_table("each pass next to its bound (width-1/8 real pattern, 128 experts, vocab 131072, batch 1, "
@@ -154,15 +195,27 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     return rows
 
 
-def _time_passes(passes, model, dtype, linears: str, layers: str, est: dict, cfg, thread_counts) -> list[dict]:
-    """One row per (threads, pass): its median time next to its bound, both rates measured now."""
+def _huge_pages() -> bool:
+    """Whether the weights live in huge pages (twotower_ext.hugepages): the read rate of the bound is then measured
+    on huge pages too, the faster limit (1.4x on the 2-core Xeon VM). False on code from before that module."""
+    try:
+        from twotower_ext import hugepages
+    except ImportError:
+        return False
+    return hugepages.enabled()
+
+
+def _time_passes(passes, model, dtype, linears: str, layers: str, pages: str, read_huge: bool, est: dict, cfg,
+                 thread_counts) -> list[dict]:
+    """One row per (threads, pass): its median time next to its bound, both rates measured now (the read rate on
+    huge pages if read_huge)."""
     rows = []
     for threads in thread_counts:
         torch.set_num_threads(threads)
         # the best of 3 of each rate, as the other benchmarks take their limits (harness.best_of): at 2 threads a
         # single read measurement moved between 24 and 36 GB/s within an hour on the 2-core VM
         mm = harness.best_of(harness.measure_matmul_rate, 1024, 1024, 1024, dtype) * 1e12
-        read = harness.best_of(harness.measure_read_bandwidth) * 1e9
+        read = harness.best_of(harness.measure_read_bandwidth, huge_pages=read_huge) * 1e9
         for label, (fn, key) in passes.items():
             t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
             with expert_tally(cfg.n_routed_experts, model) as counts:
@@ -172,9 +225,9 @@ def _time_passes(passes, model, dtype, linears: str, layers: str, est: dict, cfg
             compute, memory = flops / mm, wbytes / read
             bound = max(compute, memory)
             rows.append({"pass": label, "dtype": str(dtype).removeprefix("torch."), "linears": linears,
-                         "layers": layers, "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
+                         "layers": layers, "pages": pages, "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
                          "weight_MB": wbytes / 1e6, "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9,
-                         "read_GB/s": read / 1e9, "bound_ms": bound * 1e3,
+                         "read_GB/s": read / 1e9, "read_pages": "2M" if read_huge else "4K", "bound_ms": bound * 1e3,
                          "bound": "compute" if compute >= memory else "memory", "%bound": 100 * bound / t.median_s,
                          **harness.load_fields(t)})
     return rows

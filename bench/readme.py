@@ -161,14 +161,15 @@ def quant_quality_section(results: str) -> str:
     return "\n".join(text)
 
 
-PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "before %bound", "F.linear ms", "F.linear %bound",
-                  "loop ms", "loop %bound", "ms", "%bound", "vs F.linear", "vs loop", "bound ms", "bound"]
+PASSES_COLUMNS = ["pass", "dtype", "threads", "before ms", "before %bound", "F.linear ms", "loop ms", "4K pages ms",
+                  "ms", "%bound", "vs F.linear", "vs loop", "vs 4K pages", "bound ms", "bound"]
 
 
 def passes_section(results: str, device: str = "cpu") -> str:
-    """Each pass against its bound: the model as loaded (ms: packed linears, the layers as one op), the same run with
-    the layers in the Python loop (loop ms) and with plain linears (F.linear ms), and the run on the code before the
-    packed linears (passes_before); then the op profile of one denoiser pass, before and now."""
+    """Each pass against its bound: the model as loaded (ms: packed linears, the layers as one op, the weights in huge
+    pages), the same run with the weights in 4 KB pages (4K pages ms), then also the layers in the Python loop (loop
+    ms), then also plain linears (F.linear ms), and the run on the code before the packed linears (passes_before);
+    then the op profile of one denoiser pass, before and now."""
     after, missing = _optional(f"passes-{device}", results, "python -m bench passes")
     if after is None:
         return missing
@@ -177,16 +178,19 @@ def passes_section(results: str, device: str = "cpu") -> str:
     old = {key(r): r for r in before["rows"]} if before else {}
     plain = {key(r): r for r in after["rows"] if r.get("linears") == "F.linear"}
     loop = {key(r): r for r in after["rows"] if r.get("linears") == "packed" and r.get("layers") == "Python"}
-    rows = []
+    main: dict = {}   # the first packed + op row of each key: the model as loaded
     for r in after["rows"]:
-        if r.get("linears", "packed") != "packed" or r.get("layers", "op") != "op":
-            continue
-        b, f, lp = old.get(key(r), {}), plain.get(key(r), {}), loop.get(key(r), {})
+        if r.get("linears", "packed") == "packed" and r.get("layers", "op") == "op":
+            main.setdefault(key(r), r)
+    small = {key(r): r for r in after["rows"] if r.get("linears") == "packed" and r.get("layers") == "op"
+             and r.get("pages") == "4K" and r is not main[key(r)]}
+    rows = []
+    for r in main.values():
+        b, f, lp, sp = old.get(key(r), {}), plain.get(key(r), {}), loop.get(key(r), {}), small.get(key(r), {})
         rows.append({**r, "before ms": b.get("ms", ""), "before %bound": b.get("%bound", ""),
-                     "F.linear ms": f.get("ms", ""), "F.linear %bound": f.get("%bound", ""),
-                     "loop ms": lp.get("ms", ""), "loop %bound": lp.get("%bound", ""),
+                     "F.linear ms": f.get("ms", ""), "loop ms": lp.get("ms", ""), "4K pages ms": sp.get("ms", ""),
                      "vs F.linear": f["ms"] / r["ms"] if f else "", "vs loop": lp["ms"] / r["ms"] if lp else "",
-                     "bound ms": r["bound_ms"]})
+                     "vs 4K pages": sp["ms"] / r["ms"] if sp else "", "bound ms": r["bound_ms"]})
     text = [f"Now: {provenance(after)}"] + ([f"Before: {provenance(before)}"] if before else [])
     text += ["", table(rows, PASSES_COLUMNS, "passes")]
     for dtype, ops in after.get("profile", {}).items():

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hugepages
+
 PANEL = 16
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -63,7 +65,7 @@ def empty(n: int, k: int, dtype: torch.dtype, device="cpu") -> PackedLinear:
         raise ValueError(f"twotower: packed linear weights are float32 or bfloat16, got {dtype}")
     if n < 1 or k < 0:
         raise ValueError(f"twotower: a packed linear weight needs n >= 1 and k >= 0, got [{n}, {k}]")
-    return PackedLinear(torch.empty(packed_shape(n, k, dtype), dtype=dtype, device=device), n, k)
+    return PackedLinear(hugepages.empty(packed_shape(n, k, dtype), dtype, device), n, k)
 
 
 def pack_rows_into(p: PackedLinear, row0: int, rows: torch.Tensor) -> None:

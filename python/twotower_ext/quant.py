@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hugepages
+
 FORMATS = ("fp8", "int4")
 CHOICES = ("bf16", *FORMATS)  # what `--experts` / the cost and memory tables take; bf16 = unquantised
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -61,9 +63,9 @@ def empty(fmt: str, shape, device="cpu", group: int = DEFAULT_GROUP,
     E, N, K = shape
     check_format(fmt, K, group, scale_dtype)
     if fmt == "fp8":
-        return QuantizedExperts("fp8", torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device),
+        return QuantizedExperts("fp8", hugepages.empty((E, N, K), torch.float8_e4m3fn, device),
                                 torch.empty(E, N, dtype=torch.float32, device=device), K, 0)
-    return QuantizedExperts("int4", torch.empty(E, N, (K + 1) // 2, dtype=torch.uint8, device=device),
+    return QuantizedExperts("int4", hugepages.empty((E, N, (K + 1) // 2), torch.uint8, device),
                             torch.empty(E, N, -(-K // group), dtype=scale_dtype, device=device), K, group)
 
 

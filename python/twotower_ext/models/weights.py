@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import packed, quant
+from .. import hugepages, packed, quant
 from .config import NemotronHConfig
 from .safetensors_io import SafetensorsFile, TensorInfo, read_header
 
@@ -158,7 +158,7 @@ class _Allocator:
         self.pack = pack and packed.packable((1, 1), dtype, device)
 
     def __call__(self, name: str, shape, fp32: bool = False, ckpt_shape=None) -> torch.Tensor:
-        t = torch.empty(shape, dtype=torch.float32 if fp32 else self.dtype, device=self.device)
+        t = hugepages.empty(shape, torch.float32 if fp32 else self.dtype, self.device)
         self.targets[name] = t.view(ckpt_shape) if ckpt_shape is not None else t
         return t
 
@@ -171,7 +171,7 @@ class _Allocator:
         return p
 
     def stacked(self, names: list[str], shape, fp32: bool = False) -> torch.Tensor:
-        t = torch.empty((len(names), *shape), dtype=torch.float32 if fp32 else self.dtype, device=self.device)
+        t = hugepages.empty((len(names), *shape), torch.float32 if fp32 else self.dtype, self.device)
         for i, name in enumerate(names):
             self.targets[name] = t[i]
         return t
