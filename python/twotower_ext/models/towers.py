@@ -11,7 +11,8 @@ from .. import ops
 from .cache import ContextCache, Rows
 from .config import NemotronHConfig
 from . import tower_program
-from .layers import mamba_mixer, mlp, modulates_first, moe, time_modulation
+from .layers import mamba_mixer, mlp, modulates_first, moe
+from .time_rows import TimeRows
 from .weights import TwoTowerWeights, load_weights
 
 # From how many tokens a context pass on CUDA runs the Mamba recurrence in chunked SSD form (ssd.py: batched
@@ -68,6 +69,8 @@ class TwoTowerModel:
         # result bit for bit: tests and `bench passes` compare the two).
         self.tower_op = True
         self._programs: dict = {}
+        # The denoiser's time conditioning rows, remembered per t value on the CPU (time_rows.py).
+        self.time_rows = TimeRows(weights.time, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu",
@@ -350,8 +353,7 @@ class TwoTowerModel:
         if t.shape != (x.shape[0],):
             raise ValueError(f"denoise: t must be a float or [{x.shape[0]}], got shape {tuple(t.shape)}")
         st = cache.den
-        mod = time_modulation(t, self.weights.time, self.dtype)
-        return self._denoiser_pass(x, r, mod, r.take(st.lens), st.conv, st.ssm, st, probe)
+        return self._denoiser_pass(x, r, self.time_rows(t), r.take(st.lens), st.conv, st.ssm, st, probe)
 
     def _denoiser_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The denoiser's LM head on its final hidden states: logits fp32."""
@@ -376,18 +378,17 @@ class TwoTowerModel:
             raise ValueError(f"denoiser input must be [{len(r)}, S] for the {len(r)} selected rows, "
                              f"got shape {tuple(x.shape)}")
 
-    def _denoiser_pass(self, ids, r: Rows, mod, ctx_lens, conv_states, ssm_states, st, probe=None):
+    def _denoiser_pass(self, ids, r: Rows, modulation, ctx_lens, conv_states, ssm_states, st, probe=None):
         """The denoiser's layers over ids [B, S]: the final normed hidden states in the model dtype (the LM head's
-        input)."""
+        input). modulation: the time conditioning's per-layer (shift, scale, gate) rows [B, n, 3, H]
+        (modulation[:, i, 0 / 1 / 2] is layer i's [B, H]; TimeRows), or None (mock-AR)."""
         cfg, w = self.config, self.weights.denoiser
         B, S = ids.shape
         eps = cfg.layer_norm_epsilon
         n = len(w.layers)
-        # The time conditioning's per-layer (shift, scale, gate) rows: modulation[:, i, 0 / 1 / 2] [B, H], or None.
-        modulation = None if mod is None else self.weights.time.tables[None] + mod[:, None]   # [B, n, 3, H]
         x = F.embedding(ids, w.embeddings)
-        h = ops.rms_norm(x, w.layers[0].norm, eps, *((None, None) if mod is None else modulation[:, 0, :2].unbind(1)),
-                         modulates_first(w.layers[0].kind))
+        shift_scale = (None, None) if modulation is None else modulation[:, 0, :2].unbind(1)
+        h = ops.rms_norm(x, w.layers[0].norm, eps, *shift_scale, modulates_first(w.layers[0].kind))
         prog = self.layer_program("denoiser") if probe is None and r.sl is not None else None
         if prog is not None:   # the same layers as the loop below, as one op
             states = st.layer_states(conv_states, ssm_states)
@@ -395,7 +396,7 @@ class TwoTowerModel:
                                     modulation, r.sl.start, False)
             return h.to(self.dtype)
         shifts = scales = gates = [None] * n
-        if mod is not None:
+        if modulation is not None:
             shifts, scales, gates = (m.unbind(1) for m in modulation.unbind(2))
         first = [modulates_first(layer.kind) for layer in w.layers]
         for i, layer in enumerate(w.layers):

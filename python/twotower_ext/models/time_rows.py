@@ -1,0 +1,69 @@
+"""The denoiser's time conditioning rows of a pass, tables + time_modulation(t) [B, layers, 3, H], remembered per t
+value on the CPU.
+
+Why: a row's rows depend only on its t and the time weights, and a decode's t is the fraction of the block still
+masked (k / block_size), so its passes see a handful of values. Computed per pass they cost ~1 ms of a ~31 ms bf16
+denoiser pass of the width-1/8 model at 2 threads (three M = 1 oneDNN linears and the add over 52 layers, their
+code and weights gone cold while the pass streamed its experts), for 0.3 ms of work when hot.
+
+On the CPU each row is computed alone (t of one element) and remembered by its value, so a row's values do not
+depend on the batch it is in nor on what was remembered before (a library linear may round an M = 1 call and an
+M = B call differently). The memory is bounded (BUDGET_BYTES, oldest first out) and dropped when a time weight
+changes in place (tensor versions). Off the CPU (no host reads there: CUDA graphs), under autograd, and for a NaN t
+the rows are computed for the whole batch each call.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from .layers import time_modulation
+from .weights import TimeWeights
+
+BUDGET_BYTES = 32 << 20   # the width-1/8 model: ~100 KB a value (bf16); the real one ~840 KB
+
+
+class TimeRows:
+    """rows(t [B] fp32) -> [B, layers, 3, H] in the model dtype: (shift, scale, gate) of each layer for each row."""
+
+    def __init__(self, weights: TimeWeights, dtype: torch.dtype):
+        self.weights, self.dtype = weights, dtype
+        # False: compute every call, as off the CPU (tests/test_no_host_read.py checks the CUDA path's calls on CPU)
+        self.remember = True
+        self._lock = threading.Lock()
+        self._rows: dict[float, torch.Tensor] = {}   # insertion order = age
+        self._versions: tuple = ()
+
+    def _compute(self, t: torch.Tensor) -> torch.Tensor:
+        return self.weights.tables[None] + time_modulation(t, self.weights, self.dtype)[:, None]
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.remember or t.device.type != "cpu" or torch.is_grad_enabled():
+            return self._compute(t)
+        w = self.weights
+        # torch counts the in-place changes of a tensor in _version
+        versions = tuple(x._version for x in (w.emb0_w, w.emb0_b, w.emb2_w, w.emb2_b, w.block_w, w.block_b, w.tables))
+        rows = []
+        for v in t.tolist():
+            with self._lock:
+                if versions != self._versions:
+                    self._rows.clear()
+                    self._versions = versions
+                row = self._rows.get(v)
+            if row is None:
+                row = self._compute(torch.tensor([v], dtype=torch.float32))[0]
+                if not math.isnan(v):
+                    self._remember(v, row, versions)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def _remember(self, v: float, row: torch.Tensor, versions: tuple) -> None:
+        keep = max(1, BUDGET_BYTES // max(1, row.nbytes))
+        with self._lock:
+            if versions != self._versions:   # the weights changed while this row was computed
+                return
+            self._rows[v] = row
+            while len(self._rows) > keep:
+                del self._rows[next(iter(self._rows))]
