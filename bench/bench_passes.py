@@ -89,44 +89,20 @@ def _weight_bytes(est: dict, key: str, touched: float) -> float:
     return parts["weights"] + parts["embeddings"] + parts["lm_head"] + experts
 
 
-def _rewrite(obj, fn) -> None:
-    """Each value in a weights dataclass tree (fields and list items) for which fn returns a replacement replaced by
-    it; the walk descends into the dataclasses and lists fn returns None for."""
-    def visit(v):
-        new = fn(v)
-        if new is not None:
-            return new
-        if dataclasses.is_dataclass(v):
-            _rewrite(v, fn)
-        elif isinstance(v, list):
-            v[:] = [visit(x) for x in v]
-        return v
-
-    for f in dataclasses.fields(obj):
-        setattr(obj, f.name, visit(getattr(obj, f.name)))
-
-
 def unpack_linears(obj) -> None:
     """Every packed linear weight in a weights dataclass tree replaced by its plain tensor (ops.linear is then
     F.linear)."""
     from twotower_ext import packed
 
-    _rewrite(obj, lambda v: packed.unpack(v) if isinstance(v, packed.PackedLinear) else None)
-
-
-def small_pages(obj) -> None:
-    """Every weight tensor of hugepages.MIN_BYTES or more in a weights dataclass tree (packed ones included) replaced
-    by a copy from torch's allocator, in 4 KB pages: the baseline of the weights in huge pages."""
-    from twotower_ext import hugepages, packed
-
-    def fn(v):
-        if isinstance(v, torch.Tensor):
-            return v.clone() if v.nbytes >= hugepages.MIN_BYTES else v
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
         if isinstance(v, packed.PackedLinear):
-            return dataclasses.replace(v, data=fn(v.data))
-        return None
-
-    _rewrite(obj, fn)
+            setattr(obj, f.name, packed.unpack(v))
+        elif dataclasses.is_dataclass(v):
+            unpack_linears(v)
+        elif isinstance(v, list):
+            for item in v:
+                unpack_linears(item)
 
 
 def _profile(fn) -> list[dict]:
@@ -152,39 +128,37 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     threads_before = torch.get_num_threads()
     rows, EXTRA["profile"] = [], {}
     read_huge = _huge_pages()   # every row's bound takes the huge-page read rate where the model's weights have them
+    threads = (1,) if quick else (1, 2)
     for dtype in (torch.float32, torch.bfloat16):
-        huge = read_huge
         lm = tt.load(path, dtype=dtype, threads=0)
         model, cfg = lm.model, lm.config
+        del lm
         dname = str(dtype).removeprefix("torch.")
         est = costmodel.estimate(cfg, 1, CTX, BLOCK, torch.finfo(dtype).bits // 8)
         passes = _passes(model, cfg)
         torch.set_num_threads(1)
         EXTRA["profile"][dname] = _profile(passes[PASSES[0]][0])
-        del lm
         packs = type(model.weights.denoiser.lm_head).__name__ == "PackedLinear"   # not on the code before them
         loops = hasattr(model, "tower_op")                                         # likewise
-        # each run removes one change: the weights' huge pages, the layers as one op, the packed linears
-        loaded = "2M" if huge else "4K"
-        if not packs:
-            runs = []
-        elif not loops:
-            runs = [("packed", "Python", loaded)]
-        else:
-            runs = [("packed", "op", loaded)] + [("packed", "op", "4K")] * huge + [("packed", "Python", "4K")]
-        for linears, layers, pages in runs + [("F.linear", "Python", "4K")]:
-            if pages == "4K" and huge:   # once: the same weights copied to 4 KB pages, on a model of their own
-                huge = False
-                small_pages(model.weights)
-                model = type(model)(cfg, model.weights, model.dtype, model.ctx_device, model.den_device)
-                passes = _passes(model, cfg)
-            if linears == "F.linear" and packs:
-                unpack_linears(model.weights)
-            if loops:
-                model.tower_op = layers == "op"
-            rows += _time_passes(passes, model, dtype, linears, layers, pages, read_huge, est, cfg,
-                                 (1,) if quick else (1, 2))
-        del model, passes
+        # Each variant removes one change: the weights' huge pages (the same checkpoint loaded again into torch's
+        # memory), the layers as one op, the packed linears. All but F.linear are timed in turn, pass by pass
+        # (harness.time_cpu_interleaved): they differ by 5-40%, as much as the machine drifts within a run.
+        small, small_passes = model, passes
+        variants = []
+        if packs and loops:
+            variants.append(("packed", "op", "2M" if read_huge else "4K", model, passes))
+            if read_huge:
+                small = _load_small_pages(path, dtype)
+                small_passes = _passes(small, cfg)
+                variants.append(("packed", "op", "4K", small, small_passes))
+        if packs:
+            variants.append(("packed", "Python", "4K", small, small_passes))
+        if variants:
+            rows += _time_passes(variants, dtype, read_huge, est, cfg, threads)
+        if packs:
+            unpack_linears(small.weights)
+        rows += _time_passes([("F.linear", "Python", "4K", small, small_passes)], dtype, read_huge, est, cfg, threads)
+        del model, passes, small, small_passes, variants
         gc.collect()
     torch.set_num_threads(threads_before)
     harness.print_table("each pass next to its bound (width-1/8 real pattern, 128 experts, vocab 131072, batch 1, "
@@ -205,10 +179,24 @@ def _huge_pages() -> bool:
     return hugepages.enabled()
 
 
-def _time_passes(passes, model, dtype, linears: str, layers: str, pages: str, read_huge: bool, est: dict, cfg,
-                 thread_counts) -> list[dict]:
-    """One row per (threads, pass): its median time next to its bound, both rates measured now (the read rate on
-    huge pages if read_huge)."""
+def _load_small_pages(path: str, dtype: torch.dtype):
+    """The model loaded again with its weights in torch's memory (TWOTOWER_HUGEPAGES=0: 4 KB pages)."""
+    import twotower_ext as tt
+
+    before = os.environ.get("TWOTOWER_HUGEPAGES")
+    os.environ["TWOTOWER_HUGEPAGES"] = "0"
+    try:
+        return tt.load(path, dtype=dtype, threads=0).model
+    finally:
+        if before is None:
+            del os.environ["TWOTOWER_HUGEPAGES"]
+        else:
+            os.environ["TWOTOWER_HUGEPAGES"] = before
+
+
+def _time_passes(variants, dtype, read_huge: bool, est: dict, cfg, thread_counts) -> list[dict]:
+    """One row per (threads, pass, variant): its median time next to its bound, both rates measured now (the read
+    rate on huge pages if read_huge). variants: (linears, layers, pages, model, passes), timed in turn."""
     rows = []
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -216,21 +204,38 @@ def _time_passes(passes, model, dtype, linears: str, layers: str, pages: str, re
         # single read measurement moved between 24 and 36 GB/s within an hour on the 2-core VM
         mm = harness.best_of(harness.measure_matmul_rate, 1024, 1024, 1024, dtype) * 1e12
         read = harness.best_of(harness.measure_read_bandwidth, huge_pages=read_huge) * 1e9
-        for label, (fn, key) in passes.items():
-            t = harness.time_cpu(fn, warmup=2, min_reps=5, budget_s=1.0)
-            with expert_tally(cfg.n_routed_experts, model) as counts:
-                fn()
-            touched = torch.stack(counts).double().mean().item()
-            flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
-            compute, memory = flops / mm, wbytes / read
-            bound = max(compute, memory)
-            rows.append({"pass": label, "dtype": str(dtype).removeprefix("torch."), "linears": linears,
-                         "layers": layers, "pages": pages, "threads": threads, "ms": t.median_s * 1e3, "spread_us": t.spread, "GFLOP": flops / 1e9,
-                         "weight_MB": wbytes / 1e6, "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9,
-                         "read_GB/s": read / 1e9, "read_pages": "2M" if read_huge else "4K", "bound_ms": bound * 1e3,
-                         "bound": "compute" if compute >= memory else "memory", "%bound": 100 * bound / t.median_s,
-                         **harness.load_fields(t)})
+        for label in PASSES:
+            fns = [_with_layers(model, layers, passes[label][0]) for _, layers, _, model, passes in variants]
+            timings = harness.time_cpu_interleaved(fns, budget_s=1.0 * len(fns))
+            for (linears, layers, pages, model, passes), t in zip(variants, timings):
+                key = passes[label][1]
+                with expert_tally(cfg.n_routed_experts, model) as counts:
+                    passes[label][0]()
+                touched = torch.stack(counts).double().mean().item()
+                flops, wbytes = est[f"{key}_flops"], _weight_bytes(est, key, touched)
+                compute, memory = flops / mm, wbytes / read
+                bound = max(compute, memory)
+                rows.append({"pass": label, "dtype": str(dtype).removeprefix("torch."), "linears": linears,
+                             "layers": layers, "pages": pages, "threads": threads, "ms": t.median_s * 1e3,
+                             "spread_us": t.spread, "GFLOP": flops / 1e9, "weight_MB": wbytes / 1e6,
+                             "experts/layer": touched, "matmul_GFLOP/s": mm / 1e9, "read_GB/s": read / 1e9,
+                             "read_pages": "2M" if read_huge else "4K", "bound_ms": bound * 1e3,
+                             "bound": "compute" if compute >= memory else "memory", "%bound": 100 * bound / t.median_s,
+                             **harness.load_fields(t)})
     return rows
+
+
+def _with_layers(model, layers: str, fn):
+    """fn with the model's layers set to run as one op ("op") or in the Python loop first (on code with the op)."""
+    if not hasattr(model, "tower_op"):
+        return fn
+    op = layers == "op"
+
+    def call():
+        model.tower_op = op
+        fn()
+    return call
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_passes", description=__doc__,

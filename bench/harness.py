@@ -123,6 +123,34 @@ def time_cpu(fn, *, warmup: int = 3, min_reps: int = 10, budget_s: float = 1.0) 
     return _summarise(samples)
 
 
+def time_cpu_interleaved(fns, *, rounds: int = 3, warmup: int = 2, min_reps: int = 6, budget_s: float = 1.0
+                         ) -> list[Timing]:
+    """Median wall time of each of fns, timed in turn for `rounds` rounds (each fn at least min_reps calls and about
+    budget_s seconds in all), so that a machine whose speed drifts over minutes (the shared VMs: 10-30% within an
+    hour) moves them alike: how to compare variants of one call. The machine load is recorded over the whole run."""
+    per_round = max(1, -(-min_reps // rounds))
+    with LoadMonitor() as mon:
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        samples: list[list[float]] = [[] for _ in fns]
+        for _ in range(rounds):
+            for fn, s in zip(fns, samples):
+                n0, t_end = len(s), time.perf_counter() + budget_s / rounds
+                while len(s) - n0 < per_round or time.perf_counter() < t_end:
+                    t0 = time.perf_counter()
+                    fn()
+                    s.append(time.perf_counter() - t0)
+    out = [_summarise(s) for s in samples]
+    for t in out:
+        t.load1, t.other_cores = mon.load1, mon.other_cores
+    TIMINGS.extend(out)
+    if out and out[0].busy:
+        print(f"bench: warning: other processes used {mon.other_cores:.2f} cores during a timing (load average "
+              f"{mon.load1:.1f}): this result is not trustworthy", file=sys.stderr, flush=True)
+    return out
+
+
 @_monitored
 def time_calls(fn, reps: int) -> Timing:
     """Median wall time of reps calls of fn() (no warm-up: for long calls, e.g. a whole generation; the caller
