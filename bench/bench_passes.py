@@ -129,6 +129,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows, EXTRA["profile"] = [], {}
     read_huge = _huge_pages()   # every row's bound takes the huge-page read rate where the model's weights have them
     threads = (1,) if quick else (1, 2)
+    budget = 0.3 if quick else 1.0   # seconds of timing per pass and variant
     for dtype in (torch.float32, torch.bfloat16):
         lm = tt.load(path, dtype=dtype, threads=0)
         model, cfg = lm.model, lm.config
@@ -154,10 +155,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         if packs:
             variants.append(("packed", "Python", "4K", small, small_passes))
         if variants:
-            rows += _time_passes(variants, dtype, read_huge, est, cfg, threads)
+            rows += _time_passes(variants, dtype, read_huge, est, cfg, threads, budget)
         if packs:
             unpack_linears(small.weights)
-        rows += _time_passes([("F.linear", "Python", "4K", small, small_passes)], dtype, read_huge, est, cfg, threads)
+        rows += _time_passes([("F.linear", "Python", "4K", small, small_passes)], dtype, read_huge, est, cfg, threads,
+                             budget)
         del model, passes, small, small_passes, variants
         gc.collect()
     torch.set_num_threads(threads_before)
@@ -194,7 +196,7 @@ def _load_small_pages(path: str, dtype: torch.dtype):
             os.environ["TWOTOWER_HUGEPAGES"] = before
 
 
-def _time_passes(variants, dtype, read_huge: bool, est: dict, cfg, thread_counts) -> list[dict]:
+def _time_passes(variants, dtype, read_huge: bool, est: dict, cfg, thread_counts, budget_s: float) -> list[dict]:
     """One row per (threads, pass, variant): its median time next to its bound, both rates measured now (the read
     rate on huge pages if read_huge). variants: (linears, layers, pages, model, passes), timed in turn."""
     rows = []
@@ -206,7 +208,7 @@ def _time_passes(variants, dtype, read_huge: bool, est: dict, cfg, thread_counts
         read = harness.best_of(harness.measure_read_bandwidth, huge_pages=read_huge) * 1e9
         for label in PASSES:
             fns = [_with_layers(model, layers, passes[label][0]) for _, layers, _, model, passes in variants]
-            timings = harness.time_cpu_interleaved(fns, budget_s=1.0 * len(fns))
+            timings = harness.time_cpu_interleaved(fns, budget_s=budget_s * len(fns))
             for (linears, layers, pages, model, passes), t in zip(variants, timings):
                 key = passes[label][1]
                 with expert_tally(cfg.n_routed_experts, model) as counts:
