@@ -192,6 +192,11 @@ def test_bad_rows_and_shapes(ckpt):
     with pytest.raises(RuntimeError, match="states end at entry"):
         ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, states[:1], lens, None, flat, None, None, 0,
                          True)
+    layers, H = len(model.weights.context.layers), model.config.hidden_size
+    for bad in ((2, layers, 2, H), (2, layers + 1, 3, H), (2, layers, 3)):   # too few rows per layer, layers, dims
+        with pytest.raises(RuntimeError, match=r"modulation must be \[rows, \d+, 3, hidden\]"):
+            ops.tower_layers(x, h, prog.weights, prog.ints, prog.floats, states, lens, None, flat, None,
+                             torch.zeros(bad), 0, True)
 
 
 def test_nan_input_stays_nan(ckpt):
