@@ -10,12 +10,14 @@ read rate by a pure read of 256 MB (bench/harness.py) from 2 MB pages where the 
 (twotower_ext.hugepages; `read_pages`). FLOPs: every matmul (experts k per token), attention and the
 Mamba scan, counted by `twotower_ext.analysis.costmodel`; weight bytes: the tower's dense weights, the LM head when the
 pass has logits, and the routed experts the pass touched (counted on the device around the router, as bench_roofline does).
-`%bound` = bound / measured. Each pass is timed with the dense linears on packed weights (`linears` = packed, the
-model as loaded) and, in the same run, with them unpacked into plain tensors (`F.linear`, what the model ran
-before; the LM head then unfused: F.linear and threshold_unmask): a baseline under the same machine load. `layers`:
-"op" where the tower's layers run as one op (ops.tower_layers, the model as loaded), "Python" where they run the
-Python loop of models/towers.py (tower_op off: the packed model's baseline in the same run, and every F.linear row). The profile of one denoiser pass (packed, 1 thread,
-torch.profiler, ops by self time) goes into the results beside the table.
+`%bound` = bound / measured. Each pass is timed on four variants of the model, each removing one more change:
+the model as loaded (`linears` packed, `layers` op: the tower's layers as one op, ops.tower_layers; `pages` 2M: the
+weights in huge pages); the same checkpoint loaded again into torch's memory (`pages` 4K, TWOTOWER_HUGEPAGES=0); that
+model with its layers in the Python loop of models/towers.py (`layers` Python, tower_op off); and that model with its
+linears unpacked into plain tensors (`linears` F.linear: what the model ran before the packed linears; the LM head then
+unfused, F.linear and threshold_unmask). The first three are timed in turn, pass by pass, three rounds each
+(harness.time_cpu_interleaved), so the machine's drift within a run moves them alike. The profile of one denoiser pass
+(the model as loaded, 1 thread, torch.profiler, ops by self time) goes into the results beside the table.
 
   python -m bench passes                  # results/passes-cpu.{md,json}
   python -m bench.bench_passes --before   # results/passes_before-cpu.{md,json}: run on the code before a change,
@@ -35,8 +37,9 @@ import torch
 from . import harness
 from .bench_roofline import expert_tally
 
-COLUMNS = ["pass", "dtype", "linears", "layers", "pages", "threads", "ms", "spread_us", "GFLOP", "weight_MB", "experts/layer", "matmul_GFLOP/s",
-           "read_GB/s", "read_pages", "bound_ms", "bound", "%bound", "other_cores", "load1"]
+COLUMNS = ["pass", "dtype", "linears", "layers", "pages", "threads", "ms", "spread_us", "GFLOP", "weight_MB",
+           "experts/layer", "matmul_GFLOP/s", "read_GB/s", "read_pages", "bound_ms", "bound", "%bound", "other_cores",
+           "load1"]
 PASSES = ("denoiser pass (16 tokens)", "AR step", "block extension (16 tokens)")
 CTX = 100
 BLOCK = 16

@@ -63,7 +63,7 @@ def empty(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """torch.empty(shape, dtype=dtype, device=device); on the CPU, from MIN_BYTES on, in huge-page memory
     (see the module docstring) when enabled()."""
     shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES or not enabled():
         return torch.empty(shape, dtype=dtype, device=device)
     size = -(-nbytes // ALIGN) * ALIGN
