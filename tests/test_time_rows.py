@@ -56,6 +56,22 @@ def test_a_weight_changed_in_place_is_seen(weights):
 
 
 @torch.no_grad()
+def test_a_weight_replaced_is_seen(weights):
+    w, dtype = weights
+    rows = TimeRows(w, dtype)
+    t = torch.tensor([0.5])
+    before = rows(t)
+    saved = w.block_b
+    try:
+        w.block_b = saved + 1.0   # a new tensor, its version count as fresh as the old one's may be
+        after = rows(t)
+        assert not torch.equal(after, before) and torch.equal(after[0], alone(w, dtype, 0.5))
+    finally:
+        w.block_b = saved
+    assert torch.equal(rows(t), before)
+
+
+@torch.no_grad()
 def test_nan_t_gives_nan_rows_every_time(weights):
     w, dtype = weights
     rows = TimeRows(w, dtype)

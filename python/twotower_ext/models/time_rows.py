@@ -9,8 +9,8 @@ code and weights gone cold while the pass streamed its experts), for 0.3 ms of w
 On the CPU each row is computed alone (t of one element) and remembered by its value, so a row's values do not
 depend on the batch it is in nor on what was remembered before (a library linear may round an M = 1 call and an
 M = B call differently). The memory is bounded (BUDGET_BYTES, oldest first out) and dropped when a time weight
-changes in place (tensor versions). Off the CPU (no host reads there: CUDA graphs), under autograd, and for a NaN t
-the rows are computed for the whole batch each call.
+changes in place or is replaced (tensor identities and versions). Off the CPU (no host reads there: CUDA graphs),
+under autograd, and for a NaN t the rows are computed for the whole batch each call.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class TimeRows:
         if not self.remember or t.device.type != "cpu" or torch.is_grad_enabled():
             return self._compute(t)
         w = self.weights
-        # torch counts the in-place changes of a tensor in _version
-        versions = tuple(x._version for x in (w.emb0_w, w.emb0_b, w.emb2_w, w.emb2_b, w.block_w, w.block_b, w.tables))
+        # which tensors (a field may be given a new one) and torch's count of their in-place changes (_version)
+        versions = tuple((id(x), x.data_ptr(), x._version)
+                         for x in (w.emb0_w, w.emb0_b, w.emb2_w, w.emb2_b, w.block_w, w.block_b, w.tables))
         rows = []
         for v in t.tolist():
             with self._lock:
