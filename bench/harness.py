@@ -86,16 +86,22 @@ class LoadMonitor:
 TIMINGS: list[Timing] = []   # every timing of this process, for write_results' busy check
 
 
+def _record(timings: list[Timing], mon: LoadMonitor) -> None:
+    """Give timings taken under `mon` its load figures, keep them in TIMINGS, and warn (once) when it was busy."""
+    for t in timings:
+        t.load1, t.other_cores = mon.load1, mon.other_cores
+    TIMINGS.extend(timings)
+    if timings and timings[0].busy:
+        print(f"bench: warning: other processes used {mon.other_cores:.2f} cores during a timing (load average "
+              f"{mon.load1:.1f}): this result is not trustworthy", file=sys.stderr, flush=True)
+
+
 def _monitored(timing_fn):
     """Wrap a timing function: record load average and other processes' CPU use, warn when busy."""
     def wrapped(*a, **kw):
         with LoadMonitor() as mon:
             t = timing_fn(*a, **kw)
-        t.load1, t.other_cores = mon.load1, mon.other_cores
-        TIMINGS.append(t)
-        if t.busy:
-            print(f"bench: warning: other processes used {t.other_cores:.2f} cores during a timing (load average "
-                  f"{t.load1:.1f}): this result is not trustworthy", file=sys.stderr, flush=True)
+        _record([t], mon)
         return t
     wrapped.__doc__, wrapped.__name__ = timing_fn.__doc__, timing_fn.__name__
     return wrapped
@@ -142,12 +148,7 @@ def time_cpu_interleaved(fns, *, rounds: int = 3, warmup: int = 2, min_reps: int
                     fn()
                     s.append(time.perf_counter() - t0)
     out = [_summarise(s) for s in samples]
-    for t in out:
-        t.load1, t.other_cores = mon.load1, mon.other_cores
-    TIMINGS.extend(out)
-    if out and out[0].busy:
-        print(f"bench: warning: other processes used {mon.other_cores:.2f} cores during a timing (load average "
-              f"{mon.load1:.1f}): this result is not trustworthy", file=sys.stderr, flush=True)
+    _record(out, mon)
     return out
 
 

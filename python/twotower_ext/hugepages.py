@@ -16,6 +16,7 @@ size, so the chunk in use (at most CHUNK_BYTES) outlives the tensors in it until
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -38,6 +39,7 @@ def enabled() -> bool:
     return os.environ.get("TWOTOWER_HUGEPAGES", "1") != "0" and _thp_available()
 
 
+@functools.cache   # the kernel's THP support does not change while the process runs; empty() asks per tensor
 def _thp_available() -> bool:
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False

@@ -69,7 +69,7 @@ class TwoTowerModel:
         # result bit for bit: tests and `bench passes` compare the two).
         self.tower_op = True
         self._programs: dict = {}
-        # The denoiser's time conditioning rows, remembered per t value on the CPU (time_rows.py).
+        # The denoiser's time conditioning rows, remembered per t vector on the CPU (time_rows.py).
         self.time_rows = TimeRows(weights.time, dtype)
 
     @classmethod
