@@ -91,6 +91,25 @@ def test_long_context(device, ctx, S, Hq, Hkv, D, B, dtype, gen):
     check_against_oracle(args, out, lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_is_batch_invariant_past_the_split(dtype, gen):
+    """Rows long enough to be split into key chunks (over 1,024 keys; up to 32 parts at 40,000) get the same bits
+    alone as in batches of other totals, at 1 and 2 threads: the chunks follow the row's own length only."""
+    lens = [3000, 40000, 1100, 700]
+    args = make_inputs(gen, 4, 16, 8, 2, 64, lens, dtype)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out, lse = tt.block_attention(*args)
+        torch.set_num_threads(1)
+        for rows in ([0], [1], [2, 3], [0, 2]):
+            got = tt.block_attention(*(a[rows] for a in args))
+            assert torch.equal(got[0], out[rows]) and torch.equal(got[1], lse[rows]), rows
+    finally:
+        torch.set_num_threads(old)
+    check_against_oracle([a[[0, 2]] for a in args], out[[0, 2]], lse[[0, 2]])
+
+
 @pytest.mark.parametrize("device", devices())
 def test_strided_layouts(device, gen):
     """Head-major cache seen through a transpose, q sliced out of a fused qkv projection, custom scale."""

@@ -96,22 +96,41 @@ def test_widening_paths_round_identically(dtype, monkeypatch, gen):
         assert all(torch.equal(ys[0], y) for y in ys[1:]), M
 
 
+def on_1_and_2_threads(fn):
+    """fn() at 1 thread, then at 2 (torch's setting restored after)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_threads_split_changes_nothing(dtype, gen):
     """A weight big enough to be split over the threads (an LM head's kind): the same bits on 1 and 2 threads, and
     a row's result does not depend on the other rows (batch invariance of the engine)."""
     x, w = make(16, 20000, 256, dtype, gen)
     p = packed.pack(w)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.linear(x, p)
-        torch.set_num_threads(2)
-        two = ops.linear(x, p)
-    finally:
-        torch.set_num_threads(old)
+    one, two = on_1_and_2_threads(lambda: ops.linear(x, p))
     assert torch.equal(one, two)
     assert torch.equal(ops.linear(x[5:6], p), one[5:6])
+    check(one, x, w)
+
+
+@pytest.mark.parametrize("M", [65, 200, 1025, 2100])
+def test_fp32_rows_are_batch_invariant_at_every_row_count(M, gen):
+    """fp32 stays on the micro kernel at prefill sizes too, its rows split over the threads where the panels are
+    too few (N = 40: one item): every row's bits are those of the row computed alone, on 1 and 2 threads; within
+    fp32 rounding of the oracle."""
+    x, w = make(M, 40, 96, torch.float32, gen)
+    p = packed.pack(w)
+    one, two = on_1_and_2_threads(lambda: ops.linear(x, p))
+    assert torch.equal(one, two)
+    for rows in (slice(0, 1), slice(M - 3, M), slice(17, 60)):
+        assert torch.equal(ops.linear(x[rows], p), one[rows]), rows
     check(one, x, w)
 
 
@@ -237,16 +256,23 @@ def test_plan_choices():
     assert plan(1, dtype=torch.bfloat16, isa="avx2") == "micro:avx2"
     assert plan(16, isa="scalar") == "micro:scalar"
     # the instruction set never depends on M (batch invariance); decode sizes (1..16 rows x a batch) stay on the
-    # micro kernel, prefill sizes go to the matrix library: later for fp32 than for bf16, earliest for widened bf16
-    for dtype, isa, last_micro in ((torch.float32, "amx", 1024), (torch.float32, "avx2", 1024),
-                                   (torch.bfloat16, "amx", 512), (torch.bfloat16, "avx512_bf16", 512),
+    # micro kernel; bf16 prefill sizes go to the matrix library (earlier for widened bf16), fp32 never does: its
+    # sums must not depend on the rows batched beside a row (bit-for-bit batch invariance)
+    for isa in ("amx", "avx2", "scalar"):
+        assert {plan(m, isa=isa) for m in (1, 16, 64, 1024, 1025, 100000)} == {plan(1, isa=isa)}, isa
+    for dtype, isa, last_micro in ((torch.bfloat16, "amx", 512), (torch.bfloat16, "avx512_bf16", 512),
                                    (torch.bfloat16, "avx512", 128), (torch.bfloat16, "avx2", 128)):
         micro = {plan(m, dtype=dtype, isa=isa) for m in (1, 16, 64, last_micro)}
         assert len(micro) == 1 and micro.pop().startswith("micro:"), (dtype, isa)
         assert plan(last_micro + 1, dtype=dtype, isa=isa) == "library", (dtype, isa)
-    # a matrix too narrow for every thread to get an item of 12 panels: the library once the rows make it
-    # compute-bound (it splits the rows too)
-    assert plan(256, n=320, threads=4) == "library" and plan(64, n=320, threads=4) == "micro:avx512"
+    # a matrix too narrow for every thread to get an item of 12 panels, once the rows make it compute-bound:
+    # bf16 takes the library (it splits the rows too), fp32 splits its rows into blocks of 64 rows or more
+    bf16 = torch.bfloat16
+    assert plan(256, n=320, dtype=bf16, threads=4) == "library" and plan(64, n=320, dtype=bf16, threads=4) == "micro:amx"
+    assert plan(256, n=320, threads=4) == "micro:avx512/rows2" and plan(64, n=320, threads=4) == "micro:avx512"
+    assert plan(256, n=20, threads=4) == "micro:avx512/rows4" and plan(100, n=20, threads=4) == "micro:avx512/rows2"
+    assert plan(4096, n=20, threads=16) == "micro:avx512/rows16"        # 1 item: a block per thread (64 rows a block at least)
+    assert plan(4096, n=320, threads=16) == "micro:avx512/rows8"        # 2 items x 8 blocks
     assert plan(256, n=320, threads=2) == "micro:avx512"
 
 

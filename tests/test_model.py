@@ -206,8 +206,8 @@ def test_greedy_mock_ar_runs_batched(model, golden):
 
 
 def test_rows_are_independent(model, golden, gen):
-    """A ragged batch gives each row what it gets alone, for prefill, extension and the denoiser, and
-    calls on some rows leave the others untouched."""
+    """A ragged batch gives each row what it gets alone, bit for bit (fp32 on the CPU), for prefill, extension
+    and the denoiser, and calls on some rows leave the others untouched."""
     ps = list(prompts(golden).values())
     order = [2, 0, 1]
     cache = model.new_cache(4, 96)
@@ -221,13 +221,50 @@ def test_rows_are_independent(model, golden, gen):
     batch_den = model.denoise(x, cache, t, rows=rows)
     for j, i in enumerate(order):
         single = model.new_cache(1, 96)
-        assert_same(model.prefill([ps[i]], single)[0], batch_logits[j])
+        assert torch.equal(model.prefill([ps[i]], single)[0], batch_logits[j])
         model.extend(blocks[j:j + 1], single)
-        assert_same(model.denoise(x[j:j + 1], single, t[j:j + 1])[0], batch_den[j])
+        assert torch.equal(model.denoise(x[j:j + 1], single, t[j:j + 1])[0], batch_den[j])
     assert cache.lens_host == [len(ps[0]) + 16, 0, len(ps[1]) + 16, len(ps[2]) + 16]
     # contiguous rows (views) and index rows agree
     sel = [2, 0]  # cache rows 2, 3
-    assert_same(model.denoise(x[sel], cache, t[sel], rows=slice(2, 4)), batch_den[sel])
+    assert torch.equal(model.denoise(x[sel], cache, t[sel], rows=slice(2, 4)), batch_den[sel])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_are_bit_for_bit_independent_at_prefill_sizes(model, gen, threads):
+    """fp32 on the CPU at prefill sizes: a ragged batch of long prompts (256-token segments of 5 rows: 1,280-row
+    linears, hundreds of rows per expert; contexts past the attention's 1,024-key split) leaves in each row's cache
+    exactly the bits that row's prefill alone leaves, and the denoiser and an extension give it the same logits, the
+    batch at 1 or 2 threads, each row alone at 1 (docs/semantics.md: batch invariance)."""
+    lens = [1300, 1100, 257, 900, 1250]
+    ps = [[1] + torch.randint(4, 512, (n - 1,), generator=gen).tolist() for n in lens]
+    blocks = torch.randint(4, 512, (5, 16), generator=gen)
+    x = blocks.clone()
+    x[:, 1::2] = MASK
+    t = torch.tensor([1.0, 0.5, 0.25, 0.5, 1.0])
+
+    def run(prompts, blk, xs, ts):
+        cache = model.new_cache(len(prompts), 1400)
+        logits = model.prefill(prompts, cache)
+        den = model.denoise(xs, cache, ts)
+        ext = model.extend(blk, cache, logits=True)
+        return cache, logits, den, ext
+
+    torch.set_num_threads(threads)
+    try:
+        batch = run(ps, blocks, x, t)
+    finally:
+        torch.set_num_threads(1)
+    for j in range(5):
+        alone = run([ps[j]], blocks[j:j + 1], x[j:j + 1], t[j:j + 1])
+        for got, want in zip(alone[1:], batch[1:]):
+            assert torch.equal(got[0], want[j]), j
+        c, b, n = alone[0].ctx, batch[0].ctx, lens[j] + 16
+        assert alone[0].lens_host[0] == batch[0].lens_host[j] == n
+        for i in c.attention_layers():
+            assert torch.equal(c.k[i][0, :n], b.k[i][j, :n]) and torch.equal(c.v[i][0, :n], b.v[i][j, :n]), (j, i)
+        for i in c.mamba_layers():
+            assert torch.equal(c.conv[i][0], b.conv[i][j]) and torch.equal(c.ssm[i][0], b.ssm[i][j]), (j, i)
 
 
 def test_extension_equals_longer_prefill_and_decode_equals_extend(model, golden):

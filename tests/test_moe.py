@@ -101,6 +101,24 @@ def test_real_sizes_reduced_experts(dtype, gemm, monkeypatch, gen):
     check(tt.ops.moe_experts(x, ids, w, up, down), x, ids, w, up, down)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_token_is_batch_invariant_at_any_rows_per_expert(threads, gen):
+    """fp32 keeps every expert on the microkernel however many tokens choose it (the library's blocking would
+    follow the rows): 300 tokens on 4 experts (~150 rows each, past where bf16 takes the library) give every token
+    the bits it gets alone, in a slice of the batch and at 1 or 2 threads."""
+    x, ids, w, up, down = make(300, 4, 2, 96, 64, torch.float32, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = tt.ops.moe_experts(x, ids, w, up, down)
+        torch.set_num_threads(1)
+        for rows in (slice(0, 1), slice(299, 300), slice(40, 97)):
+            assert torch.equal(tt.ops.moe_experts(x[rows], ids[rows], w[rows], up, down), y[rows]), rows
+    finally:
+        torch.set_num_threads(old)
+    check(y, x, ids, w, up, down)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference_in_dtype(dtype, gen):
     """Same rounding points as the reference in the storage dtype (hidden rounded once): only summation order

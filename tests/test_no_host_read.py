@@ -94,7 +94,7 @@ def test_model_calls_have_no_host_reads(which, tmp_path, monkeypatch):
     path = {"parity": lambda: PARITY, "real-pattern": lambda: _real_pattern(tmp_path),
             "no-moe": lambda: _no_moe(tmp_path)}[which]()
     model = tt.load(path, dtype=torch.float32).model
-    # The CPU remembers the time conditioning per t vector, reading t on the host (free there); CUDA computes it every
+    # The CPU remembers the time conditioning per t value, reading t on the host (free there); CUDA computes it every
     # pass, as with this off.
     model.time_rows.remember = False
     V = model.config.vocab_size

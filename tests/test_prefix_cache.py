@@ -205,15 +205,17 @@ def test_cache_on_equals_cache_off_alone_and_in_a_batch(lm, mode, rng):
     prompts.append(prompts[0][:48])              # a prompt that ends on a boundary
     prompts.append(prompts[1] + [9] * 20)        # one that extends another
     off, on = Generator(lm.model), with_cache(lm)
-    kw = dict(mode=mode, temperature=[0.0, 0.9] * 4, seed=list(range(8)))
+    kw = dict(mode=mode, temperature=[0.0, 0.9] * 4, seed=list(range(8)), logprobs=2)
     want = gen(off, prompts, **kw)
     for i, p in enumerate(prompts):              # one at a time: later prompts hit the earlier ones' entries
-        res = gen(on, [p], mode=mode, temperature=kw["temperature"][i], seed=i)
+        res = gen(on, [p], mode=mode, temperature=kw["temperature"][i], seed=i, logprobs=2)
         assert res.new_tokens[0] == want.new_tokens[i] and res.nfe_per_block[0] == want.nfe_per_block[i], i
+        assert res.logprobs[0] == want.logprobs[i] and res.top_logprobs[0] == want.top_logprobs[i], i   # bit for bit
     assert on.prefix.stats()["prefix_cache_hits"] > 0
     cold = with_cache(lm)                          # all at once on an empty cache: shared segments once
     res = gen(cold, prompts, **kw)
     assert res.new_tokens == want.new_tokens and res.nfe_per_block == want.nfe_per_block
+    assert res.logprobs == want.logprobs and res.top_logprobs == want.top_logprobs
     assert res.stats["prefix_cache_hits"] >= 6 * 48 + 32   # 7 rows take the shared 48 (AR: 32 of the 48-token one)
     res = gen(cold, prompts, **kw)                 # again, warm
     assert res.new_tokens == want.new_tokens and res.stats["prefix_cache_hits"] > 0

@@ -75,9 +75,9 @@ struct BlockAttentionCpuPlan {
   int64_t tile_keys = 0;
 };
 
-// Chunks of about total_keys / (4 * threads) keys, at least a few tiles each, so a ragged batch still
-// spreads over all threads and each task amortises its Q packing.
-BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p, int64_t num_threads);
+// Each row's keys in chunks of 1,024 keys (4 tiles), more where a row has over 32 of them (at most 32 parts): a
+// function of the row's own length, never of the batch or the threads, so a row's result is the same in any batch.
+BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p);
 
 // Run task `task` of the plan: writes its partial state into part slot `task`.
 Status block_attention_cpu_run_task(const BlockAttentionParams& p, const BlockAttentionCpuPlan& plan,

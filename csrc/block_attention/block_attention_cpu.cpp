@@ -218,16 +218,17 @@ void merge_pairs(const BlockAttentionParams& p, const BlockAttentionCpuPlan& pla
 
 }  // namespace
 
-BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p, int64_t num_threads) {
+BlockAttentionCpuPlan block_attention_cpu_plan(const BlockAttentionParams& p) {
   BlockAttentionCpuPlan plan;
   plan.tile_keys = kTileKeys;
-  int64_t total = 0;
-  for (int64_t b = 0; b < p.batch; ++b) total += (int64_t(p.ctx_lens[b]) + p.block_len) * p.num_kv_heads;
-  const int64_t target = (total + 4 * num_threads - 1) / std::max<int64_t>(1, 4 * num_threads);
-  const int64_t chunk = std::max(4 * kTileKeys, round_up(std::max<int64_t>(target, 1), kTileKeys));
   plan.part_begin.push_back(0);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = int64_t(p.ctx_lens[b]) + p.block_len;
+    // Chunks from the row's own key count only: its sums (and their merge) are then the same alone, in any batch
+    // and at any thread count (fp32's batch invariance, docs/semantics.md). 4 tiles at least amortise a task's Q
+    // packing; at most kMaxParts parts bound the merge.
+    constexpr int64_t kMaxParts = 32;
+    const int64_t chunk = std::max(4 * kTileKeys, round_up((n + kMaxParts - 1) / kMaxParts, kTileKeys));
     for (int64_t h = 0; h < p.num_kv_heads; ++h) {
       for (int64_t k0 = 0; k0 < n; k0 += chunk) plan.tasks.push_back({b, h, k0, std::min(n, k0 + chunk)});
       plan.part_begin.push_back(int64_t(plan.tasks.size()));

@@ -127,8 +127,7 @@ void run_block_attention_cpu(BlockAttentionPlan& plan, const Tensor& q) {
   p.gemm = cpu_sgemm();
   p.bf16 = attention_cpu_bf16();
 
-  const int64_t threads = at::get_num_threads();
-  const auto cplan = tt::block_attention_cpu_plan(p, threads);
+  const auto cplan = tt::block_attention_cpu_plan(p);
   const int64_t ntasks = int64_t(cplan.tasks.size()), M = tt::ba_rows(p);
   auto part_o = at::empty({ntasks, M, p.head_dim}, q.options().dtype(at::kFloat));
   auto part_lse = at::empty({ntasks, M}, q.options().dtype(at::kFloat));

@@ -17,8 +17,8 @@
 // fp32; these two flush bf16 denormals, < 1.2e-38). The scalar, AVX2 and AVX-512 paths round identically (same
 // order, FMA in each), so they agree bit for bit. NaN or inf anywhere in a row's inputs reaches its outputs.
 //
-// Threads split the output panels (linear_cpu_panels over [p0, p1)); see linear_cpu_plan for when the matrix
-// library is faster (large M: prefill) and which instruction set runs.
+// Threads split the output panels (linear_cpu_panels over [p0, p1)), and the rows too where the panels are too few
+// for the threads; see linear_cpu_plan for when the matrix library runs (bf16 prefill) and which instruction set.
 #pragma once
 #include <cstdint>
 
@@ -77,7 +77,12 @@ enum class LinearPath : int32_t { kMicro = 0, kLibrary = 1 };
 struct LinearPlan {
   LinearPath path = LinearPath::kMicro;
   CpuIsa isa = CpuIsa::kScalar;   // the micro kernel's instruction set
+  int64_t row_blocks = 1;         // the micro kernel's threads split the rows too, into this many blocks
 };
+// Rows of one block of the micro kernel's row split (a multiple of 16: AMX's x tiles never straddle two blocks).
+inline int64_t linear_block_rows(int64_t M, int64_t row_blocks) {
+  return ((M + row_blocks - 1) / row_blocks + 15) / 16 * 16;
+}
 // isa: the best instruction set allowed (this CPU's, or the one TWOTOWER_LINEAR_CPU_ISA forces), which the micro
 // kernel runs as it is (fp32 at most avx512: the bf16 units do not take it); threads: the intra-op threads the call
 // may use. The library path multiplies in bf16 where the CPU has bf16 dot products (isa avx512_bf16 or amx), else

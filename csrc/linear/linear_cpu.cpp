@@ -1,5 +1,6 @@
 // The dense linear on the CPU (torch-free, see linear.h): the scalar kernel, the dispatch by instruction set and
 // the plan.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -80,28 +81,34 @@ void linear_unpack_panels(CpuIsa isa, const LinearParams& p, int64_t p0, int64_t
 }
 
 // The instruction set depends only on the CPU and the dtype, never on M, so a row's result does not depend on the
-// other rows of its batch while the micro kernel runs (the engine's batch invariance); only prefill-sized M goes to
-// the matrix library. Measured on this project's Xeon (AVX-512, avx512_bf16, AMX), 1 thread, weights cycled
-// through copies larger than the cache, micro kernel vs library path (which unpacks the weights back to W^T per
-// call):
+// other rows of its batch while the micro kernel runs (the engine's batch invariance). fp32 stays on the micro kernel
+// at every M: the library's sums follow its own blocking, so a prefill row would change in its last bits with the
+// rows batched beside it, and fp32 promises bit-for-bit batch invariance (docs/semantics.md). It costs fp32 little:
+// measured on this project's Xeon (AVX-512, avx512_bf16, AMX), 1 thread, weights cycled through copies larger than
+// the cache, micro kernel vs library path (which unpacks the weights back to W^T per call):
 //   fp32 [M, 320] x [320, 1288]: M=128 0.94 vs 0.91 ms, 512 2.8 vs 3.0, 1024 5.2 vs 4.9;
 //        [M, 4096] x [4096, 2688]: M=64 23 vs 32 ms, 256 35 vs 38, 512 104 vs 124, 1024 133 vs 136.
+// bf16 promises tokens, not bits, across batches, and its prefill sizes go to the library, which wins there:
 //   bf16 (AMX vs oneDNN) [M, 320] x [320, 1288]: M=256 0.26 vs 0.45 ms, 1024 0.94 vs 0.87;
 //        [M, 4096] x [4096, 2688]: M=256 8.4 vs 8.8-13 ms, 512 18 vs 14-19, 1024 37 vs 25-30 (the library path
 //        with the AVX2 unpack; it was 28 at 1024 with ATen's copy of the permuted view).
 // Widened bf16 (CPUs without bf16 dot products) runs its FMAs at fp32's rate plus the widening, against a library
-// path at sgemm's rate, so it switches earlier (not measured here: no such CPU). And the micro kernel splits only
-// the output panels over the threads (items of kLinearItemPanels): a matrix too narrow to give every
-// thread an item leaves threads idle, which the library, splitting the rows too, does not once the call is
-// compute-bound.
+// path at sgemm's rate, so it switches earlier (not measured here: no such CPU). The micro kernel's threads split
+// output panels (items of kLinearItemPanels); a matrix too narrow to give every thread an item leaves threads idle
+// once the call is compute-bound (M > 64): bf16 then takes the library, which splits the rows too, and fp32 splits
+// its rows into blocks (each row's sums are the same in any block).
 LinearPlan linear_cpu_plan(int64_t M, int64_t N, int64_t K, DType dt, CpuIsa isa, int64_t threads) {
   (void)K;
   LinearPlan plan;
   plan.isa = dt == DType::kFloat32 && int32_t(isa) > int32_t(CpuIsa::kAvx512) ? CpuIsa::kAvx512 : isa;
   const bool native_bf16 = dt == DType::kBFloat16 && int32_t(isa) >= int32_t(CpuIsa::kAvx512Bf16);
-  const int64_t limit = dt == DType::kFloat32 ? 1024 : native_bf16 ? 512 : 128;
   const int64_t items = (linear_panels(N) + kLinearItemPanels - 1) / kLinearItemPanels;
-  if (M > limit || (M > 64 && items < threads)) plan.path = LinearPath::kLibrary;
+  const bool narrow = M > 64 && items < threads;
+  if (dt == DType::kFloat32) {
+    if (narrow) plan.row_blocks = std::min((threads + items - 1) / items, (M + 63) / 64);
+    return plan;
+  }
+  if (M > (native_bf16 ? 512 : 128) || narrow) plan.path = LinearPath::kLibrary;
   return plan;
 }
 

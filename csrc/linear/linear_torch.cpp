@@ -4,8 +4,9 @@
 //
 // linear(x [..., K] fp32|bf16 (last dim contiguous), w packed (linear.h; python/twotower_ext/packed.py) in x's
 //   dtype, n) -> y [..., n] in x's dtype. CPU only: on CUDA the model keeps F.linear (cuBLAS) on plain weights.
-// linear_cpu_plan(m, n, k, dtype, isa, threads) -> "micro:<isa>" | "library": the plan a call would get
-//   (a pure function, any machine; isa "" means this CPU's best).
+// linear_cpu_plan(m, n, k, dtype, isa, threads) -> "micro:<isa>" | "micro:<isa>/rows<blocks>" (the threads split
+//   the rows into that many blocks too) | "library": the plan a call would get (a pure function, any machine; isa ""
+//   means this CPU's best).
 // Environment (tests and benchmarks): TWOTOWER_LINEAR_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx forces the
 // micro kernel's instruction set; TWOTOWER_LINEAR_CPU_GEMM=micro|library forces the path (default auto: the plan).
 #include <ATen/Parallel.h>
@@ -72,14 +73,16 @@ tt::LinearParams check_linear(const Tensor& x, const Tensor& w, int64_t n) {
   return p;
 }
 
-void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
+void run_micro(const tt::LinearPlan& plan, tt::LinearParams p) {
   Tensor xa;
-  if (isa == tt::CpuIsa::kAmx && p.dtype == tt::DType::kBFloat16) {
+  if (plan.isa == tt::CpuIsa::kAmx && p.dtype == tt::DType::kBFloat16) {
     xa = at::empty({tt::linear_amx_x_elems(p.M, p.K)}, at::TensorOptions().dtype(at::kBFloat16));
     tt::linear_amx_pad_x(p, static_cast<uint16_t*>(xa.data_ptr()));
     p.x_amx = static_cast<const uint16_t*>(xa.data_ptr());
   }
   const int64_t panels = tt::linear_panels(p.N), items = (panels + tt::kLinearItemPanels - 1) / tt::kLinearItemPanels;
+  const int64_t block_rows = tt::linear_block_rows(p.M, plan.row_blocks);
+  const int64_t blocks = (p.M + block_rows - 1) / block_rows;
   // An item's work for parallel_chunks, which adds a thread per 2^18 units (and splits nothing below twice that):
   // its weight bytes, times the blocks of 8 rows that read them again from the cache, times kWorkPerByte. So a
   // second thread joins from ~128 KB-equivalents (~10 us on one thread from the cache, 2-3x that from memory, as in
@@ -90,10 +93,22 @@ void run_micro(tt::CpuIsa isa, tt::LinearParams p) {
   // then). Before the pool, when a helper was a task on torch's inter-op pool, splitting from 0.5 MB made the pass
   // slower (118 vs 104 ms fp32).
   constexpr int64_t kWorkPerByte = 4;
-  const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * (p.dtype == tt::DType::kFloat32 ? 4 : 2) *
-                       (1 + p.M / 8) * kWorkPerByte;
-  tt::parallel_chunks(items, work, [&](int64_t b, int64_t e) {
-    tt::linear_cpu_panels(isa, p, b * tt::kLinearItemPanels, std::min(panels, e * tt::kLinearItemPanels));
+  const int64_t elem = p.dtype == tt::DType::kFloat32 ? 4 : 2;
+  const int64_t work = tt::kLinearItemPanels * tt::kLinearPanel * p.K * elem *
+                       (1 + std::min(p.M, block_rows) / 8) * kWorkPerByte;
+  // item i: row block i / items, panel item i % items (one block: the panel items alone, as before the row split)
+  tt::parallel_chunks(items * blocks, work, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t blk = i / items, it0 = i % items, it1 = std::min(items, it0 + (e - i));
+      tt::LinearParams q = p;
+      const int64_t r0 = blk * block_rows;
+      q.M = std::min(p.M - r0, block_rows);
+      q.x = static_cast<const char*>(p.x) + r0 * p.x_stride * elem;
+      q.y = static_cast<char*>(p.y) + r0 * p.y_stride * elem;
+      if (p.x_amx != nullptr) q.x_amx = p.x_amx + r0 * tt::linear_amx_ld(p.K);
+      tt::linear_cpu_panels(plan.isa, q, it0 * tt::kLinearItemPanels, std::min(panels, it1 * tt::kLinearItemPanels));
+      i += it1 - it0;
+    }
   });
 }
 
@@ -144,8 +159,9 @@ std::string linear_cpu_plan_op(int64_t m, int64_t n, int64_t k, at::ScalarType d
                     "best), scalar, avx2, avx512, avx512_bf16 or amx, got '", isa, "'");
   const auto dt = dtype == at::kFloat ? tt::DType::kFloat32 : tt::DType::kBFloat16;
   const auto plan = tt::linear_cpu_plan(m, n, k, dt, best, threads);
-  return plan.path == tt::LinearPath::kLibrary ? std::string("library")
-                                               : std::string("micro:") + tt::cpu_isa_name(plan.isa);
+  if (plan.path == tt::LinearPath::kLibrary) return "library";
+  const std::string micro = std::string("micro:") + tt::cpu_isa_name(plan.isa);
+  return plan.row_blocks == 1 ? micro : micro + "/rows" + std::to_string(plan.row_blocks);
 }
 
 }  // namespace
@@ -174,7 +190,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& w, int64_t n) {
   y = y.view({p.M, n});
   const auto plan = linear_call_plan(p.M, p.N, p.K, p.dtype);
   if (plan.path == tt::LinearPath::kLibrary) run_library(x, w, y, p, plan.isa);
-  else run_micro(plan.isa, p);
+  else run_micro(plan, p);
   return y.view(shape);
 }
 

@@ -159,7 +159,7 @@ void moe_dequant_rows(MoeCpuIsa isa, const MoeQuantRows& q, DType dt, bool wide,
 // Stored bytes (data + scales) of one expert matrix [n, k] in p's format and dtype.
 int64_t moe_weight_bytes(const MoeParams& p, int64_t n, int64_t k);
 // Below this many tokens per expert the register-blocked microkernel beats the matrix library (measured,
-// see moe_gemm_cpu.cpp); kAuto picks per expert with it.
+// see moe_gemm_cpu.cpp); kAuto picks per expert with it. fp32: no limit (its sums must not follow the batch).
 int64_t moe_micro_max_rows(MoeCpuIsa isa, DType dt);
 
 // ---------------------------------------------------------------------------------------------------

@@ -46,6 +46,27 @@ def _as_token_rows(tokens, device) -> list[torch.Tensor]:
     return [torch.as_tensor(t, dtype=torch.long).reshape(-1).to(device) for t in tokens]
 
 
+def _attention_per_length(q: torch.Tensor, lens: list[int] | None, attend) -> torch.Tensor:
+    """A pass's attention output [n, L, Hq, D] from attend(rows, m) -> [rows, m, Hq, D], the attention of the given
+    rows (an index tensor, or None: every row) over their first m tokens. Ragged rows (lens: each row's real tokens,
+    pads after them) run per length over their own tokens only, their pads' outputs zero: the attention's tiles follow
+    the pass length, so a row padded to L would round its sums otherwise than alone (fp32's batch invariance,
+    docs/semantics.md). Rows of one length share a call."""
+    if lens is None:
+        return attend(None, q.shape[1])
+    o = q.new_zeros(q.shape)
+    for m in sorted(set(lens)):
+        idx = torch.tensor([b for b, n in enumerate(lens) if n == m], device=q.device)
+        o[idx, :m] = attend(idx, m)
+    return o
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None, m: int | None = None) -> torch.Tensor:
+    """t's rows idx (None: all), cut to their first m positions (dim 1) where m is given."""
+    t = t if idx is None else t[idx]
+    return t if m is None else t[:, :m]
+
+
 def _pad(seqs: list[torch.Tensor], pad: int) -> torch.Tensor:
     L = max(len(s) for s in seqs)
     out = torch.full((len(seqs), L), pad, dtype=torch.long, device=seqs[0].device)
@@ -69,7 +90,7 @@ class TwoTowerModel:
         # result bit for bit: tests and `bench passes` compare the two).
         self.tower_op = True
         self._programs: dict = {}
-        # The denoiser's time conditioning rows, remembered per t vector on the CPU (time_rows.py).
+        # The denoiser's time conditioning rows, remembered per t value on the CPU (time_rows.py).
         self.time_rows = TimeRows(weights.time, dtype)
 
     @classmethod
@@ -289,13 +310,18 @@ class TwoTowerModel:
                     else:
                         at = kv_at[:, :, None, None].expand_as(k)
                         st.write_kv(i, flat, keep, k.gather(1, at), v.gather(1, at))
+                    scale = cfg.head_dim ** -0.5
                     if fresh:  # rows start empty: plain causal attention over the pass (pads sit after it)
-                        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           is_causal=True, scale=cfg.head_dim ** -0.5,
-                                                           enable_gqa=True).transpose(1, 2)
+                        def attend(idx, m, q=q, k=k, v=v):
+                            qs, ks, vs = (_rows(t, idx, m).transpose(1, 2) for t in (q, k, v))
+                            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                                  enable_gqa=True).transpose(1, 2)
                     else:      # the cached keys [0, lens) then the new ones, causal among those
-                        o, _ = ops.block_attention(q, k, v, r.take(st.k[i]), r.take(st.v[i]), lens,
-                                                   cfg.head_dim ** -0.5, causal=True)
+                        def attend(idx, m, q=q, k=k, v=v, kc=r.take(st.k[i]), vc=r.take(st.v[i])):
+                            return ops.block_attention(_rows(q, idx, m), _rows(k, idx, m), _rows(v, idx, m),
+                                                       _rows(kc, idx), _rows(vc, idx), _rows(lens, idx), scale,
+                                                       causal=True)[0]
+                    o = _attention_per_length(q, new_lens if ragged else None, attend)
                     out = ops.linear(o.reshape(n, L, -1), a.o)
                 elif layer.kind == "moe":
                     out = moe(h, layer.mixer, cfg)
