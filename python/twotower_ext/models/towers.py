@@ -321,7 +321,9 @@ class TwoTowerModel:
                             return ops.block_attention(_rows(q, idx, m), _rows(k, idx, m), _rows(v, idx, m),
                                                        _rows(kc, idx), _rows(vc, idx), _rows(lens, idx), scale,
                                                        causal=True)[0]
-                    o = _attention_per_length(q, new_lens if ragged else None, attend)
+                    # per row length on the CPU only: CUDA promises no bit-for-bit batch invariance (its tiles and
+                    # splits follow the batch anyway), and an extension's groups would copy their rows' caches
+                    o = _attention_per_length(q, new_lens if ragged and q.is_cpu else None, attend)
                     out = ops.linear(o.reshape(n, L, -1), a.o)
                 elif layer.kind == "moe":
                     out = moe(h, layer.mixer, cfg)
