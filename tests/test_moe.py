@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import twotower_ext as tt
-from twotower_ext import reference
+from twotower_ext import packed, reference
 
 from conftest import devices, tolerance
 
@@ -174,16 +174,23 @@ def test_strided_tensors_and_out(device, gen):
     assert torch.equal(xs, y)
 
 
-def test_same_result_for_any_thread_count(gen):
-    """6 MB of weights: the threaded path (the work queue shared with helper threads) against one thread."""
-    x, ids, w, up, down = make(64, 16, 4, 256, 192, torch.float32, gen)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_result_for_any_thread_count(dtype, gen):
+    """3-6 MB of weights: the threaded path (the work queue shared with helper threads, its up items claimed from
+    both ends) at 2, 3 and 5 threads against one thread; the shared expert fused in."""
+    x, ids, w, up, down = make(64, 16, 4, 256, 192, dtype, gen)
+    s_up = (torch.randn(96, 256, generator=gen) / 16).to(dtype)
+    s_down = (torch.randn(256, 96, generator=gen) / 10).to(dtype)
+    kw = dict(shared_up=packed.pack(s_up), shared_down=packed.pack(s_down))
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = tt.ops.moe_experts(x, ids, w, up, down)
+        y1 = tt.ops.moe_experts(x, ids, w, up, down, **kw)
+        for threads in (2, 3, 5):
+            torch.set_num_threads(threads)
+            assert torch.equal(y1, tt.ops.moe_experts(x, ids, w, up, down, **kw)), threads
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(y1, tt.ops.moe_experts(x, ids, w, up, down))
 
 
 @pytest.mark.parametrize("device", devices())

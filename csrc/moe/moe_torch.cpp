@@ -245,32 +245,53 @@ constexpr int64_t kParallelMinBytes = 1 << 20;
 
 // The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
 // down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
-// exactly one thread and counted in `finished` once run (or skipped after a failure).
+// exactly one thread and counted in `finished` once run (or skipped after a failure). The up items are claimed
+// from both ends: the first thread in walks them forward, the next backward (then forward, backward, ...), so a
+// thread's consecutive items are an expert's consecutive row tiles, one contiguous stream, where claims from one
+// counter interleaved the threads' tiles of each expert and broke both streams every tile.
 struct MoeWork final : tt::PoolTask {
   int64_t n_up = 0, total = 0;
+  std::atomic<uint64_t> up_ends{0};  // up items claimed from the front (low 32 bits) and from the back (high 32)
   std::atomic<int64_t> next{0}, up_done{0}, finished{0};
+  std::atomic<int32_t> arrivals{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
   std::exception_ptr error;
   std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
 
+  // The next up item from the front (or the back), or -1 once the two ends have met.
+  int64_t claim_up(bool back) {
+    uint64_t v = up_ends.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = int64_t(v & 0xffffffffu), from_back = int64_t(v >> 32);
+      if (front + from_back >= n_up) return -1;
+      const uint64_t claimed = back ? v + (uint64_t(1) << 32) : v + 1;
+      if (up_ends.compare_exchange_weak(v, claimed, std::memory_order_relaxed)) return back ? n_up - 1 - from_back
+                                                                                           : front;
+    }
+  }
+
+  void run(int64_t i, tt::MoeCpuScratch& s) {
+    if (!failed.load(std::memory_order_relaxed)) {
+      try {
+        item(i, s);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        failed = true;
+      }
+    }
+    if (i < n_up) up_done.fetch_add(1, std::memory_order_release);
+    finished.fetch_add(1, std::memory_order_release);
+  }
+
   void work() override {
     thread_local tt::MoeCpuScratch s;  // grown on demand, kept across calls
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      if (i >= n_up) {
-        while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
-      }
-      if (!failed.load(std::memory_order_relaxed)) {
-        try {
-          item(i, s);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mutex);
-          if (!error) error = std::current_exception();
-          failed = true;
-        }
-      }
-      if (i < n_up) up_done.fetch_add(1, std::memory_order_release);
-      finished.fetch_add(1, std::memory_order_release);
+    const bool back = arrivals.fetch_add(1, std::memory_order_relaxed) % 2 == 1;
+    for (int64_t i; (i = claim_up(back)) >= 0;) run(i, s);
+    for (int64_t i; (i = n_up + next.fetch_add(1)) < total;) {
+      while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
+      run(i, s);
     }
   }
 };
@@ -286,6 +307,7 @@ struct MoeWork final : tt::PoolTask {
 // at::parallel_for region.
 void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
                 std::function<void(int64_t, tt::MoeCpuScratch&)> item) {
+  TORCH_CHECK(n_up < (int64_t(1) << 31), "twotower: moe_experts: ", n_up, " up items, more than a claim counts");
   auto w = std::make_shared<MoeWork>();
   w->n_up = n_up;
   w->total = n_up + n_down;
