@@ -246,11 +246,12 @@ constexpr int64_t kParallelMinBytes = 1 << 20;
 // The work of one call shared by the calling thread and helpers: items [0, n_up) are the up phase, then the
 // down items; a down item starts only once every up item has finished. Every index below `total` is claimed by
 // exactly one thread and counted in `finished` once run (or skipped after a failure). The up items are claimed
-// from both ends: the first thread in walks them forward, the next backward (then forward, backward, ...), so a
-// thread's consecutive items are an expert's consecutive row tiles, one contiguous stream, where claims from one
-// counter interleaved the threads' tiles of each expert and broke both streams every tile.
+// from both ends: the first thread in walks them forward one at a time, the next backward `back_run` at a time (an
+// expert's row tiles, run forward), and so on alternating; so each thread's consecutive items are an expert's
+// consecutive row tiles, one contiguous stream, where claims from one counter interleaved the threads' tiles of each
+// expert and broke both streams every tile.
 struct MoeWork final : tt::PoolTask {
-  int64_t n_up = 0, total = 0;
+  int64_t n_up = 0, total = 0, back_run = 1;
   std::atomic<uint64_t> up_ends{0};  // up items claimed from the front (low 32 bits) and from the back (high 32)
   std::atomic<int64_t> next{0}, up_done{0}, finished{0};
   std::atomic<int32_t> arrivals{0};
@@ -259,15 +260,18 @@ struct MoeWork final : tt::PoolTask {
   std::exception_ptr error;
   std::function<void(int64_t, tt::MoeCpuScratch&)> item;  // index < n_up: up item, else down item index - n_up
 
-  // The next up item from the front (or the back), or -1 once the two ends have met.
-  int64_t claim_up(bool back) {
+  // The next up items [lo, hi) from the front (one) or the back (up to back_run), or an empty range once the two
+  // ends have met.
+  std::pair<int64_t, int64_t> claim_up(bool back) {
     uint64_t v = up_ends.load(std::memory_order_relaxed);
     for (;;) {
-      const int64_t front = int64_t(v & 0xffffffffu), from_back = int64_t(v >> 32);
-      if (front + from_back >= n_up) return -1;
-      const uint64_t claimed = back ? v + (uint64_t(1) << 32) : v + 1;
-      if (up_ends.compare_exchange_weak(v, claimed, std::memory_order_relaxed)) return back ? n_up - 1 - from_back
-                                                                                           : front;
+      const int64_t front = int64_t(v & 0xffffffffu), from_back = int64_t(v >> 32), left = n_up - front - from_back;
+      if (left <= 0) return {0, 0};
+      const int64_t take = back ? std::min(back_run, left) : 1;
+      const uint64_t claimed = back ? v + (uint64_t(take) << 32) : v + 1;
+      if (up_ends.compare_exchange_weak(v, claimed, std::memory_order_relaxed))
+        return back ? std::pair<int64_t, int64_t>{n_up - from_back - take, n_up - from_back}
+                    : std::pair<int64_t, int64_t>{front, front + 1};
     }
   }
 
@@ -288,7 +292,8 @@ struct MoeWork final : tt::PoolTask {
   void work() override {
     thread_local tt::MoeCpuScratch s;  // grown on demand, kept across calls
     const bool back = arrivals.fetch_add(1, std::memory_order_relaxed) % 2 == 1;
-    for (int64_t i; (i = claim_up(back)) >= 0;) run(i, s);
+    for (auto [lo, hi] = claim_up(back); lo < hi; std::tie(lo, hi) = claim_up(back))
+      for (int64_t i = lo; i < hi; ++i) run(i, s);
     for (int64_t i; (i = n_up + next.fetch_add(1)) < total;) {
       while (up_done.load(std::memory_order_acquire) < n_up) std::this_thread::yield();
       run(i, s);
@@ -305,11 +310,12 @@ struct MoeWork final : tt::PoolTask {
 // references do not, and are only used for claimed items). Used for the microkernel path only: the library
 // path calls MKL, whose own threading expects an OpenMP thread, so calls with library experts take one
 // at::parallel_for region.
-void run_phases(int64_t n_up, int64_t n_down, bool parallel, bool library,
+void run_phases(int64_t n_up, int64_t n_down, int64_t back_run, bool parallel, bool library,
                 std::function<void(int64_t, tt::MoeCpuScratch&)> item) {
   TORCH_CHECK(n_up < (int64_t(1) << 31), "twotower: moe_experts: ", n_up, " up items, more than a claim counts");
   auto w = std::make_shared<MoeWork>();
   w->n_up = n_up;
+  w->back_run = std::max<int64_t>(1, back_run);
   w->total = n_up + n_down;
   w->item = std::move(item);
   const int64_t threads = at::get_num_threads();
@@ -392,7 +398,9 @@ void run_moe_cpu(const tt::MoeParams& p, tt::MoeShared* shared) {
   // Up phase: the shared expert's items first (claimed early, so the routed items even out the end), then the
   // routed ones; down phase: the routed tiles, then the shared expert's (small) items.
   const int64_t n_up = int64_t(pl.up_items.size()), n_down = tt::moe_down_tiles(p, pl);
-  run_phases(n_su + n_up, n_down + n_sd, parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
+  // the routed up items end the list, an expert's row tiles in a run (moe_cpu_plan): a backward claim takes one run
+  const int64_t tiles_up = (p.inter + pl.tile_up - 1) / pl.tile_up;
+  run_phases(n_su + n_up, n_down + n_sd, tiles_up, parallel, pl.any_library, [&](int64_t i, tt::MoeCpuScratch& s) {
     if (i < n_su) {
       tt::moe_shared_up_panels(*shared, i * su_panels, std::min(tt::linear_panels(shared->up.N), (i + 1) * su_panels));
     } else if (i < n_su + n_up) {
