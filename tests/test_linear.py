@@ -9,6 +9,7 @@ import twotower_ext as tt
 from twotower_ext import ops, packed, reference
 
 import oracle
+from conftest import threads
 
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
 SIZES = [(1, 37, 53), (3, 16, 16), (16, 100, 33), (17, 200, 320), (100, 47, 130), (5, 1, 1)]   # (M, N, K)
@@ -97,15 +98,11 @@ def test_widening_paths_round_identically(dtype, monkeypatch, gen):
 
 
 def on_1_and_2_threads(fn):
-    """fn() at 1 thread, then at 2 (torch's setting restored after)."""
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    """fn() at 1 thread, then at 2."""
+    with threads(1):
         one = fn()
-        torch.set_num_threads(2)
+    with threads(2):
         return one, fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@ from twotower_ext.models import layers
 from twotower_ext.models.weights import T_FREQ_DIM, MLPWeights, MoEWeights, TimeWeights
 
 import oracle
+from conftest import threads
 
 HERE = os.path.dirname(__file__)
 CKPT = os.path.join(HERE, "data", "parity", "checkpoint")
@@ -230,8 +231,8 @@ def test_rows_are_independent(model, golden, gen):
     assert torch.equal(model.denoise(x[sel], cache, t[sel], rows=slice(2, 4)), batch_den[sel])
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_rows_are_bit_for_bit_independent_at_prefill_sizes(model, gen, threads):
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_rows_are_bit_for_bit_independent_at_prefill_sizes(model, gen, nthreads):
     """fp32 on the CPU at prefill sizes: a ragged batch of long prompts (256-token segments of 5 rows: 1,280-row
     linears, hundreds of rows per expert; contexts past the attention's 1,024-key split) leaves in each row's cache
     exactly the bits that row's prefill alone leaves, and the denoiser and an extension give it the same logits, the
@@ -250,11 +251,8 @@ def test_rows_are_bit_for_bit_independent_at_prefill_sizes(model, gen, threads):
         ext = model.extend(blk, cache, logits=True)
         return cache, logits, den, ext
 
-    torch.set_num_threads(threads)
-    try:
+    with threads(nthreads):
         batch = run(ps, blocks, x, t)
-    finally:
-        torch.set_num_threads(1)
     for j in range(5):
         alone = run([ps[j]], blocks[j:j + 1], x[j:j + 1], t[j:j + 1])
         for got, want in zip(alone[1:], batch[1:]):

@@ -2,15 +2,13 @@
 inter sizes, dtypes, every CPU instruction set and inner GEMM this CPU runs; routing corner cases (experts
 with no tokens, all tokens on one expert, duplicate ids in a row), strided and aliased tensors, NaN, bad input,
 opcheck and torch.compile."""
-import contextlib
-
 import pytest
 import torch
 
 import twotower_ext as tt
 from twotower_ext import packed, reference
 
-from conftest import devices, tolerance
+from conftest import devices, threads, tolerance
 
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 
@@ -25,21 +23,9 @@ def make(T, E, k, H, I, dtype, gen, ids=None):
     return x, ids.long(), w, up, down
 
 
-@contextlib.contextmanager
-def one_thread():
-    """For the reference: its many small matmuls would each pay an OpenMP wake-up, which dominates the test's
-    time on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def oracle(x, ids, w, up, down):
     """fp64 everywhere (the hidden activation is not rounded to x's dtype: within the dtype tolerance)."""
-    with one_thread():
+    with threads(1):   # the reference's many small matmuls would each pay an OpenMP wake-up
         return reference.moe_experts(x.double(), ids, w.double(), up, down)
 
 
@@ -101,21 +87,17 @@ def test_real_sizes_reduced_experts(dtype, gemm, monkeypatch, gen):
     check(tt.ops.moe_experts(x, ids, w, up, down), x, ids, w, up, down)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fp32_token_is_batch_invariant_at_any_rows_per_expert(threads, gen):
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_fp32_token_is_batch_invariant_at_any_rows_per_expert(nthreads, gen):
     """fp32 keeps every expert on the microkernel however many tokens choose it (the library's blocking would
     follow the rows): 300 tokens on 4 experts (~150 rows each, past where bf16 takes the library) give every token
     the bits it gets alone, in a slice of the batch and at 1 or 2 threads."""
     x, ids, w, up, down = make(300, 4, 2, 96, 64, torch.float32, gen)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with threads(nthreads):
         y = tt.ops.moe_experts(x, ids, w, up, down)
-        torch.set_num_threads(1)
+    with threads(1):
         for rows in (slice(0, 1), slice(299, 300), slice(40, 97)):
             assert torch.equal(tt.ops.moe_experts(x[rows], ids[rows], w[rows], up, down), y[rows]), rows
-    finally:
-        torch.set_num_threads(old)
     check(y, x, ids, w, up, down)
 
 
@@ -125,7 +107,7 @@ def test_kernel_matches_reference_in_dtype(dtype, gen):
     differs, so far inside the dtype tolerance."""
     x, ids, w, up, down = make(16, 16, 4, 160, 96, dtype, gen)
     y = tt.ops.moe_experts(x, ids, w, up, down)
-    with one_thread():
+    with threads(1):
         want = reference.moe_experts(x, ids, w, up, down)
     torch.testing.assert_close(y.float(), want.float(), atol=tolerance(dtype) * 0.5 * want.abs().max().item(), rtol=0)
 
@@ -182,15 +164,11 @@ def test_same_result_for_any_thread_count(dtype, gen):
     s_up = (torch.randn(96, 256, generator=gen) / 16).to(dtype)
     s_down = (torch.randn(256, 96, generator=gen) / 10).to(dtype)
     kw = dict(shared_up=packed.pack(s_up), shared_down=packed.pack(s_down))
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads(1):
         y1 = tt.ops.moe_experts(x, ids, w, up, down, **kw)
-        for threads in (2, 3, 5):
-            torch.set_num_threads(threads)
-            assert torch.equal(y1, tt.ops.moe_experts(x, ids, w, up, down, **kw)), threads
-    finally:
-        torch.set_num_threads(old)
+    for nthreads in (2, 3, 5):
+        with threads(nthreads):
+            assert torch.equal(y1, tt.ops.moe_experts(x, ids, w, up, down, **kw)), nthreads
 
 
 @pytest.mark.parametrize("device", devices())

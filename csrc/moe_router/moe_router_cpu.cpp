@@ -278,10 +278,11 @@ void route_tokens(const MoeRouteParams& p, const R* router, int64_t token_begin,
     }
     for (int64_t e0 = 0; e0 < E; e0 += ne) {
       const R* r[kTileE512];  // experts past the last repeat it (their logits are dropped)
-      const R* pf[kTileE512];  // the next group's rows (the last group: its own, already cached)
+      const R* pf[kTileE512];  // the next group's rows, clamped alike (the last group: its own, already cached)
+      const int64_t next = e0 + ne < E ? e0 + ne : e0;
       for (int64_t e = 0; e < ne; ++e) {
         r[e] = router + std::min(e0 + e, E - 1) * p.router_row_stride;
-        pf[e] = router + std::min(e0 + ne + e < E ? e0 + ne + e : e0 + e, E - 1) * p.router_row_stride;
+        pf[e] = router + std::min(next + e, E - 1) * p.router_row_stride;
       }
       double out[kTileT][kTileE512];
       // A lone token (an AR step's) takes a one-row tile: the same arithmetic per (token, expert), a quarter of it.

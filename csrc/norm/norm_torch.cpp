@@ -95,7 +95,7 @@ RmsNormPlan plan_rms_norm(const Tensor& x, const std::optional<Tensor>& add, con
   return plan;
 }
 
-// Work per row for parallel_chunks: a bf16 row of the width-1/8 model (336) costs ~0.8 us on this project's Xeon (the
+// Work per element for parallel_chunks: a bf16 row of the width-1/8 model (336) costs ~0.8 us on this project's Xeon (the
 // rounding after every step), far above the units' ~1 ns: at 128 per element a denoiser pass's 16-row norms split
 // over 2 threads. Measured in a bf16 denoiser pass at 2 threads (ms a pass, two alternating runs): add_rms_norm
 // 1.05 / 0.99 -> 0.83 / 0.84, gated_rms_norm 0.38 / 0.36 -> 0.32 / 0.29 (at 4 and 16 per element they ran on one).
