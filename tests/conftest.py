@@ -1,9 +1,8 @@
-import contextlib
-
 import pytest
 import torch
 
 import twotower_ext  # noqa: F401  (loads the ops)
+from twotower_ext.threads import using_threads
 
 CUDA = torch.cuda.is_available()
 
@@ -41,22 +40,11 @@ def gen():
     return fresh_generator()
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    """torch's intra-op thread count set to n inside the block, restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """For tests of tiny models: their ops are microseconds, so a second thread only waits on the first (and on
     a shared machine, for a descheduled one: 30x slower). Kernel tests keep torch's default threads."""
-    with threads(1):
+    with using_threads(1):
         yield
 
 

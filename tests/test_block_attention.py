@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 import twotower_ext as tt
 from twotower_ext import reference
+from twotower_ext.threads import using_threads
 
 import oracle
-from conftest import devices, threads, tolerance
+from conftest import devices, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -97,9 +98,9 @@ def test_cpu_row_is_batch_invariant_past_the_split(dtype, gen):
     alone as in batches of other totals, at 1 and 2 threads: the chunks follow the row's own length only."""
     lens = [3000, 40000, 1100, 700]
     args = make_inputs(gen, 4, 16, 8, 2, 64, lens, dtype)
-    with threads(2):
+    with using_threads(2):
         out, lse = tt.block_attention(*args)
-    with threads(1):
+    with using_threads(1):
         for rows in ([0], [1], [2, 3], [0, 2]):
             got = tt.block_attention(*(a[rows] for a in args))
             assert torch.equal(got[0], out[rows]) and torch.equal(got[1], lse[rows]), rows

@@ -7,9 +7,9 @@ import torch
 
 import twotower_ext as tt
 from twotower_ext import ops, packed, reference
+from twotower_ext.threads import using_threads
 
 import oracle
-from conftest import threads
 
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
 SIZES = [(1, 37, 53), (3, 16, 16), (16, 100, 33), (17, 200, 320), (100, 47, 130), (5, 1, 1)]   # (M, N, K)
@@ -99,9 +99,9 @@ def test_widening_paths_round_identically(dtype, monkeypatch, gen):
 
 def on_1_and_2_threads(fn):
     """fn() at 1 thread, then at 2."""
-    with threads(1):
+    with using_threads(1):
         one = fn()
-    with threads(2):
+    with using_threads(2):
         return one, fn()
 
 

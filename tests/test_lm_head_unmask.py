@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from twotower_ext import ops, packed
+from twotower_ext.threads import using_threads
 
 import oracle
 from test_linear import FORCED   # lm_head_unmask runs the linear's kernels: its forced instruction sets, skip reasons
@@ -87,15 +88,11 @@ def test_default_plan_and_threads_change_nothing(dtype, gen):
     params = row_params(4, 16, gen, 1)
     want_x = x.clone()
     unfused(hidden, pw, want_x, params, None)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with using_threads(n):
             got = x.clone()
             ops.lm_head_unmask(hidden, pw, got, MASK, **params)
-            assert torch.equal(got, want_x), n
-    finally:
-        torch.set_num_threads(threads)
+        assert torch.equal(got, want_x), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,9 +13,9 @@ from twotower_ext.models import TwoTowerModel
 from twotower_ext import ops
 from twotower_ext.models import layers
 from twotower_ext.models.weights import T_FREQ_DIM, MLPWeights, MoEWeights, TimeWeights
+from twotower_ext.threads import using_threads
 
 import oracle
-from conftest import threads
 
 HERE = os.path.dirname(__file__)
 CKPT = os.path.join(HERE, "data", "parity", "checkpoint")
@@ -251,7 +251,7 @@ def test_rows_are_bit_for_bit_independent_at_prefill_sizes(model, gen, nthreads)
         ext = model.extend(blk, cache, logits=True)
         return cache, logits, den, ext
 
-    with threads(nthreads):
+    with using_threads(nthreads):
         batch = run(ps, blocks, x, t)
     for j in range(5):
         alone = run([ps[j]], blocks[j:j + 1], x[j:j + 1], t[j:j + 1])

@@ -7,8 +7,9 @@ import torch
 
 import twotower_ext as tt
 from twotower_ext import packed, reference
+from twotower_ext.threads import using_threads
 
-from conftest import devices, threads, tolerance
+from conftest import devices, tolerance
 
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 
@@ -25,7 +26,7 @@ def make(T, E, k, H, I, dtype, gen, ids=None):
 
 def oracle(x, ids, w, up, down):
     """fp64 everywhere (the hidden activation is not rounded to x's dtype: within the dtype tolerance)."""
-    with threads(1):   # the reference's many small matmuls would each pay an OpenMP wake-up
+    with using_threads(1):   # the reference's many small matmuls would each pay an OpenMP wake-up
         return reference.moe_experts(x.double(), ids, w.double(), up, down)
 
 
@@ -93,9 +94,9 @@ def test_fp32_token_is_batch_invariant_at_any_rows_per_expert(nthreads, gen):
     follow the rows): 300 tokens on 4 experts (~150 rows each, past where bf16 takes the library) give every token
     the bits it gets alone, in a slice of the batch and at 1 or 2 threads."""
     x, ids, w, up, down = make(300, 4, 2, 96, 64, torch.float32, gen)
-    with threads(nthreads):
+    with using_threads(nthreads):
         y = tt.ops.moe_experts(x, ids, w, up, down)
-    with threads(1):
+    with using_threads(1):
         for rows in (slice(0, 1), slice(299, 300), slice(40, 97)):
             assert torch.equal(tt.ops.moe_experts(x[rows], ids[rows], w[rows], up, down), y[rows]), rows
     check(y, x, ids, w, up, down)
@@ -107,7 +108,7 @@ def test_kernel_matches_reference_in_dtype(dtype, gen):
     differs, so far inside the dtype tolerance."""
     x, ids, w, up, down = make(16, 16, 4, 160, 96, dtype, gen)
     y = tt.ops.moe_experts(x, ids, w, up, down)
-    with threads(1):
+    with using_threads(1):
         want = reference.moe_experts(x, ids, w, up, down)
     torch.testing.assert_close(y.float(), want.float(), atol=tolerance(dtype) * 0.5 * want.abs().max().item(), rtol=0)
 
@@ -164,10 +165,10 @@ def test_same_result_for_any_thread_count(dtype, gen):
     s_up = (torch.randn(96, 256, generator=gen) / 16).to(dtype)
     s_down = (torch.randn(256, 96, generator=gen) / 10).to(dtype)
     kw = dict(shared_up=packed.pack(s_up), shared_down=packed.pack(s_down))
-    with threads(1):
+    with using_threads(1):
         y1 = tt.ops.moe_experts(x, ids, w, up, down, **kw)
     for nthreads in (2, 3, 5):
-        with threads(nthreads):
+        with using_threads(nthreads):
             assert torch.equal(y1, tt.ops.moe_experts(x, ids, w, up, down, **kw)), nthreads
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from twotower_ext import ops, reference
+from twotower_ext.threads import using_threads
 
 import oracle
 
@@ -204,14 +205,10 @@ def test_nan_in_x_gives_nan_weights_for_that_token_only(gen, n_group, topk_group
 
 def test_threads_give_the_single_thread_bits(gen):
     x, router, bias = make(gen, 2051, 336, 128, torch.bfloat16)
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with using_threads(1):
         one = route(x, router, bias, 6, 8, 4)
-        torch.set_num_threads(2)
+    with using_threads(2):
         two = route(x, router, bias, 6, 8, 4)
-    finally:
-        torch.set_num_threads(n)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     # and a token's result does not depend on its neighbours (tiles of 4 tokens)
     part = route(x[5:12], router, bias, 6, 8, 4)

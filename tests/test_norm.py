@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from twotower_ext import ops, reference
+from twotower_ext.threads import using_threads
 
 import oracle
 from conftest import tolerance
@@ -129,15 +130,11 @@ def test_threads_give_the_single_thread_bits(dtype, gen):
     add = torch.randn(1, rows, H, generator=gen).to(dtype)
     w = torch.randn(H, generator=gen).to(dtype)
     shift, scale, gate = mods(gen, 1, H, dtype)
-    old = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2):
-            torch.set_num_threads(t)
+    outs = []
+    for t in (1, 2):
+        with using_threads(t):
             outs.append((*ops.add_rms_norm(x, add, gate, w, EPS, shift, scale, True),
                          ops.gated_rms_norm(x, add, w, 48, EPS)))
-    finally:
-        torch.set_num_threads(old)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

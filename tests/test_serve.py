@@ -12,6 +12,7 @@ import torch
 
 import twotower_ext as tt
 from twotower_ext.serve import QueueFull, RequestError, Scheduler, ShuttingDown
+from twotower_ext.threads import using_threads
 
 from serving import HTTP, PARITY, Server, http, post, serve_subprocess, wait_for
 
@@ -24,10 +25,8 @@ if HTTP:
 def one_thread():
     """Like `twotower serve` on these small models: one intra-op thread (on a loaded 2-core machine two
     OpenMP threads per op make every pass many times slower, and the server and the test share the cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with using_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from twotower_ext.models import NemotronHConfig
 from twotower_ext.models.config import ConfigError
 from twotower_ext.threads import recommended_threads, using_threads
 
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
 CKPT = os.path.join(DATA, "checkpoint")
 PROMPTS = {p["id"]: p["ids"] for p in json.load(open(os.path.join(DATA, "golden.json")))["prompts"]}
@@ -229,24 +230,16 @@ def test_ops_split_over_threads_match_one_thread(gen):
     args = (r(B, L, C), r(B, L, H), r(B, K - 1, C), r(B, H, P, N), r(C, K), r(C), r(H), r(H), r(H))
     logits, x = r(3, 16, 65536), torch.full((3, 16), 3, dtype=torch.long)
     x[1, ::3] = 7
-    before = torch.get_num_threads()
     outs = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for n in (1, 2):
+        with using_threads(n):
             y = tt.mamba_block_scan(*args)
             xx = x.clone()
             counts, done = tt.threshold_unmask(logits, xx, 3, 0.5, 3, 16, temperature=1.0, seed=5)
-            outs.append((y, xx, counts, done))
-    finally:
-        torch.set_num_threads(before)
+        outs.append((y, xx, counts, done))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     bad = logits.clone()
     bad[2, 5, 40000] = float("nan")
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(ValueError, match=r"NaN \(found at masked position batch 2, seq 5\)"):
-            tt.threshold_unmask(bad, x.clone(), 3, 0.5, 3, 16)
-    finally:
-        torch.set_num_threads(before)
+    with using_threads(2), pytest.raises(ValueError, match=r"NaN \(found at masked position batch 2, seq 5\)"):
+        tt.threshold_unmask(bad, x.clone(), 3, 0.5, 3, 16)
